@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds peftopt's one pinned llama.cpp into PREFIX: static llama-quantize and peftopt-generate in bin/,
+# convert_hf_to_gguf.py with its conversion/ package and vendored gguf-py beside them, and VERSION.
+#
+#   docker/build-llama-cpp.sh PREFIX            # `make llama-cpp` and the Dockerfile's builder stage run this
+#
+# The source is the llama.cpp tree vendored in the llama-cpp-python sdist on PyPI, pinned by version and
+# sha256, so a machine that reaches only a package registry builds the very same tools as the image.
+# A PREFIX whose VERSION matches the pin is kept as it is (CI caches it), and the new tree is built
+# beside PREFIX and renamed into place, so an interrupted build never leaves a half-made prefix behind.
+set -euo pipefail
+
+prefix=${1:?usage: build-llama-cpp.sh PREFIX}
+LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+LLAMA_CPP_SDIST_SHA256=${LLAMA_CPP_SDIST_SHA256:-832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e}
+JOBS=${JOBS:-$(nproc)}
+PYTHON=${PYTHON:-python3}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+stamp="llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION} sha256=${LLAMA_CPP_SDIST_SHA256} generate=$(sha256sum "$here/llama-generate/generate.cpp" | cut -c1-16)"
+
+if [[ -f "$prefix/VERSION" ]] && grep -qxF "$stamp" "$prefix/VERSION"; then
+  echo "llama.cpp already built in $prefix ($stamp)"
+  exit 0
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/llama-cpp-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+sdist=${LLAMA_CPP_SDIST:-}
+if [[ -z "$sdist" ]]; then
+  "$PYTHON" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+    "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "$work/sdist" 2>/dev/null \
+  || "$PYTHON" -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "$work/sdist"
+  sdist=$(ls "$work"/sdist/llama_cpp_python-*.tar.gz)
+fi
+echo "${LLAMA_CPP_SDIST_SHA256}  ${sdist}" | sha256sum -c --quiet -
+tar xzf "$sdist" -C "$work" "llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
+src="$work/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
+rm -rf "$src/.git"  # a dangling submodule pointer in the sdist
+
+cmake -S "$here/llama-generate" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DLLAMA_CPP_SOURCE="$src" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF >/dev/null
+cmake --build "$work/build" --target llama-quantize peftopt-generate -j "$JOBS"
+
+staging="$prefix.tmp.$$"
+rm -rf "$staging" "$prefix".tmp.*
+mkdir -p "$staging/bin"
+cp "$(find "$work/build" -type f -name llama-quantize -perm -u+x | head -n1)" "$staging/bin/"
+cp "$work/build/peftopt-generate" "$staging/bin/"
+cp "$src/convert_hf_to_gguf.py" "$staging/"
+cp -r "$src/conversion" "$src/gguf-py" "$staging/"
+cp "$src/LICENSE" "$staging/LICENSE.llama.cpp"
+find "$staging" -name __pycache__ -prune -exec rm -rf {} +
+echo "$stamp" > "$staging/VERSION"
+help_text=$("$staging/bin/llama-quantize" --help 2>&1 || true)
+[[ "$help_text" == *usage* ]] || { echo "llama-quantize does not run: $help_text" >&2; exit 1; }
+rm -rf "$prefix"
+mkdir -p "$(dirname "$prefix")"
+mv "$staging" "$prefix"
+echo "built llama.cpp into $prefix ($stamp)"

@@ -1,0 +1,47 @@
+"""Training backends behind one seam: `train(spec, run_dir, device) -> dict of metrics`.
+
+`hf` is transformers + peft + trl (CPU and CUDA, and data-parallel under accelerate/torchrun);
+`unsloth` is the fast single-GPU path. `auto` takes unsloth when CUDA is present and it imports.
+"""
+from __future__ import annotations
+
+import importlib
+
+from job.errors import SpecError
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose(requested: str, device_name: str) -> tuple[str, str]:
+    """Returns (backend, why).
+
+    Raises:
+        SpecError: unsloth was asked for where it cannot run.
+    """
+    if requested == "hf":
+        return "hf", "asked for in train.backend"
+    unsloth_error = None
+    if device_name == "cuda":
+        try:
+            importlib.import_module("unsloth")
+        except Exception as exc:  # unsloth raises more than ImportError when its kernels cannot load
+            unsloth_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if requested == "unsloth":
+        if device_name != "cuda":
+            raise SpecError("train.backend: unsloth needs a CUDA GPU; use 'hf' or 'auto' on this machine")
+        if unsloth_error:
+            raise SpecError(f"train.backend: unsloth does not import here ({unsloth_error})")
+        return "unsloth", "asked for in train.backend"
+    if device_name != "cuda":
+        return "hf", "no CUDA device"
+    if unsloth_error:
+        return "hf", f"unsloth does not import ({unsloth_error})"
+    return "unsloth", "CUDA device and unsloth imports"
+
+
+def load(name: str):
+    return importlib.import_module(f"job.backends.{name}")

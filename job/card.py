@@ -1,0 +1,50 @@
+"""The model card pushed with each repo: what was trained on what, how it scored, and how to run it."""
+from __future__ import annotations
+
+import json
+
+from job.rundir import RunDir, read_json
+from job.spec import JobSpec
+
+
+def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
+    metrics = read_json(run_dir.metrics_path) or {}
+    train, gguf = metrics.get("train", {}), metrics.get("gguf", {})
+    summary = (read_json(run_dir.eval_dir / "summary.json") or {}).get("targets", {})
+    base = spec.model.base if not spec.model.base.startswith("/") else spec.model.base.rsplit("/", 1)[-1]
+    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [peftopt, lora, gguf]", "---", "",
+             f"# {spec.name}", "", spec.description or "", "",
+             "## Training", "",
+             f"- Base model: `{base}`" + (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
+             ]
+    if spec.data:
+        lines.append(f"- Data: `{spec.data.source.rsplit('/', 1)[-1] if spec.data.source.startswith('/') else spec.data.source}`"
+                     f" split `{spec.data.split}`" + (f", {spec.data.num_samples} samples" if spec.data.num_samples else ""))
+    if spec.lora and spec.train:
+        lines += [f"- LoRA: r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
+                  f"targets={spec.lora.target_modules}",
+                  f"- Steps: {spec.train.max_steps}, {spec.train.per_device_batch_size} x "
+                  f"{spec.train.gradient_accumulation_steps} sequences per step, lr {spec.train.learning_rate}"]
+    for key, label in (("final_loss", "Final loss"), ("runtime_s", "Training time (s)"),
+                       ("tokens_per_s", "Tokens/s"), ("peak_gpu_gb", "Peak GPU memory (GB)"),
+                       ("backend", "Backend")):
+        if train.get(key) is not None:
+            lines.append(f"- {label}: {train[key]}")
+    if summary:
+        lines += ["", "## Evaluation (automatic checks)", "", "| target | pass rate | leaking answers |", "|---|---|---|"]
+        lines += [f"| {t} | {s.get('pass_rate')} | {s.get('leaking_answers')} |" for t, s in summary.items()]
+    lines += ["", "## Use", "", "transformers + peft:", "", "```python",
+              "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+              f"model = AutoPeftModelForCausalLM.from_pretrained({spec.push.adapter_repo or repo!r})",
+              f"tokenizer = AutoTokenizer.from_pretrained({spec.push.adapter_repo or repo!r})", "```"]
+    files = gguf.get("files", {})
+    if files:
+        first = next(iter(files.values()))["file"]
+        lines += ["", "llama.cpp:", "", "```sh", f"llama-cli -hf {spec.push.gguf_repo or repo} -cnv  # or -m {first}",
+                  "```", "", "Ollama (the repo holds a Modelfile with the chat template and stop tokens):", "",
+                  "```sh", f"ollama create {spec.name} -f Modelfile && ollama run {spec.name}", "```", "",
+                  "| file | size (bytes) | sha256 |", "|---|---|---|"]
+        lines += [f"| {f['file']} | {f['size_bytes']} | `{f['sha256'][:16]}…` |" for f in files.values()]
+    lines += ["", "Made with [peftopt](https://github.com/) from this jobspec:", "", "```json",
+              json.dumps(spec.model_dump(mode="json", exclude={"output_dir"}), indent=2), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The `peftopt` command line: a thin Click layer. torch and friends are imported only by the stages,
+so `--help`, `validate` and `schema` answer at once on any machine.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from job import __version__
+from job.errors import EXIT_BUG, EXIT_CODES, PeftoptError, SpecError
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a jobspec field (value parsed as JSON, else a string). Repeatable.")
+
+
+def _fail(exc: PeftoptError) -> None:
+    from job.log import get_logger
+
+    get_logger().error(exc.event, error=exc.message, details=exc.details or None, exit_code=exc.exit_code)
+    click.echo(f"error: {exc.message}", err=True)
+    for line in exc.details:
+        click.echo(f"  {line}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+@click.version_option(__version__, prog_name="peftopt")
+def cli() -> None:
+    """Run a LoRA/QLoRA fine-tuning job from one JSON jobspec: prepare data, train (resuming),
+    evaluate, merge, export GGUF, push to the Hub."""
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Overrides the spec's output_dir.")
+@click.option("--stages", help="Comma-separated subset of stages to run (prepare,train,evaluate,merge,gguf,push).")
+@click.option("--restart", is_flag=True, help="Redo finished stages that the changed spec invalidates.")
+@click.option("--dry-run", is_flag=True, help="Push stage: print what would be uploaded where, upload nothing.")
+@set_option
+def run(spec_file, output_dir, stages, restart, dry_run, overrides) -> None:
+    """Run SPEC_FILE end to end, skipping the work its run directory already holds."""
+    from job import interrupt
+    from job.runner import run_job
+    from job.spec import load_spec
+
+    interrupt.install()
+    spec = load_spec(spec_file, overrides)
+    _register_secret(spec)
+    only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
+
+
+def _register_secret(spec) -> None:
+    import os
+
+    from job.log import add_secret
+
+    add_secret(os.environ.get("HF_TOKEN"))
+    if spec.push:
+        add_secret(os.environ.get(spec.push.token_env))
+
+
+@cli.command()
+@click.argument("spec_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@set_option
+def validate(spec_files, overrides) -> None:
+    """Check jobspecs without running anything (machine-independent). Exit 0, or 2 listing every error."""
+    from job.spec import load_spec
+
+    failed = 0
+    for name in spec_files:
+        try:
+            load_spec(name, overrides)
+            click.echo(f"{name}: ok")
+        except SpecError as exc:
+            failed += 1
+            click.echo(f"{name}: {exc.message.removeprefix(name + ': ')}", err=True)
+            for line in exc.details:
+                click.echo(f"  {line}", err=True)
+    if failed:
+        raise SystemExit(2)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the jobspec's JSON Schema."""
+    from job.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def env(as_json) -> None:
+    """Versions, hardware and the llama.cpp build this job would use."""
+    from job import llamacpp
+    from job.metrics import hardware, package_versions
+
+    info = {"versions": package_versions(), "hardware": hardware(), "llama_cpp": llamacpp.describe()}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for section, values in info.items():
+        click.echo(f"{section}:")
+        for key, value in values.items():
+            click.echo(f"  {key}: {value}")
+
+
+def main() -> None:
+    from job.log import configure
+
+    configure()
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except PeftoptError as exc:
+        _fail(exc)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # a bug: the traceback goes to the JSON log as well
+        from job.log import get_logger
+
+        get_logger().exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_BUG)
+        sys.exit(EXIT_BUG)
+    sys.exit(0)

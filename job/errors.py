@@ -1,0 +1,64 @@
+"""The one exception family peftopt raises on purpose, each carrying the exit code the CLI returns.
+
+Batch services key their retry rules on these codes (see README, "Exit codes"), so they are part of the
+public contract: never renumber one.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_SPEC = 2
+EXIT_DATA = 3
+EXIT_EXTERNAL = 4
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: state is saved, retry the same command
+
+
+class PeftoptError(Exception):
+    """Base of every expected failure: printed as one line, no traceback."""
+
+    exit_code = EXIT_BUG
+    event = "job_failed"
+
+    def __init__(self, message: str, *, details: list[str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+
+class SpecError(PeftoptError):
+    """The jobspec, an override or the command line is invalid (exit 2)."""
+
+    exit_code = EXIT_SPEC
+
+
+class RunConflict(SpecError):
+    """The run directory holds work from a different spec, or another run holds its lock (exit 2)."""
+
+
+class DataError(PeftoptError):
+    """A data set is unreadable, malformed or leaves nothing to train on (exit 3)."""
+
+    exit_code = EXIT_DATA
+
+
+class ExternalError(PeftoptError):
+    """A tool or service outside peftopt failed: llama.cpp, the Hub, the disk (exit 4)."""
+
+    exit_code = EXIT_EXTERNAL
+
+
+class Interrupted(PeftoptError):
+    """A signal stopped the job after its state was saved; rerunning resumes it (exit 75)."""
+
+    exit_code = EXIT_INTERRUPTED
+    event = "job_interrupted"
+
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_BUG: "unexpected error (a bug): traceback in the log",
+    EXIT_SPEC: "invalid jobspec, override or usage; or the run directory belongs to another spec",
+    EXIT_DATA: "data error: unreadable or malformed data set, or nothing left to train on",
+    EXIT_EXTERNAL: "external tool or service failed (llama.cpp, Hugging Face Hub, disk)",
+    EXIT_INTERRUPTED: "interrupted by a signal with state saved: retry the same command to resume",
+}

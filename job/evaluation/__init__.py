@@ -1,0 +1,1 @@
+"""Evaluation: prompt suites, generation done the same way for every target, and answer checks."""

@@ -1,0 +1,70 @@
+"""Preemption: the first SIGTERM/SIGINT asks the job to stop at a safe point; a second one exits at once.
+
+A stop request starts a watchdog: if the job has not exited within the grace period (the scheduler's
+kill is coming), it leaves with exit 75 anyway; whatever was last saved is still complete on disk.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from job.errors import EXIT_INTERRUPTED
+
+_stop = threading.Event()
+_grace_s = 20.0
+_watchdog: threading.Timer | None = None
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+
+
+def _give_up() -> None:
+    logging.getLogger("peftopt").error("grace period over before a safe point: exiting 75")
+    _flush_logs()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _handle(signum, _frame) -> None:
+    global _watchdog
+    if _stop.is_set():
+        _flush_logs()
+        os._exit(EXIT_INTERRUPTED)
+    _stop.set()
+    logging.getLogger("peftopt").warning("stop requested by %s: saving at the next safe point, grace %.0f s",
+                                         signal.Signals(signum).name, _grace_s)
+    _watchdog = threading.Timer(_grace_s, _give_up)
+    _watchdog.daemon = True
+    _watchdog.start()
+
+
+def install(grace_s: float = 20.0) -> None:
+    global _grace_s
+    _grace_s = grace_s
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handle)
+        signal.signal(signal.SIGINT, _handle)
+
+
+def set_grace(grace_s: float) -> None:
+    global _grace_s
+    _grace_s = grace_s
+
+
+def reset() -> None:
+    """For tests that run several jobs in one process."""
+    global _watchdog
+    _stop.clear()
+    if _watchdog is not None:
+        _watchdog.cancel()
+        _watchdog = None

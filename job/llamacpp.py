@@ -1,0 +1,120 @@
+"""Finding and calling peftopt's pinned llama.cpp build (docker/build-llama-cpp.sh): the converter,
+llama-quantize, and peftopt-generate. Nothing here downloads anything.
+
+The prefix is $LLAMA_CPP_DIR, else /opt/llama.cpp (the image), else .cache/llama.cpp in the checkout
+(`make llama-cpp`).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import ExternalError, SpecError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CANDIDATES = (Path("/opt/llama.cpp"), REPO_ROOT / ".cache" / "llama.cpp")
+CONVERTER_SHIM = Path(__file__).resolve().parent / "convert_shim.py"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    prefix: Path
+
+    @property
+    def quantize(self) -> Path:
+        return self.prefix / "bin" / "llama-quantize"
+
+    @property
+    def generate_bin(self) -> Path:
+        return self.prefix / "bin" / "peftopt-generate"
+
+    @property
+    def converter(self) -> Path:
+        return self.prefix / "convert_hf_to_gguf.py"
+
+    @property
+    def version(self) -> str:
+        return (self.prefix / "VERSION").read_text().strip()
+
+
+def _complete(prefix: Path) -> bool:
+    return all((prefix / p).exists() for p in ("VERSION", "bin/llama-quantize", "bin/peftopt-generate",
+                                                "convert_hf_to_gguf.py", "gguf-py"))
+
+
+def find() -> LlamaCpp:
+    """Raises SpecError naming the fix when no complete build is found (checked before any training)."""
+    configured = os.environ.get("LLAMA_CPP_DIR")
+    candidates = [Path(configured)] if configured else list(CANDIDATES)
+    for prefix in candidates:
+        if _complete(prefix):
+            return LlamaCpp(prefix)
+    where = configured or " or ".join(str(c) for c in CANDIDATES)
+    raise SpecError(f"export.gguf: the pinned llama.cpp tools are not in {where}; run `make llama-cpp` "
+                    "(or set LLAMA_CPP_DIR to a prefix built by docker/build-llama-cpp.sh)")
+
+
+def describe() -> dict:
+    try:
+        tools = find()
+        return {"prefix": str(tools.prefix), "version": tools.version}
+    except SpecError as exc:
+        return {"prefix": None, "version": None, "problem": exc.message}
+
+
+def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600,
+         env: dict | None = None) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, input=input_text, timeout=timeout,
+                                env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
+    except OSError as exc:
+        raise ExternalError(f"{what} could not start: {exc.strerror}") from None
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise ExternalError(f"{what} failed (exit {result.returncode}): {' | '.join(tail)}")
+    return result
+
+
+def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, tokenizer_pre: str | None) -> None:
+    """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older)."""
+    cmd = [sys.executable, str(CONVERTER_SHIM), str(tools.prefix), str(model_dir), "--outfile", str(out_file),
+           "--outtype", outtype]
+    _run(cmd, f"convert_hf_to_gguf ({outtype})", env={"PEFTOPT_TOKENIZER_PRE": tokenizer_pre or "",
+                                                       "NO_LOCAL_GGUF": ""})
+
+
+def quantize(tools: LlamaCpp, source: Path, out_file: Path, quant: str, threads: int | None = None) -> None:
+    _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or os.cpu_count() or 1)],
+         f"llama-quantize {quant}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    stop_reason: str
+
+
+def generate(tools: LlamaCpp, gguf_path: Path, prompt: str, max_tokens: int, threads: int | None = None,
+             timeout: float = 600) -> Generation:
+    """Greedy generation with llama.cpp; the prompt's special tokens are parsed, no BOS is added."""
+    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or os.cpu_count())]
+    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=prompt, timeout=timeout).stdout
+    prompt_ids, tokens, pieces, reason = [], [], b"", "length"
+    for line in out.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "P":
+            prompt_ids = [int(x) for x in rest.split()]
+        elif kind == "G":
+            token, _, hexed = rest.partition(" ")
+            tokens.append(int(token))
+            pieces += bytes.fromhex(hexed)
+        elif kind == "E":
+            reason = "end_of_turn" if rest.strip() == "eog" else "length"
+    return Generation(prompt_ids, tokens, pieces.decode("utf-8", errors="replace"), reason)

@@ -1,0 +1,237 @@
+"""Where the base model comes from, and loading it (tokenizer with the spec's chat template, model).
+
+A Hub id or a local model directory is loaded as it is. A GGUF file (or `package:<dist>`, a GGUF that an
+installed package assembles) is turned once into a plain 16-bit model directory in the run's `base/`,
+with a SentencePiece tokenizer rebuilt from the GGUF's own vocabulary: transformers' GGUF tokenizer
+splits words wrongly, and its GGUF-loaded model refuses `save_pretrained`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from job import templates
+from job.errors import ExternalError, SpecError
+from job.log import get_logger
+from job.rundir import RunDir, atomic_dir
+from job.spec import JobSpec
+
+log = get_logger("peftopt.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")
+
+
+def source_kind(base: str) -> str:
+    if base.startswith("package:"):
+        return "package"
+    if base.endswith(".gguf"):
+        return "gguf"
+    if os.path.isdir(base):
+        return "dir"
+    if base.startswith(("/", ".")):
+        return "missing"
+    return "hub"
+
+
+def needs_local_copy(spec: JobSpec) -> bool:
+    return source_kind(spec.model.base) in ("package", "gguf")
+
+
+def model_location(spec: JobSpec, run_dir: RunDir) -> str:
+    """The directory or Hub id that transformers loads the base from."""
+    return str(run_dir.base_dir) if needs_local_copy(spec) else spec.model.base
+
+
+def check_source(spec: JobSpec) -> None:
+    """Preflight: a local base that is not there fails before any work.
+
+    Raises:
+        SpecError: model.base names a local path that does not exist, or a package that is not installed.
+    """
+    kind = source_kind(spec.model.base)
+    if kind == "missing" or (kind == "gguf" and not os.path.isfile(spec.model.base)):
+        raise SpecError(f"model.base: {spec.model.base} does not exist")
+    if kind == "package":
+        dist = spec.model.base.removeprefix("package:")
+        try:
+            importlib.import_module(dist.replace("-", "_"))
+        except ImportError:
+            raise SpecError(f"model.base: package {dist!r} is not installed (pip install {dist})") from None
+
+
+def dtype_for(spec: JobSpec, device: str):
+    import torch
+
+    if spec.model.dtype != "auto":
+        return getattr(torch, spec.model.dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(location: str, spec: JobSpec):
+    """Loads the tokenizer and installs the chat template the spec asks for. Returns (tokenizer, name)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ExternalError(f"cannot load the tokenizer of {location}: {str(exc).splitlines()[0]}") from None
+    try:
+        model_type = AutoConfig.from_pretrained(location).model_type
+    except (OSError, ValueError):  # an adapter directory has no config.json
+        model_type = None
+    name, text = templates.choose(spec.model.chat_template, tokenizer.chat_template, model_type)
+    tokenizer.chat_template = text
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, name
+
+
+def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None):
+    """Loads the base as a causal LM on `device`, in 4-bit when asked (bitsandbytes NF4)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = dtype_for(spec, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.model.load_in_4bit if four_bit is None else four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or device == "cuda" else torch.float32)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ExternalError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
+# ------------------------------------------------------------------------------------ GGUF as a base
+
+
+def gguf_file(base: str) -> Path:
+    if base.startswith("package:"):
+        dist = base.removeprefix("package:")
+        module = importlib.import_module(dist.replace("-", "_"))
+        cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "peftopt-models"
+        target = cache / f"{dist}.gguf"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            module.assemble(tmp, overwrite=True)  # checks the package's sha256
+            os.replace(tmp, target)
+        return target
+    return Path(base)
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _spm_tokenizer_from_gguf(reader, out_dir: Path) -> None:
+    """Rebuilds a SentencePiece `tokenizer.model` (and the config llama.cpp's converter reads) from GGUF fields."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from transformers import AutoTokenizer
+
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    proto = sp_pb2.ModelProto()
+    proto.trainer_spec.model_type = sp_pb2.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(tokens)
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.split_digits = True
+    proto.trainer_spec.allow_whitespace_only_pieces = True
+    unk = ids["unknown"] if ids["unknown"] is not None else 3
+    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id = unk, ids["bos"] if ids["bos"] is not None else -1
+    proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = ids["eos"], ids["padding"] if ids["padding"] is not None else -1
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.escape_whitespaces = True
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    user_defined = []
+    for i, (text, score, kind) in enumerate(zip(tokens, scores, types)):
+        piece = proto.pieces.add()
+        if kind == 4:
+            text = text.replace(" ", "▁")
+            user_defined.append((i, text))
+        piece.piece, piece.score = text, float(score)
+        piece.type = sp_pb2.ModelProto.SentencePiece.UNKNOWN if i == unk else int(kind)
+    (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+    special = {t: tokens[i] for t, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]),
+                                         ("unk_token", unk), ("pad_token", ids["padding"])) if i is not None}
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir), tokenizer_type="gemma", add_bos_token=True,
+                                              use_fast=True, **special)
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(text, normalized=True, special=False) for _, text in user_defined])
+    tokenizer.save_pretrained(str(out_dir))
+    # llama.cpp's SentencePiece converter takes user-defined/control types only from this key, which
+    # transformers 5 no longer writes.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["added_tokens_decoder"] = {
+        str(i): {"content": tokens[i] if types[i] != 4 else tokens[i].replace(" ", "▁"), "lstrip": False,
+                 "rstrip": False, "normalized": types[i] == 4, "single_word": False, "special": types[i] == 3}
+        for i in range(len(tokens)) if types[i] in (3, 4)
+    }
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def materialize_gguf_base(spec: JobSpec, run_dir: RunDir) -> dict:
+    """Turns the GGUF base into `run_dir/base`: bf16 safetensors plus a rebuilt tokenizer. Returns facts."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = gguf_file(spec.model.base)
+    reader = GGUFReader(str(path))
+    tokenizer_model = _field(reader, "tokenizer.ggml.model")
+    with atomic_dir(run_dir.base_dir) as out:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights does not.
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        if [k for k in missing if "lm_head" not in k] or unexpected:
+            raise ExternalError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        if missing:
+            plain.tie_weights()
+        plain.save_pretrained(str(out))
+        del loaded, plain
+        if tokenizer_model == "llama":
+            _spm_tokenizer_from_gguf(reader, out)
+        else:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
+    facts = {"gguf": str(path), "architecture": _field(reader, "general.architecture"),
+             "license": _field(reader, "general.license"), "tokenizer": tokenizer_model}
+    log.info("base_materialized", path=str(run_dir.base_dir), **facts)
+    return facts
+
+
+def copy_tokenizer_files(source: str, target: Path) -> None:
+    """Copies tokenizer files a save_pretrained may drop (tokenizer.model, added_tokens_decoder)."""
+    if not os.path.isdir(source):
+        return
+    for name in ("tokenizer.model",):
+        src = Path(source) / name
+        if src.exists() and not (target / name).exists():
+            shutil.copy2(src, target / name)
+    src_cfg, dst_cfg = Path(source) / "tokenizer_config.json", target / "tokenizer_config.json"
+    if src_cfg.exists() and dst_cfg.exists():
+        src_data, dst_data = json.loads(src_cfg.read_text()), json.loads(dst_cfg.read_text())
+        if "added_tokens_decoder" in src_data and "added_tokens_decoder" not in dst_data:
+            dst_data["added_tokens_decoder"] = src_data["added_tokens_decoder"]
+            dst_cfg.write_text(json.dumps(dst_data, indent=2, ensure_ascii=False))

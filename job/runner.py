@@ -1,0 +1,299 @@
+"""The job: preflight, then the stages in order (prepare, train, evaluate, merge, gguf, push), each
+skipped when the run directory already holds its finished work for the same spec.
+
+    python -m job run jobspecs/smoke.json      # what `peftopt run` calls
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from job import interrupt, modelsrc
+from job.errors import Interrupted, PeftoptError, RunConflict, SpecError
+from job.log import attach_events_file, detach_events_file, get_logger
+from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
+from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
+from job.spec import JobSpec
+
+log = get_logger("peftopt")
+
+# Which parts of the spec each stage's result depends on (besides the stages before it). Settings that
+# change how a run executes but not what it computes (backend, micro-batch, grace period) are left out,
+# so a retry on another machine resumes instead of being refused.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "prepare": ("model.base", "model.chat_template", "model.max_seq_length", "data"),
+    "train": ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
+              "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
+              "train.warmup_steps", "train.weight_decay", "train.optim", "train.packing", "train.seed",
+              "train.save_steps"),
+    "evaluate": ("evaluate",),
+    "merge": ("model.merge_base", "export.merge"),
+    "gguf": ("export.gguf", "export.tokenizer_pre", "export.verify_prompts", "export.verify_tokens"),
+    "push": ("push",),
+}
+UPSTREAM = {"prepare": (), "train": ("prepare",), "evaluate": ("train", "prepare"), "merge": ("train",),
+            "gguf": ("merge",), "push": ("train", "merge", "gguf")}
+
+
+@dataclass
+class StageContext:
+    dry_run: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _get(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: data}
+
+
+def enabled_stages(spec: JobSpec) -> list[str]:
+    on = {
+        "prepare": spec.data is not None or modelsrc.needs_local_copy(spec),
+        "train": spec.train is not None,
+        "evaluate": bool(spec.evaluate and {"base", "adapter"} & set(spec.evaluate.targets)),
+        "merge": bool(spec.export and spec.export.merge),
+        "gguf": bool(spec.export and spec.export.gguf),
+        "push": bool(spec.push and (spec.push.adapter_repo or spec.push.gguf_repo or spec.push.merged_repo)),
+    }
+    return [s for s in STAGES if on[s]]
+
+
+def _file_digest(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprints(spec: JobSpec) -> dict[str, str]:
+    data = spec.model_dump(mode="json")
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        inputs = {key: _get(data, key) for key in STAGE_INPUTS[stage]}
+        inputs["upstream"] = [prints[s] for s in UPSTREAM[stage] if s in prints]
+        if stage == "prepare" and spec.data:
+            inputs["data_file_sha256"] = _file_digest(spec.data.source)
+        if stage in ("merge", "gguf", "evaluate"):
+            inputs["targets"] = _get(data, "evaluate.targets")
+        prints[stage] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return prints
+
+
+def preflight(spec: JobSpec, stages: list[str]) -> None:
+    """Everything that can be known to fail before any work starts.
+
+    Raises:
+        SpecError: a local input is missing, a push has no token, or llama.cpp is missing for an export.
+    """
+    if "prepare" in stages or "train" in stages or "evaluate" in stages:
+        modelsrc.check_source(spec)
+    if spec.data and "prepare" in stages and spec.data.source.startswith("/") and not os.path.isfile(spec.data.source):
+        raise SpecError(f"data.source: {spec.data.source} does not exist")
+    if "gguf" in stages:
+        from job import llamacpp
+
+        llamacpp.find()  # raises with the fix when the pinned tools are missing
+    if "push" in stages:
+        from job.stages import push
+
+        push.check_token(spec)
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def reconcile(spec: JobSpec, run_dir: RunDir, state: dict, restart: bool) -> dict:
+    """Marks stages whose finished work no longer matches the spec; refuses unless `restart`.
+
+    Raises:
+        RunConflict: finished work would be invalidated and restart was not given.
+    """
+    prints = fingerprints(spec)
+    stale = []
+    for stage in STAGES:
+        info = state["stages"][stage]
+        if info.get("status") == "done" and info.get("fingerprint") != prints[stage]:
+            stale.append(stage)
+        elif info.get("status") == "done" and run_dir.missing_artifacts(info):
+            log.warning("artifact_missing", stage=stage, missing=run_dir.missing_artifacts(info),
+                        action="stage will run again")
+            info["status"] = "pending"
+    train_info = state["stages"]["train"]
+    if train_info.get("status") != "done" and train_info.get("fingerprint") not in (None, prints["train"]) \
+            and run_dir.checkpoints_dir.exists():
+        stale.append("train")  # checkpoints of another experiment must not be resumed
+    if stale and not restart:
+        changed = _diff(read_json(run_dir.spec_path, {}) or {}, spec.model_dump(mode="json"))
+        raise RunConflict(
+            f"{run_dir.root} holds finished work ({', '.join(stale)}) from a different spec "
+            f"(changed: {', '.join(changed[:8]) or 'inputs such as the data file'}); pass --restart to redo "
+            "it, or use another name or output directory")
+    if stale:
+        first = min(STAGES.index(s) for s in stale)
+        for stage in STAGES[first:]:
+            reset_stage(run_dir, state, stage)
+        log.warning("run_restarted", from_stage=STAGES[first])
+    return prints
+
+
+ARTIFACT_DIRS = {"prepare": ("data", "base"), "train": ("adapter", "checkpoints"), "merge": ("merged",),
+                 "gguf": ("gguf",), "evaluate": (), "push": ()}
+
+
+def reset_stage(run_dir: RunDir, state: dict, stage: str) -> None:
+    for name in ARTIFACT_DIRS[stage]:
+        shutil.rmtree(run_dir.root / name, ignore_errors=True)
+    if stage == "evaluate":
+        shutil.rmtree(run_dir.eval_dir, ignore_errors=True)
+    if stage == "push":
+        (run_dir.root / "push-ledger.json").unlink(missing_ok=True)
+    if stage == "train":
+        metrics = read_json(run_dir.metrics_path) or {}
+        metrics.pop("train", None)
+        atomic_write_json(run_dir.metrics_path, metrics)
+    state["stages"][stage] = {"status": "pending"}
+
+
+def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | None = None,
+            restart: bool = False, dry_run: bool = False) -> dict:
+    """Runs the job and returns its final state. Raises a PeftoptError subclass on expected failures."""
+    run_dir = RunDir(Path(output_dir or spec.output_dir) / spec.name)
+    stages = enabled_stages(spec)
+    if only:
+        unknown = [s for s in only if s not in STAGES]
+        if unknown:
+            raise SpecError(f"--stages: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        stages = [s for s in stages if s in only]
+    if spec.train:
+        interrupt.set_grace(spec.train.grace_period_s)
+    preflight(spec, stages)
+    structlog.contextvars.bind_contextvars(run=spec.name)
+    with run_dir.lock():
+        run_dir.clean_scratch()
+        attach_events_file(run_dir.events_path)
+        try:
+            return _run_locked(spec, run_dir, stages, restart, dry_run, only)
+        finally:
+            detach_events_file()
+            structlog.contextvars.unbind_contextvars("run", "stage")
+
+
+def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
+    state = run_dir.load_state()
+    prints = reconcile(spec, run_dir, state, restart)
+    atomic_write_json(run_dir.spec_path, spec.model_dump(mode="json"))
+    state.update(name=spec.name, status="running", attempts=state.get("attempts", 0) + 1,
+                 started_at=state.get("started_at") or now_iso())
+    run_dir.save_state(state)
+    env = {"versions": package_versions(), "hardware": hardware()}
+    update_metrics(run_dir, "run", {"name": spec.name, "started_at": state["started_at"], **env})
+    log.info("job_started", run_dir=str(run_dir.root), stages=stages, attempt=state["attempts"], **env)
+    ctx = StageContext(dry_run=dry_run)
+    job_started = time.perf_counter()
+    try:
+        for stage in stages:
+            info = state["stages"][stage]
+            if info.get("status") == "done" and info.get("fingerprint") == prints[stage]:
+                log.info("stage_skipped", stage=stage, reason="finished earlier for this spec")
+                continue
+            if only:
+                missing = [u for u in UPSTREAM[stage] if u in enabled_stages(spec) and u not in stages
+                           and state["stages"][u].get("status") != "done"]
+                if missing:
+                    raise SpecError(f"--stages: {stage} needs {', '.join(missing)} done first")
+            if interrupt.stop_requested():
+                raise Interrupted(f"stopped by a signal before {stage}; rerun to continue")
+            _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
+    except PeftoptError as exc:
+        state["status"] = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        state["error"] = exc.message
+        run_dir.save_state(state)
+        update_metrics(run_dir, "run", {"status": state["status"]})
+        raise
+    except BaseException as exc:
+        state["status"], state["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        run_dir.save_state(state)
+        raise
+    state.update(status="done", finished_at=now_iso(), error=None)
+    run_dir.save_state(state)
+    metrics = update_metrics(run_dir, "run", {"status": "done", "finished_at": state["finished_at"],
+                                              "last_attempt_s": round(time.perf_counter() - job_started, 3)})
+    if not state.get("logged_to_experiments") and not only:
+        append_experiment_row(run_dir.root.parent / "experiments_log.csv", experiment_row(spec, metrics))
+        state["logged_to_experiments"] = True
+        run_dir.save_state(state)
+    log.info("job_finished", run_dir=str(run_dir.root), status="done")
+    return state
+
+
+def _run_stage(stage: str, spec: JobSpec, run_dir: RunDir, state: dict, fingerprint: str, ctx) -> None:
+    structlog.contextvars.bind_contextvars(stage=stage)
+    info = {"status": "running", "started_at": now_iso(), "fingerprint": fingerprint}
+    state["stages"][stage] = info
+    run_dir.save_state(state)
+    log.info("stage_started", stage=stage)
+    started = time.perf_counter()
+    module = importlib.import_module(f"job.stages.{stage}")
+    try:
+        result = module.run(spec, run_dir, ctx)
+    except Interrupted:
+        info.update(status="interrupted", finished_at=now_iso())
+        run_dir.save_state(state)
+        raise
+    except PeftoptError as exc:
+        info.update(status="failed", finished_at=now_iso(), error=exc.message)
+        run_dir.save_state(state)
+        raise
+    except BaseException as exc:
+        info.update(status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        run_dir.save_state(state)
+        raise
+    runtime = round(time.perf_counter() - started, 3)
+    update_metrics(run_dir, stage, result.get("metrics", {}))
+    metrics = read_json(run_dir.metrics_path) or {}
+    stage_times = metrics.get("stages", {})
+    stage_times[stage] = {"runtime_s": runtime, "finished_at": now_iso()}
+    metrics["stages"] = stage_times
+    atomic_write_json(run_dir.metrics_path, metrics)
+    done = "pending" if result.get("keep_pending") else "done"  # a dry run leaves the stage to do
+    info.update(status=done, finished_at=now_iso(), runtime_s=runtime, artifacts=result.get("artifacts", []))
+    run_dir.save_state(state)
+    log.info("stage_finished", stage=stage, runtime_s=runtime, artifacts=info["artifacts"])
+    structlog.contextvars.unbind_contextvars("stage")
+
+
+def experiment_row(spec: JobSpec, metrics: dict) -> dict:
+    train = metrics.get("train", {})
+    return {
+        "run_name": spec.name, "model": spec.model.base,
+        "dataset_slice": f"{spec.data.source}:{spec.data.split}" if spec.data else "",
+        "r": spec.lora.r if spec.lora else "", "alpha": spec.lora.alpha if spec.lora else "",
+        "max_steps": spec.train.max_steps if spec.train else "", "final_loss": train.get("final_loss"),
+        "runtime_s": train.get("runtime_s"), "peak_gpu_gb": train.get("peak_gpu_gb"),
+        "lora_gpu_gb": train.get("lora_gpu_gb"), "tokens_per_s": train.get("tokens_per_s"),
+        "finished_at": metrics.get("run", {}).get("finished_at"),
+    }

@@ -1,0 +1,65 @@
+"""Merge: fold the LoRA adapter into a 16-bit copy of the base and save it with its tokenizer."""
+from __future__ import annotations
+
+from job import modelsrc
+from job.errors import ExternalError
+from job.log import get_logger, route_library_logs
+from job.rundir import RunDir, atomic_dir
+from job.spec import JobSpec
+
+log = get_logger("peftopt.merge")
+
+
+def merge_source(spec: JobSpec, run_dir: RunDir) -> tuple[str, str]:
+    """(where the 16-bit base comes from, how): a named 16-bit copy, else the base itself, dequantized
+    when it was stored in 4-bit (no download of another checkpoint)."""
+    if spec.model.merge_base:
+        return spec.model.merge_base, "merge_base"
+    return modelsrc.model_location(spec, run_dir), "dequantized-4bit" if spec.model.load_in_4bit else "base"
+
+
+def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
+    """Returns the merged model in float32 on CPU (the caller casts and saves)."""
+    import torch
+    from peft import PeftModel
+
+    location, _ = merge_source(spec, run_dir)
+    # Loading without the 4-bit config gives the full-precision weights a pre-quantized repo decodes to;
+    # merging in float32 keeps the fold exact before the one rounding to 16-bit.
+    base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
+        update={"dtype": "float32"})}), "cpu", four_bit=False)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except (OSError, ValueError) as exc:
+        raise ExternalError(f"cannot load the adapter from {adapter_dir}: {exc}") from None
+    return model.merge_and_unload().to(torch.float32)
+
+
+def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
+    import torch
+
+    route_library_logs()
+    location, how = merge_source(spec, run_dir)
+    merged = merge(spec, run_dir, str(run_dir.adapter_dir))
+    tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.adapter_dir), spec.model_copy(
+        update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
+    dtype = torch.bfloat16 if spec.model.dtype in ("auto", "bfloat16", "float32") else torch.float16
+    with atomic_dir(run_dir.merged_dir) as out:
+        merged.to(dtype).save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        # llama.cpp's converter picks the tokenizer type from these files; save_pretrained drops them.
+        modelsrc.copy_tokenizer_files(location, out)
+    log.info("merged", source=location, how=how, dtype=str(dtype).removeprefix("torch."))
+    results = {"merged_into": how, "source": location, "dtype": str(dtype).removeprefix("torch.")}
+    artifacts = ["merged"]
+    if spec.evaluate and "merged" in spec.evaluate.targets:
+        from transformers import AutoModelForCausalLM
+
+        from job.evaluation import generate, suite
+
+        prompts = generate.load_suite(spec.evaluate)
+        model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32)
+        answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
+        results["eval"] = suite.record(run_dir, "merged", prompts, answers)
+        artifacts.append("eval/merged.jsonl")
+    return {"artifacts": artifacts, "metrics": results}

@@ -1,0 +1,123 @@
+"""Push: the adapter (with tokenizer and a model card), the GGUF files with their Modelfile, and the merged
+model when asked, to the Hugging Face Hub. Each uploaded file is recorded in `push-ledger.json` with its
+sha256, so a rerun after a partial push uploads only what is missing. The token comes from the
+environment variable the spec names and is never written anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from job.errors import ExternalError, SpecError
+from job.log import add_secret, get_logger
+from job.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
+from job.spec import JobSpec
+
+log = get_logger("peftopt.push")
+RETRIES = int(os.environ.get("PEFTOPT_PUSH_RETRIES", "5"))
+BACKOFF_S = float(os.environ.get("PEFTOPT_PUSH_BACKOFF_S", "2"))
+
+
+def check_token(spec: JobSpec) -> str:
+    """Raises SpecError before any work when the token variable is unset or empty."""
+    token = os.environ.get(spec.push.token_env, "")
+    if not token.strip():
+        raise SpecError(f"push.token_env: environment variable {spec.push.token_env} is not set; "
+                        "export the Hugging Face token there (it is never read from the jobspec)")
+    add_secret(token)
+    return token
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def uploads(spec: JobSpec, run_dir: RunDir) -> list[tuple[str, Path, str]]:
+    """(repo, local file, path in repo) for everything this spec publishes."""
+    plan = []
+
+    def tree(repo: str | None, folder: Path):
+        if repo and folder.is_dir():
+            plan.extend((repo, p, str(p.relative_to(folder))) for p in sorted(folder.rglob("*")) if p.is_file())
+
+    tree(spec.push.adapter_repo, run_dir.adapter_dir)
+    tree(spec.push.gguf_repo, run_dir.gguf_dir)
+    tree(spec.push.merged_repo, run_dir.merged_dir)
+    for repo in {spec.push.adapter_repo, spec.push.gguf_repo, spec.push.merged_repo} - {None}:
+        plan.append((repo, run_dir.root / "cards" / f"{repo.replace('/', '__')}.md", "README.md"))
+    return plan
+
+
+def _retrying(what: str, call):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    delay = BACKOFF_S
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return call()
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if status in (401, 403):
+                raise ExternalError(f"{what}: the Hub rejected the token (HTTP {status}); check push.token_env") from None
+            if status is not None and status < 500 and status != 429 or attempt == RETRIES:
+                raise ExternalError(f"{what}: Hub error HTTP {status}: {str(exc).splitlines()[0]}") from None
+            reason = f"HTTP {status}"
+        except (OSError, TimeoutError) as exc:  # connection refused/reset, timeouts (httpx errors are OSErrors)
+            if attempt == RETRIES:
+                raise ExternalError(f"{what}: {type(exc).__name__} after {RETRIES} tries") from None
+            reason = type(exc).__name__
+        except Exception as exc:
+            if "httpx" not in type(exc).__module__ or attempt == RETRIES:
+                raise
+            reason = type(exc).__name__
+        log.warning("push_retry", what=what, attempt=attempt, reason=reason, wait_s=delay)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
+    from job import card
+
+    token = check_token(spec)
+    for repo in {spec.push.adapter_repo, spec.push.gguf_repo, spec.push.merged_repo} - {None}:
+        atomic_write_bytes(run_dir.root / "cards" / f"{repo.replace('/', '__')}.md",
+                           card.render(spec, run_dir, repo).encode())
+    plan = uploads(spec, run_dir)
+    if ctx.dry_run:
+        for repo, path, in_repo in plan:
+            print(f"would upload {path} -> {repo}/{in_repo} ({path.stat().st_size} bytes)")
+        log.info("push_dry_run", files=len(plan))
+        return {"artifacts": [], "metrics": {"dry_run_files": len(plan)}, "keep_pending": True}
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    ledger_path = run_dir.root / "push-ledger.json"
+    ledger = read_json(ledger_path) or {}
+    for repo in sorted({repo for repo, _, _ in plan}):
+        if not ledger.get(f"repo:{repo}"):
+            _retrying(f"create {repo}", lambda: api.create_repo(repo, private=spec.push.private, exist_ok=True))
+            ledger[f"repo:{repo}"] = True
+            atomic_write_json(ledger_path, ledger)
+            log.info("repo_ready", repo=repo, private=spec.push.private)
+    uploaded = skipped = 0
+    for repo, path, in_repo in plan:
+        key, digest = f"{repo}/{in_repo}", _digest(path)
+        if ledger.get(key) == digest:
+            skipped += 1
+            continue
+        _retrying(f"upload {key}", lambda: api.upload_file(path_or_fileobj=str(path), path_in_repo=in_repo,
+                                                           repo_id=repo, commit_message=f"peftopt: {in_repo}"))
+        ledger[key] = digest
+        atomic_write_json(ledger_path, ledger)
+        uploaded += 1
+        log.info("file_uploaded", repo=repo, path=in_repo, bytes=path.stat().st_size)
+    return {"artifacts": ["push-ledger.json"],
+            "metrics": {"uploaded": uploaded, "already_there": skipped,
+                        "repos": sorted({repo for repo, _, _ in plan})}}

@@ -1,0 +1,88 @@
+"""Chat templates: the built-in ones, how the spec picks one, and which tokens end an assistant turn.
+
+The built-ins wrap each assistant turn in `{% generation %}` so that transformers can report assistant
+masks; llama.cpp and transformers both accept the tag. `llama-3` is Llama 3's wire format without the
+system block that Meta's 3.1/3.2 template always injects ("Cutting Knowledge Date: December 2023 ..."):
+that block is where the seed notebook's "meta-prompt leakage" came from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from job.errors import SpecError
+
+LLAMA_3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|eot_id|>{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Gemma has no system role: a system message is put before the first user turn, as Google's template does.
+GEMMA = (
+    "{{ bos_token }}{% set system = namespace(text='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] | trim %}"
+    "{% elif message['role'] == 'assistant' %}<start_of_turn>model\n"
+    "{% generation %}{{ message['content'] | trim }}<end_of_turn>\n{% endgeneration %}"
+    "{% else %}<start_of_turn>user\n{% if system.text %}{{ system.text }}\n\n{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+BUILTIN = {"llama-3": LLAMA_3, "gemma": GEMMA, "chatml": CHATML}
+END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|endoftext|>", "</s>")
+ARCHITECTURE_DEFAULT = {"llama": "llama-3", "gemma3": "gemma", "gemma3_text": "gemma", "gemma2": "gemma",
+                        "gemma": "gemma", "qwen2": "chatml", "qwen3": "chatml"}
+
+# Ollama speaks Go templates, not Jinja: one per built-in, used in the Modelfile.
+OLLAMA = {
+    "llama-3": (
+        '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n'
+    ),
+    "gemma": (
+        '{{- range .Messages }}{{- if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        '{{- else }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n{{- end }}{{- end }}<start_of_turn>model\n'
+    ),
+    "chatml": (
+        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{- end }}<|im_start|>assistant\n'
+    ),
+}
+
+
+def choose(setting: str, tokenizer_template: str | None, model_type: str | None) -> tuple[str, str]:
+    """Returns (name, jinja text) for the spec's `model.chat_template` setting.
+
+    Raises:
+        SpecError: the setting names a template that is not there.
+    """
+    if setting in BUILTIN:
+        return setting, BUILTIN[setting]
+    if setting.endswith(".jinja"):
+        try:
+            return "file", Path(setting).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError(f"model.chat_template: cannot read {setting}: {exc.strerror}") from None
+    if setting == "tokenizer" or (setting == "auto" and tokenizer_template):
+        if not tokenizer_template:
+            raise SpecError("model.chat_template: the tokenizer has no chat template; name one "
+                            f"({', '.join(BUILTIN)}) or a .jinja file")
+        return "tokenizer", tokenizer_template
+    name = ARCHITECTURE_DEFAULT.get(model_type or "", "chatml")
+    return name, BUILTIN[name]
+
+
+def stop_strings(template_text: str, eos_token: str | None) -> list[str]:
+    """Tokens that end an assistant turn: those the template writes, plus the tokenizer's EOS."""
+    stops = [s for s in END_OF_TURN if s in template_text]
+    if eos_token and eos_token not in stops:
+        stops.append(eos_token)
+    return stops

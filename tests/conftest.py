@@ -1,0 +1,67 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA (run `make test-gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny.make_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return tiny.write_data(tmp_path_factory.mktemp("data") / "data.jsonl")
+
+
+@pytest.fixture
+def make_spec(tmp_path, tiny_model, tiny_data):
+    """Writes a jobspec for the tiny model (overrides merged in per section) and returns its path."""
+
+    def make(name="tiny", **sections):
+        spec = {
+            "name": name, "output_dir": str(tmp_path / "runs"),
+            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
+            "data": {"source": str(tiny_data)},
+            "lora": {"r": 8, "alpha": 16},
+            "train": {"backend": "hf", "max_steps": 6, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                      "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_steps": 0, "optim": "adamw_torch",
+                      "save_steps": 2, "seed": 0},
+        }
+        for key, value in sections.items():
+            if value is None:
+                spec.pop(key, None)
+            elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    return make
