@@ -1,8 +1,8 @@
 """Finding and calling peftopt's pinned llama.cpp build (docker/build-llama-cpp.sh): the converter,
 llama-quantize, and peftopt-generate. Nothing here downloads anything.
 
-The prefix is $LLAMA_CPP_DIR, else /opt/llama.cpp (the image), else .cache/llama.cpp in the checkout
-(`make llama-cpp`).
+The prefix is $LLAMA_CPP_DIR, else /opt/llama.cpp (the image), else ~/.cache/peftopt/llama.cpp (`make llama-cpp`),
+else .cache/llama.cpp in the checkout.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from job.errors import ExternalError, SpecError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CANDIDATES = (Path("/opt/llama.cpp"), REPO_ROOT / ".cache" / "llama.cpp")
+CANDIDATES = (Path("/opt/llama.cpp"), Path.home() / ".cache" / "peftopt" / "llama.cpp", REPO_ROOT / ".cache" / "llama.cpp")
 CONVERTER_SHIM = Path(__file__).resolve().parent / "convert_shim.py"
 
 

@@ -122,6 +122,13 @@ def route_library_logs() -> None:
     Call after those libraries are imported: transformers and datasets install a private handler and turn
     propagation off when first imported.
     """
+    import importlib
+
+    for name in ("transformers.utils.logging", "datasets.utils.logging"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     module = sys.modules.get("transformers.utils.logging")
     if module is not None:
         if _json_stdout:  # bars belong on a terminal, not in a JSON stream

@@ -19,7 +19,7 @@ import structlog
 
 from job import interrupt, modelsrc
 from job.errors import Interrupted, PeftoptError, RunConflict, SpecError
-from job.log import attach_events_file, detach_events_file, get_logger
+from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
 from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
 from job.spec import JobSpec
@@ -258,6 +258,7 @@ def _run_stage(stage: str, spec: JobSpec, run_dir: RunDir, state: dict, fingerpr
     log.info("stage_started", stage=stage)
     started = time.perf_counter()
     module = importlib.import_module(f"job.stages.{stage}")
+    route_library_logs()
     try:
         result = module.run(spec, run_dir, ctx)
     except Interrupted:

@@ -353,7 +353,9 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(loc), n=1)
+            key, allowed = str(loc[-1]), _allowed_keys(loc)
+            close = difflib.get_close_matches(key, allowed, n=1) or [
+                k for k in allowed if key.lower().startswith(k) or k.startswith(key.lower())][:1]
             msg = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
         elif err["type"] == "missing":
             msg = "required field is missing"

@@ -1,0 +1,92 @@
+"""Unit/integration: conversations are standardized, bad rows are named, and only assistant tokens train."""
+import json
+
+import pytest
+
+from job.errors import DataError
+from job.spec import validate_data
+from job.stages import prepare
+
+
+def spec_for(tiny_model, **data):
+    return validate_data({"name": "p", "model": {"base": str(tiny_model), "chat_template": "llama-3",
+                                                 "max_seq_length": 64},
+                          "data": {"source": "x.jsonl", **data}, "lora": {}, "train": {"max_steps": 1}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from job.templates import LLAMA_3
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok.chat_template = LLAMA_3
+    return tok
+
+
+def test_sharegpt_and_openai_standardize_alike():
+    share = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    openai = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert prepare.standardize(share, "auto", None) == prepare.standardize(openai, "auto", None)
+    with_system = prepare.standardize(share, "sharegpt", "Be brief.")
+    assert with_system[0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"conversations": []}, "empty"),
+    ({"text": "hi"}, "no 'conversations' or 'messages'"),
+    ({"conversations": [{"from": "gpt", "value": "x"}]}, "where 'user' was expected"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}, "empty"),
+    ({"conversations": [{"from": "human", "value": 3}]}, "not text"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "no known role"),
+    ({"conversations": [{"from": "human", "value": "a"}]}, "no assistant turn"),
+    ("just text", "not an object"),
+])
+def test_bad_rows_are_named(row, needle):
+    with pytest.raises(prepare.BadRow, match=needle):
+        prepare.standardize(row, "auto", None)
+
+
+def test_masks_cover_exactly_the_assistant_replies(tiny_model, tokenizer):
+    spec = spec_for(tiny_model)
+    row = {"conversations": [{"from": "human", "value": "Tell me one thing about coffee."},
+                             {"from": "gpt", "value": "Coffee is warm."},
+                             {"from": "human", "value": "And why?"}, {"from": "gpt", "value": "Because."}]}
+    [encoded], counts = prepare.encode_rows([row], tokenizer, spec)
+    trained = tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m])
+    assert trained == "Coffee is warm.<|eot_id|>Because.<|eot_id|>"
+    assert counts["trainable_tokens"] == sum(encoded["assistant_masks"])
+
+
+def test_bad_row_policy_error_names_the_row_and_skip_counts(tiny_model, tokenizer):
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    bad = {"conversations": [{"from": "gpt", "value": "Hello"}]}
+    with pytest.raises(DataError, match="data row 1:"):
+        prepare.encode_rows([good, bad], tokenizer, spec_for(tiny_model))
+    rows, counts = prepare.encode_rows([good, bad, good], tokenizer, spec_for(tiny_model, bad_rows="skip"))
+    assert len(rows) == 2 and sum(counts["skipped"].values()) == 1
+
+
+def test_long_rows_are_truncated_and_counted(tiny_model, tokenizer):
+    long = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "word " * 200}]}
+    [row], counts = prepare.encode_rows([long], tokenizer, spec_for(tiny_model))
+    assert len(row["input_ids"]) == 64 and counts["truncated"] == 1
+
+
+def test_nothing_to_learn_is_a_data_error(tiny_model, tokenizer, tmp_path):
+    long_prompt = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}]}
+    rows, counts = prepare.encode_rows([long_prompt], tokenizer, spec_for(tiny_model))
+    assert rows == [] and counts["skipped"]["nothing to learn after truncation"] == 1
+
+
+def test_local_files_and_slices(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    assert [r["i"] for r in prepare.read_rows(str(path), "train[2:5]")] == [2, 3, 4]
+    assert len(prepare.read_rows(str(path), "train[:50%]")) == 5
+    path.write_text('{"i": 1}\n{broken\n')
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        prepare.read_rows(str(path), "train")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare.read_rows(str(tmp_path / "none.jsonl"), "train")
