@@ -1,0 +1,8 @@
+#!/bin/sh
+# `docker run peftopt SPEC.json [options]` runs that jobspec; `docker run peftopt SUBCOMMAND ...` (validate,
+# schema, env, report, ...) passes straight through to the peftopt CLI.
+set -e
+case "$1" in
+  *.json) exec peftopt run --output-dir "${PEFTOPT_OUTPUT_DIR:-/runs}" "$@" ;;
+  *) exec peftopt "$@" ;;
+esac
