@@ -108,6 +108,22 @@ def env(as_json) -> None:
             click.echo(f"  {key}: {value}")
 
 
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Where report.md, report.html and plots/ go.")
+@click.option("--baseline", help="Run name that changes are measured against (default: the first).")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also read rows from an experiments_log.csv.")
+def report(run_dirs, out_dir, baseline, log_file) -> None:
+    """Compare runs: metrics table against a baseline, answers side by side, PNG plots."""
+    from pathlib import Path
+
+    from job.report import build
+
+    path = build([Path(d) for d in run_dirs], Path(out_dir), baseline, Path(log_file) if log_file else None)
+    click.echo(str(path))
+
+
 def main() -> None:
     from job.log import configure
 

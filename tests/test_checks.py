@@ -69,3 +69,8 @@ def test_summary_counts_leaks_and_pass_rate():
                for a in ("Fine.", NOTEBOOK_LEAK)]
     summary = checks.summarize(answers)
     assert summary["leaking_answers"] == 1 and summary["checks"]["leakage"] == 0.5
+
+
+def test_max_ingredients_without_a_heading_takes_the_first_list():
+    assert checks.max_ingredients("1. Olive oil\n2. Garlic\n3. Pasta\n\nBoil and mix.", limit=5)["count"] == 3
+    assert not checks.max_ingredients("- a\n- b\n- c\n- d\n- e\n- f", limit=5)["passed"]

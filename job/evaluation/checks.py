@@ -121,9 +121,13 @@ def max_ingredients(answer: str, limit: int = 5, **_) -> dict:
     """Counts the items of the ingredients list (from an 'Ingredients' heading to the next heading)."""
     match = re.search(r"ingredients?\b.*?\n(.*?)(?:\n\s*\n\s*(?:#|\*\*|[A-Z][a-z]+:)|\n\s*(?:#+|\*\*)?\s*"
                       r"(instructions|directions|steps|method|preparation)|\Z)", answer, re.I | re.S)
-    if not match:
-        return {"passed": False, "count": None, "reason": "no ingredients list"}
-    count = len(LIST_ITEM.findall(match.group(1)))
+    if match:
+        count = len(LIST_ITEM.findall(match.group(1)))
+    else:  # no heading: the answer's first list is taken as the ingredients
+        block = re.search(r"((?:^\s*(?:[-*•+]|\d+[.)])\s+\S.*(?:\n|$))+)", answer, re.M)
+        if not block:
+            return {"passed": False, "count": None, "reason": "no ingredients list"}
+        count = len(LIST_ITEM.findall(block.group(1)))
     return {"passed": 0 < count <= limit, "count": count, "limit": limit}
 
 

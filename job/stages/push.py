@@ -44,7 +44,9 @@ def uploads(spec: JobSpec, run_dir: RunDir) -> list[tuple[str, Path, str]]:
 
     def tree(repo: str | None, folder: Path):
         if repo and folder.is_dir():
-            plan.extend((repo, p, str(p.relative_to(folder))) for p in sorted(folder.rglob("*")) if p.is_file())
+            # The folder's own README.md (peft writes a stub) is replaced by peftopt's card below.
+            plan.extend((repo, p, str(p.relative_to(folder))) for p in sorted(folder.rglob("*"))
+                        if p.is_file() and str(p.relative_to(folder)) != "README.md")
 
     tree(spec.push.adapter_repo, run_dir.adapter_dir)
     tree(spec.push.gguf_repo, run_dir.gguf_dir)

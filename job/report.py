@@ -1,0 +1,221 @@
+"""`peftopt report`: compare runs (the seed notebook's tables, built from run directories or from
+experiments_log.csv), answers side by side, and PNG plots. Writes report.md, report.html and plots/.
+
+    python -m job report runs/t1 runs/t2 --out runs/report
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from job.errors import SpecError
+from job.rundir import atomic_write_bytes, read_json
+
+COLUMNS = [("final_loss", "Final loss"), ("runtime_s", "Runtime (s)"), ("peak_gpu_gb", "Peak GPU (GB)"),
+           ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"), ("pass_rate", "Check pass rate"),
+           ("leaking_answers", "Leaking answers"), ("chrf", "Swedish chrF")]
+TARGET_ORDER = ("adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-bf16", "gguf-q4_k_m", "base")
+
+
+def _num(value) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    metrics = read_json(run_dir / "metrics.json")
+    if metrics is None:
+        raise SpecError(f"{run_dir}: not a run directory (no metrics.json)")
+    spec = read_json(run_dir / "spec.json") or {}
+    summary = (read_json(run_dir / "eval" / "summary.json") or {}).get("targets", {})
+    target = next((t for t in TARGET_ORDER if t in summary), next(iter(summary), None))
+    train = metrics.get("train", {})
+    row = {"run": spec.get("name", run_dir.name), "target": target,
+           **{k: train.get(k) for k in ("final_loss", "runtime_s", "peak_gpu_gb", "lora_gpu_gb", "tokens_per_s")}}
+    if target:
+        chrf = summary[target].get("chrf")
+        row.update(pass_rate=summary[target].get("pass_rate"), leaking_answers=summary[target].get("leaking_answers"),
+                   chrf=chrf if not isinstance(chrf, list) else (chrf[0] if chrf else None),
+                   checks=summary[target].get("checks", {}))
+    answers = {}
+    for path in sorted((run_dir / "eval").glob("*.jsonl")):
+        answers[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    row["r"] = (spec.get("lora") or {}).get("r")
+    return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary}
+
+
+def load_log(path: Path) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [{"run": r["run_name"], **{k: r.get(k) for k, _ in COLUMNS}, "r": r.get("r")}
+                    for r in csv.DictReader(fh)]
+    except (OSError, KeyError) as exc:
+        raise SpecError(f"--log {path}: cannot read an experiments log ({exc})") from None
+
+
+def _fmt(value) -> str:
+    number = _num(value)
+    if number is None:
+        return "—"
+    return f"{number:.4g}" if abs(number) < 1000 else f"{number:,.0f}"
+
+
+def _delta(value, base) -> str:
+    a, b = _num(value), _num(base)
+    if a is None or b is None or b == 0:
+        return ""
+    return f" ({(a - b) / abs(b):+.1%})"
+
+
+def metrics_table(rows: list[dict], baseline: str | None) -> list[str]:
+    base = next((r for r in rows if r["run"] == baseline), rows[0] if rows else None)
+    lines = ["| Run | r | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [_fmt(row.get(k)) + ("" if row is base else _delta(row.get(k), base.get(k))) for k, _ in COLUMNS]
+        lines.append(f"| {row['run']}{' (baseline)' if row is base else ''} | {row.get('r') or '—'} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def plots(runs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        curve = run.get("loss_curve") or []
+        if curve:
+            ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=run["row"]["run"])
+    ax.set(xlabel="step", ylabel="training loss", title="Loss curves")
+    if ax.lines:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "loss.png", dpi=110)
+        made.append("plots/loss.png")
+    plt.close(fig)
+
+    names = sorted({c for run in runs for c in run["row"].get("checks", {})})
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / max(len(runs), 1)
+        for i, run in enumerate(runs):
+            checks = run["row"].get("checks", {})
+            ax.bar([j + i * width for j in range(len(names))], [checks.get(n, 0) for n in names], width,
+                   label=f"{run['row']['run']} ({run['row'].get('target')})")
+        ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
+        ax.set(ylim=(0, 1.05), ylabel="pass rate", title="Answer checks")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "checks.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/checks.png")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    labels = [run["row"]["run"] for run in runs]
+    left.bar(labels, [_num(run["row"].get("runtime_s")) or 0 for run in runs], color="tab:blue")
+    left.set(title="Training runtime (s)")
+    right.bar(labels, [_num(run["row"].get("peak_gpu_gb")) or 0 for run in runs], color="tab:orange", label="peak")
+    right.bar(labels, [_num(run["row"].get("lora_gpu_gb")) or 0 for run in runs], color="tab:green", label="LoRA")
+    right.set(title="GPU memory (GB)")
+    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "runtime_memory.png", dpi=110)
+    plt.close(fig)
+    made.append("plots/runtime_memory.png")
+    return made
+
+
+def answers_section(runs: list[dict]) -> list[str]:
+    lines = ["## Answers side by side", ""]
+    prompt_order: list[tuple[str, str]] = []
+    for run in runs:
+        for answers in run["answers"].values():
+            for a in answers:
+                if (a["id"], a["prompt"]) not in prompt_order:
+                    prompt_order.append((a["id"], a["prompt"]))
+    for pid, prompt in prompt_order:
+        lines += [f"### {prompt}", "", "| run / target | answer | failed checks |", "|---|---|---|"]
+        for run in runs:
+            for target, answers in run["answers"].items():
+                for a in answers:
+                    if a["id"] == pid:
+                        failed = [n for n, c in a.get("checks", {}).items() if not c.get("passed")]
+                        text = a["answer"].replace("|", "\\|").replace("\n", "<br>")[:600]
+                        lines.append(f"| {run['row']['run']} / {target} | {text} | {', '.join(failed) or '—'} |")
+        lines.append("")
+    return lines
+
+
+def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Path | None = None) -> Path:
+    runs = [load_run(Path(d)) for d in run_dirs]
+    rows = [r["row"] for r in runs] + (load_log(log) if log else [])
+    if not rows:
+        raise SpecError("report: give run directories and/or --log experiments_log.csv")
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# peftopt report", "", "## Metrics", "",
+          "Changes are against the baseline run. Check scores are for each run's main target "
+          "(adapter, else merged, GGUF or base).", "", *metrics_table(rows, baseline), ""]
+    if runs:
+        images = plots(runs if runs else [], out)
+        md += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
+        for run in runs:
+            if run["summary"]:
+                md += [f"### Targets of {run['row']['run']}", "", "| target | pass rate | leaking | checks |",
+                       "|---|---|---|---|"]
+                md += [f"| {t} | {_fmt(s.get('pass_rate'))} | {s.get('leaking_answers')} | "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in s.get("checks", {}).items()) + " |"
+                       for t, s in run["summary"].items()]
+                md.append("")
+        md += answers_section(runs)
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "report.md", text.encode())
+    atomic_write_bytes(out / "report.html", to_html(text).encode())
+    return out / "report.md"
+
+
+def to_html(markdown: str) -> str:
+    """A small Markdown-to-HTML for what build() writes: headings, tables, images, paragraphs."""
+    body, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            if set(line) <= set("|-"):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c).replace('&lt;br&gt;', '<br>')}</td>"
+                                             for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1:-1]
+            body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(src)}"></p>')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}"
+             "img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>peftopt report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"

@@ -1,0 +1,93 @@
+"""A local stand-in for the Hugging Face Hub endpoints peftopt's push uses (repo creation, preupload,
+commit), driven by the real huggingface_hub client through HF_ENDPOINT. Faults can be injected: HTTP 5xx,
+dropped connections, a rejected token, or a permanent failure after N commits.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class HubStandIn:
+    def __init__(self, token: str):
+        self.token = token
+        self.repos: dict[str, dict] = {}
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.commits = 0
+        self.committed: list[str] = []
+        self.requests: list[str] = []
+        self.fail_next: list[str] = []  # "500" or "drop", consumed one per request
+        self.fail_after_commits: int | None = None
+        self.seen_headers: list[str] = []
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                standin.requests.append(self.path)
+                standin.seen_headers.append(str(self.headers))
+                if standin.fail_next:
+                    fault = standin.fail_next.pop(0)
+                    if fault == "drop":
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                    return self._reply(int(fault), {"error": "injected"})
+                if self.headers.get("Authorization") != f"Bearer {standin.token}":
+                    return self._reply(401, {"error": "Invalid credentials"})
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api", "validate-yaml"]:
+                    return self._reply(200, {"errors": [], "warnings": []})
+                if parts[:2] == ["api", "repos"] and parts[2] == "create":
+                    data = json.loads(body)
+                    repo = f"{data.get('organization') or data.get('namespace')}/{data['name']}" \
+                        if (data.get("organization") or data.get("namespace")) else data["name"]
+                    standin.repos[repo] = {"private": data.get("private", data.get("visibility") == "private")}
+                    standin.files.setdefault(repo, {})
+                    return self._reply(200, {"url": f"{standin.url}/{repo}", "name": repo})
+                repo = "/".join(parts[2:4])
+                if repo not in standin.repos:
+                    return self._reply(404, {"error": f"Repository {repo} not found"})
+                if parts[4] == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                if parts[4] == "commit":
+                    if standin.fail_after_commits is not None and standin.commits >= standin.fail_after_commits:
+                        return self._reply(503, {"error": "injected outage"})
+                    for line in body.splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            value = item["value"]
+                            standin.files[repo][value["path"]] = base64.b64decode(value["content"])
+                            standin.committed.append(f"{repo}/{value['path']}")
+                    standin.commits += 1
+                    return self._reply(200, {"commitUrl": f"{standin.url}/{repo}/commit/{standin.commits:040x}",
+                                             "commitOid": f"{standin.commits:040x}", "pullRequestUrl": None})
+                return self._reply(404, {"error": f"no route {self.path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
