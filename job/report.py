@@ -110,7 +110,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         width = 0.8 / max(len(runs), 1)
         for i, run in enumerate(runs):
             checks = run["row"].get("checks", {})
-            ax.bar([j + i * width for j in range(len(names))], [checks.get(n, 0) for n in names], width,
+            ax.bar([j + i * width for j in range(len(names))], [checks.get(n, float("nan")) for n in names], width,
                    label=f"{run['row']['run']} ({run['row'].get('target')})")
         ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
         ax.set(ylim=(0, 1.05), ylabel="pass rate", title="Answer checks")

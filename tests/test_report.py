@@ -1,0 +1,54 @@
+"""Integration: `peftopt report` over two runs of different LoRA rank, and over an experiments log."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=600)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_report_over_two_ranks(tmp_path, make_spec):
+    evaluate = {"prompts": ["Tell me one thing about rain.", "Translate to Swedish: Good morning."],
+                "max_new_tokens": 8, "targets": ["base", "adapter"]}
+    for name, rank in (("rank4", 4), ("rank16", 16)):
+        spec = make_spec(name, lora={"r": rank, "alpha": rank}, train={"max_steps": 4}, evaluate=evaluate)
+        result = cli("run", str(spec))
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = tmp_path / "runs"
+    out = tmp_path / "report"
+    result = cli("report", str(runs / "rank4"), str(runs / "rank16"), "--out", str(out), "--baseline", "rank4")
+    assert result.returncode == 0, result.stderr
+    md = (out / "report.md").read_text()
+    table = [line for line in md.split("## Plots")[0].splitlines() if line.startswith("| rank")]
+    assert len(table) == 2 and "(baseline)" in table[0] and "| 16 |" in table[1] and "%" in table[1]
+    assert "Tell me one thing about rain." in md and "rank16 / adapter" in md and "rank4 / base" in md
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and 'src="plots/loss.png"' in html
+    for plot in ("loss.png", "checks.png", "runtime_memory.png"):
+        width, height = png_size(out / "plots" / plot)
+        assert width > 300 and height > 200 and (out / "plots" / plot).stat().st_size > 10_000
+
+    log = cli("report", "--log", str(runs / "experiments_log.csv"), "--out", str(tmp_path / "from-log"))
+    assert log.returncode == 0, log.stderr
+    log_md = (tmp_path / "from-log" / "report.md").read_text()
+    assert "| rank4 (baseline) | 4 |" in log_md and "| rank16 | 16 |" in log_md
+
+
+def test_report_refuses_a_non_run_directory(tmp_path):
+    result = cli("report", str(tmp_path))
+    assert result.returncode == 2 and "not a run directory" in result.stderr
