@@ -124,6 +124,21 @@ def report(run_dirs, out_dir, baseline, log_file) -> None:
     click.echo(str(path))
 
 
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--steps", default=20, show_default=True, help="Timed steps per setting (after 3 warm-up steps).")
+@click.option("--extra", multiple=True, metavar="MxA[:off|on|unsloth]", help="Also time this micro-batch x accumulation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@set_option
+def bench(spec_file, steps, extra, as_json, overrides) -> None:
+    """Time the spec's training as written and as peftopt runs it (CUDA): tokens/s, MFU, peak memory."""
+    from job import bench as bench_module
+    from job.spec import load_spec
+
+    results = bench_module.run(load_spec(spec_file, overrides), steps, list(extra))
+    click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))
+
+
 def main() -> None:
     from job.log import configure
 

@@ -115,6 +115,12 @@ def preflight(spec: JobSpec, stages: list[str]) -> None:
         from job import llamacpp
 
         llamacpp.find()  # raises with the fix when the pinned tools are missing
+    if "train" in stages and spec.train.backend != "hf":
+        from job import backends
+
+        # unsloth must be imported before transformers to patch it; choosing here does that, and a
+        # backend that cannot run here fails now rather than after data preparation.
+        backends.choose(spec.train.backend, backends.device())
     if "push" in stages:
         from job.stages import push
 

@@ -28,6 +28,8 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
     # merging in float32 keeps the fold exact before the one rounding to 16-bit.
     base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
         update={"dtype": "float32"})}), "cpu", four_bit=False)
+    if getattr(base, "hf_quantizer", None) is not None:  # a pre-quantized (bnb 4-bit) checkpoint
+        base = base.dequantize().to(torch.float32)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (OSError, ValueError) as exc:

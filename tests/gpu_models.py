@@ -1,0 +1,65 @@
+"""Models and data for the GPU machine (no Hub there): a Llama-3.2-1B-shaped model with random weights
+(speed and memory do not depend on the weights) and a pre-quantized 4-bit copy of a model.
+
+    python tests/gpu_models.py llama1b OUT_DIR      # the 1B shape with the tiny tokenizer
+    python tests/gpu_models.py data OUT.jsonl N     # N long conversations for packing full rows
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny  # noqa: E402
+
+
+def make_llama_1b(out: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny.make_tokenizer(out)
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(out))
+    return out
+
+
+def make_prequantized(source: Path, out: Path) -> Path:
+    """A bitsandbytes NF4 checkpoint of `source`, like the Hub's *-bnb-4bit repos."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quant, device_map={"": 0})
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+    return out
+
+
+def write_long_data(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = [w for row in tiny.conversations(200) for turn in row["conversations"] for w in turn["value"].split()]
+    rows = []
+    for _ in range(n):
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(150, 400)))
+        rows.append({"conversations": [{"from": "human", "value": "Tell me about " + rng.choice(tiny.TOPICS) + "."},
+                                       {"from": "gpt", "value": answer}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "llama1b":
+        print(make_llama_1b(Path(sys.argv[2])))
+    elif sys.argv[1] == "data":
+        print(write_long_data(Path(sys.argv[2]), int(sys.argv[3])))
