@@ -85,7 +85,10 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32)
+    from job.backends import device
+
+    # On the GPU when there is one: unsloth, once imported, patches Llama's forward for CUDA only.
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32).to(device())
     greedy = evaluate.model_copy(update={"do_sample": False})
     answers = generate.generate_hf(model, tokenizer, prompts, greedy, max_new_tokens=spec.export.verify_tokens)
     del model

@@ -1,6 +1,9 @@
 """Merge: fold the LoRA adapter into a 16-bit copy of the base and save it with its tokenizer."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from job import modelsrc
 from job.errors import ExternalError
 from job.log import get_logger, route_library_logs
@@ -15,7 +18,12 @@ def merge_source(spec: JobSpec, run_dir: RunDir) -> tuple[str, str]:
     when it was stored in 4-bit (no download of another checkpoint)."""
     if spec.model.merge_base:
         return spec.model.merge_base, "merge_base"
-    return modelsrc.model_location(spec, run_dir), "dequantized-4bit" if spec.model.load_in_4bit else "base"
+    location = modelsrc.model_location(spec, run_dir)
+    config = Path(location) / "config.json"
+    stored_4bit = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    if not config.is_file() and spec.model.load_in_4bit and "4bit" in location.lower():
+        stored_4bit = True  # a Hub *-bnb-4bit repo
+    return location, "dequantized-4bit" if stored_4bit else "base-16bit"
 
 
 def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
@@ -60,7 +68,9 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
         from job.evaluation import generate, suite
 
         prompts = generate.load_suite(spec.evaluate)
-        model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32)
+        from job.backends import device
+
+        model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32).to(device())
         answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
         results["eval"] = suite.record(run_dir, "merged", prompts, answers)
         artifacts.append("eval/merged.jsonl")
