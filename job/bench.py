@@ -72,7 +72,12 @@ def worker(args: dict) -> dict:
                     gradient_accumulation_steps=accumulation, learning_rate=2e-4, optim="adamw_8bit", bf16=True,
                     logging_steps=1000, save_strategy="no", report_to="none", packing=False, max_length=seq,
                     dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, callbacks=[Clock()])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
     seconds = times[-1] - times[warmup]
     tokens = steps * micro * accumulation * seq

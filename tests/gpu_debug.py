@@ -18,7 +18,8 @@ spec = {"name": "dbg", "output_dir": str(work / "runs"),
         "data": {"source": str(data)}, "lora": {"r": 8, "alpha": 16},
         "train": {"backend": "unsloth", "max_steps": 4, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
                   "save_steps": 2, **overrides.get("train", {})},
-        "evaluate": {"prompts": ["Say hello."], "max_new_tokens": 8, "targets": ["base", "adapter"]}}
+        "evaluate": {"prompts": ["Say hello."], "max_new_tokens": 8, "targets": ["base", "adapter"]},
+        **({"export": overrides["export"]} if "export" in overrides else {})}
 (work / "s.json").write_text(json.dumps(spec))
 out = subprocess.run([sys.executable, "-m", "job", "run", str(work / "s.json")], capture_output=True, text=True,
                      env={**__import__("os").environ, "PEFTOPT_LOG_FORMAT": "json"})

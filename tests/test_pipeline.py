@@ -78,6 +78,7 @@ def test_logs_state_and_metrics(full_run):
     for key in ("runtime_s", "tokens_per_s", "final_loss", "loss_curve", "peak_rss_gb", "global_step", "backend"):
         assert train[key] is not None, key
     assert train["global_step"] == 12 and len(train["loss_curve"]) == 12
+    assert train["tokens"] > 0 and train["tokens_per_s"] > 0
     assert {"prepare", "train", "evaluate", "merge", "gguf"} <= set(metrics["stages"])
     assert metrics["run"]["versions"]["transformers"] and metrics["run"]["hardware"]["cpu_count"]
     assert metrics["evaluate"]["heldout"]["adapter"]["loss"] < metrics["evaluate"]["heldout"]["base"]["loss"]

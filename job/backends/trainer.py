@@ -160,11 +160,6 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            num_tokens = float(logs.get("num_tokens", 0.0))
-            if num_tokens < self.last_num_tokens:  # trl restarts the count on resume
-                self.last_num_tokens = 0.0
-            self.tokens += num_tokens - self.last_num_tokens
-            self.last_num_tokens = num_tokens
             if "loss" not in logs:
                 return
             elapsed = max(time.perf_counter() - (self.t0 or time.perf_counter()), 1e-9)
@@ -178,6 +173,20 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
     return MarkCheckpoints(), StopOnSignal(), Progress()
 
 
+def count_tokens(trainer, progress) -> None:
+    """Counts the tokens of every batch the trainer draws (real tokens: padding excluded). Neither trl's
+    `num_tokens` (reset on resume) nor unsloth (which does not log it) can be relied on for this."""
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        progress.tokens += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
+
+
 def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, started_step_box: dict) -> dict:
     """Trains from the newest complete checkpoint, saves the adapter, and returns the run's figures.
 
@@ -189,6 +198,7 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
     if json_stdout():  # the Trainer would print raw dicts and bars into the JSON stream
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    count_tokens(trainer, progress)
     resume = newest_complete_checkpoint(run_dir.checkpoints_dir)
     if resume is not None:
         log.info("train_resumed", checkpoint=str(resume), step=_checkpoint_step(resume))
