@@ -63,15 +63,19 @@ def worker(args: dict) -> dict:
     rows = [torch.randint(100, high, (n,), generator=generator).tolist() for n in lengths]
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
     times: list[float] = []
+    counted: list[float] = []
+    seen = [0.0]
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
             torch.cuda.synchronize()
             times.append(time.perf_counter())
+            counted.append(seen[0])
 
         def on_train_end(self, *a, **k):
             torch.cuda.synchronize()
             times.append(time.perf_counter())
+            counted.append(seen[0])
 
     cfg = SFTConfig(output_dir="/tmp/peftopt-bench", max_steps=steps + warmup, per_device_train_batch_size=micro,
                     gradient_accumulation_steps=accumulation, learning_rate=2e-4, optim="adamw_8bit", bf16=True,
@@ -83,9 +87,18 @@ def worker(args: dict) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        seen[0] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
     trainer.train()
     seconds = times[-1] - times[warmup]
-    tokens = steps * micro * accumulation * seq  # packed rows are full; unpacked rows are seq long
+    tokens = counted[-1] - counted[warmup]
     tokens_per_s = tokens / seconds
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
