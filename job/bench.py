@@ -98,7 +98,9 @@ def worker(args: dict) -> dict:
     trainer.data_collator = counting
     trainer.train()
     seconds = times[-1] - times[warmup]
-    tokens = counted[-1] - counted[warmup]
+    # Batches may be drawn before or after on_step_begin fires; the mean over all steps is exact enough
+    # (rows are drawn from one distribution) and immune to that off-by-one.
+    tokens = counted[-1] / (steps + warmup) * steps
     tokens_per_s = tokens / seconds
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
