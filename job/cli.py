@@ -46,6 +46,10 @@ def run(spec_file, output_dir, stages, restart, dry_run, overrides) -> None:
     from job.spec import load_spec
 
     interrupt.install()
+    from job.log import json_stdout, keep_stdout_for_events
+
+    if json_stdout():
+        keep_stdout_for_events()
     spec = load_spec(spec_file, overrides)
     _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None

@@ -93,6 +93,19 @@ def configure(json_output: bool | None = None, level: str | None = None) -> None
     logging.captureWarnings(True)
 
 
+def keep_stdout_for_events() -> None:
+    """Reserves stdout for the JSON event stream: libraries that print() (unsloth's banner, progress
+    text) and child processes writing to fd 1 are sent to stderr instead, so every stdout line parses."""
+    events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_peftopt", False) and isinstance(handler, logging.StreamHandler) \
+                and not isinstance(handler, logging.FileHandler):
+            handler.setStream(events)
+
+
 def json_stdout() -> bool:
     return _json_stdout
 

@@ -62,7 +62,9 @@ def test_push_uploads_everything_and_never_leaks_the_token(trained):
     path = with_push(out, spec, "push-ok")
     run_dir = out / "runs" / "pushme"
     dry = run_cli(path, "--dry-run")
-    assert dry.returncode == 0 and "would upload" in dry.stdout and "me/tiny-gguf/pushme-q8_0.gguf" in dry.stdout
+    planned = [json.loads(line) for line in dry.stdout.splitlines() if '"push_planned"' in line]
+    assert dry.returncode == 0 and {(p["repo"], p["path"]) for p in planned} >= {("me/tiny-gguf", "pushme-q8_0.gguf")}
+    assert all(json.loads(line) for line in dry.stdout.splitlines())  # stdout is JSON only
     with HubStandIn(TOKEN) as hub:
         hub.fail_next = ["500", "drop", "502"]  # transient faults are retried with backoff
         result = run_cli(path, hub=hub)

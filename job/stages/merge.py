@@ -30,14 +30,25 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
     """Returns the merged model in float32 on CPU (the caller casts and saves)."""
     import torch
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    location, _ = merge_source(spec, run_dir)
-    # Loading without the 4-bit config gives the full-precision weights a pre-quantized repo decodes to;
-    # merging in float32 keeps the fold exact before the one rounding to 16-bit.
-    base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
-        update={"dtype": "float32"})}), "cpu", four_bit=False)
-    if getattr(base, "hf_quantizer", None) is not None:  # a pre-quantized (bnb 4-bit) checkpoint
-        base = base.dequantize().to(torch.float32)
+    location, how = merge_source(spec, run_dir)
+    if how == "dequantized-4bit":
+        # A pre-quantized checkpoint loads only as 4-bit (bitsandbytes, on the GPU when there is one);
+        # dequantize it there, then fold in float32 on the CPU.
+        from job.backends import device
+
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(
+                location, device_map={"": 0} if device() == "cuda" else {"": "cpu"}, dtype=torch.bfloat16)
+        except (OSError, ValueError) as exc:
+            raise ExternalError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from None
+        base = quantized.dequantize().to("cpu", torch.float32)
+        del quantized
+    else:
+        # Merging in float32 keeps the fold exact before the one rounding to 16-bit.
+        base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
+            update={"dtype": "float32"})}), "cpu", four_bit=False)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (OSError, ValueError) as exc:

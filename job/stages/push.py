@@ -94,8 +94,8 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     plan = uploads(spec, run_dir)
     if ctx.dry_run:
         for repo, path, in_repo in plan:
-            print(f"would upload {path} -> {repo}/{in_repo} ({path.stat().st_size} bytes)")
-        log.info("push_dry_run", files=len(plan))
+            log.info("push_planned", repo=repo, path=in_repo, source=str(path), bytes=path.stat().st_size)
+        log.info("push_dry_run", files=len(plan), note="nothing uploaded; the push stage stays pending")
         return {"artifacts": [], "metrics": {"dry_run_files": len(plan)}, "keep_pending": True}
     from huggingface_hub import HfApi
 
