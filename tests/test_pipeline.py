@@ -206,3 +206,25 @@ def test_sigterm_exits_75_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp
     assert want.keys() == got.keys()
     for key in want:
         assert torch.allclose(want[key], got[key], atol=1e-6), key
+
+
+def test_qlora_from_a_prequantized_4bit_base_merges_into_its_dequantized_weights(tmp_path, make_spec, tiny_model):
+    """The seed's base is a *-bnb-4bit checkpoint: train on it, merge without downloading a 16-bit copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    prequantized = tmp_path / "tiny-bnb-4bit"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), quantization_config=quant, device_map={"": "cpu"})
+    model.save_pretrained(str(prequantized))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(prequantized))
+    spec = make_spec("from4bit", model={"base": str(prequantized), "load_in_4bit": True},
+                     train={"max_steps": 3}, export={"merge": True, "gguf": ["q8_0"], "tokenizer_pre": "llama-bpe",
+                                                     "verify_tokens": 4})
+    result = run_cli("run", str(spec))
+    assert result.returncode == 0, result.stdout[-3000:]
+    run_dir = tmp_path / "runs" / "from4bit"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["merge"]["merged_into"] == "dequantized-4bit"
+    assert "quantization_config" not in json.loads((run_dir / "merged" / "config.json").read_text())
+    assert metrics["gguf"]["files"]["q8_0"]["verify"]["prompts"]

@@ -43,8 +43,20 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
                 location, device_map={"": 0} if device() == "cuda" else {"": "cpu"}, dtype=torch.bfloat16)
         except (OSError, ValueError) as exc:
             raise ExternalError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from None
-        base = quantized.dequantize().to("cpu", torch.float32)
-        del quantized
+        from transformers import AutoConfig
+
+        # Rebuild as a plain model: the dequantized one still carries its quantizer, which breaks saving.
+        config = AutoConfig.from_pretrained(location)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state = {k: v.to("cpu", torch.float32) for k, v in quantized.dequantize().state_dict().items()}
+        missing, unexpected = base.load_state_dict(state, strict=False)
+        if [k for k in missing if "lm_head" not in k] or unexpected:
+            raise ExternalError(f"{location}: dequantized weights do not fit (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        base.tie_weights()
+        del quantized, state
     else:
         # Merging in float32 keeps the fold exact before the one rounding to 16-bit.
         base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
