@@ -31,18 +31,17 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     HF_HOME=/data/hf-home LLAMA_CPP_DIR=/opt/llama.cpp PEFTOPT_LOG_FORMAT=json
 RUN python3 -m venv /opt/venv
 COPY docker/constraints.txt /tmp/constraints.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
- && pip install -c /tmp/constraints.txt transformers peft trl datasets accelerate huggingface_hub tokenizers \
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+ && pip install --no-cache-dir -c /tmp/constraints.txt transformers peft trl datasets accelerate huggingface_hub tokenizers \
     safetensors sentencepiece protobuf gguf click structlog pydantic sacrebleu matplotlib bitsandbytes unsloth unsloth_zoo
 COPY --from=llama-cpp /opt/llama.cpp /opt/llama.cpp
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY job ./job
 COPY jobspecs ./jobspecs
-RUN pip install --no-deps . && useradd --create-home --uid 1000 peftopt && mkdir -p /data /runs \
+RUN pip install --no-cache-dir --no-deps . && useradd --create-home --uid 1000 peftopt && mkdir -p /data /runs \
  && chown peftopt /data /runs
-USER peftopt
+USER 1000:1000
 VOLUME ["/data", "/runs"]
 COPY docker/entrypoint.sh /usr/local/bin/peftopt-entrypoint
 ENTRYPOINT ["/usr/local/bin/peftopt-entrypoint"]

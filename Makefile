@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test demo test test-gpu llama-cpp lint clean
+.PHONY: install demo test test-gpu llama-cpp lint lint-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-gpu:
 
 lint:
 	$(BIN)/ruff check job tests
+
+# No Docker engine is needed: hadolint comes from PyPI (the test extra).
+lint-docker: install
+	$(BIN)/hadolint --config docker/hadolint.yaml Dockerfile
 
 clean:
 	rm -rf runs .pytest_cache

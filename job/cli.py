@@ -38,8 +38,10 @@ def cli() -> None:
 @click.option("--stages", help="Comma-separated subset of stages to run (prepare,train,evaluate,merge,gguf,push).")
 @click.option("--restart", is_flag=True, help="Redo finished stages that the changed spec invalidates.")
 @click.option("--dry-run", is_flag=True, help="Push stage: print what would be uploaded where, upload nothing.")
+@click.option("--index", type=int, help="Sweep variant to run (else AWS_BATCH_JOB_ARRAY_INDEX, BATCH_TASK_INDEX, "
+              "JOB_COMPLETION_INDEX or CLOUD_RUN_TASK_INDEX).")
 @set_option
-def run(spec_file, output_dir, stages, restart, dry_run, overrides) -> None:
+def run(spec_file, output_dir, stages, restart, dry_run, index, overrides) -> None:
     """Run SPEC_FILE end to end, skipping the work its run directory already holds."""
     from job import interrupt
     from job.runner import run_job
@@ -50,7 +52,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, overrides) -> None:
 
     if json_stdout():
         keep_stdout_for_events()
-    spec = load_spec(spec_file, overrides)
+    spec = load_spec(spec_file, overrides, index)
     _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
@@ -71,13 +73,13 @@ def _register_secret(spec) -> None:
 @set_option
 def validate(spec_files, overrides) -> None:
     """Check jobspecs without running anything (machine-independent). Exit 0, or 2 listing every error."""
-    from job.spec import load_spec
+    from job.spec import load_variants
 
     failed = 0
     for name in spec_files:
         try:
-            load_spec(name, overrides)
-            click.echo(f"{name}: ok")
+            variants = load_variants(name, overrides)
+            click.echo(f"{name}: ok" + (f" ({len(variants)} variants)" if len(variants) > 1 else ""))
         except SpecError as exc:
             failed += 1
             click.echo(f"{name}: {exc.message.removeprefix(name + ': ')}", err=True)
@@ -85,6 +87,28 @@ def validate(spec_files, overrides) -> None:
                 click.echo(f"  {line}", err=True)
     if failed:
         raise SystemExit(2)
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print each variant's full spec as JSON lines.")
+@set_option
+def expand(spec_file, as_json, overrides) -> None:
+    """List a sweep's variants: index, name and what differs (one line each)."""
+    from job.spec import read_spec_data, validate_data
+    from job.sweep import combinations, expand as expand_variants
+
+    path = __import__("pathlib").Path(spec_file)
+    data = read_spec_data(path, overrides)
+    validate_data(data, str(path))
+    variants = expand_variants(data)
+    combos = combinations(data["matrix"]) if data.get("matrix") is not None else [{}]
+    for index, ((name, variant), combo) in enumerate(zip(variants, combos)):
+        validate_data(variant, f"{path} [{name}]")
+        if as_json:
+            click.echo(json.dumps({"index": index, "name": name, "spec": variant}))
+        else:
+            click.echo(f"{index}\t{name}\t" + " ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
 
 
 @cli.command()

@@ -67,13 +67,33 @@ def describe() -> dict:
 
 def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600,
          env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs a tool; a stop request (SIGTERM) ends it at once and raises Interrupted."""
+    import time
+
+    from job import interrupt
+    from job.errors import Interrupted
+
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, input=input_text, timeout=timeout,
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
     except OSError as exc:
         raise ExternalError(f"{what} could not start: {exc.strerror}") from None
+    deadline = time.monotonic() + timeout
+    pending_input = input_text
+    while True:
+        try:
+            stdout, stderr = proc.communicate(input=pending_input, timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pending_input = None  # communicate() already sent it
+            if interrupt.stop_requested() or time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                if interrupt.stop_requested():
+                    raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
+                raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise ExternalError(f"{what} failed (exit {result.returncode}): {' | '.join(tail)}")

@@ -226,8 +226,9 @@ class JobSpec(Section):
     evaluate: EvaluateSpec | None = None
     export: ExportSpec | None = None
     push: PushSpec | None = None
-    matrix: dict[str, list[Any]] | None = Field(
-        None, description="Sweep: dotted key -> values; `peftopt expand` lists the variants."
+    matrix: dict[str, list[Any]] | list[dict[str, Any]] | None = Field(
+        None, description="Sweep: dotted key -> values (a grid) or a list of override sets; `peftopt expand` "
+        "lists the variants, an array task runs one (--index or the service's index variable).",
     )
 
     @model_validator(mode="after")
@@ -388,13 +389,7 @@ def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
     return spec  # type: ignore[return-value]
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Reads, overrides and validates a jobspec. Relative paths inside it are relative to its folder.
-
-    Raises:
-        SpecError: the file is missing, not JSON, or not a valid jobspec (all problems listed).
-    """
-    path = Path(path)
+def read_spec_data(path: Path, overrides) -> Any:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -406,8 +401,36 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     data = parse_json_text(raw, str(path))
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
-    spec = validate_data(data, str(path))
-    return resolve_paths(spec, path.parent)
+    return data
+
+
+def load_variants(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[JobSpec]:
+    """Every variant of a (possibly sweeping) jobspec, validated. Raises SpecError listing problems."""
+    from job.sweep import expand
+
+    path = Path(path)
+    data = read_spec_data(path, overrides)
+    validate_data(data, str(path))  # the file itself, matrix included
+    return [resolve_paths(validate_data(variant, f"{path} [{name}]"), path.parent) for name, variant in expand(data)]
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), index: int | None = None) -> JobSpec:
+    """Reads, overrides and validates a jobspec; for a sweep, the variant `index` (or the array task's).
+    Relative paths inside it are relative to its folder.
+
+    Raises:
+        SpecError: the file is missing, not JSON, or not a valid jobspec (all problems listed).
+    """
+    from job.sweep import pick_index
+
+    variants = load_variants(path, overrides)
+    if len(variants) == 1 and index in (None, 0):
+        return variants[0]
+    chosen = pick_index(index, len(variants))
+    if chosen is None:
+        raise SpecError(f"{path}: a sweep of {len(variants)} variants; pass --index N or run it as an array "
+                        "job (peftopt expand lists the variants)")
+    return variants[chosen]
 
 
 def _resolve(value: str | None, base_dir: Path) -> str | None:

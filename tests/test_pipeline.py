@@ -228,3 +228,29 @@ def test_qlora_from_a_prequantized_4bit_base_merges_into_its_dequantized_weights
     assert metrics["merge"]["merged_into"] == "dequantized-4bit"
     assert "quantization_config" not in json.loads((run_dir / "merged" / "config.json").read_text())
     assert metrics["gguf"]["files"]["q8_0"]["verify"]["prompts"]
+
+
+def test_sigterm_in_a_later_stage_exits_75_within_grace_and_the_rerun_redoes_only_that_stage(tmp_path, make_spec):
+    import time
+
+    prompts = [f"Tell me one thing about item {i}." for i in range(40)]
+    spec = make_spec("later", train={"max_steps": 2, "grace_period_s": 20},
+                     evaluate={"prompts": prompts, "max_new_tokens": 48, "targets": ["base", "adapter"]})
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"})
+    signalled = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "stage_started" and event["stage"] == "evaluate" and signalled is None:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+    code = proc.wait(timeout=60)
+    assert code == 75 and time.monotonic() - signalled < 20, proc.stderr.read()[-2000:]
+    state = json.loads((tmp_path / "runs" / "later" / "state.json").read_text())
+    assert state["stages"]["train"]["status"] == "done" and state["stages"]["evaluate"]["status"] == "interrupted"
+    rerun = run_cli("run", str(spec))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    started = [e["stage"] for e in events(rerun.stdout) if e["event"] == "stage_started"]
+    skipped = [e["stage"] for e in events(rerun.stdout) if e["event"] == "stage_skipped"]
+    assert started == ["evaluate"] and skipped == ["prepare", "train"]

@@ -20,10 +20,12 @@ def problems(data) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobspecs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_jobspec_validates(path):
-    spec = load_spec(path)
-    assert spec.name
-    if spec.evaluate and isinstance(spec.evaluate.prompts, str):
-        assert Path(spec.evaluate.prompts).is_file()
+    from job.spec import load_variants
+
+    for spec in load_variants(path):
+        assert spec.name
+        if spec.evaluate and isinstance(spec.evaluate.prompts, str):
+            assert Path(spec.evaluate.prompts).is_file()
 
 
 def test_seed_jobspecs_reproduce_the_notebook():

@@ -66,8 +66,13 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     limit = max_new_tokens or evaluate.max_new_tokens
+    from job import interrupt
+    from job.errors import Interrupted
+
     answers = []
     for item in suite:
+        if interrupt.stop_requested():
+            raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
         text = render(tokenizer, item["prompt"], evaluate.system_prompt)
         prompt_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         kwargs: dict[str, Any] = {"do_sample": evaluate.do_sample, "max_new_tokens": limit,

@@ -1,0 +1,75 @@
+"""Sweeps: a jobspec's `matrix` expands into variants with deterministic names, one per array task.
+
+`matrix` is either a grid (`{"lora.r": [16, 64], "data.split": ["train[:10000]"]}`, every combination, keys
+in sorted order) or a list of override sets (`[{"lora.r": 16}, {"lora.r": 64, "data.split": ...}]`).
+Array services pass the task's index in an environment variable; `--index` overrides it.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+from typing import Any
+
+from job.errors import SpecError
+from job.spec import apply_overrides
+
+INDEX_VARIABLES = ("AWS_BATCH_JOB_ARRAY_INDEX", "BATCH_TASK_INDEX", "JOB_COMPLETION_INDEX", "CLOUD_RUN_TASK_INDEX")
+
+
+def _slug(value: Any) -> str:
+    text = re.sub(r"[^A-Za-z0-9.]+", "_", str(value)).strip("_.")
+    return text[:40] or "x"
+
+
+def combinations(matrix: dict | list) -> list[dict[str, Any]]:
+    if isinstance(matrix, list):
+        if not all(isinstance(item, dict) and item for item in matrix):
+            raise SpecError("matrix: a list matrix holds non-empty objects of 'key.path': value")
+        return [dict(item) for item in matrix]
+    if not isinstance(matrix, dict) or not matrix:
+        raise SpecError("matrix: give an object of 'key.path': [values] or a list of override objects")
+    keys = sorted(matrix)
+    for key in keys:
+        if not isinstance(matrix[key], list) or not matrix[key]:
+            raise SpecError(f"matrix.{key}: a non-empty list of values")
+    return [dict(zip(keys, values)) for values in itertools.product(*(matrix[k] for k in keys))]
+
+
+def expand(data: dict) -> list[tuple[str, dict]]:
+    """[(variant name, spec data without matrix)], in a stable order."""
+    matrix = data.get("matrix")
+    base = {k: v for k, v in data.items() if k != "matrix"}
+    if matrix is None:
+        return [(str(data.get("name")), base)]
+    variants = []
+    for index, combo in enumerate(combinations(matrix)):
+        variant = copy.deepcopy(base)
+        apply_overrides(variant, [f"{key}={_json(value)}" for key, value in combo.items()])
+        suffix = "-".join(f"{key.rsplit('.', 1)[-1]}{_slug(value)}" for key, value in combo.items())
+        name = combo.get("name") or f"{base.get('name')}-{index:02d}-{suffix}"[:100]
+        variant["name"] = name
+        variants.append((name, variant))
+    return variants
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def pick_index(explicit: int | None, count: int) -> int | None:
+    """The variant this task runs: --index, else the first array-index variable that is set."""
+    if explicit is None:
+        for name in INDEX_VARIABLES:
+            if os.environ.get(name, "").strip():
+                try:
+                    explicit = int(os.environ[name])
+                except ValueError:
+                    raise SpecError(f"{name}={os.environ[name]!r} is not an integer index") from None
+                break
+    if explicit is not None and not 0 <= explicit < count:
+        raise SpecError(f"--index {explicit}: the matrix has {count} variants (0..{count - 1})")
+    return explicit
