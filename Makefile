@@ -31,7 +31,7 @@ demo: install llama-cpp
 	$(BIN)/peftopt report runs/smoke_gemma3_270m --out runs/report
 
 test: install llama-cpp
-	$(BIN)/python -m pytest -m "not gpu" -q -rs
+	$(BIN)/python -m pytest -q -rs
 
 # On the GPU machine (see README, "GPU"): CUDA tests only.
 test-gpu:

@@ -62,3 +62,24 @@ EXIT_CODES = {
     EXIT_EXTERNAL: "external tool or service failed (llama.cpp, Hugging Face Hub, disk)",
     EXIT_INTERRUPTED: "interrupted by a signal with state saved: retry the same command to resume",
 }
+
+
+_DISK_ERRNOS = {28, 27, 122, 30}  # ENOSPC, EFBIG, EDQUOT, EROFS
+_DISK_WORDS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+               # torch.save reports a failed write only as its C++ writer's error text:
+               "PytorchStreamWriter failed writing", "iostream error", "inline_container.cc")
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The disk problem behind `exc` (also when a library wraps the OSError in its own type), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            return exc.strerror or str(exc)
+        text = str(exc)
+        for words in _DISK_WORDS:
+            if words in text:
+                return words
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from job import interrupt, modelsrc
-from job.errors import Interrupted, PeftoptError, RunConflict, SpecError
+from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
 from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
@@ -276,8 +276,13 @@ def _run_stage(stage: str, spec: JobSpec, run_dir: RunDir, state: dict, fingerpr
         run_dir.save_state(state)
         raise
     except BaseException as exc:
-        info.update(status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        problem = disk_error(exc)
+        message = f"{stage}: disk error: {problem}; finished stages are kept, rerun when there is room" \
+            if problem else f"{type(exc).__name__}: {exc}"
+        info.update(status="failed", finished_at=now_iso(), error=message)
         run_dir.save_state(state)
+        if problem:
+            raise ExternalError(message) from exc
         raise
     runtime = round(time.perf_counter() - started, 3)
     update_metrics(run_dir, stage, result.get("metrics", {}))
