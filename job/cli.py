@@ -167,25 +167,31 @@ def bench(spec_file, steps, extra, as_json, overrides) -> None:
     click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))
 
 
-def main() -> None:
-    from job.log import configure
-
-    configure()
+def invoke(argv: list[str] | None = None) -> int:
+    """Runs the CLI and returns its exit code: expected failures print one line (plus details), bugs log
+    their traceback to the JSON log."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="peftopt", standalone_mode=False)
     except click.exceptions.Abort:
-        sys.exit(1)
+        return 1
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except PeftoptError as exc:
         _fail(exc)
-        sys.exit(exc.exit_code)
-    except SystemExit:
-        raise
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # a bug: the traceback goes to the JSON log as well
         from job.log import get_logger
 
         get_logger().exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_BUG)
-        sys.exit(EXIT_BUG)
-    sys.exit(0)
+        return EXIT_BUG
+    return 0
+
+
+def main() -> None:
+    from job.log import configure
+
+    configure()
+    sys.exit(invoke())

@@ -55,7 +55,8 @@ def _formatter(json_output: bool) -> logging.Formatter:
     renderer = (
         structlog.processors.JSONRenderer(default=str)
         if json_output
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        # plain tracebacks: rich ones print local variables, which could hold a token
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback)
     )
     final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if json_output:
@@ -96,9 +97,15 @@ def configure(json_output: bool | None = None, level: str | None = None) -> None
 def keep_stdout_for_events() -> None:
     """Reserves stdout for the JSON event stream: libraries that print() (unsloth's banner, progress
     text) and child processes writing to fd 1 are sent to stderr instead, so every stdout line parses."""
-    events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    import io
+
+    try:
+        stdout_fd, stderr_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return  # not a process-level stream (embedded, captured): nothing to protect
+    events = os.fdopen(os.dup(stdout_fd), "w", buffering=1, encoding="utf-8")
     sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    os.dup2(stderr_fd, stdout_fd)
     sys.stdout = sys.stderr
     for handler in logging.getLogger().handlers:
         if getattr(handler, "_peftopt", False) and isinstance(handler, logging.StreamHandler) \

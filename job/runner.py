@@ -188,6 +188,9 @@ def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | N
             restart: bool = False, dry_run: bool = False) -> dict:
     """Runs the job and returns its final state. Raises a PeftoptError subclass on expected failures."""
     run_dir = RunDir(Path(output_dir or spec.output_dir) / spec.name)
+    if run_dir.root.is_symlink():
+        raise RunConflict(f"{run_dir.root} is a symbolic link; a run directory must be a real directory "
+                          "inside the output directory")
     stages = enabled_stages(spec)
     if only:
         unknown = [s for s in only if s not in STAGES]
