@@ -90,3 +90,25 @@ def test_local_files_and_slices(tmp_path):
         prepare.read_rows(str(path), "train")
     with pytest.raises(DataError, match="does not exist"):
         prepare.read_rows(str(tmp_path / "none.jsonl"), "train")
+
+
+def test_unknown_fields_are_ignored():
+    row = {"conversations": [{"from": "human", "value": "Hi", "weight": 1}, {"from": "gpt", "value": "Hello"}],
+           "source": "web", "score": 0.9}
+    assert [m["role"] for m in prepare.standardize(row, "auto", None)] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "no usable training rows"),
+    ('{"conversations": [{"from": "gpt", "value": "x"}]}\n', "data row 0:"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n{oops\n', "line 2"),
+])
+def test_data_errors_exit_3_naming_the_row(tmp_path, make_spec, capsys, content, needle):
+    from job.cli import invoke
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    spec = make_spec("bad-data", data={"source": str(data)})
+    assert invoke(["run", str(spec)]) == 3
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
