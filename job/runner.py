@@ -21,7 +21,7 @@ from job import interrupt, modelsrc
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
-from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
+from job.rundir import STAGES, RunDir, atomic_write_json, file_sha256, now_iso, read_json
 from job.spec import JobSpec
 
 log = get_logger("peftopt")
@@ -78,13 +78,7 @@ def enabled_stages(spec: JobSpec) -> list[str]:
 
 
 def _file_digest(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path) if os.path.isfile(path) else None
 
 
 def fingerprints(spec: JobSpec) -> dict[str, str]:

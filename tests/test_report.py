@@ -1,5 +1,4 @@
 """Integration: `peftopt report` over two runs of different LoRA rank, and over an experiments log."""
-import json
 import os
 import subprocess
 import sys

@@ -4,11 +4,9 @@ trusted, resume, progress events, the stop-on-signal hook, and trl's CPU loss-he
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from job import interrupt
 from job.errors import ExternalError, Interrupted

@@ -4,7 +4,6 @@ suite with the model's own chat template, and compare the tokens with the merged
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -12,20 +11,12 @@ from job import llamacpp, modelsrc, templates
 from job.errors import ExternalError
 from job.evaluation import generate, suite
 from job.log import get_logger, route_library_logs
-from job.rundir import RunDir, atomic_dir
+from job.rundir import RunDir, atomic_dir, file_sha256
 from job.spec import EvaluateSpec, JobSpec
 
 log = get_logger("peftopt.gguf")
 FLOAT_TYPES = ("f32", "f16", "bf16")
 EXACT_PREFIX = 8  # a float GGUF must reproduce at least this many greedy tokens (or all, if fewer)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def plan(types: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -64,7 +55,7 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
             master_path.unlink()
         for quant, info in files.items():
             path = out / info["file"]
-            info.update(size_bytes=path.stat().st_size, sha256=sha256(path))
+            info.update(size_bytes=path.stat().st_size, sha256=file_sha256(path))
             info["verify"] = verify(tools, path, quant, tokenizer, prompts, reference, evaluate)
             log.info("gguf_verified", type=quant, **{k: v for k, v in info.items() if k != "verify"},
                      agreement=info["verify"]["agreement"], tokenizer_match=info["verify"]["tokenizer_match"])

@@ -5,14 +5,13 @@ environment variable the spec names and is never written anywhere.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
 from job.errors import ExternalError, SpecError
 from job.log import add_secret, get_logger
-from job.rundir import RunDir, atomic_write_bytes, atomic_write_json, read_json
+from job.rundir import RunDir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from job.spec import JobSpec
 
 log = get_logger("peftopt.push")
@@ -28,14 +27,6 @@ def check_token(spec: JobSpec) -> str:
                         "export the Hugging Face token there (it is never read from the jobspec)")
     add_secret(token)
     return token
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def uploads(spec: JobSpec, run_dir: RunDir) -> list[tuple[str, Path, str]]:
@@ -110,7 +101,7 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
             log.info("repo_ready", repo=repo, private=spec.push.private)
     uploaded = skipped = 0
     for repo, path, in_repo in plan:
-        key, digest = f"{repo}/{in_repo}", _digest(path)
+        key, digest = f"{repo}/{in_repo}", file_sha256(path)
         if ledger.get(key) == digest:
             skipped += 1
             continue
