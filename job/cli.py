@@ -45,7 +45,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, overrides) -> No
     """Run SPEC_FILE end to end, skipping the work its run directory already holds."""
     from job import interrupt
     from job.runner import run_job
-    from job.spec import load_spec
+    from job.specfile import load_spec
 
     interrupt.install()
     from job.log import json_stdout, keep_stdout_for_events
@@ -73,7 +73,7 @@ def _register_secret(spec) -> None:
 @set_option
 def validate(spec_files, overrides) -> None:
     """Check jobspecs without running anything (machine-independent). Exit 0, or 2 listing every error."""
-    from job.spec import load_variants
+    from job.specfile import load_variants
 
     failed = 0
     for name in spec_files:
@@ -95,7 +95,7 @@ def validate(spec_files, overrides) -> None:
 @set_option
 def expand(spec_file, as_json, overrides) -> None:
     """List a sweep's variants: index, name and what differs (one line each)."""
-    from job.spec import read_spec_data, validate_data
+    from job.specfile import read_spec_data, validate_data
     from job.sweep import combinations, expand as expand_variants
 
     path = __import__("pathlib").Path(spec_file)
@@ -161,7 +161,7 @@ def report(run_dirs, out_dir, baseline, log_file) -> None:
 def bench(spec_file, steps, extra, as_json, overrides) -> None:
     """Time the spec's training as written and as peftopt runs it (CUDA): tokens/s, MFU, peak memory."""
     from job import bench as bench_module
-    from job.spec import load_spec
+    from job.specfile import load_spec
 
     results = bench_module.run(load_spec(spec_file, overrides), steps, list(extra))
     click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from job.errors import SpecError
-from job.spec import apply_overrides
+from job.specfile import apply_overrides
 
 INDEX_VARIABLES = ("AWS_BATCH_JOB_ARRAY_INDEX", "BATCH_TASK_INDEX", "JOB_COMPLETION_INDEX", "CLOUD_RUN_TASK_INDEX")
 

@@ -101,7 +101,7 @@ def test_merged_logits_equal_adapter_logits(full_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from job.spec import load_spec
+    from job.specfile import load_spec
     from job.rundir import RunDir
     from job.stages import merge
 

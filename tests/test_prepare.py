@@ -4,7 +4,7 @@ import json
 import pytest
 
 from job.errors import DataError
-from job.spec import validate_data
+from job.specfile import validate_data
 from job.stages import prepare
 
 

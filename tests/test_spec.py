@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from job.errors import SpecError
-from job.spec import load_spec, validate_data
+from job.specfile import load_spec, validate_data
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"name": "x", "model": {"base": "org/model"}, "data": {"source": "d.jsonl"}, "lora": {},
@@ -20,7 +20,7 @@ def problems(data) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobspecs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_jobspec_validates(path):
-    from job.spec import load_variants
+    from job.specfile import load_variants
 
     for spec in load_variants(path):
         assert spec.name

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from job.errors import SpecError
-from job.spec import load_spec, load_variants
+from job.specfile import load_spec, load_variants
 from job.sweep import INDEX_VARIABLES, expand
 
 ROOT = Path(__file__).resolve().parent.parent

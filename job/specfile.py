@@ -1,0 +1,218 @@
+"""Reading jobspecs: JSON with duplicate-key and UTF-8 checks, `--set` overrides, sweeps, every validation
+problem reported at once as `path.to.field: what is wrong`, and local paths made absolute.
+`load_spec(path, overrides)` is the only way in. Run alone to check files: `python -m job.specfile FILE...`.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from job.errors import SpecError
+from job.spec import LOCAL_DATA_SUFFIXES, TOKEN_LIKE, JobSpec
+
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise SpecError(f"duplicate key {key!r}: each key may appear once per object")
+        seen[key] = value
+    return seen
+
+
+def parse_json_text(raw: bytes, origin: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except SpecError as exc:
+        raise SpecError(f"{origin}: {exc.message}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{origin}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: JSON nested too deeply") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
+        raise SpecError(f"--set {text!r}: expected key.path=value, e.g. lora.r=64")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: --set model.base=org/model
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _find_token_like(data: Any, path: str = "") -> list[str]:
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found += _find_token_like(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += _find_token_like(v, f"{path}[{i}]")
+    elif isinstance(data, str) and TOKEN_LIKE.search(data):
+        found.append(f"{path}: looks like a Hugging Face token; tokens never go in a jobspec: put it in "
+                     "the environment and name the variable in push.token_env")
+    return found
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = next((a for a in getattr(annotation, "__args__", (annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+        if err["type"] == "extra_forbidden":
+            key, allowed = str(loc[-1]), _allowed_keys(loc)
+            close = difflib.get_close_matches(key, allowed, n=1) or [
+                k for k in allowed if key.lower().startswith(k) or k.startswith(key.lower())][:1]
+            msg = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "value_error" and "\n" in msg:  # cross-section rules carry their own paths
+            lines += msg.splitlines()
+        elif err["type"] == "value_error" and not path and ": " in msg:
+            lines.append(msg)
+        else:
+            lines.append(f"{path or '(top level)'}: {msg}")
+    return lines
+
+
+def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
+    """Raises SpecError listing every problem in `data` (a parsed jobspec)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a jobspec is a JSON object, not {type(data).__name__}")
+    problems = _find_token_like(data)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems += format_validation_error(exc)
+        spec = None
+    except RecursionError:
+        problems.append("(top level): nested too deeply")
+        spec = None
+    if problems:
+        raise SpecError(f"{origin}: {len(problems)} problem(s)", details=problems)
+    return spec  # type: ignore[return-value]
+
+
+def read_spec_data(path: Path, overrides) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such jobspec file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a jobspec file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    data = parse_json_text(raw, str(path))
+    if isinstance(data, dict):
+        data = apply_overrides(data, list(overrides))
+    return data
+
+
+def load_variants(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[JobSpec]:
+    """Every variant of a (possibly sweeping) jobspec, validated. Raises SpecError listing problems."""
+    from job.sweep import expand
+
+    path = Path(path)
+    data = read_spec_data(path, overrides)
+    validate_data(data, str(path))  # the file itself, matrix included
+    return [resolve_paths(validate_data(variant, f"{path} [{name}]"), path.parent) for name, variant in expand(data)]
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), index: int | None = None) -> JobSpec:
+    """Reads, overrides and validates a jobspec; for a sweep, the variant `index` (or the array task's).
+    Relative paths inside it are relative to its folder.
+
+    Raises:
+        SpecError: the file is missing, not JSON, or not a valid jobspec (all problems listed).
+    """
+    from job.sweep import pick_index
+
+    variants = load_variants(path, overrides)
+    if len(variants) == 1 and index in (None, 0):
+        return variants[0]
+    chosen = pick_index(index, len(variants))
+    if chosen is None:
+        raise SpecError(f"{path}: a sweep of {len(variants)} variants; pass --index N or run it as an array "
+                        "job (peftopt expand lists the variants)")
+    return variants[chosen]
+
+
+def _resolve(value: str | None, base_dir: Path) -> str | None:
+    if value is None:
+        return None
+    p = Path(value)
+    is_local = value.startswith((".", "/")) or value.endswith((*LOCAL_DATA_SUFFIXES, ".gguf", ".jinja"))
+    if is_local and not p.is_absolute():
+        return str((base_dir / p).resolve())
+    return value
+
+
+def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Makes the jobspec's local paths absolute, relative to the folder of the file that named them."""
+    updates: dict[str, Any] = {"model": spec.model.model_copy(update={
+        "base": _resolve(spec.model.base, base_dir),
+        "merge_base": _resolve(spec.model.merge_base, base_dir),
+        "chat_template": _resolve(spec.model.chat_template, base_dir)
+        if spec.model.chat_template.endswith(".jinja") else spec.model.chat_template,
+    })}
+    if spec.data:
+        updates["data"] = spec.data.model_copy(update={"source": _resolve(spec.data.source, base_dir)})
+    if spec.evaluate and isinstance(spec.evaluate.prompts, str):
+        updates["evaluate"] = spec.evaluate.model_copy(
+            update={"prompts": str((base_dir / spec.evaluate.prompts).resolve())})
+    return spec.model_copy(update=updates)
+
+
+if __name__ == "__main__":  # python -m job.specfile jobspecs/*.json
+    import sys
+
+    for name in sys.argv[1:]:
+        try:
+            load_spec(name)
+            print(f"{name}: ok")
+        except SpecError as err:
+            print("\n  ".join([err.message, *err.details]))
