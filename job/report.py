@@ -83,6 +83,15 @@ def metrics_table(rows: list[dict], baseline: str | None) -> list[str]:
     return lines
 
 
+def _save(fig, path: Path) -> None:
+    """Writes a figure to a temporary name and renames it into place."""
+    import os
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def plots(runs: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -100,7 +109,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
     if ax.lines:
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "plots" / "loss.png", dpi=110)
+        _save(fig, out / "plots" / "loss.png")
         made.append("plots/loss.png")
     plt.close(fig)
 
@@ -116,7 +125,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         ax.set(ylim=(0, 1.05), ylabel="pass rate", title="Answer checks")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "plots" / "checks.png", dpi=110)
+        _save(fig, out / "plots" / "checks.png")
         plt.close(fig)
         made.append("plots/checks.png")
 
@@ -131,7 +140,7 @@ def plots(runs: list[dict], out: Path) -> list[str]:
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
-    fig.savefig(out / "plots" / "runtime_memory.png", dpi=110)
+    _save(fig, out / "plots" / "runtime_memory.png")
     plt.close(fig)
     made.append("plots/runtime_memory.png")
     return made
