@@ -39,7 +39,8 @@ tar xzf "$sdist" -C "$work" "llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor
 src="$work/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
 rm -rf "$src/.git"  # a dangling submodule pointer in the sdist
 
-cmake -S "$here/llama-generate" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+generator=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")  # ninja is faster, make is enough
+cmake -S "$here/llama-generate" -B "$work/build" -G "$generator" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_CPP_SOURCE="$src" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF >/dev/null

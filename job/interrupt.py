@@ -59,12 +59,3 @@ def install(grace_s: float = 20.0) -> None:
 def set_grace(grace_s: float) -> None:
     global _grace_s
     _grace_s = grace_s
-
-
-def reset() -> None:
-    """For tests that run several jobs in one process."""
-    global _watchdog
-    _stop.clear()
-    if _watchdog is not None:
-        _watchdog.cancel()
-        _watchdog = None

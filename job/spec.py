@@ -255,9 +255,6 @@ class JobSpec(Section):
             raise ValueError("\n".join(problems))
         return self
 
-    @property
-    def is_4bit_prequantized(self) -> bool:
-        return "bnb-4bit" in self.model.base or "4bit" in self.model.base.lower()
 
 
 def json_schema() -> dict:

@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 KILL_POINTS = int(os.environ.get("PEFTOPT_KILL_POINTS", "8"))
+STAGE_CYCLE = ("prepare", "train", "evaluate", "merge", "gguf")
 
 
 def start(spec: Path, **popen):
@@ -72,8 +73,10 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
         state_path = run_dir / "state.json"
         done = {n for n, i in json.loads(state_path.read_text())["stages"].items() if i.get("status") == "done"} \
             if state_path.exists() else set()
-        remaining = sum(1 for stage in ref_stages if stage not in done)  # events this attempt will emit
-        target = rng.randint(1, max(remaining, 2))
+        remaining = [stage for stage in ref_stages if stage not in done]  # what this attempt will emit
+        wanted = STAGE_CYCLE[kills % len(STAGE_CYCLE)]  # spread the kills over every stage
+        positions = [i + 1 for i, stage in enumerate(remaining) if stage == wanted] or list(range(1, len(remaining) + 1))
+        target = rng.choice(positions or [1])
         proc = start(victim)
         seen, stage = 0, None
         for line in proc.stdout:
@@ -104,12 +107,10 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
         assert torch.equal(want[key], got[key]), key
     ref_gguf = (ref_dir / "gguf" / "reference-q8_0.gguf").read_bytes()
     got_gguf = (run_dir / "gguf" / "victim-q8_0.gguf").read_bytes()
-    assert len(ref_gguf) == len(got_gguf)
-    # The general.name field differs (the run name); every other byte is the same.
-    assert sum(a != b for a, b in zip(ref_gguf, got_gguf)) <= len("reference")
+    assert ref_gguf == got_gguf  # the converter is deterministic and names the model after merged/, not the run
     print(f"\nkill points survived: {kills}, stages hit: {sorted(s for s in stages_hit if s)}, "
           f"incomplete checkpoints skipped: {warnings}")
-    assert kills == KILL_POINTS
+    assert kills == KILL_POINTS and len(stages_hit - {None}) >= 4
 
 
 def test_half_written_checkpoint_is_skipped_with_a_warning(tmp_path, make_spec):

@@ -149,7 +149,6 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
         def __init__(self):
             self.t0 = None
             self.tokens = 0.0
-            self.last_num_tokens = 0.0
             self.first_step = 0
             self.losses: list[dict] = []
 
