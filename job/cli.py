@@ -40,9 +40,14 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Push stage: print what would be uploaded where, upload nothing.")
 @click.option("--index", type=int, help="Sweep variant to run (else AWS_BATCH_JOB_ARRAY_INDEX, BATCH_TASK_INDEX, "
               "JOB_COMPLETION_INDEX or CLOUD_RUN_TASK_INDEX).")
+@click.option("--nproc", default="1", envvar="PEFTOPT_NPROC", show_default=True, metavar="N|auto",
+              help="Train data-parallel over N processes on this machine, one per GPU (auto: every visible "
+              "GPU); rank 0 runs the other stages. Env: PEFTOPT_NPROC.")
 @set_option
-def run(spec_file, output_dir, stages, restart, dry_run, index, overrides) -> None:
-    """Run SPEC_FILE end to end, skipping the work its run directory already holds."""
+def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides) -> None:
+    """Run SPEC_FILE end to end, skipping the work its run directory already holds.
+
+    Also runs as each rank of `torchrun -m job run SPEC` or `accelerate launch -m job run SPEC`."""
     from job import interrupt
     from job.runner import run_job
     from job.specfile import load_spec
@@ -50,12 +55,36 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, overrides) -> No
     interrupt.install()
     from job.log import json_stdout, keep_stdout_for_events
 
+    spec = load_spec(spec_file, overrides, index)  # a bad spec fails here, before any rank starts
+    ranks = _ranks(nproc)
+    if ranks > 1:
+        from job import distributed
+
+        argv = [spec_file, *(["--output-dir", output_dir] if output_dir else []),
+                *(["--stages", stages] if stages else []), *(["--restart"] if restart else []),
+                *(["--dry-run"] if dry_run else []), *(["--index", str(index)] if index is not None else []),
+                *[arg for override in overrides for arg in ("--set", override)]]
+        raise SystemExit(distributed.launch(ranks, argv, spec.train.grace_period_s if spec.train else 20.0))
     if json_stdout():
         keep_stdout_for_events()
-    spec = load_spec(spec_file, overrides, index)
     _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
+
+
+def _ranks(nproc: str) -> int:
+    """How many ranks `--nproc` asks this process to start (1 when a launcher already started us)."""
+    import os
+
+    if os.environ.get("WORLD_SIZE") not in (None, "", "1") or os.environ.get("PEFTOPT_LAUNCHED"):
+        return 1
+    if nproc == "auto":
+        from job.distributed import visible_gpus
+
+        return max(visible_gpus(), 1)
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise SpecError(f"--nproc: expected a positive number or 'auto', got {nproc!r}")
+    return int(nproc)
 
 
 def _register_secret(spec) -> None:

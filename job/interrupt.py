@@ -9,16 +9,25 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from job.errors import EXIT_INTERRUPTED
 
 _stop = threading.Event()
 _grace_s = 20.0
 _watchdog: threading.Timer | None = None
+_stopped_at: float | None = None
 
 
 def stop_requested() -> bool:
     return _stop.is_set()
+
+
+def grace_left() -> float:
+    """Seconds until the watchdog ends the process (the full grace period while no stop was asked)."""
+    if _stopped_at is None:
+        return _grace_s
+    return max(_grace_s - (time.monotonic() - _stopped_at), 0.0)
 
 
 def _flush_logs() -> None:
@@ -36,10 +45,11 @@ def _give_up() -> None:
 
 
 def _handle(signum, _frame) -> None:
-    global _watchdog
+    global _watchdog, _stopped_at
     if _stop.is_set():
         _flush_logs()
         os._exit(EXIT_INTERRUPTED)
+    _stopped_at = time.monotonic()
     _stop.set()
     logging.getLogger("peftopt").warning("stop requested by %s: saving at the next safe point, grace %.0f s",
                                          signal.Signals(signum).name, _grace_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from job import interrupt, modelsrc
+from job import distributed, interrupt, modelsrc
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
@@ -47,6 +48,7 @@ UPSTREAM = {"prepare": (), "train": ("prepare",), "evaluate": ("train", "prepare
 @dataclass
 class StageContext:
     dry_run: bool = False
+    restart: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +117,10 @@ def preflight(spec: JobSpec, stages: list[str]) -> None:
         # unsloth must be imported before transformers to patch it; choosing here does that, and a
         # backend that cannot run here fails now rather than after data preparation.
         backends.choose(spec.train.backend, backends.device())
+    if "train" in stages and spec.train.checkpoint_sync:
+        from job import checkpoint_sync
+
+        checkpoint_sync.token(spec)
     if "push" in stages:
         from job.stages import push
 
@@ -195,14 +201,53 @@ def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | N
         interrupt.set_grace(spec.train.grace_period_s)
     preflight(spec, stages)
     structlog.contextvars.bind_contextvars(run=spec.name)
-    with run_dir.lock():
-        run_dir.clean_scratch()
-        attach_events_file(run_dir.events_path)
-        try:
-            return _run_locked(spec, run_dir, stages, restart, dry_run, only)
-        finally:
-            detach_events_file()
-            structlog.contextvars.unbind_contextvars("run", "stage")
+    me = distributed.world()
+    if me.size > 1:
+        distributed.init()
+        if not me.is_main:
+            return _follow_rank0(spec, run_dir, me)
+    try:
+        with run_dir.lock():
+            run_dir.clean_scratch()
+            attach_events_file(run_dir.events_path)
+            try:
+                state = _run_locked(spec, run_dir, stages, restart, dry_run, only)
+            finally:
+                detach_events_file()
+                structlog.contextvars.unbind_contextvars("run", "stage")
+    except BaseException as exc:
+        _release_ranks(exc)
+        raise
+    _release_ranks(None)
+    return state
+
+
+def _release_ranks(exc: BaseException | None) -> None:
+    """Rank 0 tells the waiting ranks to leave with its exit code. Not after a failure inside training:
+    the others are then blocked in a collective, and the launcher stops them when rank 0 exits."""
+    if not distributed.active() or distributed.world().rank != 0 or _training_together["now"]:
+        return
+    code = 0 if exc is None else exc.exit_code if isinstance(exc, PeftoptError) else 1
+    distributed.send({"do": "exit", "code": code})
+    distributed.shutdown()
+
+
+_training_together = {"now": False}
+
+
+def _follow_rank0(spec: JobSpec, run_dir: RunDir, me) -> dict:
+    """A rank other than 0: trains when rank 0 says so, otherwise waits, and leaves with rank 0's code."""
+    logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job
+    structlog.contextvars.bind_contextvars(rank=me.rank)
+    while True:
+        order = distributed.send(None)
+        if order["do"] == "train":
+            importlib.import_module("job.stages.train").run(spec, run_dir, StageContext())
+            continue
+        distributed.shutdown()
+        if order["code"]:
+            raise SystemExit(order["code"])
+        return {"status": "done", "rank": me.rank}
 
 
 def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
@@ -215,7 +260,7 @@ def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
     env = {"versions": package_versions(), "hardware": hardware()}
     update_metrics(run_dir, "run", {"name": spec.name, "started_at": state["started_at"], **env})
     log.info("job_started", run_dir=str(run_dir.root), stages=stages, attempt=state["attempts"], **env)
-    ctx = StageContext(dry_run=dry_run)
+    ctx = StageContext(dry_run=dry_run, restart=restart)
     job_started = time.perf_counter()
     try:
         for stage in stages:
@@ -230,6 +275,12 @@ def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
                     raise SpecError(f"--stages: {stage} needs {', '.join(missing)} done first")
             if interrupt.stop_requested():
                 raise Interrupted(f"stopped by a signal before {stage}; rerun to continue")
+            if stage == "train" and distributed.active():
+                distributed.send({"do": "train"})
+                _training_together["now"] = True  # stays set if it fails: the other ranks leave by themselves
+                _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
+                _training_together["now"] = False
+                continue
             _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
     except PeftoptError as exc:
         state["status"] = "interrupted" if isinstance(exc, Interrupted) else "failed"

@@ -103,6 +103,36 @@ class LoraSpec(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(list(DEFAULT_TARGET_MODULES), min_length=1)
 
 
+class CheckpointSyncSpec(Section):
+    repo: str = Field(description="Hub repo (created private) that receives every checkpoint as it is saved.")
+    path_in_repo: str | None = Field(None, description="Folder in the repo; default: the run name, so the "
+                                     "variants of a sweep can share one repo.")
+    token_env: str = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not REPO_ID.match(value) or ".." in value or "--" in value:
+            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
+        return value
+
+    @field_validator("path_in_repo")
+    @classmethod
+    def _folder(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", value)
+                                  or ".." in value.split("/")):
+            raise ValueError(f"{value!r} is not a relative folder of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name (the token itself never "
+                             "goes in the jobspec)")
+        return value
+
+
 class TrainSpec(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="auto: unsloth when CUDA is present and it imports, else hf."
@@ -130,6 +160,9 @@ class TrainSpec(Section):
     gradient_checkpointing: Literal["auto", "on", "off", "unsloth"] = "auto"
     max_memory_gb: float | None = Field(None, gt=0, description="Cap on GPU memory the training may use.")
     grace_period_s: float = Field(20, gt=0, le=3600, description="After SIGTERM, exit 75 within this time.")
+    checkpoint_sync: CheckpointSyncSpec | None = Field(
+        None, description="Push each checkpoint to a private Hub repo, and restore the newest from there when "
+        "the run directory has none (a retry on a fresh machine resumes instead of starting over).")
 
     @model_validator(mode="after")
     def _micro_batch_divides(self):

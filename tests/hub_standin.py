@@ -1,13 +1,15 @@
-"""A local stand-in for the Hugging Face Hub endpoints peftopt's push uses (repo creation, preupload,
-commit), driven by the real huggingface_hub client through HF_ENDPOINT. Faults can be injected: HTTP 5xx,
+"""A local stand-in for the Hugging Face Hub endpoints peftopt uses (repo creation, preupload, commit with
+deletions, tree listing, file download), driven by the real huggingface_hub client through HF_ENDPOINT. Faults can be injected: HTTP 5xx,
 dropped connections, a rejected token, or a permanent failure after N commits.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 
 class HubStandIn:
@@ -33,7 +35,8 @@ class HubStandIn:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
@@ -75,9 +78,70 @@ class HubStandIn:
                             value = item["value"]
                             standin.files[repo][value["path"]] = base64.b64decode(value["content"])
                             standin.committed.append(f"{repo}/{value['path']}")
+                        elif item["key"] == "deletedFile":
+                            standin.files[repo].pop(item["value"]["path"], None)
+                        elif item["key"] == "deletedFolder":
+                            prefix = item["value"]["path"].rstrip("/") + "/"
+                            for name in [n for n in standin.files[repo] if n.startswith(prefix)]:
+                                del standin.files[repo][name]
                     standin.commits += 1
                     return self._reply(200, {"commitUrl": f"{standin.url}/{repo}/commit/{standin.commits:040x}",
                                              "commitOid": f"{standin.commits:040x}", "pullRequestUrl": None})
+                return self._reply(404, {"error": f"no route {self.path}"})
+
+            def _file_headers(self, repo: str, name: str) -> bytes | None:
+                data = standin.files.get(repo, {}).get(name)
+                if data is None:
+                    self._reply(404, {"error": "Entry not found"})
+                    return None
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+                self.send_header("X-Repo-Commit", f"{standin.commits:040x}")
+                self.end_headers()
+                return data
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") != f"Bearer {standin.token}":
+                    self._reply(401, {"error": "Invalid credentials"})
+                    return False
+                return True
+
+            def do_HEAD(self):
+                standin.requests.append(f"HEAD {self.path}")
+                parts = unquote(self.path.split("?")[0]).strip("/").split("/")
+                if self._authorized() and len(parts) > 4 and parts[2] == "resolve":
+                    self._file_headers("/".join(parts[:2]), "/".join(parts[4:]))
+
+            def do_GET(self):
+                standin.requests.append(f"GET {self.path}")
+                if not self._authorized():
+                    return
+                path, _, query = self.path.partition("?")
+                parts = unquote(path).strip("/").split("/")
+                if len(parts) > 4 and parts[2] == "resolve":
+                    data = self._file_headers("/".join(parts[:2]), "/".join(parts[4:]))
+                    if data is not None:
+                        self.wfile.write(data)
+                    return
+                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+                    repo = "/".join(parts[2:4])
+                    if repo not in standin.repos:
+                        return self._reply(404, {"error": f"Repository {repo} not found"})
+                    under = "/".join(parts[6:])
+                    recursive = "recursive=True" in query or "recursive=true" in query
+                    entries, folders = [], set()
+                    for name, data in sorted(standin.files[repo].items()):
+                        if under and not name.startswith(under + "/"):
+                            continue
+                        rest = name[len(under) + 1:] if under else name
+                        if "/" in rest and not recursive:
+                            folders.add(f"{under}/{rest.split('/')[0]}" if under else rest.split("/")[0])
+                            continue
+                        entries.append({"type": "file", "path": name, "size": len(data),
+                                        "oid": hashlib.sha1(data).hexdigest()})
+                    entries += [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
+                    return self._reply(200, entries)
                 return self._reply(404, {"error": f"no route {self.path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -24,6 +24,13 @@ def choose(requested: str, device_name: str) -> tuple[str, str]:
     """
     if requested == "hf":
         return "hf", "asked for in train.backend"
+    from job import distributed
+
+    if distributed.active():
+        if requested == "unsloth":
+            raise SpecError(f"train.backend: unsloth trains on one GPU; this launch has "
+                            f"{distributed.world().size} ranks: use 'hf' or 'auto' for data-parallel training")
+        return "hf", f"data-parallel launch over {distributed.world().size} ranks (unsloth runs on one GPU)"
     unsloth_error = None
     if device_name == "cuda":
         try:

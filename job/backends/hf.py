@@ -3,7 +3,8 @@
 """
 from __future__ import annotations
 
-from job import modelsrc
+from job import distributed, modelsrc
+from job.errors import SpecError
 from job.backends import trainer as common
 from job.log import get_logger, route_library_logs
 from job.rundir import RunDir
@@ -28,16 +29,31 @@ def choose_optimizer(requested: str, device: str) -> str:
     return requested
 
 
-def batch_plan(spec: JobSpec, device: str) -> tuple[int, int]:
-    """(micro-batch, accumulation) giving the spec's sequences per optimizer step."""
+def batch_plan(spec: JobSpec, device: str, ranks: int = 1) -> tuple[int, int]:
+    """(micro-batch, accumulation) per rank, giving the spec's sequences per optimizer step in total:
+    with more ranks each one accumulates less, so a run on 2 GPUs makes the same updates as on one.
+
+    Raises:
+        SpecError: the sequences per step cannot be shared evenly over the ranks.
+    """
     train = spec.train
     total = train.per_device_batch_size * train.gradient_accumulation_steps
+    if total % ranks:
+        raise SpecError(f"train: per_device_batch_size x gradient_accumulation_steps = {total} sequences per "
+                        f"step cannot be shared evenly over {ranks} ranks; make it a multiple of {ranks}")
+    per_rank = total // ranks
     if isinstance(train.micro_batch_size, int):
-        return train.micro_batch_size, total // train.micro_batch_size
-    return train.per_device_batch_size, train.gradient_accumulation_steps
+        if per_rank % train.micro_batch_size:
+            raise SpecError(f"train.micro_batch_size: {train.micro_batch_size} does not divide the {per_rank} "
+                            f"sequences each of {ranks} ranks takes per step")
+        return train.micro_batch_size, per_rank // train.micro_batch_size
+    micro = min(train.per_device_batch_size, per_rank)
+    while per_rank % micro:
+        micro -= 1
+    return micro, per_rank // micro
 
 
-def train(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
+def train(spec: JobSpec, run_dir: RunDir, device: str, restart: bool = False) -> dict:
     import torch
     from trl import SFTTrainer
 
@@ -58,7 +74,7 @@ def train(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     loaded_reserved = torch.cuda.memory_reserved() if device == "cuda" else 0
-    micro, accumulation = batch_plan(spec, device)
+    micro, accumulation = batch_plan(spec, device, distributed.world().size)
     config = common.sft_config(spec, run_dir, device, micro_batch=micro, accumulation=accumulation,
                                gradient_checkpointing=gradient_checkpointing,
                                dtype=modelsrc.dtype_for(spec, device),
@@ -68,10 +84,11 @@ def train(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=common.load_train_dataset(run_dir),
                          processing_class=tokenizer, peft_config=lora_config(spec.lora),
                          callbacks=[marker, stopper, progress])
-    log.info("train_started", backend="hf", device=device, micro_batch=micro, accumulation=accumulation,
+    log.info("train_started", backend="hf", device=device, ranks=distributed.world().size, micro_batch=micro,
+             accumulation=accumulation,
              gradient_checkpointing=gradient_checkpointing, loss_head_fallback=loss_head_fallback,
              trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
-    figures = common.run_trainer(trainer, spec, run_dir, tokenizer, progress, started_box)
+    figures = common.run_trainer(trainer, spec, run_dir, tokenizer, progress, started_box, restart)
     figures.update(backend="hf", device=device, micro_batch=micro, accumulation=accumulation,
                    gradient_checkpointing=gradient_checkpointing)
     if device == "cuda":

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from job import interrupt
+from job import distributed, interrupt
 from job.errors import ExternalError, Interrupted
 from job.log import get_logger, json_stdout
 from job.rundir import RunDir, atomic_dir, atomic_write_json
@@ -73,7 +73,7 @@ def sft_config(spec: JobSpec, run_dir: RunDir, device: str, *, micro_batch: int,
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=0, disable_tqdm=json_stdout(), gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        dataset_num_proc=None, **extra,
+        dataset_num_proc=None, ddp_find_unused_parameters=False, **extra,
     )
 
 
@@ -83,7 +83,9 @@ def load_train_dataset(run_dir: RunDir, part: str = "train"):
     path = run_dir.data_dir / f"{part}.jsonl"
     if not path.exists():
         return None
-    return datasets.Dataset.from_json(str(path), cache_dir=str(run_dir.root / ".cache" / "datasets"))
+    # One cache per rank: ranks preparing the same file at once must not write the same cache files.
+    cache = run_dir.root / ".cache" / f"datasets-rank{distributed.world().rank}"
+    return datasets.Dataset.from_json(str(path), cache_dir=str(cache))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -121,34 +123,45 @@ def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def make_callbacks(spec: JobSpec, started_step_box: dict):
+    """The callbacks every backend installs. `started_step_box` is filled with the step training started
+    from and, with train.checkpoint_sync, the uploader ("sync") that run_trainer waits for."""
     from transformers import TrainerCallback
+
+    uploader = None
+    if spec.train.checkpoint_sync and distributed.world().is_main:
+        from job import checkpoint_sync
+
+        uploader = started_step_box["sync"] = checkpoint_sync.Uploader(spec)
+        fingerprint = checkpoint_sync.train_fingerprint(spec)
+    else:
+        fingerprint = None
 
     class MarkCheckpoints(TrainerCallback):
         """Writes the marker that makes a checkpoint count as complete, once the Trainer has saved it."""
 
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if distributed.active():
+                distributed.barrier()  # every rank has written its RNG state before the listing
+                if not distributed.world().is_main:
+                    return
             if path.is_dir():
                 files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*")
                          if p.is_file() and p.name != MARKER}
-                atomic_write_json(path / MARKER, {"step": state.global_step, "files": files})
+                atomic_write_json(path / MARKER, {"step": state.global_step, "files": files,
+                                                   "train_fingerprint": fingerprint})
                 log.info("checkpoint_saved", step=state.global_step, path=str(path))
-
-    class StopOnSignal(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            started_step_box["step"] = state.global_step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if interrupt.stop_requested():
-                control.should_save = True
-                control.should_training_stop = True
+                if uploader is not None:
+                    uploader.submit(path, [_checkpoint_step(p) for p in Path(args.output_dir).glob("checkpoint-*")
+                                           if checkpoint_is_complete(p)])
 
     class Progress(TrainerCallback):
         """Periodic `train_progress` events: step, max_steps, loss, tokens_per_s, eta_s."""
 
         def __init__(self):
             self.t0 = None
-            self.tokens = 0.0
+            self.tokens = 0.0  # this rank's
+            self.all_tokens = 0.0  # every rank's, as of the last step end
             self.first_step = 0
             self.losses: list[dict] = []
 
@@ -162,12 +175,28 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
             elapsed = max(time.perf_counter() - (self.t0 or time.perf_counter()), 1e-9)
             done = max(state.global_step - self.first_step, 1)
             event = {"step": state.global_step, "max_steps": state.max_steps, "loss": round(logs["loss"], 6),
-                     "learning_rate": logs.get("learning_rate"), "tokens_per_s": round(self.tokens / elapsed, 1),
+                     "learning_rate": logs.get("learning_rate"), "tokens_per_s": round(self.all_tokens / elapsed, 1),
                      "eta_s": round(elapsed / done * (state.max_steps - state.global_step), 1)}
             self.losses.append({"step": state.global_step, "loss": logs["loss"]})
             log.info("train_progress", **event)
 
-    return MarkCheckpoints(), StopOnSignal(), Progress()
+    progress = Progress()
+
+    class StopOnSignal(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            started_step_box["step"] = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = interrupt.stop_requested()
+            if distributed.active():
+                stop, progress.all_tokens = distributed.vote(stop, progress.tokens)
+            else:
+                progress.all_tokens = progress.tokens
+            if stop:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return MarkCheckpoints(), StopOnSignal(), progress
 
 
 def count_tokens(trainer, progress) -> None:
@@ -184,7 +213,8 @@ def count_tokens(trainer, progress) -> None:
     trainer.data_collator = counting
 
 
-def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, started_step_box: dict) -> dict:
+def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, started_step_box: dict,
+                restart: bool = False) -> dict:
     """Trains from the newest complete checkpoint, saves the adapter, and returns the run's figures.
 
     Raises:
@@ -196,28 +226,53 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     count_tokens(trainer, progress)
-    resume = newest_complete_checkpoint(run_dir.checkpoints_dir)
-    if resume is not None:
-        log.info("train_resumed", checkpoint=str(resume), step=_checkpoint_step(resume))
+    resume = find_resume_point(spec, run_dir, restart, started_step_box)
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
+    finally:
+        if "sync" in started_step_box:
+            started_step_box["sync_figures"] = started_step_box["sync"].finish()
     runtime = time.perf_counter() - started
     step = trainer.state.global_step
     if interrupt.stop_requested() and step < spec.train.max_steps:
         raise Interrupted(f"stopped at step {step}/{spec.train.max_steps} by a signal; checkpoint saved, "
                           "rerun the same command to resume")
-    with atomic_dir(run_dir.adapter_dir) as out:
-        trainer.model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+    if distributed.world().is_main:
+        with atomic_dir(run_dir.adapter_dir) as out:
+            trainer.model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "global_step": step, "resumed_from_step": started_step_box.get("step", 0) or None,
         "session_runtime_s": round(runtime, 3), "train_loss_mean": output.metrics.get("train_loss"),
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
-        "session_tokens": int(progress.tokens),
-        "tokens_per_s": round(progress.tokens / runtime, 1) if runtime > 0 else None,
+        "session_tokens": int(progress.all_tokens),
+        "tokens_per_s": round(progress.all_tokens / runtime, 1) if runtime > 0 else None,
+        "world_size": distributed.world().size,
+        **({"checkpoint_sync": {**started_step_box["sync_figures"], "restored_step": started_step_box.get("restored")}}
+           if "sync_figures" in started_step_box else {}),
     }
+
+
+def find_resume_point(spec: JobSpec, run_dir: RunDir, restart: bool = False, box: dict | None = None) -> Path | None:
+    """The checkpoint to resume from. Rank 0 decides (it may remove a torn checkpoint, or restore one from
+    the Hub when the local directory is empty) and tells the other ranks."""
+    me = distributed.world()
+    resume = None
+    if me.is_main:
+        resume = newest_complete_checkpoint(run_dir.checkpoints_dir)
+        if resume is None and spec.train.checkpoint_sync:
+            from job import checkpoint_sync
+
+            resume = checkpoint_sync.restore(spec, run_dir, restart)
+            if resume is not None and box is not None:
+                box["restored"] = _checkpoint_step(resume)
+        if resume is not None:
+            log.info("train_resumed", checkpoint=str(resume), step=_checkpoint_step(resume))
+    if me.size > 1:
+        resume = distributed.send({"resume": str(resume) if resume else None})["resume"]
+    return Path(resume) if resume else None

@@ -40,7 +40,7 @@ def wrap(model, spec: JobSpec, checkpointing: str):
         random_state=spec.train.seed)
 
 
-def train(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
+def train(spec: JobSpec, run_dir: RunDir, device: str, restart: bool = False) -> dict:
     import torch
     from transformers import AutoConfig
     from trl import SFTTrainer
@@ -64,7 +64,7 @@ def train(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
                          processing_class=tokenizer, callbacks=[marker, stopper, progress])
     log.info("train_started", backend="unsloth", device=device, micro_batch=chosen.micro_batch,
              accumulation=chosen.accumulation, gradient_checkpointing=chosen.gradient_checkpointing)
-    figures = common.run_trainer(trainer, spec, run_dir, tokenizer, progress, started_box)
+    figures = common.run_trainer(trainer, spec, run_dir, tokenizer, progress, started_box, restart)
     peak = torch.cuda.max_memory_reserved()
     figures.update(backend="unsloth", device=device, micro_batch=chosen.micro_batch,
                    accumulation=chosen.accumulation, gradient_checkpointing=chosen.gradient_checkpointing,

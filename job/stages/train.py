@@ -14,7 +14,7 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     device = backends.device()
     name, why = backends.choose(spec.train.backend, device)
     log.info("backend_chosen", backend=name, why=why, device=device)
-    figures = backends.load(name).train(spec, run_dir, device)
+    figures = backends.load(name).train(spec, run_dir, device, restart=getattr(ctx, "restart", False))
     previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
     # A resumed run adds this session to the time and tokens of the sessions before it.
     sessions = list(previous.get("sessions", [])) + [
@@ -28,8 +28,9 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     if "peak_gpu_gb" in figures:
         import torch
 
-        total = torch.cuda.get_device_properties(0).total_memory / 1024**3
-        figures.update(gpu_name=torch.cuda.get_device_name(0), gpu_memory_gb=round(total, 3),
+        gpu = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(gpu).total_memory / 1024**3
+        figures.update(gpu_name=torch.cuda.get_device_name(gpu), gpu_memory_gb=round(total, 3),
                        peak_gpu_share=round(figures["peak_gpu_gb"] / total, 4),
                        lora_gpu_share=round(figures["lora_gpu_gb"] / total, 4))
     log.info("train_finished", **{k: v for k, v in figures.items() if k not in ("loss_curve", "sessions")})

@@ -1,0 +1,208 @@
+"""Checkpoints that outlive the machine (`train.checkpoint_sync`).
+
+Each complete checkpoint is committed to a private Hub repo under `<path_in_repo>/checkpoint-N/` as soon
+as it is saved, in the background, so training does not wait for the network. The commit also deletes
+the remote checkpoints the Trainer has rotated away locally: the remote folder mirrors the local
+checkpoints directory. A run whose directory has no complete checkpoint (a retry on a fresh machine)
+restores the newest remote one whose marker names the same training fingerprint, then resumes from it.
+
+A failed upload is logged and training goes on: the local checkpoint is still there, and the next
+checkpoint's commit tries again.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from job import interrupt
+from job.errors import ExternalError, RunConflict, SpecError
+from job.log import add_secret, get_logger
+from job.rundir import RunDir, read_json
+from job.spec import JobSpec
+
+log = get_logger("peftopt.checkpoint_sync")
+STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+def token(spec: JobSpec) -> str:
+    """Raises SpecError when the token variable is unset (checked in preflight, before any work)."""
+    sync = spec.train.checkpoint_sync
+    value = os.environ.get(sync.token_env, "")
+    if not value.strip():
+        raise SpecError(f"train.checkpoint_sync.token_env: environment variable {sync.token_env} is not set; "
+                        "export the Hugging Face token there (it is never read from the jobspec)")
+    add_secret(value)
+    return value
+
+
+def folder(spec: JobSpec) -> str:
+    return spec.train.checkpoint_sync.path_in_repo or spec.name
+
+
+def _api(spec: JobSpec):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token(spec))
+
+
+def train_fingerprint(spec: JobSpec) -> str:
+    from job.runner import fingerprints
+
+    return fingerprints(spec)["train"]
+
+
+def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
+    """{step: [files]} for every checkpoint folder in the repo (complete or not)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from job.stages.push import _retrying
+
+    def listing() -> list[str]:
+        try:
+            return api.list_repo_files(spec.train.checkpoint_sync.repo)
+        except HfHubHTTPError as exc:
+            if getattr(exc.response, "status_code", None) == 404:  # no repo yet: nothing synced
+                return []
+            raise
+
+    prefix = folder(spec) + "/"
+    files = _retrying("list checkpoints", listing)
+    steps: dict[int, list[str]] = {}
+    for name in files:
+        if not name.startswith(prefix):
+            continue
+        match = STEP.match(name[len(prefix):].split("/")[0])
+        if match:
+            steps.setdefault(int(match.group(1)), []).append(name)
+    return steps
+
+
+class Uploader:
+    """Commits checkpoints one at a time on a background thread (rank 0 only)."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.repo = spec.train.checkpoint_sync.repo
+        self.api = _api(spec)
+        self.thread: threading.Thread | None = None
+        self.pushed: list[int] = []
+        self.failures = 0
+        self.repo_ready = False
+
+    def submit(self, checkpoint: Path, local_steps: list[int]) -> None:
+        self.wait()  # one commit at a time, in step order
+        self.thread = threading.Thread(target=self._commit, args=(checkpoint, sorted(local_steps)),
+                                       name="checkpoint-sync", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for the upload in flight; False if it is still running after `timeout` seconds."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                return False
+            self.thread = None
+        return True
+
+    def _commit(self, checkpoint: Path, local_steps: list[int]) -> None:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        from job.stages.push import _retrying
+
+        step = int(STEP.search(checkpoint.name).group(1))
+        started = time.perf_counter()
+        try:
+            if not self.repo_ready:
+                _retrying(f"create {self.repo}", lambda: self.api.create_repo(self.repo, private=True, exist_ok=True))
+                self.repo_ready = True
+            base = f"{folder(self.spec)}/{checkpoint.name}"
+            files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+            operations = [CommitOperationAdd(path_in_repo=f"{base}/{p.relative_to(checkpoint)}", path_or_fileobj=str(p))
+                          for p in files]
+            stale = sorted(s for s in _remote_steps(self.api, self.spec) if s not in local_steps and s != step)
+            operations += [CommitOperationDelete(path_in_repo=f"{folder(self.spec)}/checkpoint-{s}/", is_folder=True)
+                           for s in stale]
+            _retrying(f"sync checkpoint-{step}", lambda: self.api.create_commit(
+                self.repo, operations=operations, commit_message=f"peftopt: {base}"))
+        except ExternalError as exc:
+            self.failures += 1
+            log.warning("checkpoint_sync_failed", step=step, error=exc.message,
+                        action="training goes on; the next checkpoint tries again")
+            return
+        except Exception as exc:  # the sync must never take the training down
+            self.failures += 1
+            log.warning("checkpoint_sync_failed", step=step, error=f"{type(exc).__name__}: {exc}",
+                        action="training goes on; the next checkpoint tries again")
+            return
+        self.pushed.append(step)
+        log.info("checkpoint_synced", step=step, repo=self.repo, files=len(files), removed_steps=stale,
+                 bytes=sum(p.stat().st_size for p in files), seconds=round(time.perf_counter() - started, 2))
+
+    def finish(self) -> dict:
+        """Waits for the last upload: fully after a normal end, within the grace period after a signal."""
+        budget = max(interrupt.grace_left() - 2, 0) if interrupt.stop_requested() else None
+        if not self.wait(budget):
+            log.warning("checkpoint_sync_unfinished", action="the grace period ends before the upload; the "
+                        "local checkpoint is complete and the next run pushes it")
+        return {"repo": self.repo, "synced_steps": list(self.pushed), "failures": self.failures}
+
+
+def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | None:
+    """Downloads the newest complete remote checkpoint of this training into the checkpoints directory.
+
+    Raises:
+        RunConflict: the newest remote checkpoint belongs to a different training spec (without restart).
+    """
+    from job.backends.trainer import MARKER, checkpoint_is_complete
+    from job.stages.push import _retrying
+
+    api, repo = _api(spec), spec.train.checkpoint_sync.repo
+    steps = _remote_steps(api, spec)
+    expected = train_fingerprint(spec)
+    for step in sorted(steps, reverse=True):
+        names = steps[step]
+        marker_name = f"{folder(spec)}/checkpoint-{step}/{MARKER}"
+        if marker_name not in names:
+            log.warning("checkpoint_sync_incomplete", step=step, action="skipped")
+            continue
+        scratch = run_dir.checkpoints_dir / f".restore-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            from huggingface_hub import hf_hub_download
+
+            marker = Path(_retrying(f"download {marker_name}", lambda: hf_hub_download(
+                repo, marker_name, local_dir=scratch, token=token(spec),
+                endpoint=os.environ.get("HF_ENDPOINT") or None)))
+            found = (read_json(marker) or {}).get("train_fingerprint")
+            if found != expected:
+                if not restart:
+                    raise RunConflict(
+                        f"train.checkpoint_sync: {repo}/{folder(spec)} holds checkpoints of a different training "
+                        f"spec (fingerprint {found}, this spec {expected}); pass --restart to train from scratch "
+                        "and replace them, or set train.checkpoint_sync.path_in_repo")
+                log.warning("checkpoint_sync_foreign", step=step, action="ignored (--restart)")
+                return None
+            started = time.perf_counter()
+            for name in names:
+                if name != marker_name:
+                    _retrying(f"download {name}", lambda: hf_hub_download(
+                        repo, name, local_dir=scratch, token=token(spec),
+                        endpoint=os.environ.get("HF_ENDPOINT") or None))
+            downloaded = scratch / folder(spec) / f"checkpoint-{step}"
+            if not checkpoint_is_complete(downloaded):
+                log.warning("checkpoint_sync_incomplete", step=step, action="sizes differ from the marker; skipped")
+                continue
+            target = run_dir.checkpoints_dir / f"checkpoint-{step}"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(downloaded, target)
+            log.info("checkpoint_restored", step=step, repo=repo, files=len(names),
+                     seconds=round(time.perf_counter() - started, 2))
+            return target
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return None

@@ -1,0 +1,178 @@
+"""Data-parallel runs: several processes, one per GPU, started by `peftopt run --nproc N`, `torchrun` or
+`accelerate launch` (they all set RANK, WORLD_SIZE and LOCAL_RANK).
+
+Rank 0 owns the run directory: it takes the lock, writes state, metrics and logs, and runs every stage.
+The other ranks join only the train stage, where the Trainer shards the batches and all-reduces the
+gradients; the rest of the time they wait for rank 0's next order on a CPU (gloo) group whose timeout
+is long enough for a model download or a GGUF export, and they leave with rank 0's exit code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from job.errors import EXIT_INTERRUPTED
+
+# How long a waiting rank trusts rank 0 to send its next order (prepare can download a large base).
+WAIT_S = float(os.environ.get("PEFTOPT_RANK_WAIT_S", str(6 * 3600)))
+_control = None  # the gloo group used for orders, stop votes and token sums
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    def number(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return World(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
+
+
+def active() -> bool:
+    return world().size > 1
+
+
+def init() -> None:
+    """Joins the launcher's process group (NCCL on GPUs, gloo on CPU) and opens the control group.
+    The Trainer (through accelerate) reuses the default group instead of creating its own."""
+    global _control
+    if _control is not None or not active():
+        return
+    import torch
+    import torch.distributed as dist
+
+    me = world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(me.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                device_id=torch.device("cuda", me.local_rank) if torch.cuda.is_available() else None)
+    _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_S))
+
+
+def send(order: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 sends `order` to every rank; every rank returns it (the others block until it comes)."""
+    import torch.distributed as dist
+
+    box = [order if world().is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def vote(stop: bool, tokens: float) -> tuple[bool, float]:
+    """Called by every rank at every step end: whether any rank was asked to stop (all ranks must stop at
+    the same step, or the ones still training wait forever for the others' gradients), and the tokens
+    all ranks have seen. One small all-reduce on the CPU group, so the GPUs are not synchronized."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1.0 if stop else 0.0, tokens], dtype=torch.float64)
+    dist.all_reduce(tensor, group=_control)
+    return bool(tensor[0].item() > 0), float(tensor[1].item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier(group=_control)
+
+
+def shutdown() -> None:
+    global _control
+    if _control is None:
+        return
+    import torch.distributed as dist
+
+    _control = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ launcher
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, argv: list[str], grace_s: float) -> int:
+    """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code.
+
+    Unlike torchrun, which answers 1 for any failure, this keeps peftopt's exit codes: rank 0's code when
+    it failed, else the first failing rank's; a SIGTERM is passed to every rank (each saves and exits 75)
+    and one rank's failure stops the others, so no rank waits forever for a dead peer.
+    """
+    env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PEFTOPT_LAUNCHED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv],
+                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0"))
+             for rank in range(nproc)]
+    signalled = {"at": None}
+
+    def forward(signum, _frame):
+        if signalled["at"] is not None:  # a second signal: everyone leaves now
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+            return
+        signalled["at"] = time.monotonic()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    first_failure: int | None = None  # the code of the first rank that failed on its own
+    try:
+        failed_at = None
+        while any(proc.poll() is None for proc in procs):
+            codes = [proc.poll() for proc in procs]
+            if failed_at is None and any(code not in (None, 0) for code in codes):
+                failed_at = time.monotonic()
+                if signalled["at"] is None:
+                    first_failure = next(code for code in codes if code not in (None, 0))
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.terminate()
+            started = [t for t in (failed_at, signalled["at"]) if t is not None]
+            if started and time.monotonic() > min(started) + grace_s + 5:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [proc.returncode for proc in procs]
+    if first_failure is None and signalled["at"] is None and any(codes):
+        first_failure = next(code for code in codes if code)  # failed in the same instant as the others
+    if first_failure is not None:
+        return first_failure if first_failure > 0 else 1
+    if signalled["at"] is not None:
+        return codes[0] if codes[0] > 0 else (0 if not any(codes) else EXIT_INTERRUPTED)
+    return 0
