@@ -175,7 +175,7 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
             elapsed = max(time.perf_counter() - (self.t0 or time.perf_counter()), 1e-9)
             done = max(state.global_step - self.first_step, 1)
             event = {"step": state.global_step, "max_steps": state.max_steps, "loss": round(logs["loss"], 6),
-                     "learning_rate": logs.get("learning_rate"), "tokens_per_s": round(self.all_tokens / elapsed, 1),
+                     "learning_rate": logs.get("learning_rate"), "tokens": int(self.all_tokens), "tokens_per_s": round(self.all_tokens / elapsed, 1),
                      "eta_s": round(elapsed / done * (state.max_steps - state.global_step), 1)}
             self.losses.append({"step": state.global_step, "loss": logs["loss"]})
             log.info("train_progress", **event)
@@ -227,6 +227,12 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
         trainer.remove_callback(ProgressCallback)
     count_tokens(trainer, progress)
     resume = find_resume_point(spec, run_dir, restart, started_step_box)
+    if distributed.active() and trainer.args.device.type == "cpu" and trainer.args.device.index is not None:
+        # accelerate names CPU ranks "cpu:N", which torch.load rejects as a map_location when the Trainer
+        # reloads the optimizer on resume (transformers 5.17); the same device under its plain name.
+        import torch
+
+        trainer.args.__dict__["_setup_devices"] = torch.device("cpu")
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -1,0 +1,171 @@
+"""Integration: data-parallel training on CPU (gloo), two real processes on the tiny model.
+
+The same code runs NCCL on GPUs (`make test-gpu`, tests/gpu_multi.sh on the 2-GPU machine). Covered:
+`peftopt run --nproc 2`, an external `torchrun`, rank 0 alone speaking and writing, SIGTERM to the
+launcher (exit 75, both ranks stop at one step, resume lands on the uninterrupted adapter), and exit
+codes carried back from rank 0.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
+TRAIN = {"max_steps": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 2}
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def run(args: list[str], timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout)
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-6, key
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_model, tiny_data):
+    """An uninterrupted `peftopt run --nproc 2`, its spec and its output."""
+    out = tmp_path_factory.mktemp("dp")
+    spec = {"name": "dp", "output_dir": str(out / "runs"),
+            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
+            "data": {"source": str(tiny_data)}, "lora": {"r": 8, "alpha": 16},
+            "train": {"backend": "hf", **TRAIN, "learning_rate": 5e-3, "lr_scheduler": "constant",
+                      "warmup_steps": 0, "optim": "adamw_torch", "seed": 0},
+            "evaluate": {"prompts": ["Tell me one thing about rain."], "max_new_tokens": 8, "targets": ["adapter"]}}
+    path = out / "dp.json"
+    path.write_text(json.dumps(spec))
+    result = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, spec, result
+
+
+def write(out: Path, spec: dict, name: str, **changes) -> Path:
+    data = json.loads(json.dumps(spec))
+    data["name"] = name
+    for section, values in changes.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_two_ranks_train_together_and_rank0_alone_writes(two_rank_run):
+    out, spec, result = two_rank_run
+    log = events(result.stdout)
+    run_dir = out / "runs" / "dp"
+    assert {e.get("rank") for e in log} == {None}  # only rank 0 speaks (others log warnings, with rank)
+    assert sum(e["event"] == "job_started" for e in log) == 1
+    progress = [e for e in log if e["event"] == "train_progress"]
+    assert [e["step"] for e in progress] == list(range(1, 9))
+    assert all({"step", "max_steps", "loss", "tokens_per_s", "eta_s"} <= set(e) for e in progress)
+    started = next(e for e in log if e["event"] == "train_started")
+    assert (started["ranks"], started["micro_batch"], started["accumulation"]) == (2, 2, 1)  # 4 sequences/step
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["global_step"] == 8
+    assert metrics["train"]["final_loss"] < progress[0]["loss"]
+    # Both ranks' tokens are counted: compare with one process taking the same 4 sequences per step.
+    single = run([sys.executable, "-m", "job", "run", str(write(out, spec, "single")), "--stages", "prepare,train"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads((out / "runs" / "single" / "metrics.json").read_text())["train"]
+    assert 0.8 < metrics["train"]["tokens"] / one["tokens"] < 1.25
+    for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*"):
+        marker = json.loads((checkpoint / "peftopt-checkpoint.json").read_text())
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])  # listed after both wrote
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "done" and state["stages"]["evaluate"]["status"] == "done"
+    assert (run_dir / "eval" / "adapter.jsonl").exists()
+    csv = (out / "runs" / "experiments_log.csv").read_text().splitlines()
+    assert sum(line.startswith("dp,") for line in csv) == 1  # one row, written by rank 0
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(two_rank_run, tmp_path):
+    out, spec, _ = two_rank_run
+    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "dp")
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    run_dir = tmp_path / "runs" / "dp"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((run_dir / "checkpoints").glob("checkpoint-2/peftopt-checkpoint.json")):
+            break
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert time.monotonic() - signalled < 20
+    log = events(stdout)
+    stopped = max(e["step"] for e in log if e["event"] == "checkpoint_saved")
+    assert 2 <= stopped < 8
+    marker = json.loads((run_dir / "checkpoints" / f"checkpoint-{stopped}" / "peftopt-checkpoint.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "interrupted"
+
+    # The rerun goes through an external launcher: torchrun sets RANK/WORLD_SIZE, peftopt follows them.
+    rerun = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "-m", "job", "run", str(path)])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = events(rerun.stdout)
+    assert [e["step"] for e in log if e["event"] == "train_resumed"] == [stopped]
+    assert_same(adapter(run_dir), adapter(out / "runs" / "dp"))
+
+
+def test_rank0_failure_code_reaches_the_launcher(two_rank_run, tmp_path):
+    out, spec, _ = two_rank_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n{not json\n')
+    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "broken", data={"source": str(bad)})
+    started = time.monotonic()
+    result = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert time.monotonic() - started < 120  # the waiting rank left with rank 0, no timeout
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: data.source: {bad} line 2: invalid JSON: Expecting property name enclosed in double quotes"]
+
+
+def test_batch_is_shared_over_ranks(monkeypatch, make_spec):
+    from job import backends
+    from job.backends.hf import batch_plan
+    from job.errors import SpecError
+    from job.specfile import load_spec
+
+    spec = load_spec(str(make_spec("plan", train={"per_device_batch_size": 2, "gradient_accumulation_steps": 4})))
+    assert batch_plan(spec, "cuda", 1) == (2, 4)
+    assert batch_plan(spec, "cuda", 2) == (2, 2)
+    assert batch_plan(spec, "cuda", 8) == (1, 1)
+    with pytest.raises(SpecError, match="cannot be shared evenly over 3 ranks"):
+        batch_plan(spec, "cuda", 3)
+    forced = load_spec(str(make_spec("forced", train={"per_device_batch_size": 2, "gradient_accumulation_steps": 4,
+                                                      "micro_batch_size": 4})))
+    assert batch_plan(forced, "cuda", 2) == (4, 1)
+    with pytest.raises(SpecError, match="micro_batch_size"):
+        batch_plan(forced, "cuda", 4)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert backends.choose("auto", "cuda")[0] == "hf"
+    with pytest.raises(SpecError, match="unsloth trains on one GPU"):
+        backends.choose("unsloth", "cuda")
+
+
+def test_nproc_is_checked():
+    result = run([sys.executable, "-m", "job", "run", "jobspecs/smoke.json", "--nproc", "two"], timeout=60)
+    assert result.returncode == 2
+    assert "--nproc" in result.stderr
