@@ -48,6 +48,8 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     """Run SPEC_FILE end to end, skipping the work its run directory already holds.
 
     Also runs as each rank of `torchrun -m job run SPEC` or `accelerate launch -m job run SPEC`."""
+    import os
+
     from job import interrupt
     from job.runner import run_job
     from job.specfile import load_spec
@@ -67,6 +69,14 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
         raise SystemExit(distributed.launch(ranks, argv, spec.train.grace_period_s if spec.train else 20.0))
     if json_stdout():
         keep_stdout_for_events()
+    if not os.environ.get("WORLD_SIZE") or os.environ.get("WORLD_SIZE") == "1":
+        from job import distributed
+        from job.log import get_logger
+
+        hidden = distributed.pin_single_gpu()
+        if hidden:
+            get_logger().info("single_gpu", visible=hidden, using=os.environ["CUDA_VISIBLE_DEVICES"],
+                              hint="train on all of them with --nproc auto (hf backend)")
     _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)

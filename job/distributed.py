@@ -109,10 +109,32 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------ launcher
 
 
-def visible_gpus() -> int:
-    import torch
+def pin_single_gpu() -> str | None:
+    """A single process uses one GPU: with several visible, the Trainer would wrap the model in
+    nn.DataParallel, which trl's SFTTrainer refuses. Must run before torch initializes CUDA. Returns the
+    devices that were visible when some were hidden, else None."""
+    listed = _listed_gpus()
+    if len(listed) < 2:
+        return None
+    os.environ["CUDA_VISIBLE_DEVICES"] = listed[0]
+    return ",".join(listed)
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+def _listed_gpus() -> list[str]:
+    """The GPUs this process may use, from CUDA_VISIBLE_DEVICES or nvidia-smi, without initializing CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=20, check=False).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []  # no NVIDIA driver tools: no GPU to count
+    return listed
+
+
+def visible_gpus() -> int:
+    return len(_listed_gpus())
 
 
 def _free_port() -> int:

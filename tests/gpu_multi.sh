@@ -2,9 +2,9 @@
 # On a machine with 2 GPUs: t1 (1B shape, QLoRA, hf backend) on 1 GPU and data-parallel on 2, same global batch
 # (8 sequences of 2048 tokens per step); then a 2-rank run stopped by SIGTERM, resumed through torchrun and
 # finished with rank 0 alone merging and writing the q8_0 GGUF; then a short run under `accelerate launch`.
-#   bash tests/gpu_multi.sh OUT_DIR [STEPS]
+#   bash tests/gpu_multi.sh OUT_DIR [STEPS] [speed]     (speed: only the 1-GPU / 2-GPU pair)
 set -uo pipefail
-out=${1:?OUT_DIR}; steps=${2:-40}
+out=${1:?OUT_DIR}; steps=${2:-40}; only=${3:-all}
 work=/tmp/peftopt-gpu; mkdir -p "$work" "$out"
 [ -f "$work/l1b/config.json" ] || python3 tests/gpu_models.py llama1b "$work/l1b" >/dev/null
 [ -f "$work/long.jsonl" ] || python3 tests/gpu_models.py data "$work/long.jsonl" 6000 >/dev/null
@@ -36,6 +36,8 @@ summary "$out/one-gpu.jsonl" | tee -a "$out/summary.jsonl"
 python3 -m job run jobspecs/t1.json --output-dir "$work/two" "${common[@]}" --set train.max_steps="$steps" \
   --set export=null --nproc 2 > "$out/two-gpu.jsonl" 2> "$out/two-gpu.err"; echo "2 GPUs exit $?"
 summary "$out/two-gpu.jsonl" | tee -a "$out/summary.jsonl"
+
+[ "$only" = speed ] && exit 0
 
 # Preemption on 2 ranks: SIGTERM to the launcher after the step-10 checkpoint, then resume under torchrun.
 python3 -m job run jobspecs/t1.json --output-dir "$work/resume" "${common[@]}" --set train.max_steps=30 \

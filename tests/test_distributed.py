@@ -169,3 +169,13 @@ def test_nproc_is_checked():
     result = run([sys.executable, "-m", "job", "run", "jobspecs/smoke.json", "--nproc", "two"], timeout=60)
     assert result.returncode == 2
     assert "--nproc" in result.stderr
+
+
+def test_a_single_process_uses_one_of_several_gpus(monkeypatch):
+    from job import distributed
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert distributed.visible_gpus() == 2
+    assert distributed.pin_single_gpu() == "3,5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert distributed.pin_single_gpu() is None  # one left: nothing to hide
