@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # llama.cpp's own list (tools/quantize/quantize.cpp at the pinned version), lower-cased. The IQ/TQ types
 # need an importance matrix or are ternary-only, which peftopt does not produce, so they are left out.
@@ -25,6 +25,22 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def _repo_id(value: str) -> str:
+    if not REPO_ID.match(value) or ".." in value or "--" in value:
+        raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name (the token itself never goes in the jobspec)")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(_repo_id)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
 class Section(BaseModel):
@@ -104,17 +120,10 @@ class LoraSpec(Section):
 
 
 class CheckpointSyncSpec(Section):
-    repo: str = Field(description="Hub repo (created private) that receives every checkpoint as it is saved.")
+    repo: RepoId = Field(description="Hub repo (created private) that receives every checkpoint as it is saved.")
     path_in_repo: str | None = Field(None, description="Folder in the repo; default: the run name, so the "
                                      "variants of a sweep can share one repo.")
-    token_env: str = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
-
-    @field_validator("repo")
-    @classmethod
-    def _repo_id(cls, value: str) -> str:
-        if not REPO_ID.match(value) or ".." in value or "--" in value:
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
+    token_env: EnvName = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
 
     @field_validator("path_in_repo")
     @classmethod
@@ -122,14 +131,6 @@ class CheckpointSyncSpec(Section):
         if value is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", value)
                                   or ".." in value.split("/")):
             raise ValueError(f"{value!r} is not a relative folder of letters, digits, '_', '.', '-'")
-        return value
-
-    @field_validator("token_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
-            raise ValueError(f"{value!r} is not an environment variable name (the token itself never "
-                             "goes in the jobspec)")
         return value
 
 
@@ -220,26 +221,12 @@ class ExportSpec(Section):
 
 
 class PushSpec(Section):
-    adapter_repo: str | None = Field(None, description="Hub repo for the adapter, tokenizer and card.")
-    gguf_repo: str | None = Field(None, description="Hub repo for the GGUF files and Modelfile.")
-    merged_repo: str | None = Field(None, description="Hub repo for the merged 16-bit model.")
+    adapter_repo: RepoId | None = Field(None, description="Hub repo for the adapter, tokenizer and card.")
+    gguf_repo: RepoId | None = Field(None, description="Hub repo for the GGUF files and Modelfile.")
+    merged_repo: RepoId | None = Field(None, description="Hub repo for the merged 16-bit model.")
     private: bool = True
-    token_env: str = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
+    token_env: EnvName = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
 
-    @field_validator("adapter_repo", "gguf_repo", "merged_repo")
-    @classmethod
-    def _repo_id(cls, value: str | None) -> str | None:
-        if value is not None and (not REPO_ID.match(value) or ".." in value or "--" in value):
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
-
-    @field_validator("token_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
-            raise ValueError(f"{value!r} is not an environment variable name (the token itself never "
-                             "goes in the jobspec)")
-        return value
 
 
 class JobSpec(Section):

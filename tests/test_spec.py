@@ -125,3 +125,17 @@ def test_spec_is_frozen():
     spec = validate_data(MINIMAL)
     with pytest.raises(Exception):
         spec.lora.r = 3
+
+
+def test_checkpoint_sync_names_each_bad_field():
+    data = json.loads(json.dumps(MINIMAL))
+    data["train"]["checkpoint_sync"] = {"repo": "not a repo", "path_in_repo": "../up", "token_env": "hf_x y",
+                                        "privat": True}
+    found = problems(data)
+    assert any(line.startswith("train.checkpoint_sync.repo:") for line in found)
+    assert any(line.startswith("train.checkpoint_sync.path_in_repo:") for line in found)
+    assert any(line.startswith("train.checkpoint_sync.token_env:") for line in found)
+    assert any(line.startswith("train.checkpoint_sync.privat:") for line in found)
+    ok = json.loads(json.dumps(MINIMAL))
+    ok["train"]["checkpoint_sync"] = {"repo": "me/ckpts", "path_in_repo": "sweeps/t1"}
+    validate_data(ok)
