@@ -228,8 +228,11 @@ def _release_ranks(exc: BaseException | None) -> None:
     if not distributed.active() or distributed.world().rank != 0 or _training_together["now"]:
         return
     code = 0 if exc is None else exc.exit_code if isinstance(exc, PeftoptError) else 1
-    distributed.send({"do": "exit", "code": code})
-    distributed.shutdown()
+    try:
+        distributed.send({"do": "exit", "code": code})
+        distributed.shutdown()
+    except Exception as problem:  # a rank already gone (its own grace ran out after a signal) cannot listen
+        log.warning("ranks_not_released", error=f"{type(problem).__name__}: {problem}", exit_code=code)
 
 
 _training_together = {"now": False}

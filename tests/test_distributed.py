@@ -179,3 +179,28 @@ def test_a_single_process_uses_one_of_several_gpus(monkeypatch):
     assert distributed.pin_single_gpu() == "3,5"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert distributed.pin_single_gpu() is None  # one left: nothing to hide
+
+
+def test_sigterm_while_rank0_evaluates_exits_75_and_the_rerun_redoes_only_that_stage(two_rank_run, tmp_path):
+    out, spec, _ = two_rank_run
+    prompts = [f"Tell me one thing about item {i}." for i in range(40)]
+    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "later",
+                 train={"max_steps": 2}, evaluate={"prompts": prompts, "max_new_tokens": 48, "targets": ["base", "adapter"]})
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    signalled = None
+    for line in proc.stdout:
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "stage_started" and event["stage"] == "evaluate" and signalled is None:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+    code = proc.wait(timeout=60)
+    assert code == 75 and time.monotonic() - signalled < 25, proc.stderr.read()[-3000:]
+    state = json.loads((tmp_path / "runs" / "later" / "state.json").read_text())
+    assert state["stages"]["train"]["status"] == "done" and state["stages"]["evaluate"]["status"] == "interrupted"
+    rerun = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = events(rerun.stdout)
+    assert [e["stage"] for e in log if e["event"] == "stage_started"] == ["evaluate"]
+    assert [e["stage"] for e in log if e["event"] == "stage_skipped"] == ["prepare", "train"]
