@@ -204,3 +204,31 @@ def test_two_runs_append_whole_rows_to_one_experiments_log(tmp_path, make_spec):
         rows = list(csv.DictReader(fh))
     assert sorted(r["run_name"] for r in rows) == ["pair0", "pair1"]
     assert all(r["final_loss"] and r["finished_at"] for r in rows)
+
+
+def test_killed_after_the_last_checkpoint_ends_with_exactly_that_adapter(tmp_path, make_spec):
+    """A kill between the max_steps checkpoint and the adapter save: the rerun must not train on (the
+    Trainer, resumed at max_steps, would take one step more) and must give the same adapter."""
+    from safetensors.torch import load_file
+
+    spec = make_spec("last", train={"max_steps": 4, "save_steps": 2})
+    first = subprocess.run([sys.executable, "-m", "job", "run", str(spec), "--stages", "prepare,train"],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "last"
+    want = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    # What the kill leaves behind: checkpoint-4 complete, no adapter, the train stage still running.
+    import shutil
+
+    shutil.rmtree(run_dir / "adapter")
+    state = json.loads((run_dir / "state.json").read_text())
+    state["stages"]["train"] = {"status": "running"}
+    (run_dir / "state.json").write_text(json.dumps(state))
+
+    rerun = finish(spec)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    train = json.loads((run_dir / "metrics.json").read_text())["train"]
+    assert train["global_step"] == 4 and not (run_dir / "checkpoints" / "checkpoint-5").exists()
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
+    assert train["loss_curve"] and train["loss_curve"][-1]["step"] == 4

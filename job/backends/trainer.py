@@ -235,7 +235,11 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
         trainer.args.__dict__["_setup_devices"] = torch.device("cpu")
     started = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and _checkpoint_step(resume) >= spec.train.max_steps:
+            train_loss = finished_checkpoint(trainer, resume)
+            started_step_box["step"] = trainer.state.global_step
+        else:
+            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_loss")
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
     finally:
@@ -253,7 +257,7 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "global_step": step, "resumed_from_step": started_step_box.get("step", 0) or None,
-        "session_runtime_s": round(runtime, 3), "train_loss_mean": output.metrics.get("train_loss"),
+        "session_runtime_s": round(runtime, 3), "train_loss_mean": train_loss,
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
         "session_tokens": int(progress.all_tokens),
@@ -262,6 +266,21 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
         **({"checkpoint_sync": {**started_step_box["sync_figures"], "restored_step": started_step_box.get("restored")}}
            if "sync_figures" in started_step_box else {}),
     }
+
+
+def finished_checkpoint(trainer, checkpoint: Path) -> float | None:
+    """Takes the adapter and history from a checkpoint saved at max_steps (a run stopped between the last
+    checkpoint and saving the adapter). Resumed there, the Trainer would run one step past max_steps
+    (transformers 5.17 checks the limit only after a step)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    trainer.state.global_step = saved["global_step"]
+    trainer.state.log_history = saved.get("log_history", [])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else None
 
 
 def find_resume_point(spec: JobSpec, run_dir: RunDir, restart: bool = False, box: dict | None = None) -> Path | None:
