@@ -128,14 +128,10 @@ class Uploader:
                            for s in stale]
             _retrying(f"sync checkpoint-{step}", lambda: self.api.create_commit(
                 self.repo, operations=operations, commit_message=f"peftopt: {base}"))
-        except ExternalError as exc:
-            self.failures += 1
-            log.warning("checkpoint_sync_failed", step=step, error=exc.message,
-                        action="training goes on; the next checkpoint tries again")
-            return
         except Exception as exc:  # the sync must never take the training down
             self.failures += 1
-            log.warning("checkpoint_sync_failed", step=step, error=f"{type(exc).__name__}: {exc}",
+            error = exc.message if isinstance(exc, ExternalError) else f"{type(exc).__name__}: {exc}"
+            log.warning("checkpoint_sync_failed", step=step, error=error,
                         action="training goes on; the next checkpoint tries again")
             return
         self.pushed.append(step)
@@ -162,6 +158,10 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
 
     api, repo = _api(spec), spec.train.checkpoint_sync.repo
     steps = _remote_steps(api, spec)
+
+    def fetch(name: str, into: Path) -> Path:
+        return Path(_retrying(f"download {name}", lambda: api.hf_hub_download(repo, name, local_dir=into)))
+
     expected = train_fingerprint(spec)
     for step in sorted(steps, reverse=True):
         names = steps[step]
@@ -173,12 +173,7 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         try:
-            from huggingface_hub import hf_hub_download
-
-            marker = Path(_retrying(f"download {marker_name}", lambda: hf_hub_download(
-                repo, marker_name, local_dir=scratch, token=token(spec),
-                endpoint=os.environ.get("HF_ENDPOINT") or None)))
-            found = (read_json(marker) or {}).get("train_fingerprint")
+            found = (read_json(fetch(marker_name, scratch)) or {}).get("train_fingerprint")
             if found != expected:
                 if not restart:
                     raise RunConflict(
@@ -190,9 +185,7 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
             started = time.perf_counter()
             for name in names:
                 if name != marker_name:
-                    _retrying(f"download {name}", lambda: hf_hub_download(
-                        repo, name, local_dir=scratch, token=token(spec),
-                        endpoint=os.environ.get("HF_ENDPOINT") or None))
+                    fetch(name, scratch)
             downloaded = scratch / folder(spec) / f"checkpoint-{step}"
             if not checkpoint_is_complete(downloaded):
                 log.warning("checkpoint_sync_incomplete", step=step, action="sizes differ from the marker; skipped")

@@ -50,7 +50,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     Also runs as each rank of `torchrun -m job run SPEC` or `accelerate launch -m job run SPEC`."""
     import os
 
-    from job import interrupt
+    from job import distributed, interrupt
     from job.runner import run_job
     from job.specfile import load_spec
 
@@ -60,8 +60,6 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     spec = load_spec(spec_file, overrides, index)  # a bad spec fails here, before any rank starts
     ranks = _ranks(nproc)
     if ranks > 1:
-        from job import distributed
-
         argv = [spec_file, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--stages", stages] if stages else []), *(["--restart"] if restart else []),
                 *(["--dry-run"] if dry_run else []), *(["--index", str(index)] if index is not None else []),
@@ -69,8 +67,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
         raise SystemExit(distributed.launch(ranks, argv, spec.train.grace_period_s if spec.train else 20.0))
     if json_stdout():
         keep_stdout_for_events()
-    if not os.environ.get("WORLD_SIZE") or os.environ.get("WORLD_SIZE") == "1":
-        from job import distributed
+    if not distributed.active():
         from job.log import get_logger
 
         hidden = distributed.pin_single_gpu()
@@ -84,14 +81,12 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
 
 def _ranks(nproc: str) -> int:
     """How many ranks `--nproc` asks this process to start (1 when a launcher already started us)."""
-    import os
+    from job import distributed
 
-    if os.environ.get("WORLD_SIZE") not in (None, "", "1") or os.environ.get("PEFTOPT_LAUNCHED"):
+    if distributed.active():
         return 1
     if nproc == "auto":
-        from job.distributed import visible_gpus
-
-        return max(visible_gpus(), 1)
+        return max(distributed.visible_gpus(), 1)
     if not nproc.isdigit() or int(nproc) < 1:
         raise SpecError(f"--nproc: expected a positive number or 'auto', got {nproc!r}")
     return int(nproc)

@@ -151,7 +151,7 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     and one rank's failure stops the others, so no rank waits forever for a dead peer.
     """
     env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PEFTOPT_LAUNCHED="1")
+               MASTER_PORT=str(_free_port()))
     procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv],
                               env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0"))
              for rank in range(nproc)]

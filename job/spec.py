@@ -228,7 +228,6 @@ class PushSpec(Section):
     token_env: EnvName = Field("HF_TOKEN", description="Name of the environment variable holding the token.")
 
 
-
 class JobSpec(Section):
     name: str = Field(pattern=SAFE_NAME, description="Run name; the run directory is <output_dir>/<name>.")
     description: str = ""

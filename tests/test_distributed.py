@@ -133,10 +133,9 @@ def test_rank0_failure_code_reaches_the_launcher(two_rank_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n{not json\n')
     path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "broken", data={"source": str(bad)})
-    started = time.monotonic()
+    # A waiting rank that missed rank 0's exit would sit out PEFTOPT_RANK_WAIT_S: the timeout catches that.
     result = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], timeout=300)
     assert result.returncode == 3, result.stderr[-3000:]
-    assert time.monotonic() - started < 120  # the waiting rank left with rank 0, no timeout
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: data.source: {bad} line 2: invalid JSON: Expecting property name enclosed in double quotes"]
 

@@ -14,7 +14,7 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     device = backends.device()
     name, why = backends.choose(spec.train.backend, device)
     log.info("backend_chosen", backend=name, why=why, device=device)
-    figures = backends.load(name).train(spec, run_dir, device, restart=getattr(ctx, "restart", False))
+    figures = backends.load(name).train(spec, run_dir, device, restart=ctx.restart)
     previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
     # A resumed run adds this session to the time and tokens of the sessions before it.
     sessions = list(previous.get("sessions", [])) + [
