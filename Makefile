@@ -1,7 +1,10 @@
-# peftopt: `make demo` runs the embedded default job end to end on CPU; `make test` runs the test suite.
+# peftopt: `make demo` runs the embedded default job end to end on CPU; `make test` runs the test suite;
+# `make image` builds the image users run; `make test-image` builds it and runs it (needs root for an engine).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= peftopt:$(VERSION)
 # The pinned llama.cpp build lives outside the checkout so that fresh clones (CI) reuse it.
 LLAMA_CPP_DIR ?= $(HOME)/.cache/peftopt/llama.cpp
 export LLAMA_CPP_DIR
@@ -9,19 +12,26 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-gpu llama-cpp lint lint-docker clean
+.PHONY: install lock demo test test-gpu test-image image llama-cpp lint lint-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first and pinned: otherwise pip resolves a multi-GB CUDA build on a CPU machine.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[demo,test]'
+# torch first, as its CPU wheel: the lock's torch is the image's CUDA build. Then exactly the locked files.
+$(VENV)/.installed: pyproject.toml docker/requirements-cpu.lock | $(BIN)/python
+	$(BIN)/pip install -q torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock)
+	$(BIN)/pip install -q --no-deps --require-hashes -r docker/requirements-cpu.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolves every dependency (needs uv and the package registry); commit both lock files it writes.
+lock: | $(BIN)/python
+	$(BIN)/pip install -q uv==0.13.9
+	UV=$(BIN)/uv bash docker/lock.sh
 
 llama-cpp:
 	bash docker/build-llama-cpp.sh $(LLAMA_CPP_DIR)
@@ -36,6 +46,13 @@ test: install llama-cpp
 # On the GPU machine (see README, "GPU"): CUDA tests only.
 test-gpu:
 	$(PYTHON) -m pytest -m gpu -q -rs
+
+image:
+	bash docker/build-image.sh $(IMAGE)
+
+# Starts an engine if none answers (and stops it after), builds the image, runs it (tests/test_image.py).
+test-image: install
+	bash docker/test-image.sh $(IMAGE) $(BIN)/python
 
 lint:
 	$(BIN)/ruff check job tests

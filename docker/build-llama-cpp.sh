@@ -27,12 +27,8 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/llama-cpp-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 sdist=${LLAMA_CPP_SDIST:-}
-if [[ -z "$sdist" ]]; then
-  "$PYTHON" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-    "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "$work/sdist" 2>/dev/null \
-  || "$PYTHON" -m pip download -q --no-deps --no-binary :all: \
-    "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" -d "$work/sdist"
-  sdist=$(ls "$work"/sdist/llama_cpp_python-*.tar.gz)
+if [[ -z "$sdist" ]]; then  # fetched from the package index and checked, with nothing built to get it
+  sdist=$("$PYTHON" "$here/fetch-sdist.py" llama-cpp-python "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_SDIST_SHA256" "$work/sdist")
 fi
 echo "${LLAMA_CPP_SDIST_SHA256}  ${sdist}" | sha256sum -c --quiet -
 tar xzf "$sdist" -C "$work" "llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"

@@ -23,7 +23,7 @@ EXPERIMENT_COLUMNS = (
 )
 PACKAGES = ("peftopt", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "huggingface_hub", "tokenizers", "safetensors", "pydantic",
-            "structlog", "click", "sentencepiece", "gguf")
+            "structlog", "click", "sentencepiece", "gguf", "xformers", "triton")
 
 
 def update_metrics(run_dir: RunDir, section: str, values: dict[str, Any]) -> dict:
@@ -81,6 +81,7 @@ def hardware(with_torch: bool = True) -> dict[str, Any]:
     if with_torch:
         import torch
 
+        info["torch_cuda_build"] = torch.version.cuda  # None for a CPU build of torch
         info["cuda_available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)

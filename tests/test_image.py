@@ -1,0 +1,219 @@
+"""Image: the image users run, built from the Dockerfile by `make test-image` (docker/test-image.sh) and run
+here in a real Docker engine on CPU. The CLI answers without torch; `peftopt env` shows the locked versions,
+torch's CUDA build and the llama.cpp build; the demo job runs end to end as the image's non-root user with
+its run directory on a mounted volume; `docker stop` and `docker kill` mid-training are followed by the same
+command, which resumes and ends with the adapter of an uninterrupted run; a token passed with -e appears in no
+log line and no file. Skipped (and counted) unless PEFTOPT_IMAGE names a built image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import tiny
+
+IMAGE = os.environ.get("PEFTOPT_IMAGE")
+ROOT = Path(__file__).resolve().parent.parent
+CANARY = "hf_imagecanary" + "Q7xZ" * 6
+pytestmark = [pytest.mark.image,
+              pytest.mark.skipif(not IMAGE, reason="needs a built image: `make test-image` (PEFTOPT_IMAGE)")]
+
+
+def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def volume(path: Path) -> Path:
+    """A host directory the image's user (uid 1000) may write to."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)
+    return path
+
+
+def run_args(runs: Path, inputs: Path | None = None, name: str | None = None) -> list[str]:
+    args = ["-v", f"{runs}:/runs", "-e", f"HF_TOKEN={CANARY}"]
+    if inputs is not None:
+        args += ["-v", f"{inputs}:/work/in:ro"]
+    return args + (["--name", name] if name else [])
+
+
+def adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    import torch
+
+    want, got = adapter(a), adapter(b)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.allclose(want[key], got[key], atol=1e-6), key
+
+
+def wait_for_event(container: str, event: str, at_least: int = 1, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = docker("logs", container).stdout
+        if sum(e.get("event") == event for e in events(logs)) >= at_least:
+            return
+        state = docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+        assert state == "true", f"{container} stopped before {event}: {docker('logs', container).stderr[-2000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no {event} from {container} in {timeout} s")
+
+
+def canary_free(*roots: Path, logs: list[str]) -> None:
+    for text in logs:
+        assert CANARY not in text
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert CANARY.encode() not in path.read_bytes(), path
+
+
+def test_help_answers_without_importing_torch():
+    result = docker("run", "--rm", IMAGE, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout, result.stderr
+    probe = ("import sys; sys.argv = ['peftopt', '--help']\n"
+             "from job.cli import cli\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-c", probe)
+    assert result.returncode == 0, result.stderr
+
+
+def test_env_shows_the_locked_versions_torch_cuda_build_and_llama_cpp():
+    result = docker("run", "--rm", IMAGE, "env", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    locked = dict(re.findall(r"^([a-z0-9_.-]+)==(\S+)", (ROOT / "requirements.lock").read_text(), re.M))
+    for name, version in info["versions"].items():
+        if name != "peftopt":
+            assert version == locked[name.replace("_", "-")], name
+    assert info["versions"]["unsloth"] and info["versions"]["torch"] == locked["torch"]
+    assert info["hardware"]["torch_cuda_build"].startswith("13.")
+    build = (ROOT / "docker" / "build-llama-cpp.sh").read_text()
+    sdist = re.search(r"LLAMA_CPP_PYTHON_VERSION:-([\d.]+)", build).group(1)
+    digest = re.search(r"LLAMA_CPP_SDIST_SHA256:-([0-9a-f]{64})", build).group(1)
+    assert info["llama_cpp"]["prefix"] == "/opt/llama.cpp"
+    assert info["llama_cpp"]["version"].startswith(f"llama-cpp-python=={sdist} sha256={digest}")
+
+
+def test_demo_job_end_to_end_as_the_image_user_on_a_volume(tmp_path):
+    runs = volume(tmp_path / "runs")
+    started = time.monotonic()
+    result = docker("run", "--rm", *run_args(runs), IMAGE, "jobspecs/smoke.json", timeout=3600)
+    print(f"demo in the image: {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = runs / "smoke_gemma3_270m"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "done"
+    assert all(state["stages"][s]["status"] == "done" for s in ("prepare", "train", "evaluate", "merge", "gguf"))
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_uid == 1000  # the image's user wrote it
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 24 and metrics["train"]["backend"] == "hf"
+    q8 = metrics["gguf"]["files"]["q8_0"]
+    assert (run_dir / "gguf" / q8["file"]).stat().st_size == q8["size_bytes"] > 100_000_000
+    assert q8["verify"]["tokenizer_match"] and q8["verify"]["prompts"]  # llama.cpp loaded and answered it
+    assert metrics["run"]["hardware"]["torch_cuda_build"].startswith("13.")
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert {"base", "adapter", "merged", "gguf-q8_0"} <= set(summary["targets"])
+    canary_free(runs, logs=[result.stdout, result.stderr])
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> Path:
+    """A tiny model, its data and a jobspec that trains for a while, in a directory mounted read-only."""
+    inputs = tmp_path_factory.mktemp("image-inputs")
+    tiny.make_model(inputs / "model")
+    tiny.write_data(inputs / "data.jsonl", n=96)
+    spec = {
+        "name": "tiny", "output_dir": "/runs",
+        "model": {"base": "/work/in/model", "max_seq_length": 128, "chat_template": "llama-3"},
+        "data": {"source": "/work/in/data.jsonl"},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"backend": "hf", "max_steps": 80, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                  "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_steps": 0, "optim": "adamw_torch",
+                  "save_steps": 5, "seed": 0},
+        "push": {"adapter_repo": "someone/peftopt-image-test", "token_env": "HF_TOKEN"},
+    }
+    (inputs / "tiny.json").write_text(json.dumps(spec))
+    for path in [inputs, *inputs.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return inputs
+
+
+def tiny_command(inputs: Path, runs: Path, name: str | None = None) -> list[str]:
+    # --dry-run: the push stage reads the token and plans its uploads, and nothing leaves the machine.
+    return [*run_args(runs, inputs, name), IMAGE, "/work/in/tiny.json", "--dry-run"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_inputs, tmp_path_factory) -> tuple[Path, list[str]]:
+    runs = volume(tmp_path_factory.mktemp("uninterrupted"))
+    result = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(e["event"] == "push_planned" for e in events(result.stdout))
+    return runs / "tiny", [result.stdout, result.stderr]
+
+
+def test_docker_stop_exits_75_within_the_grace_and_the_same_command_resumes(tiny_inputs, uninterrupted, tmp_path):
+    runs = volume(tmp_path / "runs")
+    name = f"peftopt-stop-{uuid.uuid4().hex[:8]}"
+    try:
+        started = docker("run", "-d", *tiny_command(tiny_inputs, runs, name))
+        assert started.returncode == 0, started.stderr
+        wait_for_event(name, "checkpoint_saved", at_least=2)
+        began = time.monotonic()
+        docker("stop", "-t", "120", name, timeout=180)  # SIGTERM; SIGKILL only after 120 s
+        stopped_after = time.monotonic() - began
+        code = int(docker("wait", name).stdout.strip())
+        logs = docker("logs", name)
+    finally:
+        docker("rm", "-f", name)
+    assert code == 75, logs.stderr[-2000:]
+    assert stopped_after < 20, f"took {stopped_after:.1f} s, longer than train.grace_period_s"
+    stop_events = events(logs.stdout)
+    assert any(e["event"] == "job_interrupted" or e.get("exit_code") == 75 for e in stop_events)
+    state = json.loads((runs / "tiny" / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["stages"]["train"]["status"] == "interrupted"
+
+    again = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert any(e["event"] == "train_resumed" for e in events(again.stdout))
+    assert_same_adapter(uninterrupted[0], runs / "tiny")
+    canary_free(runs, uninterrupted[0].parent, logs=[logs.stdout, logs.stderr, again.stdout, again.stderr,
+                                                      *uninterrupted[1]])
+
+
+def test_docker_kill_mid_run_then_the_same_command_finishes(tiny_inputs, uninterrupted, tmp_path):
+    runs = volume(tmp_path / "runs")
+    name = f"peftopt-kill-{uuid.uuid4().hex[:8]}"
+    try:
+        started = docker("run", "-d", *tiny_command(tiny_inputs, runs, name))
+        assert started.returncode == 0, started.stderr
+        wait_for_event(name, "checkpoint_saved", at_least=3)
+        docker("kill", name)  # SIGKILL: nothing is saved on the way out
+        code = int(docker("wait", name).stdout.strip())
+        logs = docker("logs", name)
+    finally:
+        docker("rm", "-f", name)
+    assert code == 137
+    again = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert any(e["event"] == "train_resumed" for e in events(again.stdout))
+    assert_same_adapter(uninterrupted[0], runs / "tiny")
+    canary_free(runs, logs=[logs.stdout, logs.stderr, again.stdout, again.stderr])
