@@ -12,7 +12,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY docker/build-llama-cpp.sh docker/fetch-sdist.py /src/docker/
 COPY docker/llama-generate /src/docker/llama-generate
-RUN bash /src/docker/build-llama-cpp.sh /opt/llama.cpp
+RUN LLAMA_CPP_KEEP_BUILD=0 bash /src/docker/build-llama-cpp.sh /opt/llama.cpp
 
 FROM ${BASE_IMAGE} AS runtime
 # gcc and the Python headers stay: Triton (unsloth's kernels) compiles a small helper on first GPU use.

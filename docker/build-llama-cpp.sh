@@ -23,30 +23,39 @@ if [[ -f "$prefix/VERSION" ]] && grep -qxF "$stamp" "$prefix/VERSION"; then
   exit 0
 fi
 
+# The extracted source and the build tree are kept beside PREFIX (LLAMA_CPP_KEEP_BUILD=0 drops them), so a
+# change to peftopt-generate alone recompiles one file; the image's builder stage keeps nothing.
+keep=${LLAMA_CPP_KEEP_BUILD:-1}
+tree="$prefix.build/${LLAMA_CPP_PYTHON_VERSION}-${LLAMA_CPP_SDIST_SHA256:0:12}"
 work=$(mktemp -d "${TMPDIR:-/tmp}/llama-cpp-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+[[ "$keep" == 1 ]] || tree="$work/tree"
+src="$tree/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
 
-sdist=${LLAMA_CPP_SDIST:-}
-if [[ -z "$sdist" ]]; then  # fetched from the package index and checked, with nothing built to get it
-  sdist=$("$PYTHON" "$here/fetch-sdist.py" llama-cpp-python "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_SDIST_SHA256" "$work/sdist")
+if [[ ! -f "$src/CMakeLists.txt" ]]; then
+  rm -rf "$prefix.build"
+  sdist=${LLAMA_CPP_SDIST:-}
+  if [[ -z "$sdist" ]]; then  # fetched from the package index and checked, with nothing built to get it
+    sdist=$("$PYTHON" "$here/fetch-sdist.py" llama-cpp-python "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CPP_SDIST_SHA256" "$work/sdist")
+  fi
+  echo "${LLAMA_CPP_SDIST_SHA256}  ${sdist}" | sha256sum -c --quiet -
+  mkdir -p "$tree"
+  tar xzf "$sdist" -C "$tree" "llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
+  rm -rf "$src/.git"  # a dangling submodule pointer in the sdist
 fi
-echo "${LLAMA_CPP_SDIST_SHA256}  ${sdist}" | sha256sum -c --quiet -
-tar xzf "$sdist" -C "$work" "llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
-src="$work/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
-rm -rf "$src/.git"  # a dangling submodule pointer in the sdist
 
 generator=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")  # ninja is faster, make is enough
-cmake -S "$here/llama-generate" -B "$work/build" -G "$generator" -DCMAKE_BUILD_TYPE=Release \
+cmake -S "$here/llama-generate" -B "$tree/build" -G "$generator" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_CPP_SOURCE="$src" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF >/dev/null
-cmake --build "$work/build" --target llama-quantize peftopt-generate -j "$JOBS"
+cmake --build "$tree/build" --target llama-quantize peftopt-generate -j "$JOBS"
 
 staging="$prefix.tmp.$$"
 rm -rf "$staging" "$prefix".tmp.*
 mkdir -p "$staging/bin"
-cp "$(find "$work/build" -type f -name llama-quantize -perm -u+x | head -n1)" "$staging/bin/"
-cp "$work/build/peftopt-generate" "$staging/bin/"
+cp "$(find "$tree/build" -type f -name llama-quantize -perm -u+x | head -n1)" "$staging/bin/"
+cp "$tree/build/peftopt-generate" "$staging/bin/"
 cp "$src/convert_hf_to_gguf.py" "$staging/"
 cp -r "$src/conversion" "$src/gguf-py" "$staging/"
 cp "$src/LICENSE" "$staging/LICENSE.llama.cpp"

@@ -1,6 +1,8 @@
-"""`peftopt bench SPEC`: time a few training steps of the spec's architecture on this GPU, as written
-(unsloth defaults, the seed notebook's way) and as `micro_batch_size: auto` would run it, side by side.
-Each setting runs in its own process on synthetic full-length rows, so one cannot skew the other.
+"""`peftopt bench SPEC`: time a few training steps of the spec on this GPU, side by side: the seed notebook's
+literal setting (unsloth defaults), and each backend as `peftopt run` would plan it. Every setting runs in
+its own process through the same trainer set-up the job uses (`backends.trainer.build_trainer`), on the
+spec's own data prepared as the job prepares it (or, for Hub data, synthetic rows of 1/8 to 3/4 of the
+context), and is timed as the job's `steady_tokens_per_s` is: after the first warm-up steps.
 
     python -m job bench jobspecs/t1.json --set model.base=/path/to/llama-1b --steps 20
 """
@@ -10,12 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
 
 from job.errors import ExternalError, SpecError
 from job.spec import JobSpec
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
+WARMUP = 3
 
 
 def model_flops_per_token(config, seq: int, checkpointing: str) -> float:
@@ -33,82 +38,71 @@ def peak_tflops(gpu_name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
 
 
-def worker(args: dict) -> dict:
-    """Runs inside a fresh process: train `warmup + steps` steps, time the last `steps`."""
-    import unsloth  # noqa: F401  (must come before transformers/trl)
-    import datasets
+def synthetic_rows(spec: JobSpec, vocab_size: int, n_rows: int) -> list[list[int]]:
     import torch
-    from transformers import AutoConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
-    from job.backends import unsloth as backend
-    from job.backends.trainer import install_cpu_loss_head
-    from job.spec import JobSpec
-
-    install_cpu_loss_head()
-    spec = JobSpec.model_validate(args["spec"])
-    micro, accumulation, mode = args["micro"], args["accumulation"], args["checkpointing"]
-    seq, steps, warmup = spec.model.max_seq_length, args["steps"], args["warmup"]
-    config = AutoConfig.from_pretrained(spec.model.base)
-    torch.cuda.reset_peak_memory_stats()
-    model, _ = backend.load(spec.model.base, spec, mode)
-    model = backend.wrap(model, spec, mode)
-    # Conversations of 1/8 to 3/4 of the context, packed as the spec packs them (trl's padding-free bfd,
-    # variable-length attention), so the figure is what a real packed run costs, not a dense best case.
+    seq = spec.model.max_seq_length
     generator = torch.Generator().manual_seed(0)
-    high = min(config.vocab_size, 32000)
-    n_rows = (steps + warmup) * micro * accumulation * (3 if spec.train.packing else 1)
     lengths = torch.randint(seq // 8, seq * 3 // 4, (n_rows,), generator=generator).tolist() \
         if spec.train.packing else [seq] * n_rows
-    rows = [torch.randint(100, high, (n,), generator=generator).tolist() for n in lengths]
-    dataset = datasets.Dataset.from_dict({"input_ids": rows})
-    times: list[float] = []
-    counted: list[float] = []
-    seen = [0.0]
+    return [torch.randint(100, min(vocab_size, 32000), (n,), generator=generator).tolist() for n in lengths]
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            counted.append(seen[0])
 
-        def on_train_end(self, *a, **k):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            counted.append(seen[0])
+def worker(args: dict) -> dict:
+    """Runs inside a fresh process: trains WARMUP + steps steps of one setting, times the last `steps`."""
+    if args["backend"] == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers/trl)
+    import datasets
+    import torch
+    from transformers import AutoConfig
 
-    cfg = SFTConfig(output_dir="/tmp/peftopt-bench", max_steps=steps + warmup, per_device_train_batch_size=micro,
-                    gradient_accumulation_steps=accumulation, learning_rate=2e-4, optim="adamw_8bit", bf16=True,
-                    logging_steps=1000, save_strategy="no", report_to="none", packing=spec.train.packing, max_length=seq,
-                    dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    from transformers import AutoTokenizer
+    from job import backends, modelsrc
+    from job.backends import trainer as shared
+    from job.backends.plan import Plan
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
-    collate = trainer.data_collator
-
-    def counting(features):
-        batch = collate(features)
-        mask = batch.get("attention_mask")
-        seen[0] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting
-    trainer.train()
-    seconds = times[-1] - times[warmup]
-    # Batches may be drawn before or after on_step_begin fires; the mean over all steps is exact enough
-    # (rows are drawn from one distribution) and immune to that off-by-one.
-    tokens = counted[-1] / (steps + warmup) * steps
-    tokens_per_s = tokens / seconds
+    shared.install_cpu_loss_head()
+    spec = JobSpec.model_validate(args["spec"])
+    chosen = Plan(**args["plan"])
+    backend = backends.load(args["backend"])
+    config = AutoConfig.from_pretrained(spec.model.base)
+    torch.cuda.reset_peak_memory_stats()
+    model, peft_config, info = backend.setup(spec, spec.model.base, "cuda", chosen)
+    tokenizer, _ = modelsrc.load_tokenizer(spec.model.base, spec)
+    if args["data"]:
+        dataset = datasets.Dataset.from_json(args["data"])
+    else:
+        rows = (args["steps"] + WARMUP) * chosen.micro_batch * chosen.accumulation * 3
+        dataset = datasets.Dataset.from_dict({"input_ids": synthetic_rows(spec, config.vocab_size, rows)})
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer, progress, _ = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
+                                                    peft_config=peft_config, saving=False,
+                                                    trainer_checkpointing=backend.NAME != "unsloth")
+        trainer.train()
+    (t0, n0), (t1, n1) = progress.clock[WARMUP - 1], progress.clock[-1]
+    tokens_per_s = (n1 - n0) / (t1 - t0)
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
-    flops = model_flops_per_token(config, seq, mode) * tokens_per_s
-    return {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round(seconds / steps, 4),
+    flops = model_flops_per_token(config, spec.model.max_seq_length, chosen.gradient_checkpointing) * tokens_per_s
+    return {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round((t1 - t0) / args["steps"], 4),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
             "mfu": round(flops / (peak * 1e12), 4) if peak else None, "achieved_tflops": round(flops / 1e12, 1),
-            "gpu": gpu}
+            "gpu": gpu, **info}
+
+
+def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
+    """The spec's local data, prepared by the job's own prepare stage (enough rows for the timed steps)."""
+    from job.rundir import RunDir
+    from job.stages import prepare
+
+    if spec.data is None or not os.path.isfile(spec.data.source):
+        return None
+    sequences = (steps + WARMUP) * spec.train.per_device_batch_size * spec.train.gradient_accumulation_steps
+    enough = sequences * 8  # a packed row holds a few conversations
+    limited = spec.model_copy(update={"data": spec.data.model_copy(update={
+        "num_samples": min(spec.data.num_samples or enough, enough), "eval_split": None})})
+    run_dir = RunDir(scratch / "bench")
+    prepare.run(limited, run_dir, None)
+    return str(run_dir.data_dir / "train.jsonl")
 
 
 def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
@@ -125,46 +119,55 @@ def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
                         "(--set model.base=DIR; random weights time the same as real ones)")
     config = AutoConfig.from_pretrained(spec.model.base)
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    settings = {"literal (unsloth defaults)": plan.literal(spec), "peftopt auto": plan.choose(spec, config, gpu_gb)}
-    for text in extra:  # "8x1:off" style extra candidates
-        shape, _, mode = text.partition(":")
-        micro, accumulation = (int(x) for x in shape.split("x"))
-        settings[f"extra {text}"] = plan.Plan(micro, accumulation, mode or "off", 0.0, 0.0, "asked for")
+    settings = {
+        "literal (unsloth defaults, as the notebook ran it)": ("unsloth", plan.literal(spec)),
+        "peftopt auto: unsloth": ("unsloth", plan.choose(spec, config, gpu_gb, backend="unsloth")),
+        "peftopt auto: hf": ("hf", plan.choose(spec, config, gpu_gb, backend="hf")),
+    }
+    for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
+        parts = text.split(":")
+        backend = parts.pop(0) if parts[0] in ("hf", "unsloth") else "unsloth"
+        micro, accumulation = (int(x) for x in parts[0].split("x"))
+        mode = parts[1] if len(parts) > 1 else "off"
+        settings[f"extra {text}"] = (backend, plan.Plan(micro, accumulation, mode, 0.0, 0.0, "asked for"))
+    timed = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps + WARMUP})})
     results = []
-    for label, chosen in settings.items():
-        args = {"spec": spec.model_dump(mode="json"), "micro": chosen.micro_batch, "accumulation": chosen.accumulation,
-                "checkpointing": chosen.gradient_checkpointing, "steps": steps, "warmup": 3}
-        proc = subprocess.run([sys.executable, "-m", "job.bench", "--worker", json.dumps(args)],
-                              capture_output=True, text=True, timeout=1800)
-        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-        if proc.returncode != 0 or line is None:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"setting": label, "error": tail, **_shape(chosen)})
-            continue
-        results.append({"setting": label, **_shape(chosen), **json.loads(line)})
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepared_data(timed, steps, Path(scratch))
+        for label, (backend, chosen) in settings.items():
+            args = {"spec": timed.model_dump(mode="json"), "backend": backend, "plan": asdict(chosen),
+                    "steps": steps, "data": data}
+            proc = subprocess.run([sys.executable, "-m", "job.bench", "--worker", json.dumps(args)],
+                                  capture_output=True, text=True, timeout=1800)
+            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+            shape = {"backend": backend, "micro_batch": chosen.micro_batch, "accumulation": chosen.accumulation,
+                     "gradient_checkpointing": chosen.gradient_checkpointing}
+            if proc.returncode != 0 or line is None:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                results.append({"setting": label, "error": tail, **shape})
+                continue
+            results.append({"setting": label, **shape, **json.loads(line)})
     return results
 
 
-def _shape(chosen) -> dict:
-    return {"micro_batch": chosen.micro_batch, "accumulation": chosen.accumulation,
-            "gradient_checkpointing": chosen.gradient_checkpointing}
-
-
 def table(results: list[dict]) -> str:
-    head = "| setting | micro x accum | checkpointing | tokens/s | MFU | peak reserved GiB |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = "| setting | backend | micro x accum | checkpointing | tokens/s | MFU | peak reserved GiB | attention |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        shape = f"| {r['setting']} | {r['backend']} | {r['micro_batch']} x {r['accumulation']} | {r['gradient_checkpointing']} "
         if "error" in r:
-            lines.append(f"| {r['setting']} | {r['micro_batch']} x {r['accumulation']} | {r['gradient_checkpointing']} "
-                         f"| failed: {r['error'][:80]} | | |")
+            lines.append(f"{shape}| failed: {r['error'][:80]} | | | |")
         else:
-            lines.append(f"| {r['setting']} | {r['micro_batch']} x {r['accumulation']} | {r['gradient_checkpointing']} "
-                         f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_reserved_gib']} |")
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "?"
+            lines.append(f"{shape}| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_reserved_gib']} | {r.get('attention', '')} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        from job.log import configure
+
+        configure()
         try:
             print(json.dumps(worker(json.loads(sys.argv[2]))))
         except Exception as exc:  # reported by the parent as this setting's failure

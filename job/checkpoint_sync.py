@@ -18,8 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from job import interrupt
+from job import hub, interrupt
+from job.checkpoints import MARKER, checkpoint_is_complete
 from job.errors import ExternalError, RunConflict, SpecError
+from job.fingerprint import fingerprints
 from job.log import add_secret, get_logger
 from job.rundir import RunDir, read_json
 from job.spec import JobSpec
@@ -44,22 +46,16 @@ def folder(spec: JobSpec) -> str:
 
 
 def _api(spec: JobSpec):
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token(spec))
+    return hub.api(token(spec))
 
 
 def train_fingerprint(spec: JobSpec) -> str:
-    from job.runner import fingerprints
-
     return fingerprints(spec)["train"]
 
 
 def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
     """{step: [files]} for every checkpoint folder in the repo (complete or not)."""
     from huggingface_hub.errors import HfHubHTTPError
-
-    from job.stages.push import _retrying
 
     def listing() -> list[str]:
         try:
@@ -70,7 +66,7 @@ def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
             raise
 
     prefix = folder(spec) + "/"
-    files = _retrying("list checkpoints", listing)
+    files = hub.retrying("list checkpoints", listing)
     steps: dict[int, list[str]] = {}
     for name in files:
         if not name.startswith(prefix):
@@ -111,13 +107,11 @@ class Uploader:
     def _commit(self, checkpoint: Path, local_steps: list[int]) -> None:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        from job.stages.push import _retrying
-
         step = int(STEP.search(checkpoint.name).group(1))
         started = time.perf_counter()
         try:
             if not self.repo_ready:
-                _retrying(f"create {self.repo}", lambda: self.api.create_repo(self.repo, private=True, exist_ok=True))
+                hub.retrying(f"create {self.repo}", lambda: self.api.create_repo(self.repo, private=True, exist_ok=True))
                 self.repo_ready = True
             base = f"{folder(self.spec)}/{checkpoint.name}"
             files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
@@ -126,7 +120,7 @@ class Uploader:
             stale = sorted(s for s in _remote_steps(self.api, self.spec) if s not in local_steps and s != step)
             operations += [CommitOperationDelete(path_in_repo=f"{folder(self.spec)}/checkpoint-{s}/", is_folder=True)
                            for s in stale]
-            _retrying(f"sync checkpoint-{step}", lambda: self.api.create_commit(
+            hub.retrying(f"sync checkpoint-{step}", lambda: self.api.create_commit(
                 self.repo, operations=operations, commit_message=f"peftopt: {base}"))
         except Exception as exc:  # the sync must never take the training down
             self.failures += 1
@@ -153,14 +147,11 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
     Raises:
         RunConflict: the newest remote checkpoint belongs to a different training spec (without restart).
     """
-    from job.backends.trainer import MARKER, checkpoint_is_complete
-    from job.stages.push import _retrying
-
     api, repo = _api(spec), spec.train.checkpoint_sync.repo
     steps = _remote_steps(api, spec)
 
     def fetch(name: str, into: Path) -> Path:
-        return Path(_retrying(f"download {name}", lambda: api.hf_hub_download(repo, name, local_dir=into)))
+        return Path(hub.retrying(f"download {name}", lambda: api.hf_hub_download(repo, name, local_dir=into)))
 
     expected = train_fingerprint(spec)
     for step in sorted(steps, reverse=True):

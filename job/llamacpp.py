@@ -75,7 +75,7 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
 
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
                                 env={**os.environ, **(env or {})})
     except OSError as exc:
         raise ExternalError(f"{what} could not start: {exc.strerror}") from None
@@ -121,20 +121,41 @@ class Generation:
     stop_reason: str
 
 
-def generate(tools: LlamaCpp, gguf_path: Path, prompt: str, max_tokens: int, threads: int | None = None,
-             timeout: float = 600) -> Generation:
-    """Greedy generation with llama.cpp; the prompt's special tokens are parsed, no BOS is added."""
-    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or os.cpu_count())]
-    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=prompt, timeout=timeout).stdout
-    prompt_ids, tokens, pieces, reason = [], [], b"", "length"
+def generate_many(tools: LlamaCpp, gguf_path: Path, prompts: list[str], max_tokens: int, threads: int | None = None,
+                  timeout: float = 1800) -> list[Generation]:
+    """Greedy generation for every prompt in one llama.cpp process that decodes them together (one sequence
+    each); the prompts' special tokens are parsed, no BOS is added."""
+    if not prompts:
+        return []
+    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or os.cpu_count()),
+           "--prompts", str(len(prompts))]
+    stdin = "".join(f"{len(p.encode())}\n{p}" for p in prompts)
+    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=stdin, timeout=timeout).stdout
+    prompt_ids: list[list[int]] = [[] for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    pieces = [b"" for _ in prompts]
+    reasons = ["length" for _ in prompts]
     for line in out.splitlines():
         kind, _, rest = line.partition(" ")
+        index, _, rest = rest.partition(" ")
+        if kind not in ("P", "G", "E") or not index.isdigit() or int(index) >= len(prompts):
+            continue
+        k = int(index)
         if kind == "P":
-            prompt_ids = [int(x) for x in rest.split()]
+            prompt_ids[k] = [int(x) for x in rest.split()]
         elif kind == "G":
             token, _, hexed = rest.partition(" ")
-            tokens.append(int(token))
-            pieces += bytes.fromhex(hexed)
-        elif kind == "E":
-            reason = "end_of_turn" if rest.strip() == "eog" else "length"
-    return Generation(prompt_ids, tokens, pieces.decode("utf-8", errors="replace"), reason)
+            tokens[k].append(int(token))
+            pieces[k] += bytes.fromhex(hexed)
+        else:
+            reasons[k] = "end_of_turn" if rest.strip() == "eog" else "length"
+    if any(not ids for ids in prompt_ids):
+        raise ExternalError(f"llama.cpp generation with {gguf_path.name} answered without the prompts' tokens")
+    return [Generation(prompt_ids[k], tokens[k], pieces[k].decode("utf-8", errors="replace"), reasons[k])
+            for k in range(len(prompts))]
+
+
+def generate(tools: LlamaCpp, gguf_path: Path, prompt: str, max_tokens: int, threads: int | None = None,
+             timeout: float = 600) -> Generation:
+    """Greedy generation for one prompt (see generate_many)."""
+    return generate_many(tools, gguf_path, [prompt], max_tokens, threads, timeout)[0]

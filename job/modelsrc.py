@@ -92,13 +92,16 @@ def load_tokenizer(location: str, spec: JobSpec):
     return tokenizer, name
 
 
-def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None):
+def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None,
+               attn_implementation: str | None = None):
     """Loads the base as a causal LM on `device`, in 4-bit when asked (bitsandbytes NF4)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = dtype_for(spec, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if spec.model.load_in_4bit if four_bit is None else four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

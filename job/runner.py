@@ -5,9 +5,7 @@ skipped when the run directory already holds its finished work for the same spec
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -22,40 +20,17 @@ from job import distributed, interrupt, modelsrc
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
-from job.rundir import STAGES, RunDir, atomic_write_json, file_sha256, now_iso, read_json
+from job.fingerprint import UPSTREAM, fingerprints
+from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
 from job.spec import JobSpec
 
 log = get_logger("peftopt")
-
-# Which parts of the spec each stage's result depends on (besides the stages before it). Settings that
-# change how a run executes but not what it computes (backend, micro-batch, grace period) are left out,
-# so a retry on another machine resumes instead of being refused.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "prepare": ("model.base", "model.chat_template", "model.max_seq_length", "data"),
-    "train": ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
-              "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
-              "train.warmup_steps", "train.weight_decay", "train.optim", "train.packing", "train.seed",
-              "train.save_steps"),
-    "evaluate": ("evaluate",),
-    "merge": ("model.merge_base", "export.merge"),
-    "gguf": ("export.gguf", "export.tokenizer_pre", "export.verify_prompts", "export.verify_tokens"),
-    "push": ("push",),
-}
-UPSTREAM = {"prepare": (), "train": ("prepare",), "evaluate": ("train", "prepare"), "merge": ("train",),
-            "gguf": ("merge",), "push": ("train", "merge", "gguf")}
-
 
 @dataclass
 class StageContext:
     dry_run: bool = False
     restart: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _get(data: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -77,24 +52,6 @@ def enabled_stages(spec: JobSpec) -> list[str]:
         "push": bool(spec.push and (spec.push.adapter_repo or spec.push.gguf_repo or spec.push.merged_repo)),
     }
     return [s for s in STAGES if on[s]]
-
-
-def _file_digest(path: str) -> str | None:
-    return file_sha256(path) if os.path.isfile(path) else None
-
-
-def fingerprints(spec: JobSpec) -> dict[str, str]:
-    data = spec.model_dump(mode="json")
-    prints: dict[str, str] = {}
-    for stage in STAGES:
-        inputs = {key: _get(data, key) for key in STAGE_INPUTS[stage]}
-        inputs["upstream"] = [prints[s] for s in UPSTREAM[stage] if s in prints]
-        if stage == "prepare" and spec.data:
-            inputs["data_file_sha256"] = _file_digest(spec.data.source)
-        if stage in ("merge", "gguf", "evaluate"):
-            inputs["targets"] = _get(data, "evaluate.targets")
-        prints[stage] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return prints
 
 
 def preflight(spec: JobSpec, stages: list[str]) -> None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from job.errors import SpecError
 from job.spec import LOCAL_DATA_SUFFIXES, TOKEN_LIKE, JobSpec
+from job.sweep import apply_overrides, expand, pick_index
 
 
 
@@ -39,33 +40,6 @@ def parse_json_text(raw: bytes, origin: str) -> Any:
         raise SpecError(f"{origin}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
         raise SpecError(f"{origin}: JSON nested too deeply") from None
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    path = key.strip().split(".")
-    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
-        raise SpecError(f"--set {text!r}: expected key.path=value, e.g. lora.r=64")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare word is a string: --set model.base=org/model
-    return path, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = _parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def _find_token_like(data: Any, path: str = "") -> list[str]:
@@ -154,7 +128,6 @@ def read_spec_data(path: Path, overrides) -> Any:
 
 def load_variants(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[JobSpec]:
     """Every variant of a (possibly sweeping) jobspec, validated. Raises SpecError listing problems."""
-    from job.sweep import expand
 
     path = Path(path)
     data = read_spec_data(path, overrides)
@@ -169,7 +142,6 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ind
     Raises:
         SpecError: the file is missing, not JSON, or not a valid jobspec (all problems listed).
     """
-    from job.sweep import pick_index
 
     variants = load_variants(path, overrides)
     if len(variants) == 1 and index in (None, 0):

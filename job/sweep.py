@@ -1,4 +1,5 @@
-"""Sweeps: a jobspec's `matrix` expands into variants with deterministic names, one per array task.
+"""Edits of jobspec data by dotted key: `--set` overrides, and sweeps, whose `matrix` expands into variants
+with deterministic names, one per array task.
 
 `matrix` is either a grid (`{"lora.r": [16, 64], "data.split": ["train[:10000]"]}`, every combination, keys
 in sorted order) or a list of override sets (`[{"lora.r": 16}, {"lora.r": 64, "data.split": ...}]`).
@@ -8,14 +9,41 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import re
 from typing import Any
 
 from job.errors import SpecError
-from job.specfile import apply_overrides
 
 INDEX_VARIABLES = ("AWS_BATCH_JOB_ARRAY_INDEX", "BATCH_TASK_INDEX", "JOB_COMPLETION_INDEX", "CLOUD_RUN_TASK_INDEX")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
+        raise SpecError(f"--set {text!r}: expected key.path=value, e.g. lora.r=64")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: --set model.base=org/model
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
 
 
 def _slug(value: Any) -> str:
@@ -55,8 +83,6 @@ def expand(data: dict) -> list[tuple[str, dict]]:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value)
 
 

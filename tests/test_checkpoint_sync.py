@@ -26,7 +26,7 @@ SYNC = {"repo": "me/tiny-checkpoints", "token_env": "PEFTOPT_TEST_TOKEN"}
 def env_for(hub: HubStandIn) -> dict:
     return {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "PEFTOPT_TEST_TOKEN": TOKEN, "HF_TOKEN": "",
             "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "PEFTOPT_PUSH_BACKOFF_S": "0.01", "HF_HOME": str(Path(hub.home))}
+            "PEFTOPT_HUB_BACKOFF_S": "0.01", "HF_HOME": str(Path(hub.home))}
 
 
 def events(stdout: str) -> list[dict]:
@@ -128,7 +128,7 @@ def test_checkpoints_of_another_spec_are_refused_unless_restart(tmp_path, make_s
     assert not [e for e in log if e["event"] in ("checkpoint_restored", "train_resumed")]
     remote = hub.files[SYNC["repo"]]
     marker = json.loads(remote["shared/checkpoint-4/peftopt-checkpoint.json"])
-    from job.runner import fingerprints
+    from job.fingerprint import fingerprints
     from job.specfile import load_spec
 
     assert marker["train_fingerprint"] == fingerprints(load_spec(str(changed)))["train"]

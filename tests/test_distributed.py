@@ -141,22 +141,33 @@ def test_rank0_failure_code_reaches_the_launcher(two_rank_run, tmp_path):
 
 
 def test_batch_is_shared_over_ranks(monkeypatch, make_spec):
+    from transformers import LlamaConfig
+
     from job import backends
-    from job.backends.hf import batch_plan
+    from job.backends import plan
     from job.errors import SpecError
     from job.specfile import load_spec
 
     spec = load_spec(str(make_spec("plan", train={"per_device_batch_size": 2, "gradient_accumulation_steps": 4})))
-    assert batch_plan(spec, "cuda", 1) == (2, 4)
-    assert batch_plan(spec, "cuda", 2) == (2, 2)
-    assert batch_plan(spec, "cuda", 8) == (1, 1)
+    shape = lambda p: (p.micro_batch, p.accumulation)  # noqa: E731
+    assert shape(plan.on_cpu(spec, 1)) == (2, 4)
+    assert shape(plan.on_cpu(spec, 2)) == (2, 2)
+    assert shape(plan.on_cpu(spec, 8)) == (1, 1)
     with pytest.raises(SpecError, match="cannot be shared evenly over 3 ranks"):
-        batch_plan(spec, "cuda", 3)
+        plan.on_cpu(spec, 3)
     forced = load_spec(str(make_spec("forced", train={"per_device_batch_size": 2, "gradient_accumulation_steps": 4,
                                                       "micro_batch_size": 4})))
-    assert batch_plan(forced, "cuda", 2) == (4, 1)
+    assert shape(plan.on_cpu(forced, 2)) == (4, 1)
     with pytest.raises(SpecError, match="micro_batch_size"):
-        batch_plan(forced, "cuda", 4)
+        plan.on_cpu(forced, 4)
+    # On a GPU every rank plans its own share: 8 sequences over 2 ranks fit one micro-batch of 4 each.
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=512)
+    for ranks, want in ((1, (8, 1)), (2, (4, 1))):
+        chosen = plan.choose(spec, config, 80.0, backend="hf", ranks=ranks)
+        assert shape(chosen) == want and chosen.gradient_checkpointing == "off"
+    with pytest.raises(SpecError, match="over 3 ranks"):
+        plan.choose(spec, config, 80.0, backend="hf", ranks=3)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert backends.choose("auto", "cuda")[0] == "hf"

@@ -1,5 +1,6 @@
 """GPU tier (`make test-gpu` on the GPU machine; skipped without CUDA): the tiny pipeline on CUDA with each
-backend, 4-bit, resume after SIGTERM, merge from a pre-quantized 4-bit base, and the notebook's metrics."""
+backend, 4-bit, resume after SIGTERM, merge from a pre-quantized 4-bit base, the notebook's metrics, and packed
+rows on torch's varlen flash kernel (same loss and gradients as sdpa with a block mask; unsloth takes it)."""
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ def test_pipeline_on_cuda(make_spec, tmp_path, backend, four_bit):
     assert train["gpu_name"] and 0 < train["peak_gpu_share"] < 1 and train["tokens_per_s"] > 0
     assert train["final_loss"] > 0 and train["runtime_s"] > 0
     assert metrics["gguf"]["files"]["q8_0"]["verify"]["prompts"]
+    assert train["attention"].startswith("varlen")  # packed rows on the flash kernel, both backends
 
 
 def test_auto_picks_unsloth_on_cuda(make_spec, tmp_path):
@@ -84,3 +86,47 @@ def test_merge_from_a_prequantized_4bit_base(make_spec, tmp_path, tiny_model):
     assert "quantization_config" not in merged_config
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["merge"]["merged_into"] == "dequantized-4bit"
+
+
+def test_varlen_attention_gives_sdpa_block_mask_loss_and_gradients():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from job.backends import attention
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    assert attention.hf_path("cuda", torch.bfloat16, config)[0] == "varlen"
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    lengths = [700, 37, 1200, 95, 2]
+    ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    results = {}
+    for implementation in ("sdpa", attention.register()):
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(implementation)
+        loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[implementation] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
+    (loss_sdpa, grads_sdpa), (loss_varlen, grads_varlen) = results["sdpa"], results[attention.NAME]
+    assert abs(loss_sdpa - loss_varlen) < 1e-2 * abs(loss_sdpa)
+    for name, grad in grads_sdpa.items():
+        error = (grads_varlen[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 3e-2, (name, float(error))  # bf16 noise; a wrong mask gives errors near 1
+
+
+def test_unsloth_takes_the_varlen_kernel_for_packed_rows():
+    import torch
+    import unsloth  # noqa: F401
+    from unsloth.utils import attention_dispatch
+
+    from job.backends import attention
+
+    said = attention.adapt_unsloth()
+    assert said.startswith("varlen flash"), said
+    assert attention.adapt_unsloth() == said  # a second call changes nothing
+    q = torch.randn(1, 32, 256, 64, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    assert attention_dispatch._torch_varlen_takes(q, kv, kv, {}, True, None)

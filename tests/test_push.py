@@ -18,7 +18,7 @@ PUSH = {"adapter_repo": "me/tiny-lora", "gguf_repo": "me/tiny-gguf", "merged_rep
 
 def run_cli(spec, *args, hub=None, token=TOKEN):
     env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "PEFTOPT_TEST_TOKEN": token, "HF_TOKEN": "",
-           "PEFTOPT_PUSH_BACKOFF_S": "0.01", "PEFTOPT_PUSH_RETRIES": "4", "HF_HUB_OFFLINE": "0",
+           "PEFTOPT_HUB_BACKOFF_S": "0.01", "PEFTOPT_HUB_RETRIES": "4", "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     if hub:
         env["HF_ENDPOINT"] = hub.url
@@ -76,7 +76,7 @@ def test_push_uploads_everything_and_never_leaks_the_token(trained):
     card = hub.files["me/tiny-lora"]["README.md"].decode()
     for needle in ("base_model:", "LoRA: r=4", "transformers + peft", "llama.cpp", "Ollama"):
         assert needle in card
-    retries = [json.loads(line) for line in result.stdout.splitlines() if '"push_retry"' in line]
+    retries = [json.loads(line) for line in result.stdout.splitlines() if '"hub_retry"' in line]
     assert len(retries) >= 3
     assert any(f"Bearer {TOKEN}" in headers for headers in hub.seen_headers)
     # the canary token appears in no file of the run, no log line, no card
@@ -95,7 +95,7 @@ def test_interrupted_push_resumes_without_duplicating(trained):
         hub.fail_after_commits = 3  # the Hub goes down mid-push
         failed = run_cli(path, hub=hub)
         assert failed.returncode == 4, failed.stderr[-2000:]
-        assert "Hub error HTTP 503" in failed.stderr and "Traceback" not in failed.stderr
+        assert "HTTP 503" in failed.stderr and "after 4 tries" in failed.stderr and "Traceback" not in failed.stderr
         state = json.loads((run_dir / "state.json").read_text())
         assert state["stages"]["push"]["status"] == "failed"
         hub.fail_after_commits = None

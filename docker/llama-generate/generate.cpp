@@ -1,14 +1,18 @@
-// peftopt-generate: greedy generation from a GGUF with llama.cpp, for checking an exported model.
+// peftopt-generate: greedy generation from a GGUF with llama.cpp, for checking and evaluating an exported
+// model. Several prompts are decoded together, one sequence each, in one batch per step.
 //
-//   peftopt-generate -m model.gguf -n 32 [-t threads] [--add-special] < prompt.txt
+//   peftopt-generate -m model.gguf -n 32 [-t threads] [--add-special] [--prompts K] < prompts
 //
-// The prompt is read from stdin as text (special tokens like <|eot_id|> are parsed). Output is line based
-// so that the caller can compare token ids with transformers exactly:
-//   P <id> <id> ...        the prompt's token ids
-//   G <id> <hex bytes>     one line per generated token, its piece as hex (safe for any bytes)
-//   E eog|length           why generation stopped
+// Without --prompts, all of stdin is one prompt. With --prompts K, stdin holds K prompts, each written as a
+// line with its length in bytes, then that many bytes. Prompts are text (special tokens like <|eot_id|> are
+// parsed). Output is line based, each line tagged with the prompt's index, so that the caller can compare
+// token ids with transformers exactly:
+//   P <k> <id> <id> ...    prompt k's token ids
+//   G <k> <id> <hex>       one line per generated token, its piece as hex (safe for any bytes)
+//   E <k> eog|length       why prompt k's generation stopped
 #include "llama.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -16,26 +20,37 @@
 #include <string>
 #include <vector>
 
-static void batch_set_tokens(llama_batch_ext * batch, const llama_token * tokens, int32_t n_tokens, llama_pos pos_0) {
-    llama_batch_ext_clear(batch);
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        const int32_t idx = llama_batch_ext_add_token(batch, 0, tokens[i]);
-        const llama_pos pos = pos_0 + i;
-        llama_batch_ext_set_pos(batch, idx, &pos);
-    }
-    llama_batch_ext_set_output_logits(batch, n_tokens - 1, true);
-}
-
 static void quiet_log(enum ggml_log_level level, const char * text, void *) {
     if (level >= GGML_LOG_LEVEL_ERROR) {
         fputs(text, stderr);
     }
 }
 
+static bool read_prompts(int count, std::vector<std::string> & prompts) {
+    if (count == 0) {
+        prompts.emplace_back((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+        return true;
+    }
+    for (int k = 0; k < count; k++) {
+        std::string header;
+        if (!std::getline(std::cin, header)) {
+            return false;
+        }
+        const size_t size = std::stoul(header);
+        std::string text(size, '\0');
+        if (size > 0 && !std::cin.read(&text[0], size)) {
+            return false;
+        }
+        prompts.push_back(text);
+    }
+    return true;
+}
+
 int main(int argc, char ** argv) {
     std::string model_path;
     int n_predict = 32;
     int n_threads = 0;
+    int n_prompts = 0;
     bool add_special = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) {
@@ -44,18 +59,25 @@ int main(int argc, char ** argv) {
             n_predict = std::stoi(argv[++i]);
         } else if (!strcmp(argv[i], "-t") && i + 1 < argc) {
             n_threads = std::stoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--prompts") && i + 1 < argc) {
+            n_prompts = std::stoi(argv[++i]);
         } else if (!strcmp(argv[i], "--add-special")) {
             add_special = true;
         } else {
-            fprintf(stderr, "usage: %s -m model.gguf [-n n_predict] [-t threads] [--add-special] < prompt\n", argv[0]);
+            fprintf(stderr, "usage: %s -m model.gguf [-n n_predict] [-t threads] [--add-special] [--prompts K] < prompts\n", argv[0]);
             return 2;
         }
     }
-    if (model_path.empty() || n_predict < 1) {
-        fprintf(stderr, "error: -m model.gguf is required and -n must be positive\n");
+    if (model_path.empty() || n_predict < 1 || n_prompts < 0) {
+        fprintf(stderr, "error: -m model.gguf is required, -n must be positive and --prompts not negative\n");
         return 2;
     }
-    std::string prompt((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+    std::vector<std::string> prompts;
+    if (!read_prompts(n_prompts, prompts)) {
+        fprintf(stderr, "error: stdin holds fewer than %d length-prefixed prompts\n", n_prompts);
+        return 2;
+    }
+    const int n_seq = (int) prompts.size();
 
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
@@ -68,17 +90,24 @@ int main(int argc, char ** argv) {
     }
     const llama_vocab * vocab = llama_model_get_vocab(model);
 
-    const int n_prompt = -llama_tokenize(vocab, prompt.c_str(), prompt.size(), nullptr, 0, add_special, true);
-    std::vector<llama_token> prompt_tokens(n_prompt);
-    if (n_prompt <= 0 ||
-        llama_tokenize(vocab, prompt.c_str(), prompt.size(), prompt_tokens.data(), prompt_tokens.size(), add_special, true) < 0) {
-        fprintf(stderr, "error: failed to tokenize the prompt\n");
-        return 3;
+    std::vector<std::vector<llama_token>> tokens(n_seq);
+    size_t longest = 0, total = 0;
+    for (int k = 0; k < n_seq; k++) {
+        const std::string & text = prompts[k];
+        const int n = -llama_tokenize(vocab, text.c_str(), text.size(), nullptr, 0, add_special, true);
+        tokens[k].resize(n);
+        if (n <= 0 || llama_tokenize(vocab, text.c_str(), text.size(), tokens[k].data(), n, add_special, true) < 0) {
+            fprintf(stderr, "error: failed to tokenize prompt %d\n", k);
+            return 3;
+        }
+        longest = std::max(longest, (size_t) n);
+        total += n;
     }
 
     llama_context_params ctx_params = llama_context_default_params();
-    ctx_params.n_ctx = n_prompt + n_predict;
-    ctx_params.n_batch = n_prompt;
+    ctx_params.n_seq_max = n_seq;
+    ctx_params.n_ctx = n_seq * (longest + n_predict);  // each sequence its own share of the cache
+    ctx_params.n_batch = std::max(total, (size_t) n_seq);
     if (n_threads > 0) {
         ctx_params.n_threads = n_threads;
         ctx_params.n_threads_batch = n_threads;
@@ -89,44 +118,74 @@ int main(int argc, char ** argv) {
         return 3;
     }
     llama_sampler * smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    llama_sampler_chain_add(smpl, llama_sampler_init_greedy());
-
-    printf("P");
-    for (auto id : prompt_tokens) {
-        printf(" %d", id);
-    }
-    printf("\n");
+    llama_sampler_chain_add(smpl, llama_sampler_init_greedy());  // stateless: one serves every sequence
 
     llama_batch_ext * batch = llama_batch_ext_init(ctx);
-    batch_set_tokens(batch, prompt_tokens.data(), n_prompt, 0);
-    int n_tokens = n_prompt;
-    const char * reason = "length";
-    for (int n_pos = 0, n_out = 0; n_out < n_predict; n_out++) {
+    std::vector<int32_t> logits_at(n_seq);
+    std::vector<llama_pos> n_past(n_seq);
+    for (int k = 0; k < n_seq; k++) {
+        printf("P %d", k);
+        for (llama_pos i = 0; i < (llama_pos) tokens[k].size(); i++) {
+            printf(" %d", tokens[k][i]);
+            logits_at[k] = llama_batch_ext_add_token(batch, k, tokens[k][i]);
+            llama_batch_ext_set_pos(batch, logits_at[k], &i);
+        }
+        printf("\n");
+        llama_batch_ext_set_output_logits(batch, logits_at[k], true);
+        n_past[k] = tokens[k].size();
+    }
+
+    std::vector<int> n_out(n_seq, 0);
+    std::vector<bool> active(n_seq, true);
+    int n_active = n_seq;
+    while (n_active > 0) {
         if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch)) {
             fprintf(stderr, "error: failed to evaluate\n");
             return 3;
         }
-        n_pos += n_tokens;
-        llama_token id = llama_sampler_sample(smpl, ctx, -1);
-        if (llama_vocab_is_eog(vocab, id)) {
-            reason = "eog";
-            break;
+        std::vector<llama_token> next(n_seq, -1);
+        for (int k = 0; k < n_seq; k++) {
+            if (!active[k]) {
+                continue;
+            }
+            const llama_token id = llama_sampler_sample(smpl, ctx, logits_at[k]);
+            if (llama_vocab_is_eog(vocab, id)) {
+                printf("E %d eog\n", k);
+                active[k] = false;
+                n_active--;
+                continue;
+            }
+            char buf[256];
+            const int n = llama_token_to_piece(vocab, id, buf, sizeof(buf), 0, false);
+            if (n < 0) {
+                fprintf(stderr, "error: failed to convert token %d to text\n", id);
+                return 3;
+            }
+            printf("G %d %d ", k, id);
+            for (int b = 0; b < n; b++) {
+                printf("%02x", (unsigned char) buf[b]);
+            }
+            printf("\n");
+            if (++n_out[k] == n_predict) {
+                printf("E %d length\n", k);
+                active[k] = false;
+                n_active--;
+                continue;
+            }
+            next[k] = id;
         }
-        char buf[256];
-        int n = llama_token_to_piece(vocab, id, buf, sizeof(buf), 0, false);
-        if (n < 0) {
-            fprintf(stderr, "error: failed to convert token %d to text\n", id);
-            return 3;
+        llama_batch_ext_clear(batch);
+        for (int k = 0; k < n_seq; k++) {
+            if (active[k]) {
+                logits_at[k] = llama_batch_ext_add_token(batch, k, next[k]);
+                llama_batch_ext_set_pos(batch, logits_at[k], &n_past[k]);
+                llama_batch_ext_set_output_logits(batch, logits_at[k], true);
+                n_past[k]++;
+            }
         }
-        printf("G %d ", id);
-        for (int k = 0; k < n; k++) {
-            printf("%02x", (unsigned char) buf[k]);
-        }
-        printf("\n");
-        batch_set_tokens(batch, &id, 1, n_pos);
-        n_tokens = 1;
+        fflush(stdout);
     }
-    printf("E %s\n", reason);
+    llama_batch_ext_free(batch);
     llama_sampler_free(smpl);
     llama_free(ctx);
     llama_model_free(model);

@@ -4,15 +4,19 @@ The spec fixes sequences per optimizer step (per_device_batch_size x gradient_ac
 they are split into micro-batches, and whether activations are checkpointed (recomputed, or offloaded
 to CPU memory as unsloth does by default), only trade speed for memory. `choose` picks the fastest
 setting whose estimated peak stays inside the budget: `train.max_memory_gb`, else 60% of the card.
+With several ranks each takes its share of the sequences, so the updates stay the same.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from job.errors import SpecError
+
 GIB = 1024**3
-# Activation bytes per token, per hidden unit, per layer, for a LoRA step without checkpointing
-# (measured: Llama-3.2-1B shape, unsloth, seq 2048: about 2.2 GiB per sequence, 16 layers x 2048 hidden).
-ACTIVATION_BYTES = 36
+# Activation bytes per token, per hidden unit, per layer, for a LoRA step without checkpointing. unsloth:
+# measured on the Llama-3.2-1B shape at seq 2048, about 2.2 GiB per sequence (16 layers x 2048 hidden).
+# hf: transformers + peft keep the unfused projections' inputs and outputs, about twice as much.
+ACTIVATION_BYTES = {"unsloth": 36, "hf": 72}
 # With checkpointing only layer inputs are kept (2 bytes each), plus one layer being recomputed.
 CHECKPOINT_BYTES = 2
 
@@ -39,41 +43,70 @@ def param_count(config) -> int:
     return layers * per_layer + embeddings
 
 
-def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool) -> float:
+def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool, backend: str = "unsloth") -> float:
     params = param_count(config)
     weights = params * (0.56 if four_bit else 2.0)
     tokens = micro * seq
-    per_token_layer = {"off": ACTIVATION_BYTES, "on": CHECKPOINT_BYTES, "unsloth": 0.25}[checkpointing]
+    per_token_layer = {"off": ACTIVATION_BYTES[backend], "on": CHECKPOINT_BYTES, "unsloth": 0.25}[checkpointing]
     activations = per_token_layer * tokens * config.hidden_size * config.num_hidden_layers
     if checkpointing != "off":  # the layer being recomputed
-        activations += ACTIVATION_BYTES * tokens * config.hidden_size
+        activations += ACTIVATION_BYTES[backend] * tokens * config.hidden_size
     overhead = 1.5 * GIB  # CUDA context, allocator slack, LoRA weights and optimizer state, loss chunks
     return (weights + activations + overhead) / GIB
 
 
-def choose(spec, config, gpu_memory_gb: float) -> Plan:
+def sequences_per_rank(spec, ranks: int = 1) -> int:
+    """Raises SpecError when the spec's sequences per step cannot be shared evenly over the ranks."""
     train = spec.train
     total = train.per_device_batch_size * train.gradient_accumulation_steps
+    if total % ranks:
+        raise SpecError(f"train: per_device_batch_size x gradient_accumulation_steps = {total} sequences per "
+                        f"step cannot be shared evenly over {ranks} ranks; make it a multiple of {ranks}")
+    per_rank = total // ranks
+    if isinstance(train.micro_batch_size, int) and per_rank % train.micro_batch_size:
+        raise SpecError(f"train.micro_batch_size: {train.micro_batch_size} does not divide the {per_rank} "
+                        f"sequences each of {ranks} ranks takes per step")
+    return per_rank
+
+
+def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1) -> Plan:
+    train = spec.train
+    total = sequences_per_rank(spec, ranks)
     budget = train.max_memory_gb or 0.6 * gpu_memory_gb
     seq = spec.model.max_seq_length
     four_bit = spec.model.load_in_4bit
-    forced_gc = {"on": "on", "off": "off", "unsloth": "unsloth"}.get(train.gradient_checkpointing)
+    forced_gc = {"on": "on", "off": "off", "unsloth": "unsloth" if backend == "unsloth" else "on"}.get(
+        train.gradient_checkpointing)
     micros = [train.micro_batch_size] if isinstance(train.micro_batch_size, int) else \
         [m for m in range(total, 0, -1) if total % m == 0]
     # The micro-batch is the biggest lever (measured on an H100: 2 x 4 -> 8 x 1 doubles tokens/s), so
     # the largest micro-batch that fits comes first; at each size, no recomputation, then recomputation
     # (about a third more arithmetic), then unsloth's CPU offload.
-    modes = [forced_gc] if forced_gc else ["off", "on", "unsloth"]
+    modes = [forced_gc] if forced_gc else (["off", "on", "unsloth"] if backend == "unsloth" else ["off", "on"])
     for micro in micros:
         for mode in modes:
-            need = estimate_gb(config, micro, seq, mode, four_bit)
+            need = estimate_gb(config, micro, seq, mode, four_bit, backend)
             if need <= budget:
                 return Plan(micro, total // micro, mode, round(need, 2), round(budget, 2),
                             f"fastest setting estimated to fit {budget:.1f} GiB")
     micro = micros[-1]
     mode = modes[-1]
-    return Plan(micro, total // micro, mode, round(estimate_gb(config, micro, seq, mode, four_bit), 2),
+    return Plan(micro, total // micro, mode, round(estimate_gb(config, micro, seq, mode, four_bit, backend), 2),
                 round(budget, 2), "nothing is estimated to fit the budget; using the most frugal setting")
+
+
+def on_cpu(spec, ranks: int = 1) -> Plan:
+    """CPU: the spec's micro-batch (or the largest divisor of a rank's share up to it), no checkpointing."""
+    train = spec.train
+    total = sequences_per_rank(spec, ranks)
+    if isinstance(train.micro_batch_size, int):
+        micro = train.micro_batch_size
+    else:
+        micro = min(train.per_device_batch_size, total)
+        while total % micro:
+            micro -= 1
+    checkpointing = "on" if train.gradient_checkpointing in ("on", "unsloth") else "off"
+    return Plan(micro, total // micro, checkpointing, 0.0, 0.0, "CPU: the spec's micro-batch")
 
 
 def literal(spec) -> Plan:

@@ -1,21 +1,26 @@
-"""What both backends share around trl's SFTTrainer: its config from the spec, checkpoints that can be
-trusted, resume, progress events, the stop-on-signal hook, and trl's CPU loss-head fallback.
+"""The trainer set-up both backends share, built in one place for the job and for `peftopt bench`: trl's
+SFTTrainer configured from the spec and the batch plan, token counting, progress events with a steady-state
+figure, the stop-on-signal hook, checkpoints written off the training thread, resume, and trl's CPU loss-head
+fallback. A backend only loads and wraps the model (`setup`) and plans the batch (`plan`).
 """
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-from job import distributed, interrupt
+from job import distributed, interrupt, modelsrc
+from job.backends.plan import Plan
+from job.checkpoints import (AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint,
+                             write_marker)
 from job.errors import ExternalError, Interrupted
-from job.log import get_logger, json_stdout
-from job.rundir import RunDir, atomic_dir, atomic_write_json
+from job.fingerprint import fingerprints
+from job.log import get_logger, json_stdout, route_library_logs
+from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
 
 log = get_logger("peftopt.train")
-MARKER = "peftopt-checkpoint.json"
+STEADY_SKIP = 3  # steps left out of the steady-state figure: compilation, allocator warm-up
 
 
 # ------------------------------------------------------------------------------ trl on CPU
@@ -42,8 +47,9 @@ class TorchLogProb:
 
 
 def install_cpu_loss_head() -> bool:
-    """trl 1.15 always computes its loss through a Triton kernel, which a CPU torch lacks. Returns True
-    when the fallback was installed. tests/test_trl_compat.py pins the private name this relies on."""
+    """trl 1.15 always computes its loss through a Triton kernel (its fused LM head, which on CUDA never
+    materialises the full logits), which a CPU torch lacks. Returns True when the fallback was installed.
+    tests/test_trl_compat.py pins the private name this relies on."""
     import torch
     import trl.trainer.utils as trl_utils
 
@@ -53,26 +59,38 @@ def install_cpu_loss_head() -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------ config
+# ------------------------------------------------------------------------------ config and data
 
 
-def sft_config(spec: JobSpec, run_dir: RunDir, device: str, *, micro_batch: int, accumulation: int,
-               gradient_checkpointing: bool, dtype, optim: str, **extra):
+def choose_optimizer(requested: str, device: str) -> str:
+    if device != "cuda" and "8bit" in requested:
+        log.warning("optimizer_substituted", requested=requested, used="adamw_torch",
+                    why="8-bit optimizers need CUDA")
+        return "adamw_torch"
+    return requested
+
+
+def sft_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
+               trainer_checkpointing: bool = True, **extra):
     import torch
     from trl import SFTConfig
 
     train = spec.train
     return SFTConfig(
-        output_dir=str(run_dir.checkpoints_dir), max_steps=train.max_steps,
-        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+        output_dir=str(output_dir), max_steps=train.max_steps,
+        per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps, weight_decay=train.weight_decay, optim=optim, seed=train.seed,
-        data_seed=train.seed, logging_steps=train.logging_steps, save_strategy="steps",
+        warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+        optim=choose_optimizer(train.optim, device), seed=train.seed, data_seed=train.seed,
+        logging_steps=train.logging_steps, save_strategy="steps" if saving else "no",
         save_steps=train.save_steps, save_total_limit=train.save_total_limit, packing=train.packing,
         max_length=spec.model.max_seq_length, report_to="none", use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
-        dataloader_num_workers=0, disable_tqdm=json_stdout(), gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        dataloader_num_workers=0, disable_tqdm=json_stdout(),
+        # unsloth checkpoints (and offloads) inside its own layers; the Trainer's must stay off there
+        gradient_checkpointing=plan.gradient_checkpointing == "on" and trainer_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if plan.gradient_checkpointing == "on" and trainer_checkpointing else None,
         dataset_num_proc=None, ddp_find_unused_parameters=False, **extra,
     )
 
@@ -88,82 +106,21 @@ def load_train_dataset(run_dir: RunDir, part: str = "train"):
     return datasets.Dataset.from_json(str(path), cache_dir=str(cache))
 
 
-# ------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------ callbacks
 
 
-def _checkpoint_step(path: Path) -> int:
-    try:
-        return int(path.name.split("-")[-1])
-    except ValueError:
-        return -1
-
-
-def checkpoint_is_complete(path: Path) -> bool:
-    marker = path / MARKER
-    try:
-        listed = json.loads(marker.read_text())["files"]
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in listed.items())
-
-
-def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint whose files are all there; half-written ones are removed with a warning."""
-    if not checkpoints_dir.is_dir():
-        return None
-    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_step,
-                        reverse=True)
-    for path in candidates:
-        if checkpoint_is_complete(path):
-            return path
-        log.warning("checkpoint_incomplete", path=str(path), action="removed; resuming from an older one")
-        shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def make_callbacks(spec: JobSpec, started_step_box: dict):
-    """The callbacks every backend installs. `started_step_box` is filled with the step training started
-    from and, with train.checkpoint_sync, the uploader ("sync") that run_trainer waits for."""
+def _callbacks():
     from transformers import TrainerCallback
 
-    uploader = None
-    if spec.train.checkpoint_sync and distributed.world().is_main:
-        from job import checkpoint_sync
-
-        uploader = started_step_box["sync"] = checkpoint_sync.Uploader(spec)
-        fingerprint = checkpoint_sync.train_fingerprint(spec)
-    else:
-        fingerprint = None
-
-    class MarkCheckpoints(TrainerCallback):
-        """Writes the marker that makes a checkpoint count as complete, once the Trainer has saved it."""
-
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if distributed.active():
-                distributed.barrier()  # every rank has written its RNG state before the listing
-                if not distributed.world().is_main:
-                    return
-            if path.is_dir():
-                files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*")
-                         if p.is_file() and p.name != MARKER}
-                atomic_write_json(path / MARKER, {"step": state.global_step, "files": files,
-                                                   "train_fingerprint": fingerprint})
-                log.info("checkpoint_saved", step=state.global_step, path=str(path))
-                if uploader is not None:
-                    uploader.submit(path, [_checkpoint_step(p) for p in Path(args.output_dir).glob("checkpoint-*")
-                                           if checkpoint_is_complete(p)])
-
     class Progress(TrainerCallback):
-        """Periodic `train_progress` events: step, max_steps, loss, tokens_per_s, eta_s."""
+        """`train_progress` events (step, max_steps, loss, tokens_per_s, eta_s) and the step clock."""
 
         def __init__(self):
             self.t0 = None
-            self.tokens = 0.0  # this rank's
+            self.tokens = 0.0  # this rank's, counted as batches are drawn
             self.all_tokens = 0.0  # every rank's, as of the last step end
             self.first_step = 0
-            self.losses: list[dict] = []
+            self.clock: list[tuple[float, float]] = []  # (time, all tokens) at each step end
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.first_step = time.perf_counter(), state.global_step
@@ -174,29 +131,52 @@ def make_callbacks(spec: JobSpec, started_step_box: dict):
                 return
             elapsed = max(time.perf_counter() - (self.t0 or time.perf_counter()), 1e-9)
             done = max(state.global_step - self.first_step, 1)
-            event = {"step": state.global_step, "max_steps": state.max_steps, "loss": round(logs["loss"], 6),
-                     "learning_rate": logs.get("learning_rate"), "tokens": int(self.all_tokens), "tokens_per_s": round(self.all_tokens / elapsed, 1),
-                     "eta_s": round(elapsed / done * (state.max_steps - state.global_step), 1)}
-            self.losses.append({"step": state.global_step, "loss": logs["loss"]})
-            log.info("train_progress", **event)
+            log.info("train_progress", step=state.global_step, max_steps=state.max_steps,
+                     loss=round(logs["loss"], 6), learning_rate=logs.get("learning_rate"),
+                     tokens=int(self.all_tokens), tokens_per_s=round(self.all_tokens / elapsed, 1),
+                     eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1))
 
-    progress = Progress()
+        def steady_tokens_per_s(self) -> float | None:
+            """Tokens/s over this session's steps after the first STEADY_SKIP: what `peftopt bench` times."""
+            if len(self.clock) <= STEADY_SKIP + 1:
+                return None
+            (t0, n0), (t1, n1) = self.clock[STEADY_SKIP], self.clock[-1]
+            return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
     class StopOnSignal(TrainerCallback):
+        def __init__(self, progress, box: dict):
+            self.progress, self.box = progress, box
+
         def on_train_begin(self, args, state, control, **kwargs):
-            started_step_box["step"] = state.global_step
+            self.box["step"] = state.global_step
 
         def on_step_end(self, args, state, control, **kwargs):
             stop = interrupt.stop_requested()
             if distributed.active():
-                stop, progress.all_tokens = distributed.vote(stop, progress.tokens)
+                stop, self.progress.all_tokens = distributed.vote(stop, self.progress.tokens)
             else:
-                progress.all_tokens = progress.tokens
+                self.progress.all_tokens = self.progress.tokens
+            self.progress.clock.append((time.perf_counter(), self.progress.all_tokens))
             if stop:
                 control.should_save = True
                 control.should_training_stop = True
 
-    return MarkCheckpoints(), StopOnSignal(), progress
+    class MarkCheckpoints(TrainerCallback):
+        """Several ranks save through the Trainer itself (each its own RNG state); the marker comes last."""
+
+        def __init__(self, fingerprint: str, on_written):
+            self.fingerprint, self.on_written = fingerprint, on_written
+
+        def on_save(self, args, state, control, **kwargs):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            distributed.barrier()  # every rank has written its RNG state before the listing
+            if distributed.world().is_main and path.is_dir():
+                write_marker(path, state.global_step, self.fingerprint)
+                log.info("checkpoint_saved", step=state.global_step, path=str(path))
+                if self.on_written is not None:
+                    self.on_written(path)
+
+    return Progress, StopOnSignal, MarkCheckpoints
 
 
 def count_tokens(trainer, progress) -> None:
@@ -213,20 +193,85 @@ def count_tokens(trainer, progress) -> None:
     trainer.data_collator = counting
 
 
-def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, started_step_box: dict,
+# ------------------------------------------------------------------------------ the trainer
+
+
+def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
+                  peft_config=None, saving: bool = True, trainer_checkpointing: bool = True, extra_callbacks=()):
+    """SFTTrainer for `spec` as the job runs it. Returns (trainer, progress, box); the box carries the
+    checkpoint writer ("writer"), the Hub uploader ("sync") and the step training started from ("step")."""
+    from trl import SFTTrainer
+
+    Progress, StopOnSignal, MarkCheckpoints = _callbacks()
+    progress, box = Progress(), {}
+    callbacks = [StopOnSignal(progress, box), progress, *extra_callbacks]
+    on_written = None
+    if saving and spec.train.checkpoint_sync and distributed.world().is_main:
+        from job import checkpoint_sync
+
+        uploader = box["sync"] = checkpoint_sync.Uploader(spec)
+
+        def on_written(path: Path) -> None:
+            uploader.submit(path, complete_steps(path.parent))
+    fingerprint = fingerprints(spec)["train"]
+    if saving and distributed.active():
+        callbacks.append(MarkCheckpoints(fingerprint, on_written))
+    config = sft_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
+                        trainer_checkpointing=trainer_checkpointing)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=callbacks)
+    if saving and not distributed.active():
+        box["writer"] = AsyncCheckpointWriter(trainer, fingerprint, on_written)
+    count_tokens(trainer, progress)
+    return trainer, progress, box
+
+
+def train(backend, spec: JobSpec, run_dir: RunDir, device: str, restart: bool = False) -> dict:
+    """The train stage's work for either backend (a module with NAME, plan() and setup())."""
+    import torch
+    from transformers import AutoConfig
+
+    route_library_logs()
+    loss_head_fallback = install_cpu_loss_head()
+    location = modelsrc.model_location(spec, run_dir)
+    chosen = backend.plan(spec, AutoConfig.from_pretrained(location), device)
+    log.info("batch_plan", backend=backend.NAME, **chosen.__dict__)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, peft_config, info = backend.setup(spec, location, device, chosen)
+    tokenizer, _ = modelsrc.load_tokenizer(location, spec)  # the spec's template, not the backend's
+    loaded_reserved = torch.cuda.memory_reserved() if device == "cuda" else 0
+    trainer, progress, box = build_trainer(spec, model, tokenizer, load_train_dataset(run_dir), device, chosen,
+                                           run_dir.checkpoints_dir, peft_config=peft_config,
+                                           trainer_checkpointing=backend.NAME != "unsloth")
+    log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
+             micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
+             gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
+             trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), **info)
+    figures = run_trainer(trainer, spec, run_dir, tokenizer, progress, box, restart)
+    figures.update(backend=backend.NAME, device=device, micro_batch=chosen.micro_batch,
+                   accumulation=chosen.accumulation, gradient_checkpointing=chosen.gradient_checkpointing,
+                   plan_estimated_gb=chosen.estimated_gb or None, plan_budget_gb=chosen.budget_gb or None, **info)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_reserved()
+        figures.update(peak_gpu_gb=round(peak / 1024**3, 3), lora_gpu_gb=round((peak - loaded_reserved) / 1024**3, 3))
+    return figures
+
+
+def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, box: dict,
                 restart: bool = False) -> dict:
     """Trains from the newest complete checkpoint, saves the adapter, and returns the run's figures.
 
     Raises:
         Interrupted: a signal stopped training; a checkpoint of the last finished step was saved.
+        ExternalError: a checkpoint could not be written (the disk).
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if json_stdout():  # the Trainer would print raw dicts and bars into the JSON stream
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    count_tokens(trainer, progress)
-    resume = find_resume_point(spec, run_dir, restart, started_step_box)
+    resume = find_resume_point(spec, run_dir, restart, box)
     if distributed.active() and trainer.args.device.type == "cpu" and trainer.args.device.index is not None:
         # accelerate names CPU ranks "cpu:N", which torch.load rejects as a map_location when the Trainer
         # reloads the optimizer on resume (transformers 5.17); the same device under its plain name.
@@ -234,17 +279,20 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
 
         trainer.args.__dict__["_setup_devices"] = torch.device("cpu")
     started = time.perf_counter()
+    checkpointing = None
     try:
-        if resume is not None and _checkpoint_step(resume) >= spec.train.max_steps:
+        if resume is not None and checkpoint_step(resume) >= spec.train.max_steps:
             train_loss = finished_checkpoint(trainer, resume)
-            started_step_box["step"] = trainer.state.global_step
+            box["step"] = trainer.state.global_step
         else:
             train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_loss")
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
     finally:
-        if "sync" in started_step_box:
-            started_step_box["sync_figures"] = started_step_box["sync"].finish()
+        if "writer" in box:
+            checkpointing = box["writer"].finish()  # the last checkpoint is complete (or its failure raised)
+        if "sync" in box:
+            box["sync_figures"] = box["sync"].finish()
     runtime = time.perf_counter() - started
     step = trainer.state.global_step
     if interrupt.stop_requested() and step < spec.train.max_steps:
@@ -255,17 +303,22 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, st
             trainer.model.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
     history = [h for h in trainer.state.log_history if "loss" in h]
-    return {
-        "global_step": step, "resumed_from_step": started_step_box.get("step", 0) or None,
+    figures = {
+        "global_step": step, "resumed_from_step": box.get("step", 0) or None,
         "session_runtime_s": round(runtime, 3), "train_loss_mean": train_loss,
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
         "session_tokens": int(progress.all_tokens),
         "tokens_per_s": round(progress.all_tokens / runtime, 1) if runtime > 0 else None,
+        "steady_tokens_per_s": progress.steady_tokens_per_s(),
         "world_size": distributed.world().size,
-        **({"checkpoint_sync": {**started_step_box["sync_figures"], "restored_step": started_step_box.get("restored")}}
-           if "sync_figures" in started_step_box else {}),
     }
+    if checkpointing is not None:
+        figures["checkpointing"] = {**checkpointing, "share_of_training": round(checkpointing["blocking_s"] / runtime, 4)
+                                    if runtime > 0 else None}
+    if "sync_figures" in box:
+        figures["checkpoint_sync"] = {**box["sync_figures"], "restored_step": box.get("restored")}
+    return figures
 
 
 def finished_checkpoint(trainer, checkpoint: Path) -> float | None:
@@ -295,9 +348,9 @@ def find_resume_point(spec: JobSpec, run_dir: RunDir, restart: bool = False, box
 
             resume = checkpoint_sync.restore(spec, run_dir, restart)
             if resume is not None and box is not None:
-                box["restored"] = _checkpoint_step(resume)
+                box["restored"] = checkpoint_step(resume)
         if resume is not None:
-            log.info("train_resumed", checkpoint=str(resume), step=_checkpoint_step(resume))
+            log.info("train_resumed", checkpoint=str(resume), step=checkpoint_step(resume))
     if me.size > 1:
         resume = distributed.send({"resume": str(resume) if resume else None})["resume"]
     return Path(resume) if resume else None

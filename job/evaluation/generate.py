@@ -57,26 +57,45 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+BATCH = 32  # prompts per generate call: all of a suite, bounded so a long suite cannot exhaust memory
+
+
 def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, max_new_tokens: int | None = None
                 ) -> list[dict]:
-    """Answers every prompt with a transformers model (one at a time: no padding effects)."""
+    """Answers the prompts with a transformers model, all of them in one left-padded batch (greedy answers
+    are the ones it gives one prompt at a time). A stop request ends generation within a token.
+
+    Raises:
+        Interrupted: a signal arrived during evaluation.
+    """
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from job import interrupt
+    from job.errors import Interrupted
+
+    class StopOnSignal(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), interrupt.stop_requested(), device=input_ids.device)
 
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     limit = max_new_tokens or evaluate.max_new_tokens
-    from job import interrupt
-    from job.errors import Interrupted
-
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     answers = []
-    for item in suite:
+    for first in range(0, len(suite), BATCH):
+        items = suite[first:first + BATCH]
         if interrupt.stop_requested():
             raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
-        text = render(tokenizer, item["prompt"], evaluate.system_prompt)
-        prompt_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        prompts = [tokenizer(render(tokenizer, item["prompt"], evaluate.system_prompt), add_special_tokens=False)
+                   ["input_ids"] for item in items]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
         kwargs: dict[str, Any] = {"do_sample": evaluate.do_sample, "max_new_tokens": limit,
-                                  "eos_token_id": stops or None, "pad_token_id": tokenizer.pad_token_id}
+                                  "eos_token_id": stops or None, "pad_token_id": pad_id,
+                                  "stopping_criteria": StoppingCriteriaList([StopOnSignal()])}
         if evaluate.do_sample:
             torch.manual_seed(evaluate.seed)
             kwargs.update(temperature=evaluate.temperature, top_p=evaluate.top_p)
@@ -84,16 +103,18 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
             kwargs.update(temperature=None, top_p=None, top_k=None)
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **kwargs)
-        new_ids = out[0, prompt_ids.shape[1]:].tolist()
-        stopped = bool(new_ids) and new_ids[-1] in stops
-        if stopped:
-            new_ids = new_ids[:-1]
-        answers.append({
-            "id": item["id"], "prompt": item["prompt"],
-            "answer": tokenizer.decode(new_ids, skip_special_tokens=True),
-            "token_ids": new_ids, "prompt_tokens": prompt_ids.shape[1],
-            "stop_reason": "end_of_turn" if stopped else "length",
-            "seconds": round(time.perf_counter() - started, 3),
-        })
+            out = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        seconds = time.perf_counter() - started
+        if interrupt.stop_requested():
+            raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
+        for row, (item, ids) in enumerate(zip(items, prompts)):
+            new_ids = out[row, width:].tolist()
+            end = next((i for i, token in enumerate(new_ids) if token in stops), None)
+            answers.append({
+                "id": item["id"], "prompt": item["prompt"],
+                "answer": tokenizer.decode(new_ids[:end], skip_special_tokens=True),
+                "token_ids": new_ids[:end], "prompt_tokens": len(ids),
+                "stop_reason": "end_of_turn" if end is not None else "length",
+                "seconds": round(seconds / len(items), 3), "batch_size": len(items),
+            })
     return answers

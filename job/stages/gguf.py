@@ -89,13 +89,12 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
 def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], reference: list[dict],
            evaluate: EvaluateSpec) -> dict:
     """Raises ExternalError when the GGUF does not load, answers nothing, or (float types) disagrees."""
+    texts = [generate.render(tokenizer, item["prompt"], evaluate.system_prompt) for item in prompts]
+    longest = max(len(ref["token_ids"]) + (1 if ref["stop_reason"] == "end_of_turn" else 0) for ref in reference)
+    results = llamacpp.generate_many(tools, path, texts, max(longest, 1))
     per_prompt, tokenizer_match, agreements = [], True, []
-    for item, ref in zip(prompts, reference):
-        text = generate.render(tokenizer, item["prompt"], evaluate.system_prompt)
-        expected_prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        max_tokens = len(ref["token_ids"]) + (1 if ref["stop_reason"] == "end_of_turn" else 0) or 1
-        result = llamacpp.generate(tools, path, text, max_tokens)
-        tokenizer_match &= result.prompt_ids == expected_prompt_ids
+    for item, text, ref, result in zip(prompts, texts, reference, results):
+        tokenizer_match &= result.prompt_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
         want, got = ref["token_ids"], result.token_ids
         common = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         agreements.append(common / len(want) if want else float(not got))
@@ -117,15 +116,15 @@ def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], refere
 
 
 def answer_suite(tools, path: Path, tokenizer, prompts: list[dict], evaluate: EvaluateSpec) -> list[dict]:
-    answers = []
-    for item in prompts:
-        started = time.perf_counter()
-        text = generate.render(tokenizer, item["prompt"], evaluate.system_prompt)
-        result = llamacpp.generate(tools, path, text, evaluate.max_new_tokens)
-        answers.append({"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),
-                        "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),
-                        "stop_reason": result.stop_reason, "seconds": round(time.perf_counter() - started, 3)})
-    return answers
+    """The whole suite in one llama.cpp process that decodes the prompts together."""
+    started = time.perf_counter()
+    texts = [generate.render(tokenizer, item["prompt"], evaluate.system_prompt) for item in prompts]
+    results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens)
+    seconds = round((time.perf_counter() - started) / max(len(prompts), 1), 3)
+    return [{"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),
+             "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),
+             "stop_reason": result.stop_reason, "seconds": seconds, "batch_size": len(prompts)}
+            for item, result in zip(prompts, results)]
 
 
 def modelfile(spec: JobSpec, tokenizer, files: dict[str, dict]) -> str:

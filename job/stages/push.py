@@ -6,17 +6,15 @@ environment variable the spec names and is never written anywhere.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
-from job.errors import ExternalError, SpecError
+from job import hub
+from job.errors import SpecError
 from job.log import add_secret, get_logger
 from job.rundir import RunDir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from job.spec import JobSpec
 
 log = get_logger("peftopt.push")
-RETRIES = int(os.environ.get("PEFTOPT_PUSH_RETRIES", "5"))
-BACKOFF_S = float(os.environ.get("PEFTOPT_PUSH_BACKOFF_S", "2"))
 
 
 def check_token(spec: JobSpec) -> str:
@@ -47,34 +45,6 @@ def uploads(spec: JobSpec, run_dir: RunDir) -> list[tuple[str, Path, str]]:
     return plan
 
 
-def _retrying(what: str, call):
-    from huggingface_hub.errors import HfHubHTTPError
-
-    delay = BACKOFF_S
-    for attempt in range(1, RETRIES + 1):
-        try:
-            return call()
-        except HfHubHTTPError as exc:
-            status = getattr(exc.response, "status_code", None)
-            if status in (401, 403):
-                raise ExternalError(f"{what}: the Hub rejected the token (HTTP {status}); check push.token_env") from None
-            if status is not None and status < 500 and status != 429 or attempt == RETRIES:
-                raise ExternalError(f"{what}: Hub error HTTP {status}: {str(exc).splitlines()[0]}") from None
-            reason = f"HTTP {status}"
-        except (OSError, TimeoutError) as exc:  # connection refused/reset, timeouts (httpx errors are OSErrors)
-            if attempt == RETRIES:
-                raise ExternalError(f"{what}: {type(exc).__name__} after {RETRIES} tries") from None
-            reason = type(exc).__name__
-        except Exception as exc:
-            if "httpx" not in type(exc).__module__ or attempt == RETRIES:
-                raise
-            reason = type(exc).__name__
-        log.warning("push_retry", what=what, attempt=attempt, reason=reason, wait_s=delay)
-        time.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")
-
-
 def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     from job import card
 
@@ -88,14 +58,12 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
             log.info("push_planned", repo=repo, path=in_repo, source=str(path), bytes=path.stat().st_size)
         log.info("push_dry_run", files=len(plan), note="nothing uploaded; the push stage stays pending")
         return {"artifacts": [], "metrics": {"dry_run_files": len(plan)}, "keep_pending": True}
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    api = hub.api(token)
     ledger_path = run_dir.root / "push-ledger.json"
     ledger = read_json(ledger_path) or {}
     for repo in sorted({repo for repo, _, _ in plan}):
         if not ledger.get(f"repo:{repo}"):
-            _retrying(f"create {repo}", lambda: api.create_repo(repo, private=spec.push.private, exist_ok=True))
+            hub.retrying(f"create {repo}", lambda: api.create_repo(repo, private=spec.push.private, exist_ok=True))
             ledger[f"repo:{repo}"] = True
             atomic_write_json(ledger_path, ledger)
             log.info("repo_ready", repo=repo, private=spec.push.private)
@@ -105,7 +73,7 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
         if ledger.get(key) == digest:
             skipped += 1
             continue
-        _retrying(f"upload {key}", lambda: api.upload_file(path_or_fileobj=str(path), path_in_repo=in_repo,
+        hub.retrying(f"upload {key}", lambda: api.upload_file(path_or_fileobj=str(path), path_in_repo=in_repo,
                                                            repo_id=repo, commit_message=f"peftopt: {in_repo}"))
         ledger[key] = digest
         atomic_write_json(ledger_path, ledger)

@@ -1,0 +1,164 @@
+"""Packed rows on the flash kernel, for both backends.
+
+With packing, trl hands the model one flattened row per micro-batch (padding-free), `position_ids` restarting
+at 0 at each conversation. transformers' sdpa turns that into a dense block mask over the whole row: no
+flash kernel, K/V repeated for every query head, memory quadratic in the row. Instead:
+
+- `hf`: `peftopt_varlen`, an attention function registered in transformers' AttentionInterface, gives the
+  row to torch's variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`) with cumulative
+  lengths taken from where `position_ids` is 0, K/V heads as they are. Its mask function is FA2's (no mask
+  for a packed row, the 2D padding mask otherwise); anything the kernel cannot take (padding, decoding,
+  CPU) goes to sdpa with the equivalent mask.
+- `unsloth` on torch < 2.12: unsloth takes torch's varlen kernel only when `varlen_attn` has `enable_gqa`
+  (2.12). The 2.11 function takes fewer K/V heads natively, so a wrapper without that argument is set into
+  unsloth's dispatch; from 2.12 on unsloth does it itself and nothing is changed.
+
+`hf_path()` and `adapt_unsloth()` say which path runs and why; the backends log it and keep it in metrics.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+NAME = "peftopt_varlen"
+_registered = False
+_cache: dict[str, Any] = {"position_ids": None}
+
+
+def varlen_kernel():
+    """torch's variable-length attention when this torch build can run causal packed rows, else None."""
+    import torch
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params and "is_causal" not in params:
+        return None
+    if not getattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)():
+        return None
+    return varlen_attn
+
+
+def hf_path(device: str, dtype, config) -> tuple[str, str]:
+    """("varlen", why) when packed rows can run on the flash kernel here, else ("sdpa", why)."""
+    import torch
+
+    if device != "cuda":
+        return "sdpa", "no CUDA device: packed rows use sdpa with a block mask"
+    if varlen_kernel() is None:
+        return "sdpa", f"torch {torch.__version__} has no usable varlen flash kernel: sdpa with a block mask"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "sdpa", "the flash kernel needs compute capability 8.0 or newer: sdpa with a block mask"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa", f"the flash kernel takes bf16/fp16, not {dtype}: sdpa with a block mask"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim > 256 or head_dim % 8:
+        return "sdpa", f"head_dim {head_dim} is outside the flash kernel's range: sdpa with a block mask"
+    return "varlen", "packed rows on torch's varlen flash kernel (no block mask, K/V heads not repeated)"
+
+
+def cumulative_lengths(position_ids) -> tuple[Any, int]:
+    """(cu_seqlens as int32 [N+1], longest segment) of one flattened row whose positions restart at 0."""
+    import torch
+
+    positions = position_ids.reshape(-1)
+    starts = torch.nonzero(positions == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    total = starts.new_full((1,), positions.numel())
+    cu = torch.cat([starts, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _lengths_once(position_ids) -> tuple[Any, int]:
+    # Every layer of one forward pass gets the same position_ids object: compute (and sync) once. The cache
+    # holds that tensor, so its memory cannot be reused by a later batch while the entry lives.
+    if _cache["position_ids"] is not position_ids:
+        _cache.update(position_ids=position_ids, lengths=cumulative_lengths(position_ids))
+    return _cache["lengths"]
+
+
+def _segment_mask(position_ids, q_len: int, kv_len: int, padding_mask):
+    """The boolean [B, 1, q, kv] mask sdpa needs: causal, within one packed segment, not on padding."""
+    import torch
+
+    device = position_ids.device if position_ids is not None else padding_mask.device
+    kv_index = torch.arange(kv_len, device=device)
+    q_index = kv_index[kv_len - q_len:]
+    mask = (kv_index[None, :] <= q_index[:, None])[None, None]
+    if position_ids is not None and q_len == kv_len:
+        segment = torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+        mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, -kv_len:].to(torch.bool)
+    return mask
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
+                             **kwargs):
+    """transformers' attention-function contract: q [B, Hq, S, D], k/v [B, Hkv, S, D] in, ([B, S, Hq, D], None) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    kernel = varlen_kernel() if query.is_cuda else None
+    packed_row = (kernel is not None and query.shape[0] == 1 and attention_mask is None and position_ids is not None
+                  and query.shape[2] == key.shape[2] and not dropout)
+    if not packed_row:
+        mask = _segment_mask(position_ids if attention_mask is None else None, query.shape[2], key.shape[2],
+                             attention_mask)
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=False, **kwargs)
+    cu, longest = _lengths_once(position_ids)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D] views of the projections
+    params = inspect.signature(kernel).parameters
+    extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
+        extra["enable_gqa"] = True  # torch >= 2.12 asks; 2.11's kernel takes fewer K/V heads as they are
+    out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Registers `peftopt_varlen` with transformers (idempotent) and returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+        AttentionInterface.register(NAME, varlen_attention_forward)
+        AttentionMaskInterface.register(NAME, flash_attention_mask)
+        _registered = True
+    return NAME
+
+
+def adapt_unsloth(dispatch=None) -> str:
+    """Lets unsloth's packed attention use torch's varlen kernel on torch < 2.12; says which path runs.
+
+    `dispatch` is `unsloth.utils.attention_dispatch` (imported here when not given).
+    """
+    import os
+
+    if dispatch is None:
+        from unsloth.utils import attention_dispatch as dispatch
+    ours = "varlen flash (torch's kernel set into unsloth's dispatch; this torch's varlen_attn lacks enable_gqa)"
+    if getattr(dispatch._TORCH_VARLEN_ATTN, "set_by_peftopt", False):
+        return ours
+    if dispatch._TORCH_VARLEN_ATTN is not None:
+        return "varlen flash (unsloth's own: this torch's varlen_attn takes enable_gqa)"
+    if os.environ.get("UNSLOTH_TORCH_VARLEN", "1").lower() in ("0", "false", "no", "off"):
+        return "per-segment sdpa (UNSLOTH_TORCH_VARLEN is off)"
+    kernel = varlen_kernel()
+    if kernel is None or "window_size" not in inspect.signature(kernel).parameters:
+        return "per-segment sdpa (this torch has no varlen flash kernel unsloth can call)"
+
+    def varlen_without_gqa_flag(*args, enable_gqa: bool = False, **kwargs):
+        return kernel(*args, **kwargs)  # the kernel reads the K/V head count from the tensors
+
+    varlen_without_gqa_flag.set_by_peftopt = True
+    dispatch._TORCH_VARLEN_ATTN = varlen_without_gqa_flag
+    dispatch._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    dispatch._LEAN_VARLEN = True
+    return ours

@@ -1,0 +1,198 @@
+"""Training checkpoints that can be trusted, and that cost the training loop almost nothing.
+
+A checkpoint is `checkpoints/checkpoint-N/` holding what the Trainer needs to resume (the adapter, optimizer,
+scheduler, RNG states, trainer state) and, written last, `peftopt-checkpoint.json`: the marker listing every
+file with its size, and the training fingerprint. A checkpoint is used only if its marker matches its files;
+a half-written one is removed with a warning.
+
+`AsyncCheckpointWriter` replaces the Trainer's synchronous save on a single process: the training thread only
+copies the trainable weights and optimizer state into CPU memory, and a background thread writes them into a
+hidden `.checkpoint-N.partial/`, writes the marker, renames it into place and rotates old ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from job.errors import ExternalError, disk_error
+from job.log import get_logger
+from job.rundir import atomic_write_json
+
+log = get_logger("peftopt.train")
+MARKER = "peftopt-checkpoint.json"
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def write_marker(path: Path, step: int, fingerprint: str | None) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != MARKER}
+    atomic_write_json(path / MARKER, {"step": step, "files": files, "train_fingerprint": fingerprint})
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    try:
+        listed = json.loads((path / MARKER).read_text())["files"]
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in listed.items())
+
+
+def complete_steps(checkpoints_dir: Path) -> list[int]:
+    return sorted(checkpoint_step(p) for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_is_complete(p))
+
+
+def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint whose files are all there; half-written ones are removed with a warning."""
+    if not checkpoints_dir.is_dir():
+        return None
+    for partial in checkpoints_dir.glob(".checkpoint-*.partial"):  # a writer killed mid-checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step,
+                        reverse=True)
+    for path in candidates:
+        if checkpoint_is_complete(path):
+            return path
+        log.warning("checkpoint_incomplete", path=str(path), action="removed; resuming from an older one")
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _to_cpu(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class AsyncCheckpointWriter:
+    """Installed in place of `trainer._save_checkpoint`; writes what the Trainer's own resume reads.
+
+    `on_written(path)` runs on the writer thread once a checkpoint is complete (the Hub sync hooks in there).
+    A failed write is raised on the training thread at the next save or at `finish()`.
+    """
+
+    def __init__(self, trainer, fingerprint: str | None, on_written: Callable[[Path], None] | None = None):
+        self.trainer = trainer
+        self.fingerprint = fingerprint
+        self.on_written = on_written
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.blocking_s = 0.0  # time the training loop spent on checkpoints
+        self.write_s = 0.0  # time the writer thread spent
+        self.saves = 0
+        trainer._save_checkpoint = self.save
+
+    def save(self, model, trial=None) -> None:
+        import numpy as np
+        import torch
+        from peft import get_peft_model_state_dict
+        from transformers.trainer_callback import ExportableState
+
+        started = time.perf_counter()
+        self.wait()
+        trainer = self.trainer
+        trainer.store_flos()
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        for callback in [*trainer.callback_handler.callbacks, trainer.control]:  # as Trainer._save_checkpoint does
+            if isinstance(callback, ExportableState):
+                name = type(callback).__name__
+                if isinstance(trainer.state.stateful_callbacks.get(name), list):
+                    trainer.state.stateful_callbacks[name].append(callback.state())
+                else:
+                    trainer.state.stateful_callbacks[name] = callback.state()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():  # one process: Trainer._load_rng_state reads one device's state
+            rng["cuda"] = torch.cuda.random.get_rng_state()
+        snapshot = {
+            "step": trainer.state.global_step,
+            "adapter": _to_cpu(get_peft_model_state_dict(unwrapped)),
+            "adapter_config": unwrapped.peft_config,
+            "optimizer": _to_cpu(trainer.optimizer.state_dict()),
+            "scheduler": trainer.lr_scheduler.state_dict(),
+            "rng": rng,
+            "trainer_state": trainer.state.to_json_string(),
+            "dir": Path(trainer.args.output_dir),
+            "keep": trainer.args.save_total_limit,
+        }
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are complete before training changes the weights
+        self.thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer", daemon=True)
+        self.thread.start()
+        self.saves += 1
+        self.blocking_s += time.perf_counter() - started
+
+    def _write(self, snapshot: dict) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        started = time.perf_counter()
+        root: Path = snapshot["dir"]
+        final = root / f"checkpoint-{snapshot['step']}"
+        partial = root / f".checkpoint-{snapshot['step']}.partial"
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in snapshot["adapter"].items()},
+                      str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+            for config in snapshot["adapter_config"].values():
+                config.save_pretrained(str(partial))
+            torch.save(snapshot["optimizer"], partial / "optimizer.pt")
+            torch.save(snapshot["scheduler"], partial / "scheduler.pt")
+            torch.save(snapshot["rng"], partial / "rng_state.pth")
+            (partial / "trainer_state.json").write_text(snapshot["trainer_state"])
+            write_marker(partial, snapshot["step"], self.fingerprint)
+            for path in partial.iterdir():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            self._rotate(root, snapshot["keep"])
+        except BaseException as exc:  # raised on the training thread by the next save or finish()
+            shutil.rmtree(partial, ignore_errors=True)
+            self.error = exc
+            return
+        self.write_s += time.perf_counter() - started
+        log.info("checkpoint_saved", step=snapshot["step"], path=str(final),
+                 write_s=round(time.perf_counter() - started, 3))
+        if self.on_written is not None:
+            self.on_written(final)
+
+    @staticmethod
+    def _rotate(root: Path, keep: int | None) -> None:
+        if not keep:
+            return
+        steps = complete_steps(root)
+        for step in steps[:-keep]:
+            shutil.rmtree(root / f"checkpoint-{step}", ignore_errors=True)
+
+    def wait(self) -> None:
+        """Waits for the checkpoint being written. Raises ExternalError if writing it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            problem = disk_error(error)
+            raise ExternalError(f"writing a checkpoint failed: {problem or f'{type(error).__name__}: {error}'}; "
+                                "finished checkpoints are kept, rerun to resume") from error
+
+    def finish(self) -> dict:
+        self.wait()
+        return {"saves": self.saves, "blocking_s": round(self.blocking_s, 3), "write_s": round(self.write_s, 3)}
