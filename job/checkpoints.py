@@ -11,6 +11,7 @@ hidden `.checkpoint-N.partial/`, writes the marker, renames it into place and ro
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -127,7 +128,8 @@ class AsyncCheckpointWriter:
             "optimizer": _to_cpu(trainer.optimizer.state_dict()),
             "scheduler": trainer.lr_scheduler.state_dict(),
             "rng": rng,
-            "trainer_state": trainer.state.to_json_string(),
+            # TrainerState.save_to_json's own format, taken now: the state moves on with training
+            "trainer_state": json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n",
             "dir": Path(trainer.args.output_dir),
             "keep": trainer.args.save_total_limit,
         }

@@ -3,7 +3,6 @@ botocore with its documented limits, GCP Batch's protobuf types, Kubernetes' Ope
 version from 1.31, a GitHub Actions security linter), map peftopt's exit codes onto the service's retry
 rules, and each check fails on the fault it exists to catch. Also: the lock and the Dockerfile's contract.
 """
-import copy
 import json
 import re
 import subprocess

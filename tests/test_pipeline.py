@@ -254,3 +254,34 @@ def test_sigterm_in_a_later_stage_exits_75_within_grace_and_the_rerun_redoes_onl
     started = [e["stage"] for e in events(rerun.stdout) if e["event"] == "stage_started"]
     skipped = [e["stage"] for e in events(rerun.stdout) if e["event"] == "stage_skipped"]
     assert started == ["evaluate"] and skipped == ["prepare", "train"]
+
+
+def test_batched_answers_equal_one_at_a_time(full_run, tiny_model):
+    """transformers in one left-padded batch, and llama.cpp decoding the prompts together, give the greedy
+    tokens each gives one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from job import modelsrc
+    from job.evaluation import generate
+    from job.specfile import load_spec
+
+    run_dir, _, _, spec_path = full_run
+    spec = load_spec(spec_path)
+    suite = generate.load_suite(spec.evaluate) + [
+        {"id": "long", "prompt": "Tell me one thing about the library, the market and a small robot.", "checks": {}}]
+    tokenizer, _ = modelsrc.load_tokenizer(str(run_dir / "merged"), spec)
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "merged"), dtype=torch.float32)
+    together = generate.generate_hf(model, tokenizer, suite, spec.evaluate)
+    alone = [generate.generate_hf(model, tokenizer, [item], spec.evaluate)[0] for item in suite]
+    assert [a["token_ids"] for a in together] == [a["token_ids"] for a in alone]
+    assert {a["batch_size"] for a in together} == {len(suite)}
+
+    tools = llamacpp.find()
+    texts = [generate.render(tokenizer, item["prompt"], None) for item in suite]
+    gguf = run_dir / "gguf" / "full-f16.gguf"
+    many = llamacpp.generate_many(tools, gguf, texts, 12)
+    for text, result in zip(texts, many):
+        single = llamacpp.generate(tools, gguf, text, 12)
+        assert (result.prompt_ids, result.token_ids, result.stop_reason) == \
+            (single.prompt_ids, single.token_ids, single.stop_reason)
