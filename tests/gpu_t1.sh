@@ -42,6 +42,7 @@ print(json.dumps({"run": m.get("run", {}).get("name"), "stages": {k: v["runtime_
                   "gguf_verify": {q: {"agreement": f["verify"]["agreement"], "tokenizer_match": f["verify"]["tokenizer_match"]}
                                   for q, f in m.get("gguf", {}).get("files", {}).items()}}))
 EOF
+  [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .  # what finished comes back even if the call times out
   return $code
 }
 
@@ -56,9 +57,10 @@ case "$mode" in
   unsloth)
     run t1-unsloth
     UNSLOTH_TORCH_VARLEN=0 run t1-slow50 --set train.max_steps=50 --set evaluate=null --set export.merge=false --set export.gguf=[]
-    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 20 --json > "$out/bench.json" 2> "$out/bench.err"
+    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --json > "$out/bench.json" 2> "$out/bench.err"
     python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
       "$out/bench.json" | tee "$out/bench.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   hf)
     run t1-hf --set train.backend=hf
