@@ -165,9 +165,10 @@ def table(results: list[dict]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        from job.log import configure
+        from job.log import configure, events_to_stderr
 
         configure()
+        events_to_stderr()
         try:
             print(json.dumps(worker(json.loads(sys.argv[2]))))
         except Exception as exc:  # reported by the parent as this setting's failure

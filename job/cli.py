@@ -193,10 +193,12 @@ def report(run_dirs, out_dir, baseline, log_file) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @set_option
 def bench(spec_file, steps, extra, as_json, overrides) -> None:
-    """Time the spec's training as written and as peftopt runs it (CUDA): tokens/s, MFU, peak memory."""
+    """Time the spec's training as written and as each backend runs it (CUDA): tokens/s, MFU, peak memory."""
     from job import bench as bench_module
+    from job.log import events_to_stderr
     from job.specfile import load_spec
 
+    events_to_stderr()  # stdout holds the table or the JSON alone
     results = bench_module.run(load_spec(spec_file, overrides), steps, list(extra))
     click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))
 

@@ -113,6 +113,14 @@ def keep_stdout_for_events() -> None:
             handler.setStream(events)
 
 
+def events_to_stderr() -> None:
+    """For commands whose stdout is their result (`bench`): log events go to stderr instead."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_peftopt", False) and isinstance(handler, logging.StreamHandler) \
+                and not isinstance(handler, logging.FileHandler):
+            handler.setStream(sys.stderr)
+
+
 def json_stdout() -> bool:
     return _json_stdout
 

@@ -63,6 +63,10 @@ case "$mode" in
     [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   hf)
-    run t1-hf --set train.backend=hf
+    run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
+    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
+    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+      "$out/bench.json" | tee "$out/bench.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
 esac
