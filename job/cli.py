@@ -106,21 +106,29 @@ def _register_secret(spec) -> None:
 @click.argument("spec_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @set_option
 def validate(spec_files, overrides) -> None:
-    """Check jobspecs without running anything (machine-independent). Exit 0, or 2 listing every error."""
+    """Check jobspecs without running anything (machine-independent: the spec, and the prompt suite, chat
+    template and data file shipped beside it). Exit 0, or 2 (3 for a bad data row) listing every error."""
+    from pathlib import Path
+
+    from job import preflight
+    from job.errors import DataError
+    from job.runner import enabled_stages
     from job.specfile import load_variants
 
-    failed = 0
+    worst = 0
     for name in spec_files:
         try:
             variants = load_variants(name, overrides)
+            for variant in variants:
+                preflight.check(variant, enabled_stages(variant), spec_dir=Path(name).parent)
             click.echo(f"{name}: ok" + (f" ({len(variants)} variants)" if len(variants) > 1 else ""))
-        except SpecError as exc:
-            failed += 1
+        except (SpecError, DataError) as exc:
+            worst = max(worst, exc.exit_code)
             click.echo(f"{name}: {exc.message.removeprefix(name + ': ')}", err=True)
             for line in exc.details:
                 click.echo(f"  {line}", err=True)
-    if failed:
-        raise SystemExit(2)
+    if worst:
+        raise SystemExit(worst)
 
 
 @cli.command()

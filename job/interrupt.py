@@ -12,6 +12,9 @@ import threading
 import time
 
 from job.errors import EXIT_INTERRUPTED
+from job.log import get_logger
+
+log = get_logger("peftopt")
 
 _stop = threading.Event()
 _grace_s = 20.0
@@ -39,7 +42,8 @@ def _flush_logs() -> None:
 
 
 def _give_up() -> None:
-    logging.getLogger("peftopt").error("grace period over before a safe point: exiting 75")
+    log.error("grace_expired", grace_s=_grace_s, exit_code=EXIT_INTERRUPTED,
+              action="exiting before a safe point; the last complete checkpoint is on disk")
     _flush_logs()
     os._exit(EXIT_INTERRUPTED)
 
@@ -51,8 +55,8 @@ def _handle(signum, _frame) -> None:
         os._exit(EXIT_INTERRUPTED)
     _stopped_at = time.monotonic()
     _stop.set()
-    logging.getLogger("peftopt").warning("stop requested by %s: saving at the next safe point, grace %.0f s",
-                                         signal.Signals(signum).name, _grace_s)
+    log.warning("stop_requested", signal=signal.Signals(signum).name, grace_s=_grace_s,
+                action="saving at the next safe point, then exiting 75")
     _watchdog = threading.Timer(_grace_s, _give_up)
     _watchdog.daemon = True
     _watchdog.start()

@@ -7,6 +7,7 @@ else .cache/llama.cpp in the checkout.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,22 @@ def find() -> LlamaCpp:
     where = configured or " or ".join(str(c) for c in CANDIDATES)
     raise SpecError(f"export.gguf: the pinned llama.cpp tools are not in {where}; run `make llama-cpp` "
                     "(or set LLAMA_CPP_DIR to a prefix built by docker/build-llama-cpp.sh)")
+
+
+def quant_types(tools: LlamaCpp) -> set[str]:
+    """The type names `llama-quantize --help` lists as allowed (upper case: Q4_K_M, Q8_0, ...)."""
+    try:
+        text = subprocess.run([str(tools.quantize), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ExternalError(f"llama-quantize --help did not run: {exc}") from None
+    return set(re.findall(r"^\s*\d+\s+or\s+([A-Z0-9_]+)\s*:", text.stdout + text.stderr, re.M))
+
+
+def pre_tokenizers(tools: LlamaCpp) -> set[str]:
+    """The pre-tokenizer names the pinned converter can write (`res = "..."` in its sources)."""
+    sources = [tools.converter, *sorted((tools.prefix / "conversion").rglob("*.py"))]
+    return {name for path in sources if path.is_file()
+            for name in re.findall(r'res = "([A-Za-z0-9_.-]+)"', path.read_text(encoding="utf-8"))}
 
 
 def describe() -> dict:

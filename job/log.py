@@ -51,6 +51,14 @@ def _shared_processors():
     ]
 
 
+def library_record(_logger, _name, event_dict):
+    """A line from a library (stdlib logging, warnings) is the event `library_log`, its text in `message`:
+    a console that groups by event name gets one group, not one per library sentence or banner."""
+    event_dict["message"] = str(event_dict.pop("event", "")).strip()
+    event_dict["event"] = "library_log"
+    return event_dict
+
+
 def _formatter(json_output: bool) -> logging.Formatter:
     renderer = (
         structlog.processors.JSONRenderer(default=str)
@@ -64,7 +72,7 @@ def _formatter(json_output: bool) -> logging.Formatter:
         final.append(structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(), processors=[*final, renderer]
+        foreign_pre_chain=[*_shared_processors(), library_record], processors=[*final, renderer]
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from job import distributed, interrupt, modelsrc
+from job import distributed, interrupt, modelsrc, preflight
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
@@ -52,36 +52,6 @@ def enabled_stages(spec: JobSpec) -> list[str]:
         "push": bool(spec.push and (spec.push.adapter_repo or spec.push.gguf_repo or spec.push.merged_repo)),
     }
     return [s for s in STAGES if on[s]]
-
-
-def preflight(spec: JobSpec, stages: list[str]) -> None:
-    """Everything that can be known to fail before any work starts.
-
-    Raises:
-        SpecError: a local input is missing, a push has no token, or llama.cpp is missing for an export.
-    """
-    if "prepare" in stages or "train" in stages or "evaluate" in stages:
-        modelsrc.check_source(spec)
-    if spec.data and "prepare" in stages and spec.data.source.startswith("/") and not os.path.isfile(spec.data.source):
-        raise SpecError(f"data.source: {spec.data.source} does not exist")
-    if "gguf" in stages:
-        from job import llamacpp
-
-        llamacpp.find()  # raises with the fix when the pinned tools are missing
-    if "train" in stages and spec.train.backend != "hf":
-        from job import backends
-
-        # unsloth must be imported before transformers to patch it; choosing here does that, and a
-        # backend that cannot run here fails now rather than after data preparation.
-        backends.choose(spec.train.backend, backends.device())
-    if "train" in stages and spec.train.checkpoint_sync:
-        from job import checkpoint_sync
-
-        checkpoint_sync.token(spec)
-    if "push" in stages:
-        from job.stages import push
-
-        push.check_token(spec)
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -156,7 +126,7 @@ def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | N
         stages = [s for s in stages if s in only]
     if spec.train:
         interrupt.set_grace(spec.train.grace_period_s)
-    preflight(spec, stages)
+    preflight.check(spec, stages)  # every input the stages need, before any work
     structlog.contextvars.bind_contextvars(run=spec.name)
     me = distributed.world()
     if me.size > 1:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +66,22 @@ def make_spec(tmp_path, tiny_model, tiny_data):
         return path
 
     return make
+
+
+def documented_events() -> set[str]:
+    """The event names README.md's "Event names" table documents."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("#### Event names", 1)[1].split("\n#", 1)[0]
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    return names
+
+
+def assert_documented_events(lines) -> None:
+    """Every event in these JSON lines has a stable snake_case name from the README's table."""
+    known = documented_events()
+    seen = {json.loads(line)["event"] for line in lines if line.strip().startswith("{")}
+    assert all(re.fullmatch(r"[a-z]+(_[a-z0-9]+)*", name) for name in seen), seen
+    assert seen <= known, sorted(seen - known)

@@ -132,6 +132,9 @@ def test_demo_job_end_to_end_as_the_image_user_on_a_volume(tmp_path):
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert {"base", "adapter", "merged", "gguf-q8_0"} <= set(summary["targets"])
     canary_free(runs, logs=[result.stdout, result.stderr])
+    from conftest import assert_documented_events
+
+    assert_documented_events((run_dir / "events.jsonl").read_text().splitlines() + result.stdout.splitlines())
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,11 @@ def full_run(tmp_path_factory, tiny_model, tiny_data):
 
 
 def test_logs_state_and_metrics(full_run):
+    from conftest import assert_documented_events
+
     run_dir, stdout_events, _, _ = full_run
     file_events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert_documented_events((run_dir / "events.jsonl").read_text().splitlines())
     assert {"job_started", "stage_finished", "train_progress", "job_finished"} <= {e["event"] for e in stdout_events}
     assert len(file_events) >= len(stdout_events)
     progress = [e for e in stdout_events if e["event"] == "train_progress"]
