@@ -60,6 +60,18 @@ def _transport_error(exc: BaseException) -> bool:
         return False
 
 
+def _cause(exc: BaseException, kinds) -> BaseException | None:
+    """The first exception of `kinds` in exc's chain: huggingface_hub wraps a failed request in its own
+    errors (snapshot_download raises LocalEntryNotFoundError from the HTTP error that caused it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def retrying(what: str, call: Callable[[], T]) -> T:
     """Runs `call`, retrying what a retry may fix.
 
@@ -72,23 +84,28 @@ def retrying(what: str, call: Callable[[], T]) -> T:
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except HfHubHTTPError as exc:
-            status, retry_after = _status(exc)
+        except Exception as exc:
+            http = _cause(exc, HfHubHTTPError)
+            status, retry_after = _status(http) if http is not None else (None, None)
             if status in (401, 403):
-                raise ExternalError(f"{what}: the Hugging Face Hub ({endpoint()}) rejected the token (HTTP {status}); "
-                                    "check that it is valid and may write to this repo") from None
+                raise ExternalError(f"{what}: the Hugging Face Hub ({endpoint()}) refused access (HTTP {status}): "
+                                    "it rejected the token, or the repo is private to others; check the token "
+                                    "and the repo id") from None
             if status == 404:
                 raise ExternalError(f"{what}: the Hugging Face Hub ({endpoint()}) has no such repo or file "
                                     "(HTTP 404); check the repo id") from None
             if status is not None and status < 500 and status != 429:
-                first = str(exc).splitlines()[0] if str(exc) else ""
+                first = str(http).splitlines()[0] if str(http) else ""
                 raise ExternalError(f"{what}: the Hugging Face Hub ({endpoint()}) answered HTTP {status}: {first}") from None
-            reason = f"HTTP {status}"
-            wait = min(retry_after, MAX_WAIT_S) if retry_after is not None else delay
-        except Exception as exc:
-            if not _transport_error(exc):
-                raise
-            reason, wait = type(exc).__name__, delay
+            if status is None:
+                transport = _cause(exc, (OSError, TimeoutError)) or (exc if _transport_error(exc) else None)
+                if transport is None:
+                    raise
+                transport = _cause(exc, _transport_kinds()) or transport
+                reason, wait = type(transport).__name__, delay
+            else:
+                reason = f"HTTP {status}"
+                wait = min(retry_after, MAX_WAIT_S) if retry_after is not None else delay
         if attempt == attempts:
             raise ExternalError(f"{what}: the Hugging Face Hub ({endpoint()}) is unreachable or failing ({reason}) "
                                 f"after {attempts} tries; rerun later: finished work is kept") from None
@@ -96,3 +113,34 @@ def retrying(what: str, call: Callable[[], T]) -> T:
         time.sleep(wait)
         delay *= 2
     raise AssertionError("unreachable")
+
+
+def _transport_kinds() -> tuple:
+    try:
+        import httpx
+
+        return (httpx.TransportError, httpx.StreamError)
+    except ImportError:
+        return (OSError,)
+
+
+# A model's weights, config and tokenizer; not duplicates such as original/ checkpoints or other formats.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+def model_snapshot(repo: str) -> str:
+    """The local directory of a Hub model: the cached snapshot, or downloaded (with retries) the first time.
+
+    Raises:
+        ExternalError: the Hub refused or kept failing (exit 4).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, allow_patterns=MODEL_FILES, ignore_patterns=["original/*"],
+                                 local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    return retrying(f"download model {repo}", lambda: snapshot_download(
+        repo, allow_patterns=MODEL_FILES, ignore_patterns=["original/*"]))

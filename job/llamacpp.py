@@ -64,7 +64,11 @@ def quant_types(tools: LlamaCpp) -> set[str]:
         text = subprocess.run([str(tools.quantize), "--help"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ExternalError(f"llama-quantize --help did not run: {exc}") from None
-    return set(re.findall(r"^\s*\d+\s+or\s+([A-Z0-9_]+)\s*:", text.stdout + text.stderr, re.M))
+    found = set(re.findall(r"^\s*\d+\s+or\s+([A-Z0-9_]+)\s*:", text.stdout + text.stderr, re.M))
+    if not found:
+        tail = " | ".join((text.stderr or text.stdout).strip().splitlines()[-2:]) or f"exit {text.returncode}"
+        raise ExternalError(f"llama-quantize in {tools.prefix} does not run ({tail}); rebuild it with `make llama-cpp`")
+    return found
 
 
 def pre_tokenizers(tools: LlamaCpp) -> set[str]:
@@ -121,13 +125,27 @@ def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, toke
     """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older)."""
     cmd = [sys.executable, str(CONVERTER_SHIM), str(tools.prefix), str(model_dir), "--outfile", str(out_file),
            "--outtype", outtype]
-    _run(cmd, f"convert_hf_to_gguf ({outtype})", env={"PEFTOPT_TOKENIZER_PRE": tokenizer_pre or "",
-                                                       "NO_LOCAL_GGUF": ""})
+    what = f"convert_hf_to_gguf ({outtype})"
+    result = _run(cmd, what, env={"PEFTOPT_TOKENIZER_PRE": tokenizer_pre or "", "NO_LOCAL_GGUF": ""})
+    _check_gguf(out_file, what, result)
 
 
 def quantize(tools: LlamaCpp, source: Path, out_file: Path, quant: str, threads: int | None = None) -> None:
-    _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or os.cpu_count() or 1)],
-         f"llama-quantize {quant}")
+    result = _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or os.cpu_count() or 1)],
+                  f"llama-quantize {quant}")
+    _check_gguf(out_file, f"llama-quantize {quant}", result)
+
+
+def _check_gguf(path: Path, what: str, result: subprocess.CompletedProcess) -> None:
+    """A tool that exits 0 without writing a GGUF (or writes something else) has failed too."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        magic = b""
+    if magic != b"GGUF":
+        tail = " | ".join((result.stderr or result.stdout or "").strip().splitlines()[-2:])
+        raise ExternalError(f"{what} exited 0 but wrote no GGUF file ({tail or 'no output'})")
 
 
 @dataclass(frozen=True)

@@ -152,17 +152,17 @@ def detach_events_file() -> None:
         _file_handler = None
 
 
-def route_library_logs() -> None:
-    """Sends transformers/datasets/peft/trl logging through our handlers instead of their own stderr ones.
-
-    Call after those libraries are imported: transformers and datasets install a private handler and turn
-    propagation off when first imported.
+def route_library_logs(only_loaded: bool = False) -> None:
+    """Sends transformers/datasets/peft/trl/huggingface_hub logging through our handlers instead of their own
+    stderr ones. transformers and datasets install a private handler and turn propagation off when first
+    imported, so they are imported here first (unless `only_loaded`: a process that never uses them).
     """
     import importlib
 
-    for name in ("transformers.utils.logging", "datasets.utils.logging"):
+    for name in ("huggingface_hub.utils.logging", "transformers.utils.logging", "datasets.utils.logging"):
         try:
-            importlib.import_module(name)
+            if not only_loaded or name.startswith("huggingface_hub"):  # that one is light
+                importlib.import_module(name)
         except ImportError:
             pass
     module = sys.modules.get("transformers.utils.logging")
@@ -172,13 +172,18 @@ def route_library_logs() -> None:
         module.disable_default_handler()
         module.enable_propagation()
         module.set_verbosity_warning()
+    if _json_stdout and "huggingface_hub" in sys.modules:  # download bars belong on a terminal too
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     module = sys.modules.get("datasets.utils.logging")
     if module is not None:
         module.set_verbosity_warning()
         module.disable_progress_bar()
     for name in ("peft", "trl", "accelerate", "huggingface_hub", "bitsandbytes", "unsloth"):
-        logging.getLogger(name).propagate = True
-        logging.getLogger(name).setLevel(logging.WARNING)
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):  # huggingface_hub's own stderr handler, for one
+            library.removeHandler(handler)
+        library.propagate = True
+        library.setLevel(logging.WARNING)
 
 
 def get_logger(name: str = "peftopt"):

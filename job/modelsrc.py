@@ -42,8 +42,19 @@ def needs_local_copy(spec: JobSpec) -> bool:
 
 
 def model_location(spec: JobSpec, run_dir: RunDir) -> str:
-    """The directory or Hub id that transformers loads the base from."""
-    return str(run_dir.base_dir) if needs_local_copy(spec) else spec.model.base
+    """The local directory transformers loads the base from: the run's own copy of a GGUF base, a Hub model's
+    snapshot (downloaded the first time through the Hub retry helper), or the directory the spec names.
+
+    Raises:
+        ExternalError: a Hub model could not be downloaded (exit 4).
+    """
+    if needs_local_copy(spec):
+        return str(run_dir.base_dir)
+    if source_kind(spec.model.base) == "hub":
+        from job import hub
+
+        return hub.model_snapshot(spec.model.base)
+    return spec.model.base
 
 
 def check_source(spec: JobSpec) -> None:

@@ -1,6 +1,8 @@
 """A local stand-in for the Hugging Face Hub endpoints peftopt uses (repo creation, preupload, commit with
-deletions, tree listing, file download), driven by the real huggingface_hub client through HF_ENDPOINT. Faults can be injected: HTTP 5xx,
-dropped connections, a rejected token, or a permanent failure after N commits.
+deletions, tree listing, model info, file download), driven by the real huggingface_hub client through
+HF_ENDPOINT. Faults are injected per request, for any method: `fail_next` takes "500" (any status),
+"429:2" (with Retry-After: 2), "drop" (connection closed, no answer), "reset" (closed mid-body), "slow:3"
+(answer after 3 s); `fail_always` repeats one forever; `fail_after_commits` fails commits past N.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -20,8 +23,10 @@ class HubStandIn:
         self.commits = 0
         self.committed: list[str] = []
         self.requests: list[str] = []
-        self.fail_next: list[str] = []  # "500" or "drop", consumed one per request
+        self.fail_next: list[str] = []  # consumed one per request
+        self.fail_always: str | None = None
         self.fail_after_commits: int | None = None
+        self.faults_served = 0
         self.seen_headers: list[str] = []
         standin = self
 
@@ -38,18 +43,47 @@ class HubStandIn:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
+            def _fault(self) -> bool:
+                """Serves the next injected fault, if any; True when the request got it instead of an answer."""
+                fault = standin.fail_next.pop(0) if standin.fail_next else standin.fail_always
+                if fault is None:
+                    return False
+                standin.faults_served += 1
+                kind, _, arg = fault.partition(":")
+                if kind == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return True
+                if kind == "reset":  # headers and half a body, then the connection goes away
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    self.wfile.write(b"x" * 1000)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.close()
+                    return True
+                if kind == "slow":
+                    time.sleep(float(arg))
+                    return False
+                data = json.dumps({"error": "injected"}).encode()
+                self.send_response(int(kind))
+                if arg:
+                    self.send_header("Retry-After", arg)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                return True
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
                 standin.requests.append(self.path)
                 standin.seen_headers.append(str(self.headers))
-                if standin.fail_next:
-                    fault = standin.fail_next.pop(0)
-                    if fault == "drop":
-                        self.close_connection = True
-                        self.connection.close()
-                        return
-                    return self._reply(int(fault), {"error": "injected"})
+                if self._fault():
+                    return
                 if self.headers.get("Authorization") != f"Bearer {standin.token}":
                     return self._reply(401, {"error": "Invalid credentials"})
                 parts = self.path.split("?")[0].strip("/").split("/")
@@ -102,6 +136,11 @@ class HubStandIn:
                 return data
 
             def _authorized(self) -> bool:
+                parts = unquote(self.path.split("?")[0]).strip("/").split("/")
+                repo = "/".join(parts[2:4]) if parts[:2] == ["api", "models"] else "/".join(parts[:2])
+                if repo not in standin.repos or standin.repos[repo].get("private") is False \
+                        and not self.headers.get("Authorization"):
+                    return True  # a public repo reads without a token; an unknown one is a 404 below
                 if self.headers.get("Authorization") != f"Bearer {standin.token}":
                     self._reply(401, {"error": "Invalid credentials"})
                     return False
@@ -109,13 +148,15 @@ class HubStandIn:
 
             def do_HEAD(self):
                 standin.requests.append(f"HEAD {self.path}")
+                if self._fault():
+                    return
                 parts = unquote(self.path.split("?")[0]).strip("/").split("/")
-                if self._authorized() and len(parts) > 4 and parts[2] == "resolve":
+                if len(parts) > 4 and parts[2] == "resolve" and self._authorized():
                     self._file_headers("/".join(parts[:2]), "/".join(parts[4:]))
 
             def do_GET(self):
                 standin.requests.append(f"GET {self.path}")
-                if not self._authorized():
+                if self._fault() or not self._authorized():
                     return
                 path, _, query = self.path.partition("?")
                 parts = unquote(path).strip("/").split("/")
@@ -124,6 +165,12 @@ class HubStandIn:
                     if data is not None:
                         self.wfile.write(data)
                     return
+                if parts[:2] == ["api", "models"] and (len(parts) == 4 or (len(parts) == 6 and parts[4] == "revision")):
+                    repo = "/".join(parts[2:4])
+                    if repo not in standin.repos:
+                        return self._reply(404, {"error": f"Repository {repo} not found"})
+                    return self._reply(200, {"id": repo, "sha": f"{standin.commits:040x}", "private": True,
+                                             "siblings": [{"rfilename": n} for n in sorted(standin.files[repo])]})
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
                     repo = "/".join(parts[2:4])
                     if repo not in standin.repos:
@@ -147,6 +194,13 @@ class HubStandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def add_repo(self, repo: str, folder, private: bool = False) -> None:
+        """Publishes a local folder's files as a model repo (as if pushed earlier)."""
+        from pathlib import Path
+
+        self.repos[repo] = {"private": private}
+        self.files[repo] = {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
     def __enter__(self):
         self.thread.start()

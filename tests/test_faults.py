@@ -18,14 +18,16 @@ import pytest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-KILL_POINTS = int(os.environ.get("PEFTOPT_KILL_POINTS", "8"))
-STAGE_CYCLE = ("prepare", "train", "evaluate", "merge", "gguf")
+KILL_POINTS = int(os.environ.get("PEFTOPT_KILL_POINTS", "20"))
+STAGE_CYCLE = ("prepare", "train", "evaluate", "merge", "gguf", "push")
+TOKEN = "hf_CanaryKillToken0123456789abcdefg"
+HUB_ENV: dict = {}  # set while a Hub stand-in serves the test
 
 
 def start(spec: Path, **popen):
     return subprocess.Popen([sys.executable, "-m", "job", "run", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, **popen)
+                            env={**os.environ, "PEFTOPT_LOG_FORMAT": "json", **HUB_ENV}, **popen)
 
 
 def finish(spec: Path, **popen) -> subprocess.CompletedProcess:
@@ -47,23 +49,40 @@ def check_state_claims(run_dir: Path) -> None:
         assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
-def spec_for(make_spec, name):
-    return make_spec(name, train={"max_steps": 8, "save_steps": 2},
+def spec_for(make_spec, name, hub: bool = False):
+    extra = {"push": {"adapter_repo": f"me/{name}-lora", "gguf_repo": f"me/{name}-gguf",
+                      "token_env": "PEFTOPT_TEST_TOKEN"}} if hub else {}
+    sync = {"checkpoint_sync": {"repo": f"me/{name}-checkpoints", "token_env": "PEFTOPT_TEST_TOKEN"}} if hub else {}
+    return make_spec(name, train={"max_steps": 8, "save_steps": 2, **sync},
                      evaluate={"prompts": ["Tell me one thing about rain.", "Say hello."], "max_new_tokens": 8,
                                "targets": ["adapter"]},
-                     export={"merge": True, "gguf": ["q8_0"], "tokenizer_pre": "llama-bpe", "verify_tokens": 4})
+                     export={"merge": True, "gguf": ["q8_0"], "tokenizer_pre": "llama-bpe", "verify_tokens": 4},
+                     **extra)
 
 
-def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make_spec):
+@pytest.fixture
+def hub_standin(tmp_path):
+    from hub_standin import HubStandIn
+
+    with HubStandIn(TOKEN) as hub:
+        HUB_ENV.update({"PEFTOPT_TEST_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+                        "HF_HUB_DISABLE_TELEMETRY": "1", "PEFTOPT_HUB_BACKOFF_S": "0.01",
+                        "HF_HOME": str(tmp_path / "hf-home")})
+        yield hub
+    HUB_ENV.clear()
+
+
+def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make_spec, hub_standin):
+    """20 kill points spread over every stage, push and checkpoint sync included."""
     import torch
     from safetensors.torch import load_file
 
-    reference = spec_for(make_spec, "reference")
+    reference = spec_for(make_spec, "reference", hub=True)
     assert finish(reference).returncode == 0
     ref_dir = tmp_path / "runs" / "reference"
     ref_stages = [json.loads(line).get("stage") for line in (ref_dir / "events.jsonl").read_text().splitlines()]
 
-    victim = spec_for(make_spec, "victim")
+    victim = spec_for(make_spec, "victim", hub=True)
     run_dir = tmp_path / "runs" / "victim"
     rng = random.Random(20261122)
     kills, stages_hit, warnings = 0, set(), 0
@@ -108,6 +127,15 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
     ref_gguf = (ref_dir / "gguf" / "reference-q8_0.gguf").read_bytes()
     got_gguf = (run_dir / "gguf" / "victim-q8_0.gguf").read_bytes()
     assert ref_gguf == got_gguf  # the converter is deterministic and names the model after merged/, not the run
+    # the Hub holds exactly what an uninterrupted run pushes, and the adapter pushed is the one on disk
+    names = lambda run: {repo.split("/")[1].replace(run, ""): set(files)  # noqa: E731
+                         for repo, files in hub_standin.files.items() if repo.startswith(f"me/{run}-")
+                         and not repo.endswith("-checkpoints")}
+    assert names("victim") == names("reference")
+    assert hub_standin.files["me/victim-lora"]["adapter_model.safetensors"] == \
+        (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert {"train", "push"} <= stages_hit  # kills landed while checkpoints synced and while pushing
+    assert TOKEN not in (run_dir / "events.jsonl").read_text()
     print(f"\nkill points survived: {kills}, stages hit: {sorted(s for s in stages_hit if s)}, "
           f"incomplete checkpoints skipped: {warnings}")
     assert kills == KILL_POINTS and len(stages_hit - {None}) >= 4

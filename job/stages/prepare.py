@@ -83,10 +83,12 @@ def read_rows(source: str, split: str) -> list[dict]:
     """Raises DataError for an unreadable local file; ExternalError when a Hub data set cannot be had."""
     if source.endswith(LOCAL_DATA_SUFFIXES):
         return _slice(read_local(Path(source)), split)
+    from job import hub
+
     try:
         import datasets
 
-        return list(datasets.load_dataset(source, split=split))
+        return list(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(source, split=split)))
     except (OSError, ConnectionError, FileNotFoundError, ValueError) as exc:
         raise ExternalError(f"data.source: cannot load {source!r} split {split!r} from the Hub: "
                             f"{str(exc).splitlines()[0]}") from None
