@@ -8,15 +8,17 @@ is long enough for a model download or a GGUF export, and they leave with rank 0
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 from job.errors import EXIT_INTERRUPTED
 
@@ -87,6 +89,60 @@ def vote(stop: bool, tokens: float) -> tuple[bool, float]:
     tensor = torch.tensor([1.0 if stop else 0.0, tokens], dtype=torch.float64)
     dist.all_reduce(tensor, group=_control)
     return bool(tensor[0].item() > 0), float(tensor[1].item())
+
+
+_training = {"now": False}
+
+
+@contextmanager
+def training_together():
+    """Rank 0 around the train stage: the other ranks join it. If training fails, they are blocked in a
+    collective and leave when the launcher stops them, so `release` then sends them nothing."""
+    if not active():
+        yield
+        return
+    send({"do": "train"})
+    _training["now"] = True
+    yield
+    _training["now"] = False
+
+
+def follow(train: Callable[[], Any]) -> dict:
+    """A rank other than 0: trains when rank 0 says so, otherwise waits, and leaves with rank 0's code.
+
+    Raises:
+        SystemExit: rank 0 ended with a non-zero exit code.
+    """
+    import structlog
+
+    for handler in logging.getLogger().handlers:  # rank 0 speaks for the job; the others only of errors
+        handler.setLevel(logging.ERROR)
+    structlog.contextvars.bind_contextvars(rank=world().rank)
+    while True:
+        order = send(None)
+        if order["do"] == "train":
+            train()
+            continue
+        shutdown()
+        if order["code"]:
+            raise SystemExit(order["code"])
+        return {"status": "done", "rank": world().rank}
+
+
+def release(exc: BaseException | None) -> None:
+    """Rank 0, at the end: tells the waiting ranks to leave with its exit code."""
+    from job.errors import EXIT_BUG, PeftoptError
+    from job.log import get_logger
+
+    if not active() or not world().is_main or _training["now"]:
+        return
+    code = 0 if exc is None else exc.exit_code if isinstance(exc, PeftoptError) else EXIT_BUG
+    try:
+        send({"do": "exit", "code": code})
+        shutdown()
+    except Exception as problem:  # a rank already gone (its own grace ran out after a signal) cannot listen
+        get_logger("peftopt").warning("ranks_not_released", error=f"{type(problem).__name__}: {problem}",
+                                      exit_code=code)
 
 
 def barrier() -> None:

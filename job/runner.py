@@ -6,7 +6,6 @@ skipped when the run directory already holds its finished work for the same spec
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import shutil
 import time
@@ -126,13 +125,14 @@ def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | N
         stages = [s for s in stages if s in only]
     if spec.train:
         interrupt.set_grace(spec.train.grace_period_s)
-    preflight.check(spec, stages)  # every input the stages need, before any work
+    if distributed.world().is_main:  # rank 0 alone speaks; the others follow its exit code
+        preflight.check(spec, stages)  # every input the stages need, before any work
     structlog.contextvars.bind_contextvars(run=spec.name)
-    me = distributed.world()
-    if me.size > 1:
+    if distributed.active():
         distributed.init()
-        if not me.is_main:
-            return _follow_rank0(spec, run_dir, me)
+        if not distributed.world().is_main:  # trains when rank 0 says so; leaves with rank 0's exit code
+            return distributed.follow(lambda: importlib.import_module("job.stages.train").run(
+                spec, run_dir, StageContext()))
     try:
         with run_dir.lock():
             run_dir.clean_scratch()
@@ -143,41 +143,10 @@ def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | N
                 detach_events_file()
                 structlog.contextvars.unbind_contextvars("run", "stage")
     except BaseException as exc:
-        _release_ranks(exc)
+        distributed.release(exc)
         raise
-    _release_ranks(None)
+    distributed.release(None)
     return state
-
-
-def _release_ranks(exc: BaseException | None) -> None:
-    """Rank 0 tells the waiting ranks to leave with its exit code. Not after a failure inside training:
-    the others are then blocked in a collective, and the launcher stops them when rank 0 exits."""
-    if not distributed.active() or distributed.world().rank != 0 or _training_together["now"]:
-        return
-    code = 0 if exc is None else exc.exit_code if isinstance(exc, PeftoptError) else 1
-    try:
-        distributed.send({"do": "exit", "code": code})
-        distributed.shutdown()
-    except Exception as problem:  # a rank already gone (its own grace ran out after a signal) cannot listen
-        log.warning("ranks_not_released", error=f"{type(problem).__name__}: {problem}", exit_code=code)
-
-
-_training_together = {"now": False}
-
-
-def _follow_rank0(spec: JobSpec, run_dir: RunDir, me) -> dict:
-    """A rank other than 0: trains when rank 0 says so, otherwise waits, and leaves with rank 0's code."""
-    logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job
-    structlog.contextvars.bind_contextvars(rank=me.rank)
-    while True:
-        order = distributed.send(None)
-        if order["do"] == "train":
-            importlib.import_module("job.stages.train").run(spec, run_dir, StageContext())
-            continue
-        distributed.shutdown()
-        if order["code"]:
-            raise SystemExit(order["code"])
-        return {"status": "done", "rank": me.rank}
 
 
 def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
@@ -205,11 +174,9 @@ def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
                     raise SpecError(f"--stages: {stage} needs {', '.join(missing)} done first")
             if interrupt.stop_requested():
                 raise Interrupted(f"stopped by a signal before {stage}; rerun to continue")
-            if stage == "train" and distributed.active():
-                distributed.send({"do": "train"})
-                _training_together["now"] = True  # stays set if it fails: the other ranks leave by themselves
-                _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
-                _training_together["now"] = False
+            if stage == "train":
+                with distributed.training_together():  # the other ranks join this stage only
+                    _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
                 continue
             _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
     except PeftoptError as exc:

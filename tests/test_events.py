@@ -34,12 +34,13 @@ def test_library_lines_are_library_log_events():
     log.events_to_stderr()
     handler = next(h for h in logging.getLogger().handlers if getattr(h, "_peftopt", False))
     handler.setStream(stream)
-    logging.getLogger("transformers.modeling_utils").warning("JAX version 0.11.2 available.")
-    logging.getLogger("unsloth").warning("==((====))==  Unsloth 2026.10.9: Fast Llama patching.\n   \\\\   /|  GPU: H100")
+    # loggers of their own: a library may have disabled existing ones (logging.config) earlier in the session
+    logging.getLogger("peftopt_test_library.modeling_utils").warning("JAX version 0.11.2 available.")
+    logging.getLogger("peftopt_test_library.unsloth").warning("==((====))==  Unsloth 2026.10.9: Fast Llama patching.\n   \\\\   /|  GPU: H100")
     log.get_logger("peftopt").info("stage_started", stage="train")
     lines = stream.getvalue().splitlines()
     events = [json.loads(line) for line in lines]
     assert [e["event"] for e in events] == ["library_log", "library_log", "stage_started"]
-    assert events[0]["logger"] == "transformers.modeling_utils" and events[0]["level"] == "warning"
+    assert events[0]["logger"] == "peftopt_test_library.modeling_utils" and events[0]["level"] == "warning"
     assert events[0]["message"] == "JAX version 0.11.2 available." and "Unsloth" in events[1]["message"]
     assert_documented_events(lines)

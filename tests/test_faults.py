@@ -128,7 +128,7 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
     got_gguf = (run_dir / "gguf" / "victim-q8_0.gguf").read_bytes()
     assert ref_gguf == got_gguf  # the converter is deterministic and names the model after merged/, not the run
     # the Hub holds exactly what an uninterrupted run pushes, and the adapter pushed is the one on disk
-    names = lambda run: {repo.split("/")[1].replace(run, ""): set(files)  # noqa: E731
+    names = lambda run: {repo.split("/")[1].replace(run, ""): {f.replace(run, "") for f in files}  # noqa: E731
                          for repo, files in hub_standin.files.items() if repo.startswith(f"me/{run}-")
                          and not repo.endswith("-checkpoints")}
     assert names("victim") == names("reference")

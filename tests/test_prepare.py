@@ -99,7 +99,7 @@ def test_unknown_fields_are_ignored():
 
 
 @pytest.mark.parametrize("content,needle", [
-    ("", "no usable training rows"),
+    ("", "holds no rows"),
     ('{"conversations": [{"from": "gpt", "value": "x"}]}\n', "data row 0:"),
     ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n{oops\n', "line 2"),
 ])
