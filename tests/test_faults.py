@@ -103,7 +103,7 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
             stage = event.get("stage", stage)
             seen += 1
             if seen >= target:
-                time.sleep(rng.random() * 0.3)
+                time.sleep(rng.random() * 0.02)  # short: a kill aimed at a quick stage must land in it
                 proc.kill()
                 break
         code = proc.wait(timeout=600)
@@ -138,7 +138,7 @@ def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make
     assert TOKEN not in (run_dir / "events.jsonl").read_text()
     print(f"\nkill points survived: {kills}, stages hit: {sorted(s for s in stages_hit if s)}, "
           f"incomplete checkpoints skipped: {warnings}")
-    assert kills == KILL_POINTS and len(stages_hit - {None}) >= 4
+    assert kills == KILL_POINTS and set(STAGE_CYCLE) <= stages_hit  # every stage, push included, was hit
 
 
 def test_half_written_checkpoint_is_skipped_with_a_warning(tmp_path, make_spec):
