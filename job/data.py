@@ -1,0 +1,207 @@
+"""Conversations in: reading a data source (a local .json/.jsonl/.parquet file or a Hub dataset), checking and
+standardizing each row into [{role, content}], and mixing several sources (`data.sources`) into one training
+set, reproducibly by seed, with exact duplicates across sources removed and counted.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from job.errors import DataError, ExternalError
+from job.spec import LOCAL_DATA_SUFFIXES, DataSourceSpec, JobSpec
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "model": "assistant", "bot": "assistant", "system": "system"}
+
+
+class BadRow(ValueError):
+    """A row that breaks the conversation rules; the message says how."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _slice(rows: list, split: str) -> list:
+    match = re.match(r"^[^\[]+\[(-?\d+%?)?:(-?\d+%?)?\]$", split)
+    if not match:
+        return rows
+
+    def bound(text):
+        if text is None:
+            return None
+        if text.endswith("%"):
+            return int(len(rows) * int(text[:-1]) / 100)
+        return int(text)
+
+    return rows[bound(match.group(1)): bound(match.group(2))]
+
+
+def read_rows(source: str, split: str) -> list[dict]:
+    """Raises DataError for an unreadable local file; ExternalError when a Hub data set cannot be had."""
+    if source.endswith(LOCAL_DATA_SUFFIXES):
+        return _slice(read_local(Path(source)), split)
+    from job import hub
+
+    try:
+        import datasets
+
+        return list(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(source, split=split)))
+    except (OSError, ConnectionError, FileNotFoundError, ValueError) as exc:
+        raise ExternalError(f"data.source: cannot load {source!r} split {split!r} from the Hub: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+def read_local(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"data.source: {path} does not exist")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.source: {path} is not UTF-8 (byte {exc.start})") from None
+    except Exception as exc:  # pyarrow raises its own types for a corrupt file
+        raise DataError(f"data.source: cannot read {path}: {exc}") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"data.source: {path} line {number + 1}: invalid JSON: {exc.msg}") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"data.source: {path} must hold a JSON list of conversations")
+    return data
+
+
+# ------------------------------------------------------------------------------------ standardizing
+
+
+def standardize(row: Any, fmt: str, system_prompt: str | None) -> list[dict]:
+    """One conversation as [{role, content}], system first; raises BadRow naming what is wrong."""
+    if not isinstance(row, dict):
+        raise BadRow(f"not an object but {type(row).__name__}")
+    if fmt in ("sharegpt", "auto") and "conversations" in row:
+        turns, role_key, text_key = row["conversations"], "from", "value"
+    elif fmt in ("openai", "auto") and "messages" in row:
+        turns, role_key, text_key = row["messages"], "role", "content"
+    else:
+        want = {"sharegpt": "'conversations'", "openai": "'messages'"}.get(fmt, "'conversations' or 'messages'")
+        raise BadRow(f"no {want} field (has: {', '.join(map(str, row)) or 'nothing'})")
+    if not isinstance(turns, list) or not turns:
+        raise BadRow("the conversation is empty or not a list")
+    messages = []
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRow(f"turn {number} is not an object")
+        role = ROLE_ALIASES.get(str(turn.get(role_key, turn.get("role", turn.get("from")))).lower())
+        content = turn.get(text_key, turn.get("content", turn.get("value")))
+        if role is None:
+            raise BadRow(f"turn {number} has no known role ({role_key}={turn.get(role_key)!r})")
+        if not isinstance(content, str):
+            raise BadRow(f"turn {number} content is {type(content).__name__}, not text")
+        if not content.strip():
+            raise BadRow(f"turn {number} ({role}) is empty")
+        messages.append({"role": role, "content": content})
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for number, message in enumerate(body):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise BadRow(f"turn {number + len(messages) - len(body)} is {message['role']!r} where "
+                         f"{expected!r} was expected (roles must alternate user/assistant)")
+    if not any(m["role"] == "assistant" for m in body):
+        raise BadRow("no assistant turn to learn from")
+    return messages
+
+
+def skip_reason(exc: BadRow) -> str:
+    return str(exc).split(" (")[0] if "turn" not in str(exc) else "malformed turn"
+
+
+# ------------------------------------------------------------------------------------------ mixing
+
+
+def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list, counts: Counter) -> list[list[dict]]:
+    out = []
+    where = f"data.sources[{index}] ({source.source}) row" if spec.data.sources else "data row"
+    for number, row in enumerate(rows):
+        try:
+            out.append(standardize(row, source.format, source.system_prompt or spec.data.system_prompt))
+        except BadRow as exc:
+            if spec.data.bad_rows == "error":
+                raise DataError(f"{where} {number}: {exc} (set data.bad_rows='skip' to drop such rows)") from None
+            counts[skip_reason(exc)] += 1
+    return out
+
+
+def mixture(spec: JobSpec, rows_by_source: list[list] | None = None) -> tuple[list[list[dict]], list[int], list[dict]]:
+    """The training conversations (standardized), which source each came from, and per-source figures.
+
+    Each source's rows are read and checked; exact duplicates (the same conversation, after standardizing)
+    are dropped across sources, the first occurrence kept; then each source gives all its rows, or
+    `num_samples` of them, or its `weight`'s share of `data.num_samples`, drawn by `train.seed`; the union
+    is shuffled by the same seed. A single `data.source` is the one-source case (its order kept).
+
+    Raises:
+        DataError: a malformed row (unless data.bad_rows is 'skip'), or an unreadable file.
+        ExternalError: a Hub data set could not be had.
+    """
+    data = spec.data
+    sources = data.all_sources()
+    seed = spec.train.seed if spec.train else 0
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    pools, figures = [], []
+    for index, source in enumerate(sources):
+        counts: Counter = Counter()
+        raw = rows_by_source[index] if rows_by_source is not None else read_rows(source.source, source.split)
+        conversations = _standardized(spec, index, source, raw, counts)
+        unique = []
+        for messages in conversations:
+            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            unique.append(messages)
+        pools.append(unique)
+        figures.append({"source": source.source, "split": source.split, "rows_read": len(raw),
+                        "skipped": dict(counts - Counter({"duplicate": counts["duplicate"]})),
+                        "duplicates_dropped": counts["duplicate"]})
+    weights = {i: s.weight for i, s in enumerate(sources) if s.weight is not None}
+    chosen, origin = [], []
+    for index, (source, pool) in enumerate(zip(sources, pools)):
+        if source.num_samples is not None:
+            take = min(source.num_samples, len(pool))
+        elif index in weights:
+            take = min(round(data.num_samples * weights[index] / sum(weights.values())), len(pool))
+        else:
+            take = len(pool)
+        picked = pool if take == len(pool) else [pool[i] for i in sorted(rng.sample(range(len(pool)), take))]
+        figures[index]["rows_used"] = len(picked)
+        chosen += picked
+        origin += [index] * len(picked)
+    if len(sources) > 1:
+        order = list(range(len(chosen)))
+        rng.shuffle(order)
+        chosen, origin = [chosen[i] for i in order], [origin[i] for i in order]
+    if data.num_samples is not None and not weights and len(chosen) > data.num_samples:
+        chosen, origin = chosen[: data.num_samples], origin[: data.num_samples]
+    return chosen, origin, figures
