@@ -94,7 +94,7 @@ def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
     from job.rundir import RunDir
     from job.stages import prepare
 
-    if spec.data is None or not os.path.isfile(spec.data.source):
+    if spec.data is None or not all(os.path.isfile(s.source) for s in spec.data.all_sources()):
         return None
     sequences = (steps + WARMUP) * spec.train.per_device_batch_size * spec.train.gradient_accumulation_steps
     enough = sequences * 8  # a packed row holds a few conversations

@@ -17,9 +17,13 @@ def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
              "## Training", "",
              f"- Base model: `{base}`" + (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
              ]
-    if spec.data:
-        lines.append(f"- Data: `{spec.data.source.rsplit('/', 1)[-1] if spec.data.source.startswith('/') else spec.data.source}`"
-                     f" split `{spec.data.split}`" + (f", {spec.data.num_samples} samples" if spec.data.num_samples else ""))
+    for source in spec.data.all_sources() if spec.data else []:  # a local path is named by its file only
+        name = source.source.rsplit("/", 1)[-1] if source.source.startswith("/") else source.source
+        share = f", weight {source.weight}" if source.weight else f", {source.num_samples} samples" \
+            if source.num_samples else ""
+        lines.append(f"- Data: `{name}` split `{source.split}`{share}")
+    if spec.data and spec.data.num_samples:
+        lines.append(f"- Rows: at most {spec.data.num_samples}")
     if spec.lora and spec.train:
         lines += [f"- LoRA: r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
                   f"targets={spec.lora.target_modules}",

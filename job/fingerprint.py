@@ -40,8 +40,11 @@ def fingerprints(spec: JobSpec) -> dict[str, str]:
     for stage in STAGES:
         inputs = {key: dotted(data, key) for key in STAGE_INPUTS[stage]}
         inputs["upstream"] = [prints[s] for s in UPSTREAM[stage] if s in prints]
-        if stage == "prepare" and spec.data:
-            inputs["data_file_sha256"] = file_sha256(spec.data.source) if os.path.isfile(spec.data.source) else None
+        if stage == "prepare" and spec.data:  # a local file's content, not only its name
+            inputs["data_file_sha256"] = [file_sha256(s.source) if os.path.isfile(s.source) else None
+                                          for s in spec.data.all_sources()]
+            if spec.data.source is not None:
+                inputs["data_file_sha256"] = inputs["data_file_sha256"][0]  # unchanged for one source
         if stage in ("merge", "gguf", "evaluate"):
             inputs["targets"] = dotted(data, "evaluate.targets")
         prints[stage] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from job import modelsrc
 from job.errors import DataError, SpecError
-from job.spec import JobSpec
+from job.spec import DataSourceSpec, JobSpec
 
 FIRST_ROWS = 200  # rows of a data file parsed before any work; the rest are checked by prepare
 
@@ -68,21 +68,21 @@ def chat_template_problems(spec: JobSpec) -> list[str]:
     return []
 
 
-def data_problems(spec: JobSpec) -> None:
+def data_problems(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
     """Raises DataError (exit 3) naming the first bad row among the first rows, unless rows may be skipped."""
-    from job.stages import prepare
+    from job import data
 
-    rows = prepare.read_local(Path(spec.data.source))  # DataError: missing, not UTF-8, not JSON (naming the line)
+    rows = data.read_local(Path(source.source))  # DataError: missing, not UTF-8, not JSON (naming the line)
     if not rows:
-        raise DataError(f"data.source: {spec.data.source} holds no rows")
+        raise DataError(f"{where}: {source.source} holds no rows")
     if spec.data.bad_rows == "skip":
         return
     for index, row in enumerate(rows[:FIRST_ROWS]):
         try:
-            prepare.standardize(row, spec.data.format, spec.data.system_prompt)
-        except prepare.BadRow as exc:
-            raise DataError(f"data row {index}: {exc} (in {spec.data.source}; set data.bad_rows='skip' to drop "
-                            "such rows)") from None
+            data.standardize(row, source.format, source.system_prompt or spec.data.system_prompt)
+        except data.BadRow as exc:
+            raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
+                            "set data.bad_rows='skip' to drop such rows)") from None
 
 
 def base_model_problems(spec: JobSpec) -> list[str]:
@@ -162,13 +162,18 @@ def check(spec: JobSpec, stages: list[str], *, spec_dir: Path | None = None) -> 
             push.check_token(spec)
         except SpecError as exc:
             problems.append(exc.message)
-    local_data = spec.data is not None and spec.data.source.startswith("/")
-    check_data = local_data and "prepare" in stages and (machine or _local(spec.data.source, spec_dir))
-    if check_data and not os.path.isfile(spec.data.source):
-        problems.append(f"data.source: {spec.data.source} does not exist")
-        check_data = False
+    local_files = []  # (source, the field naming it) to read before any work
+    if spec.data is not None and "prepare" in stages:
+        for index, source in enumerate(spec.data.all_sources()):
+            where = "data.source" if spec.data.source is not None else f"data.sources[{index}]"
+            if not source.source.startswith("/") or not (machine or _local(source.source, spec_dir)):
+                continue
+            if os.path.isfile(source.source):
+                local_files.append((source, where))
+            else:
+                problems.append(f"{where}: {source.source} does not exist")
     if problems:
         raise SpecError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the jobspec's inputs",
                         details=problems if len(problems) > 1 else None)
-    if check_data:
-        data_problems(spec)
+    for source, where in local_files:
+        data_problems(spec, source, where)

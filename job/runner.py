@@ -247,7 +247,7 @@ def experiment_row(spec: JobSpec, metrics: dict) -> dict:
     train = metrics.get("train", {})
     return {
         "run_name": spec.name, "model": spec.model.base,
-        "dataset_slice": f"{spec.data.source}:{spec.data.split}" if spec.data else "",
+        "dataset_slice": " + ".join(f"{s.source}:{s.split}" for s in spec.data.all_sources()) if spec.data else "",
         "r": spec.lora.r if spec.lora else "", "alpha": spec.lora.alpha if spec.lora else "",
         "max_steps": spec.train.max_steps if spec.train else "", "final_loss": train.get("final_loss"),
         "runtime_s": train.get("runtime_s"), "peak_gpu_gb": train.get("peak_gpu_gb"),

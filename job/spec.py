@@ -79,13 +79,46 @@ class ModelSpec(Section):
                          f"{', '.join(BUILTIN_TEMPLATES)}, or a path to a .jinja file")
 
 
-class DataSpec(Section):
+def _split_syntax(value: str) -> str:
+    if not SPLIT_SLICE.match(value):
+        raise ValueError(f"{value!r} is not a split: use a name with an optional slice, e.g. 'train[:10000]'")
+    return value
+
+
+Split = Annotated[str, AfterValidator(_split_syntax)]
+DataFormat = Literal["sharegpt", "openai", "auto"]
+
+
+class DataSourceSpec(Section):
     source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet file.")
-    split: str = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
-    format: Literal["sharegpt", "openai", "auto"] = Field(
+    split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
+    format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content.")
+    weight: float | None = Field(None, gt=0, le=1e6, description="This source's share of data.num_samples, "
+                                 "relative to the other weighted sources.")
+    num_samples: int | None = Field(None, ge=1, description="Take this many of its rows (drawn by train.seed).")
+    system_prompt: str | None = Field(None, description="A system message put first in this source's rows.")
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.weight is not None and self.num_samples is not None:
+            raise ValueError("give weight or num_samples, not both")
+        return self
+
+
+class DataSpec(Section):
+    source: str | None = Field(None, min_length=1,
+                               description="Hub dataset id, or a local .json/.jsonl/.parquet file (or use sources).")
+    sources: list[DataSourceSpec] | None = Field(
+        None, min_length=1, max_length=32,
+        description="Several sources mixed into one training set (instead of source): each gives all its rows, "
+        "num_samples of them, or its weight's share of data.num_samples; exact duplicates across sources are "
+        "dropped and counted; the mixture is shuffled by train.seed.")
+    split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
+    format: DataFormat = Field(
         "auto", description="sharegpt: from/value with human/gpt; openai: role/content; auto: per file."
     )
-    num_samples: int | None = Field(None, ge=1, description="Keep at most this many rows after slicing.")
+    num_samples: int | None = Field(None, ge=1, description="Keep at most this many rows after slicing (with "
+                                    "weighted sources: the mixture's size).")
     eval_split: str | float | None = Field(
         None, description="Held-out rows: a split slice ('train[10000:10200]') or a fraction (0.02) of the data."
     )
@@ -94,13 +127,9 @@ class DataSpec(Section):
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first malformed row, naming it; skip: drop and count them."
     )
-
-    @field_validator("split")
-    @classmethod
-    def _split_syntax(cls, value: str) -> str:
-        if not SPLIT_SLICE.match(value):
-            raise ValueError(f"{value!r} is not a split: use a name with an optional slice, e.g. 'train[:10000]'")
-        return value
+    min_tokens: int | None = Field(None, ge=1, description="Drop conversations shorter than this (counted).")
+    max_tokens: int | None = Field(None, ge=1, description="Drop conversations longer than this, instead of "
+                                   "truncating them to model.max_seq_length (counted).")
 
     @field_validator("eval_split")
     @classmethod
@@ -110,6 +139,25 @@ class DataSpec(Section):
         if isinstance(value, str) and not SPLIT_SLICE.match(value):
             raise ValueError(f"{value!r} is not a split slice such as 'train[10000:10200]'")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self):
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("give data.source (one data set) or data.sources (a mixture), exactly one of them")
+        if self.sources:
+            if any(s.weight is not None for s in self.sources) and self.num_samples is None:
+                raise ValueError("weighted sources share data.num_samples: set it (the mixture's size)")
+            if isinstance(self.eval_split, str):
+                raise ValueError("with data.sources, eval_split is a fraction of the mixture (e.g. 0.02)")
+        if self.min_tokens and self.max_tokens and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens is larger than max_tokens")
+        return self
+
+    def all_sources(self) -> list[DataSourceSpec]:
+        """The sources as a list: data.sources, or data.source as the one-source case."""
+        if self.sources:
+            return list(self.sources)
+        return [DataSourceSpec(source=self.source, split=self.split, format=self.format)]
 
 
 class LoraSpec(Section):

@@ -170,8 +170,11 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
         "chat_template": _resolve(spec.model.chat_template, base_dir)
         if spec.model.chat_template.endswith(".jinja") else spec.model.chat_template,
     })}
-    if spec.data:
+    if spec.data and spec.data.source is not None:
         updates["data"] = spec.data.model_copy(update={"source": _resolve(spec.data.source, base_dir)})
+    elif spec.data:
+        updates["data"] = spec.data.model_copy(update={"sources": [
+            s.model_copy(update={"source": _resolve(s.source, base_dir)}) for s in spec.data.sources]})
     if spec.evaluate and isinstance(spec.evaluate.prompts, str):
         updates["evaluate"] = spec.evaluate.model_copy(
             update={"prompts": str((base_dir / spec.evaluate.prompts).resolve())})

@@ -10,7 +10,7 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
     {"job.runner", "job.preflight", "job.bench", "job.report"},
     {"job.stages"},
     {"job.backends", "job.evaluation", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile"},
-    {"job.sweep", "job.modelsrc", "job.checkpoints"},
+    {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data"},
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
      "job.interrupt", "job.convert_shim"},
     {"job.log", "job.errors", "job"},

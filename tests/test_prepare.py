@@ -1,11 +1,19 @@
-"""Unit/integration: conversations are standardized, bad rows are named, and only assistant tokens train."""
+"""Unit/integration: conversations are standardized, bad rows are named, sources are mixed reproducibly, and
+only assistant tokens train."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from job.errors import DataError
 from job.specfile import validate_data
+from job import data
 from job.stages import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def spec_for(tiny_model, **data):
@@ -28,8 +36,8 @@ def tokenizer(tiny_model):
 def test_sharegpt_and_openai_standardize_alike():
     share = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     openai = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    assert prepare.standardize(share, "auto", None) == prepare.standardize(openai, "auto", None)
-    with_system = prepare.standardize(share, "sharegpt", "Be brief.")
+    assert data.standardize(share, "auto", None) == data.standardize(openai, "auto", None)
+    with_system = data.standardize(share, "sharegpt", "Be brief.")
     assert with_system[0] == {"role": "system", "content": "Be brief."}
 
 
@@ -44,8 +52,8 @@ def test_sharegpt_and_openai_standardize_alike():
     ("just text", "not an object"),
 ])
 def test_bad_rows_are_named(row, needle):
-    with pytest.raises(prepare.BadRow, match=needle):
-        prepare.standardize(row, "auto", None)
+    with pytest.raises(data.BadRow, match=needle):
+        data.standardize(row, "auto", None)
 
 
 def test_masks_cover_exactly_the_assistant_replies(tiny_model, tokenizer):
@@ -53,7 +61,7 @@ def test_masks_cover_exactly_the_assistant_replies(tiny_model, tokenizer):
     row = {"conversations": [{"from": "human", "value": "Tell me one thing about coffee."},
                              {"from": "gpt", "value": "Coffee is warm."},
                              {"from": "human", "value": "And why?"}, {"from": "gpt", "value": "Because."}]}
-    [encoded], counts = prepare.encode_rows([row], tokenizer, spec)
+    [encoded], counts = prepare.encode_rows([data.standardize(row, "auto", None)], tokenizer, spec)
     trained = tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m])
     assert trained == "Coffee is warm.<|eot_id|>Because.<|eot_id|>"
     assert counts["trainable_tokens"] == sum(encoded["assistant_masks"])
@@ -63,39 +71,40 @@ def test_bad_row_policy_error_names_the_row_and_skip_counts(tiny_model, tokenize
     good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     bad = {"conversations": [{"from": "gpt", "value": "Hello"}]}
     with pytest.raises(DataError, match="data row 1:"):
-        prepare.encode_rows([good, bad], tokenizer, spec_for(tiny_model))
-    rows, counts = prepare.encode_rows([good, bad, good], tokenizer, spec_for(tiny_model, bad_rows="skip"))
-    assert len(rows) == 2 and sum(counts["skipped"].values()) == 1
+        data.mixture(spec_for(tiny_model), [[good, bad]])
+    other = {"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello"}]}
+    rows, _, [figures] = data.mixture(spec_for(tiny_model, bad_rows="skip"), [[good, bad, other]])
+    assert len(rows) == 2 and sum(figures["skipped"].values()) == 1
 
 
 def test_long_rows_are_truncated_and_counted(tiny_model, tokenizer):
     long = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "word " * 200}]}
-    [row], counts = prepare.encode_rows([long], tokenizer, spec_for(tiny_model))
+    [row], counts = prepare.encode_rows([data.standardize(long, "auto", None)], tokenizer, spec_for(tiny_model))
     assert len(row["input_ids"]) == 64 and counts["truncated"] == 1
 
 
 def test_nothing_to_learn_is_a_data_error(tiny_model, tokenizer, tmp_path):
     long_prompt = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}]}
-    rows, counts = prepare.encode_rows([long_prompt], tokenizer, spec_for(tiny_model))
+    rows, counts = prepare.encode_rows([data.standardize(long_prompt, "auto", None)], tokenizer, spec_for(tiny_model))
     assert rows == [] and counts["skipped"]["nothing to learn after truncation"] == 1
 
 
 def test_local_files_and_slices(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
-    assert [r["i"] for r in prepare.read_rows(str(path), "train[2:5]")] == [2, 3, 4]
-    assert len(prepare.read_rows(str(path), "train[:50%]")) == 5
+    assert [r["i"] for r in data.read_rows(str(path), "train[2:5]")] == [2, 3, 4]
+    assert len(data.read_rows(str(path), "train[:50%]")) == 5
     path.write_text('{"i": 1}\n{broken\n')
     with pytest.raises(DataError, match="line 2: invalid JSON"):
-        prepare.read_rows(str(path), "train")
+        data.read_rows(str(path), "train")
     with pytest.raises(DataError, match="does not exist"):
-        prepare.read_rows(str(tmp_path / "none.jsonl"), "train")
+        data.read_rows(str(tmp_path / "none.jsonl"), "train")
 
 
 def test_unknown_fields_are_ignored():
     row = {"conversations": [{"from": "human", "value": "Hi", "weight": 1}, {"from": "gpt", "value": "Hello"}],
            "source": "web", "score": 0.9}
-    assert [m["role"] for m in prepare.standardize(row, "auto", None)] == ["user", "assistant"]
+    assert [m["role"] for m in data.standardize(row, "auto", None)] == ["user", "assistant"]
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -112,3 +121,45 @@ def test_data_errors_exit_3_naming_the_row(tmp_path, make_spec, capsys, content,
     assert invoke(["run", str(spec)]) == 3
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_weighted_mixture_takes_each_share_by_seed(tiny_model):
+    import tiny
+
+    first, second = tiny.conversations(40, seed=1), tiny.conversations(40, seed=2)
+    spec = validate_data({"name": "m", "model": {"base": str(tiny_model)}, "lora": {}, "train": {"max_steps": 1},
+                          "data": {"sources": [{"source": "a.jsonl", "weight": 3}, {"source": "b.jsonl", "weight": 1}],
+                                   "num_samples": 20}})
+    rows, origin, figures = data.mixture(spec, [first, second])
+    assert (origin.count(0), origin.count(1)) == (15, 5) and [f["rows_used"] for f in figures] == [15, 5]
+    assert data.mixture(spec, [first, second])[0] == rows  # the same seed, the same rows in the same order
+    other = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 1})})
+    assert data.mixture(other, [first, second])[0] != rows
+
+
+@pytest.mark.integration
+def test_two_source_mixture_trains_with_per_source_counts_and_no_duplicates(make_spec, tmp_path):
+    import tiny
+
+    first, second = tiny.conversations(24, seed=1), tiny.conversations(16, seed=2)
+    second[3] = first[5]  # the same conversation in both sources
+    for name, rows in (("a", first), ("b", second)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [{"source": str(tmp_path / "a.jsonl")}, {"source": str(tmp_path / "b.jsonl"), "format": "sharegpt"}]
+    outputs = []
+    for name in ("mix1", "mix2"):
+        spec = make_spec(name, data={"source": None, "sources": sources, "max_tokens": 120},
+                         train={"max_steps": 2, "save_steps": 2})
+        result = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
+                                cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(tmp_path / "runs" / name)
+    metrics = json.loads((outputs[0] / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 2
+    a, b = metrics["prepare"]["sources"]
+    distinct = {json.dumps(r, sort_keys=True) for r in first}
+    assert a["rows_used"] == len(distinct) and b["duplicates_dropped"] == 1 and b["rows_used"] == len(second) - 1
+    train_rows = (outputs[0] / "data" / "train.jsonl").read_text().splitlines()
+    assert a["train_rows"] + b["train_rows"] == len(train_rows) == metrics["prepare"]["train"]["rows"]
+    assert a["trainable_tokens"] + b["trainable_tokens"] == metrics["prepare"]["train"]["trainable_tokens"]
+    assert (outputs[0] / "data" / "train.jsonl").read_bytes() == (outputs[1] / "data" / "train.jsonl").read_bytes()
