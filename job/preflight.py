@@ -145,7 +145,7 @@ def check(spec: JobSpec, stages: list[str], *, spec_dir: Path | None = None) -> 
         # unsloth must be imported before transformers to patch it; choosing here does that, and a
         # backend that cannot run here fails now rather than after data preparation.
         try:
-            backends.choose(spec.train.backend, backends.device())
+            backends.choose(spec.train.backend, backends.device(), spec.lora)
         except SpecError as exc:
             problems.append(exc.message)
     if machine and "train" in stages and spec.train.checkpoint_sync:

@@ -165,6 +165,14 @@ class LoraSpec(Section):
     alpha: float = Field(16, gt=0, le=65536, description="LoRA alpha (scale is alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(list(DEFAULT_TARGET_MODULES), min_length=1)
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale alpha / sqrt(r) (peft use_rslora).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (peft use_dora); the hf backend trains it.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian. "
+        "Initializations that rewrite the base weights (pissa, olora) are not offered: the adapter is merged "
+        "into the original base.")
+    modules_to_save: list[Literal["lm_head", "embed_tokens"]] = Field(
+        [], description="Modules trained in full and saved with the adapter (for new tokens).")
 
 
 class CheckpointSyncSpec(Section):
@@ -299,6 +307,8 @@ class JobSpec(Section):
             problems.append("train: needs the data and lora sections")
         if (self.data or self.lora) and not self.train:
             problems.append("train: data/lora are given but train is missing (T0-style runs leave all three out)")
+        if self.train and self.lora and self.lora.use_dora and self.train.backend == "unsloth":
+            problems.append("lora.use_dora: the unsloth backend does not train DoRA; use train.backend 'hf' or 'auto'")
         targets = self.evaluate.targets if self.evaluate else []
         merging = bool(self.export and self.export.merge)
         if self.export and not self.train:

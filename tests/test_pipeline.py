@@ -288,3 +288,38 @@ def test_batched_answers_equal_one_at_a_time(full_run, tiny_model):
         single = llamacpp.generate(tools, gguf, text, 12)
         assert (result.prompt_ids, result.token_ids, result.stop_reason) == \
             (single.prompt_ids, single.token_ids, single.stop_reason)
+
+
+@pytest.mark.parametrize("variant", [{"use_rslora": True}, {"use_dora": True, "init": "gaussian",
+                                                            "modules_to_save": ["lm_head"]}])
+def test_lora_variants_train_merge_and_export(variant, tmp_path_factory, tiny_model, tiny_data):
+    """rsLoRA and DoRA (with a gaussian init and a fully trained LM head) train, merge to the adapter's logits,
+    and convert to a GGUF that llama.cpp loads and answers with the merged model's greedy tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("variant")
+    spec = {"name": "variant", "output_dir": str(out / "runs"),
+            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
+            "data": {"source": str(tiny_data)}, "lora": {"r": 8, "alpha": 16, **variant},
+            "train": {"backend": "hf", "max_steps": 6, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                      "learning_rate": 5e-3, "optim": "adamw_torch", "save_steps": 3, "seed": 0},
+            "export": {"merge": True, "gguf": ["f16"], "tokenizer_pre": "llama-bpe", "verify_tokens": 8}}
+    path = out / "variant.json"
+    path.write_text(json.dumps(spec))
+    result = run_cli("run", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = out / "runs" / "variant"
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert all(config[k] == v for k, v in variant.items() if k in config) and \
+        config.get("use_rslora") == variant.get("use_rslora", False) and config.get("use_dora") == variant.get("use_dora", False)
+    ids = torch.tensor([[1, 5, 9, 42, 77, 100, 3]])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(run_dir / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = adapted(ids).logits
+        assert (merged(ids).logits - want).abs().max() < 0.05  # bf16 rounding of the saved merge
+    verify = json.loads((run_dir / "metrics.json").read_text())["gguf"]["files"]["f16"]["verify"]
+    assert verify["tokenizer_match"] and verify["agreement"] == 1.0 and all(p["gguf_tokens"] for p in verify["prompts"])

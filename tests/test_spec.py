@@ -139,3 +139,23 @@ def test_checkpoint_sync_names_each_bad_field():
     ok = json.loads(json.dumps(MINIMAL))
     ok["train"]["checkpoint_sync"] = {"repo": "me/ckpts", "path_in_repo": "sweeps/t1"}
     validate_data(ok)
+
+
+def test_data_sources_and_lora_variants_are_checked():
+    both = json.loads(json.dumps(MINIMAL))
+    both["data"]["sources"] = [{"source": "a.jsonl"}]
+    assert any("exactly one of them" in p for p in problems(both))
+    weighted = json.loads(json.dumps(MINIMAL))
+    weighted["data"] = {"sources": [{"source": "a.jsonl", "weight": 2, "num_samples": 3}, {"source": "b.jsonl", "weight": 1}]}
+    assert any("weight or num_samples, not both" in p for p in problems(weighted))
+    weighted["data"]["sources"][0].pop("num_samples")
+    assert any("set it (the mixture's size)" in p for p in problems(weighted))
+    dora = json.loads(json.dumps(MINIMAL))
+    dora["lora"] = {"use_dora": True, "init": "pissa", "modules_to_save": ["lm_head", "norm"]}
+    dora["train"]["backend"] = "unsloth"
+    found = problems(dora)
+    assert any(p.startswith("lora.init:") for p in found) and any(p.startswith("lora.modules_to_save") for p in found)
+    dora["lora"] = {"use_dora": True}
+    assert any(p.startswith("lora.use_dora: the unsloth backend does not train DoRA") for p in problems(dora))
+    dora["train"]["backend"] = "auto"
+    assert validate_data(dora).lora.use_dora

@@ -16,14 +16,19 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose(requested: str, device_name: str) -> tuple[str, str]:
-    """Returns (backend, why).
+def choose(requested: str, device_name: str, lora=None) -> tuple[str, str]:
+    """Returns (backend, why) for train.backend `requested`, here, for the spec's `lora` section.
 
     Raises:
-        SpecError: unsloth was asked for where it cannot run.
+        SpecError: unsloth was asked for where it cannot run, or for what it does not train.
     """
     if requested == "hf":
         return "hf", "asked for in train.backend"
+    if lora is not None and lora.use_dora:  # unsloth's fused LoRA kernels have no DoRA path
+        if requested == "unsloth":
+            raise SpecError("lora.use_dora: the unsloth backend does not train DoRA; use train.backend 'hf' "
+                            "(or 'auto', which then picks hf)")
+        return "hf", "lora.use_dora: DoRA trains on the hf backend"
     from job import distributed
 
     if distributed.active():

@@ -18,7 +18,9 @@ def lora_config(lora: LoraSpec):
 
     targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                      init_lora_weights=True if lora.init == "default" else lora.init,
+                      modules_to_save=list(lora.modules_to_save) or None)
 
 
 def plan(spec: JobSpec, config, device: str) -> batch_plan.Plan:

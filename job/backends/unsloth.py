@@ -39,7 +39,9 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
     targets = list(lora.target_modules) if lora.target_modules != "all-linear" else list(LINEAR)
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none",
-        use_gradient_checkpointing=_checkpointing(chosen.gradient_checkpointing), random_state=spec.train.seed)
+        use_gradient_checkpointing=_checkpointing(chosen.gradient_checkpointing), random_state=spec.train.seed,
+        use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=list(lora.modules_to_save) or None)
     return model, None, {"attention": path}
 
 

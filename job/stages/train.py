@@ -12,7 +12,7 @@ log = get_logger("peftopt.train")
 
 def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     device = backends.device()
-    name, why = backends.choose(spec.train.backend, device)
+    name, why = backends.choose(spec.train.backend, device, spec.lora)
     log.info("backend_chosen", backend=name, why=why, device=device)
     figures = backends.load(name).train(spec, run_dir, device, restart=ctx.restart)
     previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
