@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Resolves peftopt's dependencies once and writes them down with hashes (`make lock`):
 #   requirements.lock             the image: Linux x86_64, CPython 3.11 (Debian bookworm), torch 2.13.0 with
-#                                 its CUDA 13 libraries from PyPI, unsloth, the demo model
+#                                 its CUDA 13 libraries from PyPI, unsloth, the demo model, the trackers
 #   docker/requirements-cpu.lock  the CPU venv of `make install` and CI: no GPU extra, no CUDA libraries;
 #                                 torch itself is installed first from its CPU wheel (same version)
 # Both are cut from one resolution of every extra together, so a package in both has the same version in
@@ -15,15 +15,15 @@ common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --override
 universe=$(mktemp -d)/universe.txt
 trap 'rm -rf "$(dirname "$universe")"' EXIT
 "$UV" pip compile pyproject.toml --all-extras "${common[@]}" -o "$universe"
-"$UV" pip compile pyproject.toml --extra gpu --extra demo -c "$universe" --generate-hashes "${common[@]}" \
-  -o requirements.lock
+"$UV" pip compile pyproject.toml --extra gpu --extra demo --extra tracking -c "$universe" --generate-hashes \
+  "${common[@]}" -o requirements.lock
 # torch's CUDA runtime (nvidia-*, cuda-*, triton) comes with PyPI's torch wheel only; the CPU wheel needs none.
 cuda_only=()
 for name in torch $(grep -oE '^(nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+|triton)==' "$universe" | tr -d '='); do
   cuda_only+=(--no-emit-package "$name")
 done
-"$UV" pip compile pyproject.toml --extra demo --extra test -c "$universe" --generate-hashes "${common[@]}" \
-  "${cuda_only[@]}" -o docker/requirements-cpu.lock
+"$UV" pip compile pyproject.toml --extra demo --extra test --extra tracking -c "$universe" --generate-hashes \
+  "${common[@]}" "${cuda_only[@]}" -o docker/requirements-cpu.lock
 # The resolution's temporary file is no input anyone can rerun with: keep it out of the annotations.
 sed -i -E '/^ *# *(via )?-c .*universe\.txt$/d' requirements.lock docker/requirements-cpu.lock
 echo "wrote requirements.lock ($(grep -c '^[a-z]' requirements.lock) packages) and docker/requirements-cpu.lock ($(grep -c '^[a-z]' docker/requirements-cpu.lock) packages)"

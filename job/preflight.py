@@ -148,6 +148,10 @@ def check(spec: JobSpec, stages: list[str], *, spec_dir: Path | None = None) -> 
             backends.choose(spec.train.backend, backends.device(), spec.lora)
         except SpecError as exc:
             problems.append(exc.message)
+    if machine and "train" in stages:
+        from job import tracking
+
+        problems += tracking.check(spec)
     if machine and "train" in stages and spec.train.checkpoint_sync:
         from job import checkpoint_sync
 

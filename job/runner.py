@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from job import distributed, interrupt, modelsrc, preflight
+from job import distributed, interrupt, modelsrc, preflight, tracking
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
 from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
@@ -193,6 +193,7 @@ def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
     run_dir.save_state(state)
     metrics = update_metrics(run_dir, "run", {"status": "done", "finished_at": state["finished_at"],
                                               "last_attempt_s": round(time.perf_counter() - job_started, 3)})
+    tracking.finish(spec, run_dir, metrics)
     if not state.get("logged_to_experiments") and not only:
         append_experiment_row(run_dir.root.parent / "experiments_log.csv", experiment_row(spec, metrics))
         state["logged_to_experiments"] = True

@@ -217,6 +217,10 @@ class TrainSpec(Section):
     gradient_checkpointing: Literal["auto", "on", "off", "unsloth"] = "auto"
     max_memory_gb: float | None = Field(None, gt=0, description="Cap on GPU memory the training may use.")
     grace_period_s: float = Field(20, gt=0, le=3600, description="After SIGTERM, exit 75 within this time.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        [], description="Experiment trackers: the loss curve, the resolved spec as config, and peftopt's figures "
+        "(tokens/s, peak memory, pass rates) at the end; files under <run dir>/tracking/ unless the tracker's "
+        "environment says otherwise; credentials only from the environment.")
     checkpoint_sync: CheckpointSyncSpec | None = Field(
         None, description="Push each checkpoint to a private Hub repo, and restore the newest from there when "
         "the run directory has none (a retry on a fresh machine resumes instead of starting over).")

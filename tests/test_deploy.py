@@ -242,8 +242,8 @@ def test_both_locks_come_from_one_resolution_and_honour_the_pins():
     assert {k: cpu[k] for k in image.keys() & cpu.keys()} == {k: image[k] for k in image.keys() & cpu.keys()}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    for wanted, lock in ((project["dependencies"] + extras["gpu"] + extras["demo"], image),
-                         (project["dependencies"] + extras["demo"] + extras["test"], cpu)):
+    for wanted, lock in ((project["dependencies"] + extras["gpu"] + extras["demo"] + extras["tracking"], image),
+                         (project["dependencies"] + extras["demo"] + extras["test"] + extras["tracking"], cpu)):
         for line in wanted:
             name, version = line.split("==")
             if lock is cpu and name == "torch":

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from job import distributed, interrupt, modelsrc
+from job import distributed, interrupt, modelsrc, tracking
 from job.backends.plan import Plan
 from job.checkpoints import (AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint,
                              write_marker)
@@ -71,7 +71,7 @@ def choose_optimizer(requested: str, device: str) -> str:
 
 
 def sft_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
-               trainer_checkpointing: bool = True, **extra):
+               trainer_checkpointing: bool = True, tracking: dict | None = None, **extra):
     import torch
     from trl import SFTConfig
 
@@ -84,7 +84,7 @@ def sft_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, 
         optim=choose_optimizer(train.optim, device), seed=train.seed, data_seed=train.seed,
         logging_steps=train.logging_steps, save_strategy="steps" if saving else "no",
         save_steps=train.save_steps, save_total_limit=train.save_total_limit, packing=train.packing,
-        max_length=spec.model.max_seq_length, report_to="none", use_cpu=device == "cpu",
+        max_length=spec.model.max_seq_length, use_cpu=device == "cpu", **(tracking or {"report_to": "none"}),
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=0, disable_tqdm=json_stdout(),
         # unsloth checkpoints (and offloads) inside its own layers; the Trainer's must stay off there
@@ -197,7 +197,8 @@ def count_tokens(trainer, progress) -> None:
 
 
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
-                  peft_config=None, saving: bool = True, trainer_checkpointing: bool = True, extra_callbacks=()):
+                  peft_config=None, saving: bool = True, trainer_checkpointing: bool = True, extra_callbacks=(),
+                  run_dir: RunDir | None = None):
     """SFTTrainer for `spec` as the job runs it. Returns (trainer, progress, box); the box carries the
     checkpoint writer ("writer"), the Hub uploader ("sync") and the step training started from ("step")."""
     from trl import SFTTrainer
@@ -216,8 +217,12 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     fingerprint = fingerprints(spec)["train"]
     if saving and distributed.active():
         callbacks.append(MarkCheckpoints(fingerprint, on_written))
+    tracked = run_dir is not None and tracking.trackers(spec)
+    if tracked:
+        callbacks.append(tracking.spec_callback(spec, run_dir))
     config = sft_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
-                        trainer_checkpointing=trainer_checkpointing)
+                        trainer_checkpointing=trainer_checkpointing,
+                        tracking=tracking.trainer_settings(spec, run_dir) if tracked else None)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     if saving and not distributed.active():
@@ -243,7 +248,7 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, restart: bool = 
     loaded_reserved = torch.cuda.memory_reserved() if device == "cuda" else 0
     trainer, progress, box = build_trainer(spec, model, tokenizer, load_train_dataset(run_dir), device, chosen,
                                            run_dir.checkpoints_dir, peft_config=peft_config,
-                                           trainer_checkpointing=backend.NAME != "unsloth")
+                                           trainer_checkpointing=backend.NAME != "unsloth", run_dir=run_dir)
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
