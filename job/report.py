@@ -46,7 +46,21 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     for path in sorted((run_dir / "eval").glob("*.jsonl")):
         answers[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     row["r"] = (spec.get("lora") or {}).get("r")
-    return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary}
+    return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
+            "sources": (metrics.get("prepare") or {}).get("sources", [])}
+
+
+def sources_section(runs: list[dict]) -> list[str]:
+    """What each data source gave each run: rows used, duplicates dropped, training rows and tokens."""
+    lines = ["## Data", "", "| run | source | rows used | duplicates dropped | skipped | training rows | "
+             "trainable tokens |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for source in run["sources"]:
+            lines.append(f"| {run['row']['run']} | {source['source']} {source.get('split', '')} | "
+                         f"{source.get('rows_used')} | {source.get('duplicates_dropped', 0)} | "
+                         f"{sum(source.get('skipped', {}).values())} | {source.get('train_rows')} | "
+                         f"{source.get('trainable_tokens')} |")
+    return lines + [""] if len(lines) > 2 else []
 
 
 def load_log(path: Path) -> list[dict]:
@@ -187,6 +201,7 @@ def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Pat
                        + ", ".join(f"{k} {v:.2f}" for k, v in s.get("checks", {}).items()) + " |"
                        for t, s in run["summary"].items()]
                 md.append("")
+        md += sources_section(runs)
         md += answers_section(runs)
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode())

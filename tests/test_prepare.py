@@ -163,3 +163,8 @@ def test_two_source_mixture_trains_with_per_source_counts_and_no_duplicates(make
     assert a["train_rows"] + b["train_rows"] == len(train_rows) == metrics["prepare"]["train"]["rows"]
     assert a["trainable_tokens"] + b["trainable_tokens"] == metrics["prepare"]["train"]["trainable_tokens"]
     assert (outputs[0] / "data" / "train.jsonl").read_bytes() == (outputs[1] / "data" / "train.jsonl").read_bytes()
+    report = subprocess.run([sys.executable, "-m", "job", "report", str(outputs[0]), "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| mix1 |")]
+    assert len(rows) == 2 and f"| {b['train_rows']} | {b['trainable_tokens']} |" in rows[1]

@@ -51,3 +51,29 @@ def test_report_over_two_ranks(tmp_path, make_spec):
 def test_report_refuses_a_non_run_directory(tmp_path):
     result = cli("report", str(tmp_path))
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_report_of_a_two_variant_sweep_shows_them_side_by_side(tmp_path, make_spec):
+    """A sweep (matrix) of plain LoRA against rsLoRA, both variants run as array tasks, then one report."""
+    import json
+
+    spec = make_spec("sweep", train={"max_steps": 4},
+                     evaluate={"prompts": ["Say hello.", "Translate to Swedish: Good night."], "max_new_tokens": 6,
+                               "targets": ["adapter"]})
+    data = json.loads(spec.read_text())
+    data["matrix"] = [{"name": "plain"}, {"name": "rslora", "lora.use_rslora": True}]
+    spec.write_text(json.dumps(data))
+    for index in (0, 1):
+        result = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
+                                cwd=ROOT, timeout=600, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json",
+                                                            "JOB_COMPLETION_INDEX": str(index)})
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs, out = tmp_path / "runs", tmp_path / "sweep-report"
+    result = cli("report", str(runs / "plain"), str(runs / "rslora"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.split("## Plots")[0].splitlines() if line.startswith(("| plain", "| rslora"))]
+    assert len(rows) == 2 and "(baseline)" in rows[0]
+    assert "plain / adapter" in md and "rslora / adapter" in md and "Good night." in md
+    for plot in ("loss.png", "checks.png"):
+        assert png_size(out / "plots" / plot)[0] > 300
