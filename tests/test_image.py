@@ -13,6 +13,7 @@ import re
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -173,20 +174,27 @@ def uninterrupted(tiny_inputs, tmp_path_factory) -> tuple[Path, list[str]]:
     return runs / "tiny", [result.stdout, result.stderr]
 
 
+@contextmanager
+def training_container(inputs: Path, runs: Path, checkpoints: int):
+    """A detached container of the tiny job, yielded once it has saved `checkpoints` checkpoints; removed after."""
+    name = f"peftopt-test-{uuid.uuid4().hex[:8]}"
+    try:
+        started = docker("run", "-d", *tiny_command(inputs, runs, name))
+        assert started.returncode == 0, started.stderr
+        wait_for_event(name, "checkpoint_saved", at_least=checkpoints)
+        yield name
+    finally:
+        docker("rm", "-f", name)
+
+
 def test_docker_stop_exits_75_within_the_grace_and_the_same_command_resumes(tiny_inputs, uninterrupted, tmp_path):
     runs = volume(tmp_path / "runs")
-    name = f"peftopt-stop-{uuid.uuid4().hex[:8]}"
-    try:
-        started = docker("run", "-d", *tiny_command(tiny_inputs, runs, name))
-        assert started.returncode == 0, started.stderr
-        wait_for_event(name, "checkpoint_saved", at_least=2)
+    with training_container(tiny_inputs, runs, checkpoints=2) as name:
         began = time.monotonic()
         docker("stop", "-t", "120", name, timeout=180)  # SIGTERM; SIGKILL only after 120 s
         stopped_after = time.monotonic() - began
         code = int(docker("wait", name).stdout.strip())
         logs = docker("logs", name)
-    finally:
-        docker("rm", "-f", name)
     assert code == 75, logs.stderr[-2000:]
     assert stopped_after < 20, f"took {stopped_after:.1f} s, longer than train.grace_period_s"
     stop_events = events(logs.stdout)
@@ -204,16 +212,10 @@ def test_docker_stop_exits_75_within_the_grace_and_the_same_command_resumes(tiny
 
 def test_docker_kill_mid_run_then_the_same_command_finishes(tiny_inputs, uninterrupted, tmp_path):
     runs = volume(tmp_path / "runs")
-    name = f"peftopt-kill-{uuid.uuid4().hex[:8]}"
-    try:
-        started = docker("run", "-d", *tiny_command(tiny_inputs, runs, name))
-        assert started.returncode == 0, started.stderr
-        wait_for_event(name, "checkpoint_saved", at_least=3)
+    with training_container(tiny_inputs, runs, checkpoints=3) as name:
         docker("kill", name)  # SIGKILL: nothing is saved on the way out
         code = int(docker("wait", name).stdout.strip())
         logs = docker("logs", name)
-    finally:
-        docker("rm", "-f", name)
     assert code == 137
     again = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
