@@ -105,11 +105,12 @@ def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
     return str(run_dir.data_dir / "train.jsonl")
 
 
-def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
+def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) -> list[dict]:
     """Raises SpecError without CUDA or a local base model directory."""
     import torch
     from transformers import AutoConfig
 
+    from job import backends
     from job.backends import plan
 
     if not torch.cuda.is_available():
@@ -118,11 +119,10 @@ def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
         raise SpecError("bench: needs a train section and model.base as a local model directory "
                         "(--set model.base=DIR; random weights time the same as real ones)")
     config = AutoConfig.from_pretrained(spec.model.base)
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    settings = {
+    settings = {  # each backend's own plan, as `peftopt run` makes it
         "literal (unsloth defaults, as the notebook ran it)": ("unsloth", plan.literal(spec)),
-        "peftopt auto: unsloth": ("unsloth", plan.choose(spec, config, gpu_gb, backend="unsloth")),
-        "peftopt auto: hf": ("hf", plan.choose(spec, config, gpu_gb, backend="hf")),
+        "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda")),
+        "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda")),
     }
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
         parts = text.split(":")
@@ -130,6 +130,8 @@ def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
         micro, accumulation = (int(x) for x in parts[0].split("x"))
         mode = parts[1] if len(parts) > 1 else "off"
         settings[f"extra {text}"] = (backend, plan.Plan(micro, accumulation, mode, 0.0, 0.0, "asked for"))
+    if only:  # one backend's settings alone
+        settings = {label: setting for label, setting in settings.items() if setting[0] == only}
     timed = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps + WARMUP})})
     results = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -151,15 +153,16 @@ def run(spec: JobSpec, steps: int, extra: list[str]) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = "| setting | backend | micro x accum | checkpointing | tokens/s | MFU | peak reserved GiB | attention |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = "| setting | backend | micro x accum | checkpointing | tokens/s | MFU | peak reserved GiB | attention | kernels |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         shape = f"| {r['setting']} | {r['backend']} | {r['micro_batch']} x {r['accumulation']} | {r['gradient_checkpointing']} "
         if "error" in r:
-            lines.append(f"{shape}| failed: {r['error'][:80]} | | | |")
+            lines.append(f"{shape}| failed: {r['error'][:80]} | | | | |")
         else:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "?"
-            lines.append(f"{shape}| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_reserved_gib']} | {r.get('attention', '')} |")
+            lines.append(f"{shape}| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_reserved_gib']} | "
+                         f"{r.get('attention', '')} | {r.get('kernels', '')} |")
     return "\n".join(lines)
 
 

@@ -5,8 +5,12 @@
 #                                       backend end to end, a short bench
 #   bash tests/gpu_t1.sh OUT unsloth    the whole 600-step run (auto: unsloth), 50 steps of the slow path
 #                                       (unsloth's per-segment SDPA) for the loss curve, and the bench
-#   bash tests/gpu_t1.sh OUT hf         the whole 600-step run on the hf backend
-# Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp.
+#   bash tests/gpu_t1.sh OUT hf         the whole 600-step run on the hf backend (training only; the unsloth
+#                                       mode's bench times both backends side by side)
+#   bash tests/gpu_t1.sh OUT probe      the GPU kernel tests, the hf backend with and without Liger's kernels
+#                                       (bench), and 60 steps of unsloth with evaluation timed
+# Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
+# bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
 set -uo pipefail
 out=${1:?OUT_DIR}; mode=${2:-check}
 work=/tmp/peftopt-gpu; mkdir -p "$work" "$out"
@@ -15,6 +19,7 @@ export PEFTOPT_LOG_FORMAT=json
 [ -f "$work/long.jsonl" ] || python3 tests/gpu_models.py data "$work/long.jsonl" 12000 >/dev/null
 common=(--output-dir "$work/runs" --set model.base="$work/l1b" --set data.source="$work/long.jsonl" --set push=null
         --set export.tokenizer_pre=llama-bpe)
+for dir in ${PYTHONPATH//:/ }; do [[ $dir == /tmp/* ]] && python3 -m compileall -q -j 16 "$dir" >/dev/null; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)' | tee -a "$out/gpu.txt"
@@ -24,8 +29,16 @@ run() {  # NAME [overrides...]: one `peftopt run` of t1; events, metrics and the
   local started=$(date +%s.%N)
   python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
   local code=$?
-  echo "{\"run\": \"$name\", \"exit\": $code, \"wall_s\": $(python3 -c "import time; print(round(time.time() - $started, 1))")}" \
-    | tee -a "$out/runs.jsonl"
+  python3 - "$out/$name.jsonl" "$started" "$name" "$code" <<'EOF' | tee -a "$out/runs.jsonl"
+import datetime, json, sys, time
+events = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+first = next((e for e in events if e.get("event") == "job_started"), None)
+start = float(sys.argv[2])
+startup = round(datetime.datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00")).timestamp() - start, 1) \
+    if first else None
+print(json.dumps({"run": sys.argv[3], "exit": int(sys.argv[4]), "wall_s": round(time.time() - start, 1),
+                  "process_start_to_job_started_s": startup}))
+EOF
   cp "$work/runs/$name/metrics.json" "$out/$name-metrics.json" 2>/dev/null
   python3 - "$out/$name-metrics.json" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
@@ -38,7 +51,9 @@ print(json.dumps({"run": m.get("run", {}).get("name"), "stages": {k: v["runtime_
                   "backend": t.get("backend"), "attention": t.get("attention"), "plan": [t.get("micro_batch"), t.get("accumulation"), t.get("gradient_checkpointing")],
                   "tokens_per_s": t.get("tokens_per_s"), "steady_tokens_per_s": t.get("steady_tokens_per_s"),
                   "peak_gpu_gb": t.get("peak_gpu_gb"), "peak_gpu_share": t.get("peak_gpu_share"),
-                  "checkpointing": t.get("checkpointing"), "final_loss": t.get("final_loss"),
+                  "checkpointing": t.get("checkpointing"), "final_loss": t.get("final_loss"), "kernels": t.get("kernels"),
+                  "eval_timing": {k: v.get("timing") for k, v in m.get("evaluate", {}).items() if isinstance(v, dict)},
+                  "gguf_eval_timing": {k: v.get("timing") for k, v in m.get("gguf", {}).get("eval", {}).items()},
                   "gguf_verify": {q: {"agreement": f["verify"]["agreement"], "tokenizer_match": f["verify"]["tokenizer_match"]}
                                   for q, f in m.get("gguf", {}).get("files", {}).items()}}))
 EOF
@@ -56,17 +71,38 @@ case "$mode" in
     ;;
   unsloth)
     run t1-unsloth
-    UNSLOTH_TORCH_VARLEN=0 run t1-slow50 --set train.max_steps=50 --set evaluate=null --set export.merge=false --set export.gguf=[]
+    # The slow path on the same 600-step schedule, stopped by SIGTERM once step 50 is logged: the first 50
+    # losses are compared with the run above (same learning rates at every step).
+    ( UNSLOTH_TORCH_VARLEN=0 run t1-slow50 --set evaluate=null --set export.merge=false --set export.gguf=[] ) &
+    until grep -q '"step": 50,' "$out/t1-slow50.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
+    pkill -TERM -f "name=t1-slow50"; wait
+    python3 - "$out/t1-unsloth.jsonl" "$out/t1-slow50.jsonl" <<'EOF' | tee "$out/loss50.json"
+import json, sys
+def losses(path):
+    return {e["step"]: e["loss"] for e in map(json.loads, filter(lambda l: l.startswith("{"), open(path)))
+            if e.get("event") == "train_progress" and e["step"] <= 50}
+fast, slow = losses(sys.argv[1]), losses(sys.argv[2])
+rel = [abs(fast[s] - slow[s]) / abs(slow[s]) for s in sorted(set(fast) & set(slow))]
+print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=None),
+                  "mean_rel_diff": sum(rel) / len(rel) if rel else None}))
+EOF
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --json > "$out/bench.json" 2> "$out/bench.err"
     python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
       "$out/bench.json" | tee "$out/bench.md"
     [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
+  probe)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
+    for fused in 1 0; do
+      PEFTOPT_LIGER=$fused python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --backend hf --extra hf:8x1:off \
+        --json > "$out/bench-hf-liger$fused.json" 2> "$out/bench-hf-liger$fused.err"
+      python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+        "$out/bench-hf-liger$fused.json" | tee -a "$out/bench.md"
+      [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    done
+    run u60 --set train.max_steps=60 --set export.merge=false --set export.gguf=[] --set evaluate.targets='["adapter"]'
+    ;;
   hf)
     run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
-    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
-    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
-      "$out/bench.json" | tee "$out/bench.md"
-    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
 esac

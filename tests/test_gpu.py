@@ -130,3 +130,39 @@ def test_unsloth_takes_the_varlen_kernel_for_packed_rows():
     q = torch.randn(1, 32, 256, 64, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
     assert attention_dispatch._torch_varlen_takes(q, kv, kv, {}, True, None)
+
+
+def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from job.backends import attention, liger
+
+    assert liger.availability("llama", "cuda")[0], liger.availability("llama", "cuda")[1]
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    lengths = [700, 37, 1200, 95, 2]
+    ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    results = {}
+    for fused in (False, True):
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(attention.register())
+        if fused:
+            assert set(liger.apply(model)) >= {"rope", "rms_norm", "swiglu"}
+            assert modeling_llama.apply_rotary_pos_emb is not original_rope
+        loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[fused] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
+    liger.undo()
+    assert modeling_llama.apply_rotary_pos_emb is original_rope
+    (loss_plain, grads_plain), (loss_fused, grads_fused) = results[False], results[True]
+    assert abs(loss_plain - loss_fused) < 1e-2 * abs(loss_plain)
+    for name, grad in grads_plain.items():
+        error = (grads_fused[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 3e-2, (name, float(error))

@@ -1,15 +1,15 @@
 """The `hf` backend: transformers + peft + trl. Runs on CPU and CUDA, and data-parallel under
 `accelerate launch` / `torchrun` (the Trainer reads the launcher's environment). On CUDA, packed rows run
-on torch's varlen flash kernel (`attention.py`) and the batch is planned from a memory estimate as for
-unsloth; trl computes the loss through its fused LM head (no full logits).
+on torch's varlen flash kernel (`attention.py`), norms, RoPE and the gated MLP on Liger's fused kernels
+(`liger.py`), and the batch is planned from a memory estimate as for unsloth; trl computes the loss through
+its fused LM head (no full logits).
 """
 from __future__ import annotations
 
 from job import distributed, modelsrc
-from job.backends import attention
+from job.backends import attention, liger
 from job.backends import plan as batch_plan
 from job.spec import JobSpec, LoraSpec
-
 NAME = "hf"
 
 
@@ -31,7 +31,8 @@ def plan(spec: JobSpec, config, device: str) -> batch_plan.Plan:
     import torch
 
     gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
-    return batch_plan.choose(spec, config, gpu_gb, backend=NAME, ranks=ranks)
+    fused, _ = liger.availability(config.model_type, device)
+    return batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks)
 
 
 def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
@@ -48,7 +49,11 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
     # (No prepare_model_for_kbit_training: it upcasts every non-quantized weight, the LM head included,
     # to fp32, which costs memory and time; trl enables input gradients for checkpointing itself.)
     model.train()
-    return model, lora_config(spec.lora), {"attention": path, "attention_why": why}
+    fused, fused_why = liger.availability(model.config.model_type, device)
+    kernels = liger.apply(model) if fused else []
+    return model, lora_config(spec.lora), {"attention": path, "attention_why": why,
+                                           "kernels": ", ".join(kernels) or "transformers' own",
+                                           "kernels_why": fused_why}
 
 
 def train(spec: JobSpec, run_dir, device: str, restart: bool = False) -> dict:
@@ -56,4 +61,7 @@ def train(spec: JobSpec, run_dir, device: str, restart: bool = False) -> dict:
 
     from job.backends import trainer
 
-    return trainer.train(sys.modules[__name__], spec, run_dir, device, restart)
+    try:
+        return trainer.train(sys.modules[__name__], spec, run_dir, device, restart)
+    finally:
+        liger.undo()  # later stages in this process run transformers' own modules

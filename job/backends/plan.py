@@ -15,9 +15,10 @@ from job.errors import SpecError
 GIB = 1024**3
 # Activation bytes per token, per hidden unit, per layer, for a LoRA step without checkpointing. unsloth:
 # measured on the Llama-3.2-1B shape at seq 2048, about 2.2 GiB per sequence (16 layers x 2048 hidden).
-# hf: transformers + peft keep the unfused projections' and MLP's inputs and outputs: measured 57.8 GB peak
-# reserved at 8 x 2048 tokens on the same shape (H100, varlen attention), about 100 bytes.
-ACTIVATION_BYTES = {"unsloth": 36, "hf": 100}
+# hf: transformers + peft keep the unfused norms' and MLP's inputs and outputs: `peftopt bench` measured 26.6 GB
+# peak reserved at 8 x 2048 tokens on the same shape (H100, varlen attention), about 50 bytes; hf+liger:
+# Liger's RMSNorm and SwiGLU keep fewer (liger.py), 20.2 GB, about 38 bytes.
+ACTIVATION_BYTES = {"unsloth": 36, "hf": 50, "hf+liger": 38}
 # A micro-batch of this many tokens keeps an H100 busy: beyond it a larger micro-batch gains little (unsloth
 # 8x1 vs 16x1 at seq 2048: +1.6%), while recomputing activations costs a third more arithmetic.
 SATURATING_TOKENS = 8192

@@ -18,3 +18,10 @@ def record(run_dir: RunDir, target: str, suite: list[dict], answers: list[dict])
     summary["targets"][target] = checks.summarize(answers)
     atomic_write_json(run_dir.eval_dir / "summary.json", summary)
     return summary["targets"][target]
+
+
+def timing(answers: list[dict], load_s: float, generate_s: float) -> dict:
+    """Where an evaluation's time went: loading the model, and generating (tokens per second over the batch)."""
+    new_tokens = sum(len(a["token_ids"]) for a in answers)
+    return {"load_s": round(load_s, 2), "generate_s": round(generate_s, 2), "new_tokens": new_tokens,
+            "tokens_per_s": round(new_tokens / generate_s, 1) if generate_s > 0 else None}

@@ -5,6 +5,8 @@ the same generation rules, so that every target lands in `eval/` side by side.
 """
 from __future__ import annotations
 
+import time
+
 from job import backends, modelsrc
 from job.evaluation import generate, suite
 from job.log import get_logger, route_library_logs
@@ -24,14 +26,17 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
         tokenizer_source = str(run_dir.adapter_dir) if target == "adapter" else location
         template_spec = spec if target == "base" else spec.model_copy(
             update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})})
+        started = time.perf_counter()
         tokenizer, _ = modelsrc.load_tokenizer(tokenizer_source, template_spec)
         model = modelsrc.load_model(location, spec, device)
         if target == "adapter":
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(run_dir.adapter_dir))
+        loaded = time.perf_counter()
         answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
         results[target] = suite.record(run_dir, target, prompts, answers)
+        results[target]["timing"] = suite.timing(answers, loaded - started, time.perf_counter() - loaded)
         artifacts.append(f"eval/{target}.jsonl")
         log.info("target_evaluated", target=target, **results[target])
         del model

@@ -65,8 +65,10 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     if spec.evaluate and "gguf" in spec.evaluate.targets:
         full_suite = generate.load_suite(spec.evaluate)
         for quant, info in files.items():
+            started = time.perf_counter()
             answers = answer_suite(tools, run_dir.gguf_dir / info["file"], tokenizer, full_suite, spec.evaluate)
             results.setdefault("eval", {})[quant] = suite.record(run_dir, f"gguf-{quant}", full_suite, answers)
+            results["eval"][quant]["timing"] = suite.timing(answers, 0.0, time.perf_counter() - started)
             artifacts.append(f"eval/gguf-{quant}.jsonl")
     return {"artifacts": artifacts, "metrics": results}
 

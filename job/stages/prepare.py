@@ -7,10 +7,13 @@ into labels. The base model is made local first when it is a GGUF (see modelsrc)
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 from job import data as conversations_in
 from job import modelsrc
@@ -115,18 +118,21 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
     encoded = []
-    for index, messages in enumerate(conversations):
-        text, spans = assistant_char_spans(messages, tokenizer)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    rendered = [assistant_char_spans(messages, tokenizer) for messages in conversations]
+    for index, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
         if data.min_tokens and len(ids) < data.min_tokens:
             counts["skipped"]["shorter than data.min_tokens"] += 1
             continue
         if data.max_tokens and len(ids) > data.max_tokens:
             counts["skipped"]["longer than data.max_tokens"] += 1
             continue
-        mask = [int(any(a <= start < b for a, b in spans)) if data.train_on_responses_only else 1
-                for start, _ in offsets]
+        if data.train_on_responses_only:
+            inside = np.zeros(len(starts), dtype=bool)
+            for a, b in spans:
+                inside |= (starts >= a) & (starts < b)
+            mask = inside.astype(int).tolist()
+        else:
+            mask = [1] * len(ids)
         if len(ids) > spec.model.max_seq_length:
             ids, mask = ids[: spec.model.max_seq_length], mask[: spec.model.max_seq_length]
             counts["truncated"] += 1
@@ -143,6 +149,25 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
     if encoded and counts["trainable_tokens"] == 0:
         raise DataError("data: every label is masked; nothing to learn (check train_on_responses_only)")
     return encoded, counts
+
+
+def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
+    """(ids, start offset of each token, assistant spans) per conversation, tokenized a batch at a time on
+    every core (unsloth switches the tokenizers' thread pool off when imported: on for this call only)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        for first in range(0, len(rendered), batch):
+            chunk = rendered[first:first + batch]
+            enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], chunk):
+                starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+                yield ids, starts, spans
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
