@@ -23,7 +23,7 @@ EXPERIMENT_COLUMNS = (
 )
 PACKAGES = ("peftopt", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "huggingface_hub", "tokenizers", "safetensors", "pydantic",
-            "structlog", "click", "sentencepiece", "gguf", "xformers", "triton")
+            "structlog", "click", "sentencepiece", "gguf", "xformers", "triton", "liger_kernel")
 
 
 def update_metrics(run_dir: RunDir, section: str, values: dict[str, Any]) -> dict:
