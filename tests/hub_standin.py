@@ -193,7 +193,8 @@ class HubStandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll: shutdown() waits for it, and the fault matrix starts and stops one per cell
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def add_repo(self, repo: str, folder, private: bool = False) -> None:
         """Publishes a local folder's files as a model repo (as if pushed earlier)."""

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,15 +75,17 @@ def expected(op: str, fault: str):
     return FAULTS[fault]
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-@pytest.mark.parametrize("op", OPS)
-def test_hub_call_under_fault(op, fault, tmp_path, tiny_files):
+def skipped(op: str, fault: str) -> str | None:
     if fault == "timeout then ok" and op not in ("restore", "model"):
-        pytest.skip("client timeouts apply to downloads (HF_HUB_DOWNLOAD_TIMEOUT); API calls wait for an answer")
+        return "client timeouts apply to downloads (HF_HUB_DOWNLOAD_TIMEOUT); API calls wait for an answer"
     if fault == "404" and op == "create":
-        pytest.skip("creating a repo has no 'not found'")
+        return "creating a repo has no 'not found'"
+    return None
+
+
+def run_cell(op: str, fault: str, tmp_path: Path, tiny_files) -> dict:
+    """The call under the fault, then (unless it recovered by itself) again with the fault gone."""
     run_dir, home = tmp_path / "run", tmp_path / "hf"
-    outcome = expected(op, fault)
     with HubStandIn(TOKEN) as hub:
         def publish():
             hub.add_repo("me/tiny", tiny_files)
@@ -104,46 +107,78 @@ def test_hub_call_under_fault(op, fault, tmp_path, tiny_files):
         started = time.monotonic()
         proc = cell(op, run_dir, endpoint, home)
         elapsed = time.monotonic() - started
-        assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr + proc.stdout
-        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"') and '"event"' in line]
-        if outcome == "recovers":
-            assert proc.returncode == 0, proc.stderr[-1500:]
-            if fault == "timeout then ok":  # huggingface_hub resumes a timed-out download itself
-                assert hub.faults_served == 2
-            elif fault != "404":
-                retried = [e for e in events if e["event"] == "hub_retry"]
-                assert retried and retried[0]["reason"].startswith("HTTP"), proc.stdout[-1500:]
-                if fault == "429 then ok":
-                    assert retried[0]["wait_s"] == 1.0 and elapsed >= 1.0  # Retry-After honoured
-            if op == "commit":
-                assert result_of(proc)["failures"] == 0
-        elif outcome == "nothing there":
-            assert proc.returncode == 0, proc.stderr[-1500:]
-            assert result_of(proc) in ({"steps": []}, {"restored": None})
-        elif op == "commit":  # a failed checkpoint upload is a warning; training goes on
-            assert proc.returncode == 0 and result_of(proc)["failures"] == 1, proc.stderr[-1500:]
-            warned = [e for e in events if e["event"] == "checkpoint_sync_failed"]
-            assert warned and outcome[1] in warned[0]["error"] and "Hugging Face Hub" in warned[0]["error"]
-        else:
-            code, words = outcome
-            lines = proc.stderr.strip().splitlines()
-            assert proc.returncode == code and len(lines) == 1, proc.stderr[-1500:]
-            assert lines[0].startswith("error: ") and words in lines[0] and "Hugging Face Hub" in lines[0]
-            if op == "restore":  # nothing half-written: no checkpoint, no scratch folder left over
-                assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
-        # the fault gone, the same call does the work
-        hub.fail_next, hub.fail_always = [], None
-        if fault == "404":
-            publish()
-        again = cell(op, run_dir, hub.url, home)
-        assert again.returncode == 0, again.stderr[-1500:]
-        if op == "restore":
-            assert result_of(again)["restored"].endswith("checkpoint-2")
-        if op == "model":
-            assert (Path(result_of(again)["snapshot"]) / "config.json").is_file()
-        if op == "commit":
-            assert result_of(again)["failures"] == 0
-            assert "cell/checkpoint-4/peftopt-checkpoint.json" in hub.files["me/faults"]
+        faults_served = hub.faults_served
+        checkpoints = run_dir / "checkpoints"
+        left_behind = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+        again = None
+        if expected(op, fault) != "recovers":
+            hub.fail_next, hub.fail_always = [], None
+            if fault == "404":
+                publish()
+            again = cell(op, run_dir, hub.url, home)
+    return {"proc": proc, "elapsed": elapsed, "faults_served": faults_served, "again": again, "hub": hub,
+            "left_behind": left_behind}
+
+
+@pytest.fixture(scope="module")
+def hub_cells(tmp_path_factory, tiny_files):
+    """Every cell, four at a time (each its own stand-in, directory and processes); a test reads its own."""
+    base = tmp_path_factory.mktemp("hub-cells")
+    cells = [(op, fault) for op in OPS for fault in FAULTS if not skipped(op, fault)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return {(op, fault): pool.submit(run_cell, op, fault, base / f"cell{i}", tiny_files)
+                for i, (op, fault) in enumerate(cells)}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("op", OPS)
+def test_hub_call_under_fault(op, fault, request):
+    if skipped(op, fault):
+        pytest.skip(skipped(op, fault))
+    result = request.getfixturevalue("hub_cells")[(op, fault)].result()
+    proc, elapsed, hub = result["proc"], result["elapsed"], result["hub"]
+    outcome = expected(op, fault)
+    assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr + proc.stdout
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"') and '"event"' in line]
+    if outcome == "recovers":
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        if fault == "timeout then ok":  # huggingface_hub resumes a timed-out download itself
+            assert result["faults_served"] == 2
+        elif fault != "404":
+            retried = [e for e in events if e["event"] == "hub_retry"]
+            assert retried and retried[0]["reason"].startswith("HTTP"), proc.stdout[-1500:]
+            if fault == "429 then ok":
+                assert retried[0]["wait_s"] == 1.0 and elapsed >= 1.0  # Retry-After honoured
+        did_the_work(op, proc, hub)  # it recovered by itself
+        return
+    if outcome == "nothing there":
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        assert result_of(proc) in ({"steps": []}, {"restored": None})
+    elif op == "commit":  # a failed checkpoint upload is a warning; training goes on
+        assert proc.returncode == 0 and result_of(proc)["failures"] == 1, proc.stderr[-1500:]
+        warned = [e for e in events if e["event"] == "checkpoint_sync_failed"]
+        assert warned and outcome[1] in warned[0]["error"] and "Hugging Face Hub" in warned[0]["error"]
+    else:
+        code, words = outcome
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == code and len(lines) == 1, proc.stderr[-1500:]
+        assert lines[0].startswith("error: ") and words in lines[0] and "Hugging Face Hub" in lines[0]
+        if op == "restore":  # nothing half-written: no checkpoint, no scratch folder left over
+            assert result["left_behind"] == []
+    # the fault gone, the same call does the work
+    again = result["again"]
+    assert again.returncode == 0, again.stderr[-1500:]
+    did_the_work(op, again, hub)
+
+
+def did_the_work(op: str, proc, hub) -> None:
+    if op == "restore":
+        assert result_of(proc)["restored"].endswith("checkpoint-2")
+    if op == "model":
+        assert (Path(result_of(proc)["snapshot"]) / "config.json").is_file()
+    if op == "commit":
+        assert result_of(proc)["failures"] == 0
+        assert "cell/checkpoint-4/peftopt-checkpoint.json" in hub.files["me/faults"]
 
 
 # ------------------------------------------------------------------------------ llama.cpp
@@ -195,8 +230,12 @@ def broken_prefix(tmp_path: Path, tool: str, behaviour: str) -> Path:
     return prefix
 
 
-@pytest.mark.parametrize("behaviour", list(BROKEN_TOOLS))
-@pytest.mark.parametrize("tool", ["convert_hf_to_gguf.py", "bin/llama-quantize", "bin/peftopt-generate"])
+# A killed llama-quantize is the whole job's cell below (exit 4 at the CLI, the rerun redoes only gguf).
+TOOL_CELLS = [(tool, behaviour) for tool in ("convert_hf_to_gguf.py", "bin/llama-quantize", "bin/peftopt-generate")
+              for behaviour in BROKEN_TOOLS if (tool, behaviour) != ("bin/llama-quantize", "killed")]
+
+
+@pytest.mark.parametrize("tool,behaviour", TOOL_CELLS)
 def test_llama_cpp_tool_failure(tool, behaviour, merged_run, tmp_path, monkeypatch):
     """The gguf stage with the tool failing: ExternalError (exit 4) naming the tool in one line, no gguf/."""
     from job.errors import ExternalError
