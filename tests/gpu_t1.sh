@@ -63,7 +63,7 @@ EOF
 
 case "$mode" in
   check)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen or unsloth_takes" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
     run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64
     run h60 --set train.max_steps=60 --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
