@@ -40,30 +40,36 @@ def tiny_data(tmp_path_factory) -> Path:
     return tiny.write_data(tmp_path_factory.mktemp("data") / "data.jsonl")
 
 
+def write_tiny_spec(directory: Path, tiny_model, tiny_data, name: str = "tiny", **sections) -> Path:
+    """Writes `directory/NAME.json`: a jobspec for the tiny model that trains a few steps on CPU, its runs under
+    `directory/runs`. Each keyword replaces a section (None drops it); a dict is merged into the section."""
+    spec = {
+        "name": name, "output_dir": str(directory / "runs"),
+        "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
+        "data": {"source": str(tiny_data)},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"backend": "hf", "max_steps": 6, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                  "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_steps": 0, "optim": "adamw_torch",
+                  "save_steps": 2, "seed": 0},
+    }
+    for key, value in sections.items():
+        if value is None:
+            spec.pop(key, None)
+        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
 @pytest.fixture
 def make_spec(tmp_path, tiny_model, tiny_data):
     """Writes a jobspec for the tiny model (overrides merged in per section) and returns its path."""
 
     def make(name="tiny", **sections):
-        spec = {
-            "name": name, "output_dir": str(tmp_path / "runs"),
-            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
-            "data": {"source": str(tiny_data)},
-            "lora": {"r": 8, "alpha": 16},
-            "train": {"backend": "hf", "max_steps": 6, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
-                      "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_steps": 0, "optim": "adamw_torch",
-                      "save_steps": 2, "seed": 0},
-        }
-        for key, value in sections.items():
-            if value is None:
-                spec.pop(key, None)
-            elif isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(spec))
-        return path
+        return write_tiny_spec(tmp_path, tiny_model, tiny_data, name, **sections)
 
     return make
 

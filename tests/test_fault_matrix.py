@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import hub_cell
+from conftest import write_tiny_spec
 from hub_standin import HubStandIn
 
 pytestmark = pytest.mark.integration
@@ -195,14 +196,9 @@ BROKEN_TOOLS = {
 def merged_run(tmp_path_factory, tiny_model, tiny_data):
     """A run with train and merge done, so that each cell runs only the gguf stage."""
     out = tmp_path_factory.mktemp("tools")
-    spec = {"name": "tools", "output_dir": str(out / "runs"),
-            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
-            "data": {"source": str(tiny_data)}, "lora": {"r": 4, "alpha": 8},
-            "train": {"backend": "hf", "max_steps": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
-                      "optim": "adamw_torch", "save_steps": 2, "seed": 0},
-            "export": {"merge": True, "gguf": ["f16", "q4_k_m"], "tokenizer_pre": "llama-bpe", "verify_tokens": 6}}
-    path = out / "tools.json"
-    path.write_text(json.dumps(spec))
+    path = write_tiny_spec(out, tiny_model, tiny_data, "tools", lora={"r": 4, "alpha": 8}, train={"max_steps": 2},
+                           export={"merge": True, "gguf": ["f16", "q4_k_m"], "tokenizer_pre": "llama-bpe",
+                                   "verify_tokens": 6})
     done = subprocess.run([sys.executable, "-m", "job", "run", str(path), "--stages", "prepare,train,merge"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"},
                           timeout=600)

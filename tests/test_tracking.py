@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_spec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,15 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tiny_model, tiny_data):
     out = tmp_path_factory.mktemp("tracked")
-    spec = {"name": "tracked", "output_dir": str(out / "runs"),
-            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
-            "data": {"source": str(tiny_data), "eval_split": 0.1}, "lora": {"r": 4, "alpha": 8},
-            "train": {"backend": "hf", "max_steps": 6, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
-                      "optim": "adamw_torch", "save_steps": 3, "seed": 0,
-                      "report_to": ["tensorboard", "mlflow", "wandb"]},
-            "evaluate": {"prompts": ["Say hello."], "max_new_tokens": 6, "targets": ["adapter"]}}
-    path = out / "tracked.json"
-    path.write_text(json.dumps(spec))
+    path = write_tiny_spec(out, tiny_model, tiny_data, "tracked", data={"eval_split": 0.1}, lora={"r": 4, "alpha": 8},
+                           train={"save_steps": 3, "report_to": ["tensorboard", "mlflow", "wandb"]},
+                           evaluate={"prompts": ["Say hello."], "max_new_tokens": 6, "targets": ["adapter"]})
     env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     for name in ("MLFLOW_TRACKING_URI", "WANDB_DIR", "WANDB_API_KEY"):
         env.pop(name, None)
