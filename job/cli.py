@@ -58,10 +58,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     from job.log import json_stdout, keep_stdout_for_events
 
     spec = load_spec(spec_file, overrides, index)  # a bad spec fails here, before any rank starts
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        # Packed rows change shape every step, which fragments the caching allocator: at 4 x 2 the hf
-        # backend peaked at 14.1 GB in `bench` and 21.9 GB over the 600-step run. unsloth sets the same.
-        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    expandable_cuda_segments()
     ranks = _ranks(nproc)
     if ranks > 1:
         argv = [spec_file, *(["--output-dir", output_dir] if output_dir else []),
@@ -81,6 +78,16 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
+
+
+def expandable_cuda_segments() -> None:
+    """Before torch touches CUDA, for `run` and `bench` alike (bench's workers inherit it)."""
+    import os
+
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # Packed rows change shape every step, which fragments the caching allocator: at 4 x 2 the hf
+        # backend peaked at 14.1 GB in `bench` and 21.9 GB over the 600-step run. unsloth sets the same.
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 
 def _ranks(nproc: str) -> int:
@@ -213,6 +220,7 @@ def bench(spec_file, steps, extra, as_json, only, overrides) -> None:
     from job.specfile import load_spec
 
     events_to_stderr()  # stdout holds the table or the JSON alone
+    expandable_cuda_segments()
     results = bench_module.run(load_spec(spec_file, overrides), steps, list(extra), only)
     click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))
 
