@@ -5,9 +5,11 @@ scheduler, RNG states, trainer state) and, written last, `peftopt-checkpoint.jso
 file with its size, and the training fingerprint. A checkpoint is used only if its marker matches its files;
 a half-written one is removed with a warning.
 
-`AsyncCheckpointWriter` replaces the Trainer's synchronous save on a single process: the training thread only
-copies the trainable weights and optimizer state into CPU memory, and a background thread writes them into a
-hidden `.checkpoint-N.partial/`, writes the marker, renames it into place and rotates old ones.
+`AsyncCheckpointWriter` replaces the Trainer's synchronous save: the training thread only copies the trainable
+weights and optimizer state into CPU memory, and a background thread writes them into a hidden
+`.checkpoint-N.partial/`, writes the marker, renames it into place and rotates old ones. With several ranks
+each writes its own RNG state into the partial directory first (the only per-rank state: data-parallel ranks
+hold the same weights and optimizer state), and rank 0 alone writes the rest.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from job import distributed
 from job.errors import ExternalError, disk_error
 from job.log import get_logger
 from job.rundir import atomic_write_json
@@ -111,7 +114,21 @@ class AsyncCheckpointWriter:
         started = time.perf_counter()
         self.wait()
         trainer = self.trainer
-        trainer.store_flos()
+        trainer.store_flos()  # a collective with several ranks
+        me = distributed.world()
+        root = Path(trainer.args.output_dir)
+        partial = root / f".checkpoint-{trainer.state.global_step}.partial"
+        if me.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        if distributed.active():
+            distributed.barrier()  # the directory exists
+            trainer._save_rng_state(str(partial))  # rng_state_<rank>.pth, as the Trainer's resume reads it
+            distributed.barrier()  # every rank's RNG state is on disk before rank 0 lists the files
+        if not me.is_main:
+            self.saves += 1
+            self.blocking_s += time.perf_counter() - started
+            return
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         for callback in [*trainer.callback_handler.callbacks, trainer.control]:  # as Trainer._save_checkpoint does
             if isinstance(callback, ExportableState):
@@ -120,9 +137,11 @@ class AsyncCheckpointWriter:
                     trainer.state.stateful_callbacks[name].append(callback.state())
                 else:
                     trainer.state.stateful_callbacks[name] = callback.state()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-        if torch.cuda.is_available():  # one process: Trainer._load_rng_state reads one device's state
-            rng["cuda"] = torch.cuda.random.get_rng_state()
+        rng = None
+        if not distributed.active():
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+            if torch.cuda.is_available():  # one process: Trainer._load_rng_state reads one device's state
+                rng["cuda"] = torch.cuda.random.get_rng_state()
         snapshot = {
             "step": trainer.state.global_step,
             "adapter": _to_cpu(get_peft_model_state_dict(unwrapped)),
@@ -132,7 +151,8 @@ class AsyncCheckpointWriter:
             "rng": rng,
             # TrainerState.save_to_json's own format, taken now: the state moves on with training
             "trainer_state": json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n",
-            "dir": Path(trainer.args.output_dir),
+            "dir": root,
+            "partial": partial,
             "keep": trainer.args.save_total_limit,
         }
         if torch.cuda.is_available():
@@ -149,17 +169,16 @@ class AsyncCheckpointWriter:
         started = time.perf_counter()
         root: Path = snapshot["dir"]
         final = root / f"checkpoint-{snapshot['step']}"
-        partial = root / f".checkpoint-{snapshot['step']}.partial"
+        partial: Path = snapshot["partial"]
         try:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in snapshot["adapter"].items()},
                       str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
             for config in snapshot["adapter_config"].values():
                 config.save_pretrained(str(partial))
             torch.save(snapshot["optimizer"], partial / "optimizer.pt")
             torch.save(snapshot["scheduler"], partial / "scheduler.pt")
-            torch.save(snapshot["rng"], partial / "rng_state.pth")
+            if snapshot["rng"] is not None:
+                torch.save(snapshot["rng"], partial / "rng_state.pth")
             (partial / "trainer_state.json").write_text(snapshot["trainer_state"])
             write_marker(partial, snapshot["step"], self.fingerprint)
             for path in partial.iterdir():

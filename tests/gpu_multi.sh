@@ -1,60 +1,105 @@
 #!/usr/bin/env bash
-# On a machine with 2 GPUs: t1 (1B shape, QLoRA, hf backend) on 1 GPU and data-parallel on 2, same global batch
-# (8 sequences of 2048 tokens per step); then a 2-rank run stopped by SIGTERM, resumed through torchrun and
-# finished with rank 0 alone merging and writing the q8_0 GGUF; then a short run under `accelerate launch`.
-#   bash tests/gpu_multi.sh OUT_DIR [STEPS] [speed]     (speed: only the 1-GPU / 2-GPU pair)
+# On a machine with 2 GPUs, jobspecs/t1.json (1B shape with random weights, QLoRA, the same 12,000 long local
+# conversations as tests/gpu_t1.sh; push=null):
+#   bash tests/gpu_multi.sh OUT speed    600 steps data-parallel on both GPUs (`--nproc 2`, auto: the hf
+#                                        backend), then the 1-GPU baselines of the same spec: hf on GPU 0 and
+#                                        unsloth (auto) on GPU 1, the two at once to fit one call
+#   bash tests/gpu_multi.sh OUT resume   a 2-rank run stopped by SIGTERM after checkpoint 10, resumed through
+#                                        torchrun and finished (rank 0 alone merges and writes the q8_0 GGUF),
+#                                        beside an uninterrupted 2-rank run of the same spec; then 10 steps
+#                                        under `accelerate launch`
+# Training figures come from each run's metrics.json (what the job measures), not from a bench.
 set -uo pipefail
-out=${1:?OUT_DIR}; steps=${2:-40}; only=${3:-all}
+out=${1:?OUT_DIR}; mode=${2:-speed}
 work=/tmp/peftopt-gpu; mkdir -p "$work" "$out"
-[ -f "$work/l1b/config.json" ] || python3 tests/gpu_models.py llama1b "$work/l1b" >/dev/null
-[ -f "$work/long.jsonl" ] || python3 tests/gpu_models.py data "$work/long.jsonl" 6000 >/dev/null
 export PEFTOPT_LOG_FORMAT=json
-common=(--set model.base="$work/l1b" --set data.source="$work/long.jsonl" --set train.backend=hf
-        --set train.micro_batch_size=4 --set train.gradient_checkpointing=off --set push=null --set evaluate=null)
-summary() {  # whole-session and steady-state (after step 5) tokens/s from a run's events
-  python3 - "$1" <<'EOF'
-import json, sys, datetime
-ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-p = [e for e in ev if e["event"] == "train_progress"]
-t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-fin = next((e for e in ev if e["event"] == "train_finished"), {})
-a = next((e for e in p if e["step"] == 5), None)
-steady = (p[-1]["tokens"] - a["tokens"]) / (t(p[-1]) - t(a)) if a and len(p) > 6 else None
-print(json.dumps({"file": sys.argv[1], "steps": fin.get("global_step"), "world_size": fin.get("world_size"),
-                  "micro_batch": fin.get("micro_batch"), "accumulation": fin.get("accumulation"),
-                  "tokens": fin.get("tokens"), "session_tokens_per_s": fin.get("tokens_per_s"),
-                  "steady_tokens_per_s": round(steady, 1) if steady else None,
-                  "peak_gpu_gb_rank0": fin.get("peak_gpu_gb"), "final_loss": fin.get("final_loss")}))
+[ -f "$work/l1b/config.json" ] || python3 tests/gpu_models.py llama1b "$work/l1b" >/dev/null
+[ -f "$work/long.jsonl" ] || python3 tests/gpu_models.py data "$work/long.jsonl" 12000 >/dev/null
+for dir in ${PYTHONPATH//:/ }; do [[ $dir == /tmp/* ]] && python3 -m compileall -q -j 16 "$dir" >/dev/null; done
+common=(--output-dir "$work/runs" --set model.base="$work/l1b" --set data.source="$work/long.jsonl" --set push=null
+        --set export.tokenizer_pre=llama-bpe)
+training_only=(--set evaluate=null --set export.merge=false --set export.gguf=[])
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
+python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)' | tee -a "$out/gpus.txt"
+keep() { [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .; }  # what finished comes back if the call times out
+
+figures() {  # NAME: the run's training figures from its metrics.json, one JSON line
+  cp "$work/runs/$1/metrics.json" "$out/$1-metrics.json" 2>/dev/null
+  python3 - "$out/$1-metrics.json" "$1" <<'EOF' | tee -a "$out/summary.jsonl"
+import json, sys
+try:
+    t = json.load(open(sys.argv[1]))["train"]
+except (OSError, KeyError):
+    print(json.dumps({"run": sys.argv[2], "metrics": None})); sys.exit(0)
+print(json.dumps({"run": sys.argv[2], **{k: t.get(k) for k in (
+    "backend", "world_size", "micro_batch", "accumulation", "gradient_checkpointing", "attention", "kernels",
+    "global_step", "session_runtime_s", "session_tokens", "tokens_per_s", "steady_tokens_per_s", "peak_gpu_gb",
+    "final_loss", "checkpointing")}}))
 EOF
 }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
 
-python3 -m job run jobspecs/t1.json --output-dir "$work/one" "${common[@]}" --set train.max_steps="$steps" \
-  --set export=null > "$out/one-gpu.jsonl" 2> "$out/one-gpu.err"; echo "1 GPU exit $?"
-summary "$out/one-gpu.jsonl" | tee -a "$out/summary.jsonl"
+run() {  # NAME [args...]: one `peftopt run` of t1 with its exit code and wall clock
+  local name=$1; shift
+  local started=$(date +%s.%N)
+  python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  local code=$?
+  echo "{\"run\": \"$name\", \"exit\": $code, \"wall_s\": $(python3 -c "import time; print(round(time.time() - $started, 1))")}" \
+    | tee -a "$out/summary.jsonl"
+  figures "$name"; keep
+  return $code
+}
 
-python3 -m job run jobspecs/t1.json --output-dir "$work/two" "${common[@]}" --set train.max_steps="$steps" \
-  --set export=null --nproc 2 > "$out/two-gpu.jsonl" 2> "$out/two-gpu.err"; echo "2 GPUs exit $?"
-summary "$out/two-gpu.jsonl" | tee -a "$out/summary.jsonl"
-
-[ "$only" = speed ] && exit 0
-
-# Preemption on 2 ranks: SIGTERM to the launcher after the step-10 checkpoint, then resume under torchrun.
-python3 -m job run jobspecs/t1.json --output-dir "$work/resume" "${common[@]}" --set train.max_steps=30 \
-  --set export.tokenizer_pre=llama-bpe --nproc 2 > "$out/resume-1.jsonl" 2> "$out/resume-1.err" &
-pid=$!
-for _ in $(seq 600); do
-  ls "$work"/resume/*/checkpoints/checkpoint-10/peftopt-checkpoint.json >/dev/null 2>&1 && break; sleep 0.5
-done
-t0=$(date +%s.%N); kill -TERM $pid; wait $pid; code=$?; t1=$(date +%s.%N)
-echo "{\"sigterm_exit\": $code, \"seconds_to_exit\": $(python3 -c "print(round($t1-$t0,2))")}" | tee -a "$out/summary.jsonl"
-python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m job run jobspecs/t1.json --output-dir "$work/resume" \
-  "${common[@]}" --set train.max_steps=30 --set export.tokenizer_pre=llama-bpe > "$out/resume-2.jsonl" \
-  2> "$out/resume-2.err"; echo "torchrun resume exit $?"
-grep -h '"train_resumed"\|"gguf_written"\|"gguf_verified"\|"job_finished"' "$out/resume-2.jsonl" | head -8
-cp "$work"/resume/*/metrics.json "$out/resume-metrics.json"; cp "$work"/resume/*/state.json "$out/resume-state.json"
-
-accelerate launch --multi_gpu --num_processes 2 -m job run jobspecs/t1.json --output-dir "$work/accel" \
-  "${common[@]}" --set train.max_steps=10 --set export=null > "$out/accelerate.jsonl" 2> "$out/accelerate.err"
-echo "accelerate launch exit $?"
-summary "$out/accelerate.jsonl" | tee -a "$out/summary.jsonl"
+case "$mode" in
+  speed)
+    run dp2 "${training_only[@]}" --nproc 2
+    CUDA_VISIBLE_DEVICES=0 run one-hf "${training_only[@]}" --set train.backend=hf &
+    CUDA_VISIBLE_DEVICES=1 run one-unsloth "${training_only[@]}" &
+    wait
+    python3 - "$out" <<'EOF' | tee "$out/speedup.json"
+import json, sys
+m = {n: json.load(open(f"{sys.argv[1]}/{n}-metrics.json"))["train"] for n in ("dp2", "one-hf", "one-unsloth")}
+ratio = lambda key, base: round(m["dp2"][key] / m[base][key], 3)
+print(json.dumps({"whole_run_vs_hf": ratio("tokens_per_s", "one-hf"), "whole_run_vs_unsloth": ratio("tokens_per_s", "one-unsloth"),
+                  "steady_vs_hf": ratio("steady_tokens_per_s", "one-hf"), "steady_vs_unsloth": ratio("steady_tokens_per_s", "one-unsloth"),
+                  "final_loss": {n: m[n]["final_loss"] for n in m},
+                  "final_loss_rel_diff_vs_hf": abs(m["dp2"]["final_loss"] - m["one-hf"]["final_loss"]) / m["one-hf"]["final_loss"]}))
+EOF
+    keep
+    ;;
+  resume)
+    small=(--set evaluate=null --set train.max_steps=30)
+    run straight "${training_only[@]}" --set train.max_steps=30 --nproc 2
+    python3 -m job run jobspecs/t1.json "${common[@]}" --set name=preempted "${small[@]}" --nproc 2 \
+      > "$out/preempted.jsonl" 2> "$out/preempted.err" &
+    pid=$!
+    for _ in $(seq 1200); do
+      ls "$work"/runs/preempted/checkpoints/checkpoint-10/peftopt-checkpoint.json >/dev/null 2>&1 && break; sleep 0.25
+    done
+    t0=$(date +%s.%N); kill -TERM $pid; wait $pid; code=$?; t1=$(date +%s.%N)
+    grep -h '"checkpoint_saved"\|"job_interrupted"\|"train_interrupted"' "$out/preempted.jsonl" | tail -3
+    echo "{\"sigterm_exit\": $code, \"seconds_to_exit\": $(python3 -c "print(round($t1 - $t0, 2))")}" | tee -a "$out/summary.jsonl"
+    ls "$work"/runs/preempted/checkpoints/ | tee "$out/preempted-checkpoints.txt"
+    started=$(date +%s.%N)
+    python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m job run jobspecs/t1.json "${common[@]}" \
+      --set name=preempted "${small[@]}" > "$out/resumed.jsonl" 2> "$out/resumed.err"
+    echo "{\"run\": \"resumed (torchrun)\", \"exit\": $?, \"wall_s\": $(python3 -c "import time; print(round(time.time() - $started, 1))")}" \
+      | tee -a "$out/summary.jsonl"
+    figures preempted
+    grep -h '"train_resumed"\|"gguf_written"\|"gguf_verified"\|"job_finished"' "$out/resumed.jsonl" | head -8
+    python3 - "$work/runs/straight/adapter/adapter_model.safetensors" "$work/runs/preempted/adapter/adapter_model.safetensors" \
+      <<'EOF' | tee "$out/resume-vs-straight.json"
+import json, sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+print(json.dumps({"tensors": len(a), "same_names": set(a) == set(b), "max_abs_diff": diff,
+                  "identical": all(bool((a[k] == b[k]).all()) for k in a)}))
+EOF
+    cp "$work/runs/preempted/state.json" "$out/preempted-state.json"; keep
+    accelerate launch --multi_gpu --num_processes 2 -m job run jobspecs/t1.json "${common[@]}" --set name=accel \
+      "${training_only[@]}" --set train.max_steps=10 > "$out/accel.jsonl" 2> "$out/accel.err"
+    echo "{\"run\": \"accelerate launch\", \"exit\": $?}" | tee -a "$out/summary.jsonl"
+    figures accel; keep
+    ;;
+esac

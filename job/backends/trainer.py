@@ -11,8 +11,7 @@ from pathlib import Path
 
 from job import distributed, interrupt, modelsrc, tracking
 from job.backends.plan import Plan
-from job.checkpoints import (AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint,
-                             write_marker)
+from job.checkpoints import AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint
 from job.errors import ExternalError, Interrupted
 from job.fingerprint import fingerprints
 from job.log import get_logger, json_stdout, route_library_logs
@@ -161,22 +160,7 @@ def _callbacks():
                 control.should_save = True
                 control.should_training_stop = True
 
-    class MarkCheckpoints(TrainerCallback):
-        """Several ranks save through the Trainer itself (each its own RNG state); the marker comes last."""
-
-        def __init__(self, fingerprint: str, on_written):
-            self.fingerprint, self.on_written = fingerprint, on_written
-
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            distributed.barrier()  # every rank has written its RNG state before the listing
-            if distributed.world().is_main and path.is_dir():
-                write_marker(path, state.global_step, self.fingerprint)
-                log.info("checkpoint_saved", step=state.global_step, path=str(path))
-                if self.on_written is not None:
-                    self.on_written(path)
-
-    return Progress, StopOnSignal, MarkCheckpoints
+    return Progress, StopOnSignal
 
 
 def count_tokens(trainer, progress) -> None:
@@ -203,7 +187,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     checkpoint writer ("writer"), the Hub uploader ("sync") and the step training started from ("step")."""
     from trl import SFTTrainer
 
-    Progress, StopOnSignal, MarkCheckpoints = _callbacks()
+    Progress, StopOnSignal = _callbacks()
     progress, box = Progress(), {}
     callbacks = [StopOnSignal(progress, box), progress, *extra_callbacks]
     on_written = None
@@ -214,9 +198,6 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
 
         def on_written(path: Path) -> None:
             uploader.submit(path, complete_steps(path.parent))
-    fingerprint = fingerprints(spec)["train"]
-    if saving and distributed.active():
-        callbacks.append(MarkCheckpoints(fingerprint, on_written))
     tracked = run_dir is not None and tracking.trackers(spec)
     if tracked:
         callbacks.append(tracking.spec_callback(spec, run_dir))
@@ -225,8 +206,8 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
                         tracking=tracking.trainer_settings(spec, run_dir) if tracked else None)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
-    if saving and not distributed.active():
-        box["writer"] = AsyncCheckpointWriter(trainer, fingerprint, on_written)
+    if saving:
+        box["writer"] = AsyncCheckpointWriter(trainer, fingerprints(spec)["train"], on_written)
     count_tokens(trainer, progress)
     return trainer, progress, box
 
