@@ -20,6 +20,36 @@ CANDIDATES = (Path("/opt/llama.cpp"), Path.home() / ".cache" / "peftopt" / "llam
 CONVERTER_SHIM = Path(__file__).resolve().parent / "convert_shim.py"
 
 
+def physical_cores() -> int:
+    """Cores (not hyperthreads) this process may run on: llama.cpp's decode is bound by arithmetic and
+    synchronises its threads at every operation, so a core's second hardware thread adds waiting, not
+    speed (llama.cpp's own tools default to physical cores for this reason). A container's CPU quota
+    (Kubernetes limits, `docker run --cpus`) caps it: the host's cores are visible there but not usable."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    siblings = set()
+    for cpu in allowed:
+        try:
+            siblings.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            siblings = set(map(str, allowed))
+            break
+    cores = max(len(siblings), 1)
+    quota = cgroup_cpu_quota()
+    return min(cores, quota) if quota else cores
+
+
+def cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs granted by the cgroup v2 quota ("max 100000" or unreadable: none), rounded up."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return max(-(-int(quota) // int(period)), 1)
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class LlamaCpp:
     prefix: Path
@@ -162,7 +192,7 @@ def generate_many(tools: LlamaCpp, gguf_path: Path, prompts: list[str], max_toke
     each); the prompts' special tokens are parsed, no BOS is added."""
     if not prompts:
         return []
-    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or os.cpu_count()),
+    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or physical_cores()),
            "--prompts", str(len(prompts))]
     stdin = "".join(f"{len(p.encode())}\n{p}" for p in prompts)
     out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=stdin, timeout=timeout).stdout

@@ -94,3 +94,18 @@ def test_unsloth_adapter_says_when_no_kernel_can_be_set(monkeypatch):
     assert dispatch._TORCH_VARLEN_ATTN is None
     monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
     assert "UNSLOTH_TORCH_VARLEN is off" in attention.adapt_unsloth(dispatch)
+
+
+def test_decoding_on_cuda_keeps_cudnn_attention_out_and_restores_the_flags():
+    from job.evaluation.generate import attention_backends
+
+    before = [torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()]
+    with attention_backends(torch.device("cuda")):  # only sets the backend flags: runs without a GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    with attention_backends(torch.device("cpu")):  # CPU decoding is left alone
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    assert [torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == before

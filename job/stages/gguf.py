@@ -5,6 +5,7 @@ suite with the model's own chat template, and compare the tokens with the merged
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import llamacpp, modelsrc, templates
@@ -37,14 +38,16 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     evaluate = spec.evaluate or EvaluateSpec()
     prompts = generate.load_suite(evaluate)[: spec.export.verify_prompts] if spec.evaluate or \
         Path(evaluate.prompts).exists() else [{"id": "p0", "prompt": "Say hello.", "checks": {}}]
-    reference = merged_reference(spec, run_dir, tokenizer, prompts, evaluate)
     master, how = plan(spec.export.gguf)
     files: dict[str, dict] = {}
-    with atomic_dir(run_dir.gguf_dir) as out:
+    with atomic_dir(run_dir.gguf_dir) as out, ThreadPoolExecutor(1, thread_name_prefix="reference") as pool:
+        # The merged model answers on the GPU (or a core) while the converter, a subprocess, works on another
+        reference_job = pool.submit(merged_reference, spec, run_dir, tokenizer, prompts, evaluate)
         started = time.perf_counter()
         master_path = out / f"{spec.name}-{master}.gguf"
         llamacpp.convert(tools, run_dir.merged_dir, master_path, master, spec.export.tokenizer_pre)
         log.info("gguf_converted", outtype=master, seconds=round(time.perf_counter() - started, 2))
+        reference = reference_job.result()
         for quant, method in how.items():
             path = out / f"{spec.name}-{quant}.gguf"
             started = time.perf_counter()
