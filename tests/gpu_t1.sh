@@ -5,8 +5,9 @@
 #                                       backend end to end, a short bench
 #   bash tests/gpu_t1.sh OUT unsloth    the whole 600-step run (auto: unsloth), 50 steps of the slow path
 #                                       (unsloth's per-segment SDPA) for the loss curve, and the bench
-#   bash tests/gpu_t1.sh OUT final      the whole 600-step run (auto), then llama.cpp answering its GGUF with
-#                                       every logical CPU against physical cores only, and the auto bench
+#   bash tests/gpu_t1.sh OUT final      the whole 600-step run (auto), then the bench of both backends
+#   bash tests/gpu_t1.sh OUT threads    after `final`: llama.cpp answering its GGUF with every logical CPU,
+#                                       physical cores only and half of them
 #   bash tests/gpu_t1.sh OUT hf         the whole 600-step run on the hf backend (training only; the unsloth
 #                                       mode's bench times both backends side by side)
 #   bash tests/gpu_t1.sh OUT probe      the GPU kernel tests, the hf backend with and without Liger's kernels
@@ -106,7 +107,12 @@ EOF
     ;;
   final)
     run t1-final
-    lscpu | grep -i "^CPU(s)\|thread\|core\|socket\|model name" | tee "$out/lscpu.txt"
+    timeout 240 python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --json > "$out/bench.json" 2> "$out/bench.err"
+    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+      "$out/bench.json" | tee "$out/bench.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  threads)  # llama.cpp answering the GGUF of a finished t1-final run with each thread count
     python3 - "$work/runs/t1-final" <<'EOF' | tee "$out/llama-threads.json"
 import json, os, sys, time
 sys.path.insert(0, ".")
@@ -120,18 +126,13 @@ tokenizer = AutoTokenizer.from_pretrained(str(run / "merged"))
 texts = [generate.render(tokenizer, p["prompt"], None) for p in generate.load_suite(load_spec("jobspecs/t1.json").evaluate)]
 gguf = next((run / "gguf").glob("*.gguf"))
 out = {"physical_cores": llamacpp.physical_cores(), "logical": os.cpu_count()}
-for threads in (os.cpu_count(), llamacpp.physical_cores()):
+for threads in sorted({os.cpu_count(), llamacpp.physical_cores(), max(llamacpp.physical_cores() // 2, 1)}):
     started = time.perf_counter()
     answers = llamacpp.generate_many(llamacpp.find(), gguf, texts, 256, threads=threads)
     out[f"threads_{threads}_s"] = round(time.perf_counter() - started, 2)
     out[f"threads_{threads}_tokens"] = sum(len(a.token_ids) for a in answers)
 print(json.dumps(out))
 EOF
-    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
-    timeout 150 python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --backend unsloth --json > "$out/bench.json" 2> "$out/bench.err"
-    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
-      "$out/bench.json" | tee "$out/bench.md"
-    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   hf)
     run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
