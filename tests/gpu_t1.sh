@@ -8,6 +8,7 @@
 #   bash tests/gpu_t1.sh OUT final      the whole 600-step run (auto), then the bench of both backends
 #   bash tests/gpu_t1.sh OUT threads    after `final`: llama.cpp answering its GGUF with every logical CPU,
 #                                       physical cores only and half of them
+#   bash tests/gpu_t1.sh OUT pair       the whole 600-step training of unsloth, then of hf (no evaluation, no export)
 #   bash tests/gpu_t1.sh OUT hf         the whole 600-step run on the hf backend (training only; the unsloth
 #                                       mode's bench times both backends side by side)
 #   bash tests/gpu_t1.sh OUT probe      the GPU kernel tests, the hf backend with and without Liger's kernels
@@ -133,6 +134,10 @@ for threads in sorted({os.cpu_count(), llamacpp.physical_cores(), max(llamacpp.p
     out[f"threads_{threads}_tokens"] = sum(len(a.token_ids) for a in answers)
 print(json.dumps(out))
 EOF
+    ;;
+  pair)  # both backends' whole 600-step training, one after the other in one call (no evaluation or export)
+    run t1-unsloth-train --set evaluate=null --set export.merge=false --set export.gguf=[]
+    run t1-hf-train --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
     ;;
   hf)
     run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]

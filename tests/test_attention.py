@@ -109,3 +109,18 @@ def test_decoding_on_cuda_keeps_cudnn_attention_out_and_restores_the_flags():
         assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
     assert [torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == before
+
+
+def test_decoding_freezes_the_collector_and_thaws_it_even_on_failure():
+    import gc
+
+    from job.evaluation.generate import quiet_collector
+
+    survivor = [object() for _ in range(100)]
+    assert gc.get_freeze_count() == 0
+    with quiet_collector():
+        assert gc.get_freeze_count() >= len(survivor)  # what was alive before decoding is set aside
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), quiet_collector():
+        raise RuntimeError("generation failed")
+    assert gc.get_freeze_count() == 0
