@@ -6,7 +6,6 @@ skipped when the run directory already holds its finished work for the same spec
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import time
 from dataclasses import dataclass, field

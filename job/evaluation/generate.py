@@ -67,8 +67,6 @@ def attention_backends(device):
     i.e. for every decode step, and torch 2.11 tries it first on Hopper. Measured on the H100 (10 prompts x
     256 tokens, 4-bit 1B with a LoRA adapter, unsloth's patched Llama): 37.9 s with cuDNN allowed, 13.4 s
     without; a second pass in the same process, with every plan cached, took 12.8 s."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -4,6 +4,7 @@ suite with the model's own chat template, and compare the tokens with the merged
 """
 from __future__ import annotations
 
+import contextvars
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,8 +42,10 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     master, how = plan(spec.export.gguf)
     files: dict[str, dict] = {}
     with atomic_dir(run_dir.gguf_dir) as out, ThreadPoolExecutor(1, thread_name_prefix="reference") as pool:
-        # The merged model answers on the GPU (or a core) while the converter, a subprocess, works on another
-        reference_job = pool.submit(merged_reference, spec, run_dir, tokenizer, prompts, evaluate)
+        # The merged model answers on the GPU (or a core) while the converter, a subprocess, works on another;
+        # the thread logs with this stage's run and stage fields
+        reference_job = pool.submit(contextvars.copy_context().run, merged_reference, spec, run_dir, tokenizer,
+                                    prompts, evaluate)
         started = time.perf_counter()
         master_path = out / f"{spec.name}-{master}.gguf"
         llamacpp.convert(tools, run_dir.merged_dir, master_path, master, spec.export.tokenizer_pre)
