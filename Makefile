@@ -1,4 +1,5 @@
 # peftopt: `make demo` runs the embedded default job end to end on CPU; `make test` runs the test suite;
+# `make test-fast` the inner-loop tier (unit tests and one tiny end-to-end run, a few minutes);
 # `make image` builds the image users run; `make test-image` builds it and runs it (needs root for an engine).
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo test test-gpu test-image image llama-cpp lint lint-docker clean
+.PHONY: install lock demo test test-fast test-gpu test-image image llama-cpp lint lint-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ demo: install llama-cpp
 test: install llama-cpp
 	$(BIN)/python -m pytest -q -rs
 
+# Unit tests (no marker) and the one tiny end-to-end run (`smoke`): the inner loop, under 5 minutes on 2 cores.
+test-fast: install llama-cpp
+	$(BIN)/python -m pytest -q -rs -m "smoke or not (integration or slow or gpu or image)"
+
 # On the GPU machine (see README, "GPU"): CUDA tests only.
 test-gpu:
 	$(PYTHON) -m pytest -m gpu -q -rs
@@ -54,7 +59,9 @@ image:
 test-image: install
 	bash docker/test-image.sh $(IMAGE) $(BIN)/python
 
-lint:
+# ruff is a tool, not a dependency of peftopt: pinned here as uv is for `make lock`.
+lint: install
+	$(BIN)/pip install -q ruff==0.17.6
 	$(BIN)/ruff check job tests
 
 # No Docker engine is needed: hadolint comes from PyPI (the test extra).

@@ -33,8 +33,10 @@ def model_flops_per_token(config, seq: int, checkpointing: str) -> float:
 
 
 def peak_tflops(gpu_name: str) -> float | None:
-    if os.environ.get("PEFTOPT_PEAK_TFLOPS"):
-        return float(os.environ["PEFTOPT_PEAK_TFLOPS"])
+    from job import settings
+
+    if settings.get().peak_tflops:
+        return settings.get().peak_tflops
     return next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
 
 
@@ -56,7 +58,7 @@ def worker(args: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from job import backends, modelsrc
+    from job import backends, modelsrc, settings
     from job.backends import trainer as shared
     from job.backends.plan import Plan
 
@@ -66,7 +68,7 @@ def worker(args: dict) -> dict:
     backend = backends.load(args["backend"])
     config = AutoConfig.from_pretrained(spec.model.base)
     torch.cuda.reset_peak_memory_stats()
-    model, peft_config, info = backend.setup(spec, spec.model.base, "cuda", chosen)
+    model, peft_config, info = backend.setup(spec, spec.model.base, "cuda", chosen, settings.get())
     tokenizer, _ = modelsrc.load_tokenizer(spec.model.base, spec)
     if args["data"]:
         dataset = datasets.Dataset.from_json(args["data"])
@@ -74,10 +76,10 @@ def worker(args: dict) -> dict:
         rows = (args["steps"] + WARMUP) * chosen.micro_batch * chosen.accumulation * 3
         dataset = datasets.Dataset.from_dict({"input_ids": synthetic_rows(spec, config.vocab_size, rows)})
     with tempfile.TemporaryDirectory() as scratch:
-        trainer, progress, _ = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
-                                                    peft_config=peft_config, saving=False,
-                                                    trainer_checkpointing=backend.NAME != "unsloth")
+        trainer, session = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
+                                                peft_config=peft_config, trainer_checkpointing=backend.NAME != "unsloth")
         trainer.train()
+    progress = session.progress
     (t0, n0), (t1, n1) = progress.clock[WARMUP - 1], progress.clock[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)
     gpu = torch.cuda.get_device_name(0)
@@ -91,8 +93,10 @@ def worker(args: dict) -> dict:
 
 def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
     """The spec's local data, prepared by the job's own prepare stage (enough rows for the timed steps)."""
+    from job import settings
     from job.rundir import RunDir
     from job.stages import prepare
+    from job.stages.base import RunContext
 
     if spec.data is None or not all(os.path.isfile(s.source) for s in spec.data.all_sources()):
         return None
@@ -101,7 +105,7 @@ def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
     limited = spec.model_copy(update={"data": spec.data.model_copy(update={
         "num_samples": min(spec.data.num_samples or enough, enough), "eval_split": None})})
     run_dir = RunDir(scratch / "bench")
-    prepare.run(limited, run_dir, None)
+    prepare.run(RunContext(spec=limited, run_dir=run_dir, settings=settings.get()))
     return str(run_dir.data_dir / "train.jsonl")
 
 
@@ -110,7 +114,7 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
     import torch
     from transformers import AutoConfig
 
-    from job import backends
+    from job import backends, settings
     from job.backends import plan
 
     if not torch.cuda.is_available():
@@ -121,8 +125,8 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
     config = AutoConfig.from_pretrained(spec.model.base)
     settings = {  # each backend's own plan, as `peftopt run` makes it
         "literal (unsloth defaults, as the notebook ran it)": ("unsloth", plan.literal(spec)),
-        "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda")),
-        "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda")),
+        "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda", settings.get())),
+        "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda", settings.get())),
     }
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
         parts = text.split(":")
@@ -168,9 +172,10 @@ def table(results: list[dict]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        from job import settings
         from job.log import configure, events_to_stderr
 
-        configure()
+        configure(settings=settings.init())
         events_to_stderr()
         try:
             print(json.dumps(worker(json.loads(sys.argv[2]))))

@@ -1,24 +1,48 @@
-"""The model card pushed with each repo: what was trained on what, how it scored, and how to run it."""
+"""The model card pushed with each repo: what was trained on what, how it scored, and how to run it.
+
+Everything in it is public: no local path (a file the spec names appears by its file name), and the YAML
+front matter holds only values quoted for YAML (JSON strings, which YAML reads as they are).
+"""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from job.rundir import RunDir, read_json
-from job.spec import JobSpec
+from job.spec import REPO_ID, JobSpec
+
+
+def public(value: str) -> str:
+    """A local path by its file name; anything else as it is."""
+    return value.rstrip("/").rsplit("/", 1)[-1] if value.startswith(("/", ".")) else value
+
+
+def public_spec(spec: JobSpec) -> dict[str, Any]:
+    """The resolved spec with every local path reduced to its file name."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return public(node) if isinstance(node, str) else node
+
+    return walk(spec.model_dump(mode="json", exclude={"output_dir"}))
 
 
 def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
     metrics = read_json(run_dir.metrics_path) or {}
     train, gguf = metrics.get("train", {}), metrics.get("gguf", {})
     summary = (read_json(run_dir.eval_dir / "summary.json") or {}).get("targets", {})
-    base = spec.model.base if not spec.model.base.startswith("/") else spec.model.base.rsplit("/", 1)[-1]
-    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [peftopt, lora, gguf]", "---", "",
+    base = public(spec.model.base)
+    front = ["---"] + ([f"base_model: {json.dumps(base)}"] if REPO_ID.match(base) else []) + \
+        ["library_name: peft", "tags: [peftopt, lora, gguf]", "---"]
+    lines = [*front, "",
              f"# {spec.name}", "", spec.description or "", "",
              "## Training", "",
              f"- Base model: `{base}`" + (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
              ]
     for source in spec.data.all_sources() if spec.data else []:  # a local path is named by its file only
-        name = source.source.rsplit("/", 1)[-1] if source.source.startswith("/") else source.source
+        name = public(source.source)
         share = f", weight {source.weight}" if source.weight else f", {source.num_samples} samples" \
             if source.num_samples else ""
         lines.append(f"- Data: `{name}` split `{source.split}`{share}")
@@ -50,5 +74,5 @@ def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
                   "| file | size (bytes) | sha256 |", "|---|---|---|"]
         lines += [f"| {f['file']} | {f['size_bytes']} | `{f['sha256'][:16]}…` |" for f in files.values()]
     lines += ["", "Made with [peftopt](https://github.com/) from this jobspec:", "", "```json",
-              json.dumps(spec.model_dump(mode="json", exclude={"output_dir"}), indent=2), "```", ""]
+              json.dumps(public_spec(spec), indent=2), "```", ""]
     return "\n".join(lines)

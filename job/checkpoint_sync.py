@@ -1,10 +1,13 @@
 """Checkpoints that outlive the machine (`train.checkpoint_sync`).
 
-Each complete checkpoint is committed to a private Hub repo under `<path_in_repo>/checkpoint-N/` as soon
-as it is saved, in the background, so training does not wait for the network. The commit also deletes
-the remote checkpoints the Trainer has rotated away locally: the remote folder mirrors the local
-checkpoints directory. A run whose directory has no complete checkpoint (a retry on a fresh machine)
-restores the newest remote one whose marker names the same training fingerprint, then resumes from it.
+Each complete checkpoint is committed to a private Hub repo under `<folder>/checkpoint-N/` as soon as it is
+saved, in the background, so training does not wait for the network. The folder is `path_in_repo`, else
+`<run name>/<training fingerprint>`, so two experiments that share a name (a `--set` override keeps it)
+never meet. The commit also deletes the remote checkpoints the Trainer has rotated away locally: the remote
+folder mirrors the local checkpoints directory. A remote step whose marker names another training is never
+written over or deleted (a shared `path_in_repo`). A run whose directory has no complete checkpoint (a retry on
+a fresh machine) restores the newest remote one whose marker names the same training fingerprint and that
+loads, then resumes from it; one that does not load is refused and removed.
 
 A failed upload is logged and training goes on: the local checkpoint is still there, and the next
 checkpoint's commit tries again.
@@ -18,10 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from job import hub, interrupt
-from job.checkpoints import MARKER, checkpoint_is_complete
+from job import hub, interrupt, settings as settings_module
+from job.checkpoints import MARKER, checkpoint_is_complete, load_problem
 from job.errors import ExternalError, RunConflict, SpecError
-from job.fingerprint import fingerprints
 from job.log import add_secret, get_logger
 from job.rundir import RunDir, read_json
 from job.spec import JobSpec
@@ -33,27 +35,23 @@ STEP = re.compile(r"checkpoint-(\d+)$")
 def token(spec: JobSpec) -> str:
     """Raises SpecError when the token variable is unset (checked in preflight, before any work)."""
     sync = spec.train.checkpoint_sync
-    value = os.environ.get(sync.token_env, "")
-    if not value.strip():
+    value = settings_module.get().secret(sync.token_env)
+    if not value:
         raise SpecError(f"train.checkpoint_sync.token_env: environment variable {sync.token_env} is not set; "
                         "export the Hugging Face token there (it is never read from the jobspec)")
     add_secret(value)
     return value
 
 
-def folder(spec: JobSpec) -> str:
-    return spec.train.checkpoint_sync.path_in_repo or spec.name
+def folder(spec: JobSpec, fingerprint: str) -> str:
+    return spec.train.checkpoint_sync.path_in_repo or f"{spec.name}/{fingerprint}"
 
 
 def _api(spec: JobSpec):
     return hub.api(token(spec))
 
 
-def train_fingerprint(spec: JobSpec) -> str:
-    return fingerprints(spec)["train"]
-
-
-def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
+def _remote_steps(api, spec: JobSpec, where: str) -> dict[int, list[str]]:
     """{step: [files]} for every checkpoint folder in the repo (complete or not)."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -65,7 +63,7 @@ def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
                 return []
             raise
 
-    prefix = folder(spec) + "/"
+    prefix = where + "/"
     files = hub.retrying("list checkpoints", listing)
     steps: dict[int, list[str]] = {}
     for name in files:
@@ -80,14 +78,31 @@ def _remote_steps(api, spec: JobSpec) -> dict[int, list[str]]:
 class Uploader:
     """Commits checkpoints one at a time on a background thread (rank 0 only)."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, fingerprint: str):
         self.spec = spec
+        self.fingerprint = fingerprint
+        self.folder = folder(spec, fingerprint)
         self.repo = spec.train.checkpoint_sync.repo
         self.api = _api(spec)
         self.thread: threading.Thread | None = None
         self.pushed: list[int] = []
         self.failures = 0
         self.repo_ready = False
+        self.owner: dict[int, bool] = {}  # remote step -> whether its marker names this training
+
+    def _ours(self, step: int, names: list[str]) -> bool:
+        """Whether the remote step belongs to this training (its marker says so); asked once per step."""
+        if step not in self.owner:
+            marker = f"{self.folder}/checkpoint-{step}/{MARKER}"
+            found = None
+            if marker in names:
+                try:
+                    path = hub.retrying(f"read {marker}", lambda: self.api.hf_hub_download(self.repo, marker))
+                    found = (read_json(Path(path)) or {}).get("train_fingerprint")
+                except (ExternalError, OSError, ValueError):
+                    found = None
+            self.owner[step] = found == self.fingerprint
+        return self.owner[step]
 
     def submit(self, checkpoint: Path, local_steps: list[int]) -> None:
         self.wait()  # one commit at a time, in step order
@@ -113,12 +128,17 @@ class Uploader:
             if not self.repo_ready:
                 hub.retrying(f"create {self.repo}", lambda: self.api.create_repo(self.repo, private=True, exist_ok=True))
                 self.repo_ready = True
-            base = f"{folder(self.spec)}/{checkpoint.name}"
-            files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+            base = f"{self.folder}/{checkpoint.name}"
+            files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and not p.is_symlink())
+            remote = _remote_steps(self.api, self.spec, self.folder)
+            if step in remote and not self._ours(step, remote[step]):
+                log.warning("checkpoint_sync_foreign", step=step, action="not uploaded: the remote step belongs to "
+                            "another training (set train.checkpoint_sync.path_in_repo apart)")
+                return
             operations = [CommitOperationAdd(path_in_repo=f"{base}/{p.relative_to(checkpoint)}", path_or_fileobj=str(p))
                           for p in files]
-            stale = sorted(s for s in _remote_steps(self.api, self.spec) if s not in local_steps and s != step)
-            operations += [CommitOperationDelete(path_in_repo=f"{folder(self.spec)}/checkpoint-{s}/", is_folder=True)
+            stale = sorted(s for s in remote if s not in local_steps and s != step and self._ours(s, remote[s]))
+            operations += [CommitOperationDelete(path_in_repo=f"{self.folder}/checkpoint-{s}/", is_folder=True)
                            for s in stale]
             hub.retrying(f"sync checkpoint-{step}", lambda: self.api.create_commit(
                 self.repo, operations=operations, commit_message=f"peftopt: {base}"))
@@ -129,6 +149,7 @@ class Uploader:
                         action="training goes on; the next checkpoint tries again")
             return
         self.pushed.append(step)
+        self.owner[step] = True
         log.info("checkpoint_synced", step=step, repo=self.repo, files=len(files), removed_steps=stale,
                  bytes=sum(p.stat().st_size for p in files), seconds=round(time.perf_counter() - started, 2))
 
@@ -141,22 +162,27 @@ class Uploader:
         return {"repo": self.repo, "synced_steps": list(self.pushed), "failures": self.failures}
 
 
-def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | None:
-    """Downloads the newest complete remote checkpoint of this training into the checkpoints directory.
+def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False) -> Path | None:
+    """Downloads the newest complete remote checkpoint of this training that loads into the checkpoints
+    directory.
 
     Raises:
         RunConflict: the newest remote checkpoint belongs to a different training spec (without restart).
     """
     api, repo = _api(spec), spec.train.checkpoint_sync.repo
-    steps = _remote_steps(api, spec)
+    where = folder(spec, fingerprint)
+    steps = _remote_steps(api, spec, where)
 
     def fetch(name: str, into: Path) -> Path:
         return Path(hub.retrying(f"download {name}", lambda: api.hf_hub_download(repo, name, local_dir=into)))
 
-    expected = train_fingerprint(spec)
+    expected = fingerprint
     for step in sorted(steps, reverse=True):
         names = steps[step]
-        marker_name = f"{folder(spec)}/checkpoint-{step}/{MARKER}"
+        marker_name = f"{where}/checkpoint-{step}/{MARKER}"
+        if any(".." in Path(name).parts for name in names):
+            log.warning("checkpoint_refused", step=step, why="a remote file name leaves its folder", action="skipped")
+            continue
         if marker_name not in names:
             log.warning("checkpoint_sync_incomplete", step=step, action="skipped")
             continue
@@ -168,7 +194,7 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
             if found != expected:
                 if not restart:
                     raise RunConflict(
-                        f"train.checkpoint_sync: {repo}/{folder(spec)} holds checkpoints of a different training "
+                        f"train.checkpoint_sync: {repo}/{where} holds checkpoints of a different training "
                         f"spec (fingerprint {found}, this spec {expected}); pass --restart to train from scratch "
                         "and replace them, or set train.checkpoint_sync.path_in_repo")
                 log.warning("checkpoint_sync_foreign", step=step, action="ignored (--restart)")
@@ -177,9 +203,13 @@ def restore(spec: JobSpec, run_dir: RunDir, restart: bool = False) -> Path | Non
             for name in names:
                 if name != marker_name:
                     fetch(name, scratch)
-            downloaded = scratch / folder(spec) / f"checkpoint-{step}"
+            downloaded = scratch / where / f"checkpoint-{step}"
             if not checkpoint_is_complete(downloaded):
                 log.warning("checkpoint_sync_incomplete", step=step, action="sizes differ from the marker; skipped")
+                continue
+            problem = load_problem(downloaded)
+            if problem:
+                log.warning("checkpoint_refused", step=step, why=problem, action="not restored; trying an older one")
                 continue
             target = run_dir.checkpoints_dir / f"checkpoint-{step}"
             shutil.rmtree(target, ignore_errors=True)

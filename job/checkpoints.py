@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -30,6 +31,7 @@ from job.rundir import atomic_write_json
 
 log = get_logger("peftopt.train")
 MARKER = "peftopt-checkpoint.json"
+STEP_NAME = re.compile(r"^checkpoint-\d+$")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -45,31 +47,84 @@ def write_marker(path: Path, step: int, fingerprint: str | None) -> None:
 
 
 def checkpoint_is_complete(path: Path) -> bool:
+    """Its marker lists every file at its full size (regular files inside it, no links)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
     try:
         listed = json.loads((path / MARKER).read_text())["files"]
         json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError, KeyError):
+        if not isinstance(listed, dict):
+            return False
+        for name, size in listed.items():
+            member = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute() or member.is_symlink() or not member.is_file() \
+                    or member.stat().st_size != size:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in listed.items())
+    return True
+
+
+def marker_fingerprint(path: Path) -> str | None:
+    try:
+        value = json.loads((path / MARKER).read_text()).get("train_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def load_problem(path: Path) -> str | None:
+    """Why the Trainer could not resume from this checkpoint (a corrupt or hostile file), or None. Nothing in
+    it runs as code: tensors load with weights_only, the adapter as safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as weights:
+            for key in list(weights.keys())[:1]:
+                weights.get_tensor(key)
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if (path / name).exists():
+                torch.load(path / name, map_location="cpu", weights_only=True)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+    except Exception as exc:  # any parser's error: the file is not what the Trainer wrote
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
 
 
 def complete_steps(checkpoints_dir: Path) -> list[int]:
     return sorted(checkpoint_step(p) for p in checkpoints_dir.glob("checkpoint-*") if checkpoint_is_complete(p))
 
 
-def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint whose files are all there; half-written ones are removed with a warning."""
-    if not checkpoints_dir.is_dir():
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def newest_complete_checkpoint(checkpoints_dir: Path, fingerprint: str | None = None) -> Path | None:
+    """The newest checkpoint whose files are all there, of this training (`fingerprint`), that loads;
+    half-written, foreign and unloadable ones are removed with a warning."""
+    if checkpoints_dir.is_symlink() or not checkpoints_dir.is_dir():
         return None
     for partial in checkpoints_dir.glob(".checkpoint-*.partial"):  # a writer killed mid-checkpoint
-        shutil.rmtree(partial, ignore_errors=True)
-    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step,
-                        reverse=True)
+        _remove(partial)
+    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if STEP_NAME.match(p.name)),
+                        key=checkpoint_step, reverse=True)
     for path in candidates:
-        if checkpoint_is_complete(path):
+        if not checkpoint_is_complete(path):
+            log.warning("checkpoint_incomplete", path=str(path), action="removed; resuming from an older one")
+        elif fingerprint is not None and marker_fingerprint(path) != fingerprint:
+            log.warning("checkpoint_refused", path=str(path), why="its marker names another training",
+                        action="removed; resuming from an older one")
+        elif (problem := load_problem(path)) is not None:
+            log.warning("checkpoint_refused", path=str(path), why=problem, action="removed; resuming from an older one")
+        else:
             return path
-        log.warning("checkpoint_incomplete", path=str(path), action="removed; resuming from an older one")
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
     return None
 
 

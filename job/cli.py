@@ -16,12 +16,12 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH
 
 
 def _fail(exc: PeftoptError) -> None:
-    from job.log import get_logger
+    from job.log import get_logger, mask_text
 
     get_logger().error(exc.event, error=exc.message, details=exc.details or None, exit_code=exc.exit_code)
-    click.echo(f"error: {exc.message}", err=True)
+    click.echo(mask_text(f"error: {exc.message}"), err=True)
     for line in exc.details:
-        click.echo(f"  {line}", err=True)
+        click.echo(mask_text(f"  {line}"), err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
@@ -35,22 +35,20 @@ def cli() -> None:
 @cli.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False))
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Overrides the spec's output_dir.")
-@click.option("--stages", help="Comma-separated subset of stages to run (prepare,train,evaluate,merge,gguf,push).")
+@click.option("--stages", help="Comma-separated subset of the stages to run (prepare,train,merge,gguf,evaluate,push).")
 @click.option("--restart", is_flag=True, help="Redo finished stages that the changed spec invalidates.")
 @click.option("--dry-run", is_flag=True, help="Push stage: print what would be uploaded where, upload nothing.")
 @click.option("--index", type=int, help="Sweep variant to run (else AWS_BATCH_JOB_ARRAY_INDEX, BATCH_TASK_INDEX, "
               "JOB_COMPLETION_INDEX or CLOUD_RUN_TASK_INDEX).")
-@click.option("--nproc", default="1", envvar="PEFTOPT_NPROC", show_default=True, metavar="N|auto",
+@click.option("--nproc", default=None, metavar="N|auto",
               help="Train data-parallel over N processes on this machine, one per GPU (auto: every visible "
-              "GPU); rank 0 runs the other stages. Env: PEFTOPT_NPROC.")
+              "GPU); rank 0 runs the other stages. Default: PEFTOPT_NPROC, else 1.")
 @set_option
 def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides) -> None:
     """Run SPEC_FILE end to end, skipping the work its run directory already holds.
 
     Also runs as each rank of `torchrun -m job run SPEC` or `accelerate launch -m job run SPEC`."""
-    import os
-
-    from job import distributed, interrupt
+    from job import distributed, interrupt, settings
     from job.runner import run_job
     from job.specfile import load_spec
 
@@ -59,7 +57,7 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
 
     spec = load_spec(spec_file, overrides, index)  # a bad spec fails here, before any rank starts
     expandable_cuda_segments()
-    ranks = _ranks(nproc)
+    ranks = _ranks(nproc or settings.get().nproc)
     if ranks > 1:
         argv = [spec_file, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--stages", stages] if stages else []), *(["--restart"] if restart else []),
@@ -71,23 +69,25 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     if not distributed.active():
         from job.log import get_logger
 
-        hidden = distributed.pin_single_gpu()
-        if hidden:
-            get_logger().info("single_gpu", visible=hidden, using=os.environ["CUDA_VISIBLE_DEVICES"],
+        pinned = distributed.pin_single_gpu()
+        if pinned:
+            get_logger().info("single_gpu", visible=pinned[0], using=pinned[1],
                               hint="train on all of them with --nproc auto (hf backend)")
-    _register_secret(spec)
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    run_job(spec, output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
+    run_job(spec, settings.get(), output_dir=output_dir, only=only, restart=restart, dry_run=dry_run)
 
 
 def expandable_cuda_segments() -> None:
     """Before torch touches CUDA, for `run` and `bench` alike (bench's workers inherit it)."""
     import os
 
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    from job import settings
+
+    if settings.get().pytorch_cuda_alloc_conf is None and settings.get().pytorch_alloc_conf is None:
         # Packed rows change shape every step, which fragments the caching allocator: at 4 x 2 the hf
         # backend peaked at 14.1 GB in `bench` and 21.9 GB over the 600-step run. unsloth sets the same.
-        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+        # A write for torch, read when it initializes CUDA (and inherited by bench's workers).
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def _ranks(nproc: str) -> int:
@@ -99,18 +99,8 @@ def _ranks(nproc: str) -> int:
     if nproc == "auto":
         return max(distributed.visible_gpus(), 1)
     if not nproc.isdigit() or int(nproc) < 1:
-        raise SpecError(f"--nproc: expected a positive number or 'auto', got {nproc!r}")
+        raise SpecError(f"--nproc: expected a positive number or 'auto', got {nproc[:20]!r}")
     return int(nproc)
-
-
-def _register_secret(spec) -> None:
-    import os
-
-    from job.log import add_secret
-
-    add_secret(os.environ.get("HF_TOKEN"))
-    if spec.push:
-        add_secret(os.environ.get(spec.push.token_env))
 
 
 @cli.command()
@@ -121,9 +111,9 @@ def validate(spec_files, overrides) -> None:
     template and data file shipped beside it). Exit 0, or 2 (3 for a bad data row) listing every error."""
     from pathlib import Path
 
-    from job import preflight
+    from job import preflight, stages as registry
     from job.errors import DataError
-    from job.runner import enabled_stages
+    from job.log import mask_text
     from job.specfile import load_variants
 
     worst = 0
@@ -131,13 +121,13 @@ def validate(spec_files, overrides) -> None:
         try:
             variants = load_variants(name, overrides)
             for variant in variants:
-                preflight.check(variant, enabled_stages(variant), spec_dir=Path(name).parent)
+                preflight.check(variant, [s.name for s in registry.enabled(variant)], spec_dir=Path(name).parent)
             click.echo(f"{name}: ok" + (f" ({len(variants)} variants)" if len(variants) > 1 else ""))
         except (SpecError, DataError) as exc:
             worst = max(worst, exc.exit_code)
-            click.echo(f"{name}: {exc.message.removeprefix(name + ': ')}", err=True)
+            click.echo(mask_text(f"{name}: {exc.message.removeprefix(name + ': ')}"), err=True)
             for line in exc.details:
-                click.echo(f"  {line}", err=True)
+                click.echo(mask_text(f"  {line}"), err=True)
     if worst:
         raise SystemExit(worst)
 
@@ -208,7 +198,8 @@ def report(run_dirs, out_dir, baseline, log_file) -> None:
 @cli.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False))
 @click.option("--steps", default=20, show_default=True, help="Timed steps per setting (after 3 warm-up steps).")
-@click.option("--extra", multiple=True, metavar="MxA[:off|on|unsloth]", help="Also time this micro-batch x accumulation.")
+@click.option("--extra", multiple=True, metavar="[BACKEND:]MxA[:off|on|unsloth]", callback=lambda ctx, param, value:
+              _extra_settings(value), help="Also time this micro-batch x accumulation (e.g. hf:4x2:off).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--backend", "only", type=click.Choice(["unsloth", "hf"]), default=None,
               help="Time only this backend's settings.")
@@ -221,8 +212,18 @@ def bench(spec_file, steps, extra, as_json, only, overrides) -> None:
 
     events_to_stderr()  # stdout holds the table or the JSON alone
     expandable_cuda_segments()
-    results = bench_module.run(load_spec(spec_file, overrides), steps, list(extra), only)
+    results = bench_module.run(load_spec(spec_file, overrides), steps, extra, only)
     click.echo(json.dumps(results, indent=2) if as_json else bench_module.table(results))
+
+
+def _extra_settings(values: tuple[str, ...]) -> list[str]:
+    """`bench --extra` values, checked: a usage error (exit 2) names the bad one."""
+    import re
+
+    for text in values:
+        if not re.fullmatch(r"((hf|unsloth):)?[1-9]\d*x[1-9]\d*(:(off|on|unsloth))?", text):
+            raise click.BadParameter(f"{text[:40]!r}: expected [hf:|unsloth:]MxA[:off|on|unsloth], e.g. hf:4x2:off")
+    return list(values)
 
 
 def invoke(argv: list[str] | None = None) -> int:
@@ -249,7 +250,14 @@ def invoke(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    from job import settings
     from job.log import configure
 
-    configure()
+    try:
+        current = settings.init()  # the one read of the environment; a bad value is exit 2 naming it
+    except SpecError as exc:
+        configure(settings=settings.Settings())
+        _fail(exc)
+        sys.exit(exc.exit_code)
+    configure(settings=current)
     sys.exit(invoke())

@@ -22,6 +22,37 @@ class BadRow(ValueError):
     """A row that breaks the conversation rules; the message says how."""
 
 
+class Unparsable:
+    """A line of a data file that could not become a row (invalid JSON, nested too deeply, too long): kept in
+    its place so that the bad-row policy (error naming it, or skip and count) applies to it like any row."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def max_row_chars(spec: JobSpec) -> int:
+    """The most characters a row's text may hold before rendering: more is cut (and counted), since training
+    keeps only model.max_seq_length tokens of it anyway."""
+    return spec.data.max_row_chars or max(65536, 64 * spec.model.max_seq_length)
+
+
+def max_line_chars(spec: JobSpec) -> int:
+    """The longest data-file line parsed at all (JSON of that size is still cheap to parse); a longer one is a
+    bad row."""
+    return max(64 << 20, 16 * max_row_chars(spec))
+
+
+def _parse_line(line: str, number: int, max_bytes: int):
+    if len(line) > max_bytes:
+        return Unparsable(f"line {number}: longer than {max_bytes:,} characters")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Unparsable(f"line {number}: invalid JSON: {exc.msg}")
+    except RecursionError:
+        return Unparsable(f"line {number}: nested too deeply")
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -40,10 +71,10 @@ def _slice(rows: list, split: str) -> list:
     return rows[bound(match.group(1)): bound(match.group(2))]
 
 
-def read_rows(source: str, split: str) -> list[dict]:
+def read_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> list[dict]:
     """Raises DataError for an unreadable local file; ExternalError when a Hub data set cannot be had."""
     if source.endswith(LOCAL_DATA_SUFFIXES):
-        return _slice(read_local(Path(source)), split)
+        return _slice(read_local(Path(source), max_line_chars), split)
     from job import hub
 
     try:
@@ -55,9 +86,17 @@ def read_rows(source: str, split: str) -> list[dict]:
                             f"{str(exc).splitlines()[0]}") from None
 
 
-def read_local(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"data.source: {path} does not exist")
+def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
+    """The rows of a local file; a JSONL line that cannot become a row is an `Unparsable` in its place.
+
+    Raises:
+        DataError: the file is missing, not a regular file, not UTF-8, or (.json, .parquet) does not parse.
+    """
+    from job.inputs import regular_file_problem
+
+    problem = regular_file_problem(path)
+    if problem:
+        raise DataError(f"data.source: {path} {problem}")
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -69,19 +108,14 @@ def read_local(path: Path) -> list[dict]:
     except Exception as exc:  # pyarrow raises its own types for a corrupt file
         raise DataError(f"data.source: cannot read {path}: {exc}") from None
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"data.source: {path} line {number + 1}: invalid JSON: {exc.msg}") from None
-        return rows
+        return [_parse_line(line, number + 1, max_line_chars) for number, line in enumerate(text.splitlines())
+                if line.strip()]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"data.source: {path}: nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -94,6 +128,8 @@ def read_local(path: Path) -> list[dict]:
 
 def standardize(row: Any, fmt: str, system_prompt: str | None) -> list[dict]:
     """One conversation as [{role, content}], system first; raises BadRow naming what is wrong."""
+    if isinstance(row, Unparsable):
+        raise BadRow(row.reason)
     if not isinstance(row, dict):
         raise BadRow(f"not an object but {type(row).__name__}")
     if fmt in ("sharegpt", "auto") and "conversations" in row:
@@ -131,8 +167,48 @@ def standardize(row: Any, fmt: str, system_prompt: str | None) -> list[dict]:
     return messages
 
 
+FIRST_ROWS = 200  # rows of a data file parsed before any work; the rest are checked by prepare
+
+
+def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
+    """Preflight: the file reads and its first rows are conversations (unless bad rows may be skipped).
+
+    Raises:
+        DataError: the file is unreadable or empty, or a row is malformed, naming it (exit 3).
+    """
+    rows = read_local(Path(source.source), max_line_chars(spec))  # DataError: missing, not UTF-8, not JSON
+    if not rows:
+        raise DataError(f"{where}: {source.source} holds no rows")
+    if spec.data.bad_rows == "skip":
+        return
+    for index, row in enumerate(rows[:FIRST_ROWS]):
+        try:
+            standardize(row, source.format, source.system_prompt or spec.data.system_prompt)
+        except BadRow as exc:
+            raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
+                            "set data.bad_rows='skip' to drop such rows)") from None
+
+
 def skip_reason(exc: BadRow) -> str:
-    return str(exc).split(" (")[0] if "turn" not in str(exc) else "malformed turn"
+    text = str(exc)
+    if text.startswith("line "):
+        return text.split(": ", 1)[1].split(":")[0]  # "invalid JSON", "nested too deeply", "longer than ..."
+    return text.split(" (")[0] if "turn" not in text else "malformed turn"
+
+
+def cap_chars(messages: list[dict], limit: int) -> tuple[list[dict], bool]:
+    """The conversation with its text cut to `limit` characters in all (later turns dropped, the turn that
+    crosses the limit cut), and whether anything was cut."""
+    total, kept = 0, []
+    for message in messages:
+        room = limit - total
+        if room <= 0:
+            return kept, True
+        if len(message["content"]) > room:
+            return kept + [{**message, "content": message["content"][:room]}], True
+        kept.append(message)
+        total += len(message["content"])
+    return kept, False
 
 
 # ------------------------------------------------------------------------------------------ mixing
@@ -141,13 +217,22 @@ def skip_reason(exc: BadRow) -> str:
 def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list, counts: Counter) -> list[list[dict]]:
     out = []
     where = f"data.sources[{index}] ({source.source}) row" if spec.data.sources else "data row"
+    limit = max_row_chars(spec)
     for number, row in enumerate(rows):
         try:
-            out.append(standardize(row, source.format, source.system_prompt or spec.data.system_prompt))
+            messages = standardize(row, source.format, source.system_prompt or spec.data.system_prompt)
         except BadRow as exc:
             if spec.data.bad_rows == "error":
                 raise DataError(f"{where} {number}: {exc} (set data.bad_rows='skip' to drop such rows)") from None
             counts[skip_reason(exc)] += 1
+            continue
+        messages, cut = cap_chars(messages, limit)
+        if cut:
+            counts["chars_capped"] += 1
+            if not any(m["role"] == "assistant" for m in messages):
+                counts["nothing to learn after data.max_row_chars"] += 1
+                continue
+        out.append(messages)
     return out
 
 
@@ -171,7 +256,8 @@ def mixture(spec: JobSpec, rows_by_source: list[list] | None = None) -> tuple[li
     pools, figures = [], []
     for index, source in enumerate(sources):
         counts: Counter = Counter()
-        raw = rows_by_source[index] if rows_by_source is not None else read_rows(source.source, source.split)
+        raw = rows_by_source[index] if rows_by_source is not None else \
+            read_rows(source.source, source.split, max_line_chars(spec))
         conversations = _standardized(spec, index, source, raw, counts)
         unique = []
         for messages in conversations:
@@ -183,8 +269,9 @@ def mixture(spec: JobSpec, rows_by_source: list[list] | None = None) -> tuple[li
             unique.append(messages)
         pools.append(unique)
         figures.append({"source": source.source, "split": source.split, "rows_read": len(raw),
-                        "skipped": dict(counts - Counter({"duplicate": counts["duplicate"]})),
-                        "duplicates_dropped": counts["duplicate"]})
+                        "skipped": dict(counts - Counter({"duplicate": counts["duplicate"],
+                                                          "chars_capped": counts["chars_capped"]})),
+                        "duplicates_dropped": counts["duplicate"], "chars_capped": counts["chars_capped"]})
     weights = {i: s.weight for i, s in enumerate(sources) if s.weight is not None}
     chosen, origin = [], []
     for index, (source, pool) in enumerate(zip(sources, pools)):

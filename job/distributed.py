@@ -8,7 +8,6 @@ is long enough for a model download or a GGUF export, and they leave with rank 0
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -20,10 +19,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
+from job import settings as settings_module
 from job.errors import EXIT_INTERRUPTED
 
-# How long a waiting rank trusts rank 0 to send its next order (prepare can download a large base).
-WAIT_S = float(os.environ.get("PEFTOPT_RANK_WAIT_S", str(6 * 3600)))
 _control = None  # the gloo group used for orders, stop votes and token sums
 
 
@@ -38,36 +36,34 @@ class World:
         return self.rank == 0
 
 
-def world() -> World:
-    def number(name: str, default: int) -> int:
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            return default
-
-    return World(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
+def world(settings=None) -> World:
+    """This process's place in the launch, as the launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK) say."""
+    settings = settings or settings_module.get()
+    return World(settings.rank, settings.world_size, settings.local_rank)
 
 
-def active() -> bool:
-    return world().size > 1
+def active(settings=None) -> bool:
+    return world(settings).size > 1
 
 
-def init() -> None:
+def init(settings=None) -> None:
     """Joins the launcher's process group (NCCL on GPUs, gloo on CPU) and opens the control group.
-    The Trainer (through accelerate) reuses the default group instead of creating its own."""
+    The Trainer (through accelerate) reuses the default group instead of creating its own. A waiting rank
+    trusts rank 0 for PEFTOPT_RANK_WAIT_S (prepare can download a large base)."""
     global _control
-    if _control is not None or not active():
+    settings = settings or settings_module.get()
+    if _control is not None or not active(settings):
         return
     import torch
     import torch.distributed as dist
 
-    me = world()
+    me = world(settings)
     if torch.cuda.is_available():
         torch.cuda.set_device(me.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                 device_id=torch.device("cuda", me.local_rank) if torch.cuda.is_available() else None)
-    _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_S))
+    _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=settings.rank_wait_s))
 
 
 def send(order: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +111,9 @@ def follow(train: Callable[[], Any]) -> dict:
     """
     import structlog
 
-    for handler in logging.getLogger().handlers:  # rank 0 speaks for the job; the others only of errors
-        handler.setLevel(logging.ERROR)
+    from job.log import quiet_except_errors
+
+    quiet_except_errors()  # rank 0 speaks for the job; the others only of errors
     structlog.contextvars.bind_contextvars(rank=world().rank)
     while True:
         order = send(None)
@@ -165,24 +162,25 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------ launcher
 
 
-def pin_single_gpu() -> str | None:
+def pin_single_gpu() -> tuple[str, str] | None:
     """A single process uses one GPU: with several visible, the Trainer would wrap the model in
-    nn.DataParallel, which trl's SFTTrainer refuses. Must run before torch initializes CUDA. Returns the
-    devices that were visible when some were hidden, else None."""
+    nn.DataParallel, which trl's SFTTrainer refuses. Must run before torch initializes CUDA. Returns (the
+    devices that were visible, the one used) when some were hidden, else None."""
     listed = _listed_gpus()
     if len(listed) < 2:
         return None
-    os.environ["CUDA_VISIBLE_DEVICES"] = listed[0]
-    return ",".join(listed)
+    os.environ["CUDA_VISIBLE_DEVICES"] = listed[0]  # a write for torch, read when it initializes CUDA
+    return ",".join(listed), listed[0]
 
 
 def _listed_gpus() -> list[str]:
     """The GPUs this process may use, from CUDA_VISIBLE_DEVICES or nvidia-smi, without initializing CUDA."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = settings_module.get().cuda_visible_devices
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
     try:
         listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                env=settings_module.get().tool_env(),
                                 text=True, timeout=20, check=False).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return []  # no NVIDIA driver tools: no GPU to count
@@ -206,8 +204,8 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     it failed, else the first failing rank's; a SIGTERM is passed to every rank (each saves and exits 75)
     and one rank's failure stops the others, so no rank waits forever for a dead peer.
     """
-    env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+    env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv],
                               env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0"))
              for rank in range(nproc)]

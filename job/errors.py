@@ -47,6 +47,11 @@ class ExternalError(PeftoptError):
     exit_code = EXIT_EXTERNAL
 
 
+class MachineError(ExternalError):
+    """This machine lacks what the job needs (the pinned llama.cpp build, a CUDA GPU for unsloth): exit 4,
+    since the same job may run on another machine or image."""
+
+
 class Interrupted(PeftoptError):
     """A signal stopped the job after its state was saved; rerunning resumes it (exit 75)."""
 
@@ -59,7 +64,8 @@ EXIT_CODES = {
     EXIT_BUG: "unexpected error (a bug): traceback in the log",
     EXIT_SPEC: "invalid jobspec, override or usage; or the run directory belongs to another spec",
     EXIT_DATA: "data error: unreadable or malformed data set, or nothing left to train on",
-    EXIT_EXTERNAL: "external tool or service failed (llama.cpp, Hugging Face Hub, disk)",
+    EXIT_EXTERNAL: "external tool or service failed (llama.cpp, Hugging Face Hub, disk), or this machine lacks a "
+                   "tool the job needs",
     EXIT_INTERRUPTED: "interrupted by a signal with state saved: retry the same command to resume",
 }
 

@@ -1,31 +1,30 @@
-"""Stage fingerprints: which parts of the spec each stage's result depends on, hashed. A finished stage
-whose fingerprint still matches is skipped; checkpoints carry the train fingerprint so that another
-experiment's checkpoints are never resumed (locally or from the Hub)."""
+"""Fingerprints: what a stage's result depends on, hashed. A stage declares the spec fields it reads and the
+files it reads (job/stages/base.py); files count by their content, never by their path alone, so an edited
+prompt suite, chat template, data file or base model reruns exactly the stages that read it (and, through
+the upstream fingerprints each one includes, the stages after them).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
+from pathlib import Path
 from typing import Any
 
-from job.rundir import STAGES, file_sha256
-from job.spec import JobSpec
+from job.rundir import file_sha256
 
-# Settings that change how a run executes but not what it computes (backend, micro-batch, grace period)
-# are left out, so a retry on another machine resumes instead of being refused.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "prepare": ("model.base", "model.chat_template", "model.max_seq_length", "data"),
-    "train": ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
-              "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
-              "train.warmup_steps", "train.weight_decay", "train.optim", "train.packing", "train.seed",
-              "train.save_steps"),
-    "evaluate": ("evaluate",),
-    "merge": ("model.merge_base", "export.merge"),
-    "gguf": ("export.gguf", "export.tokenizer_pre", "export.verify_prompts", "export.verify_tokens"),
-    "push": ("push",),
-}
-UPSTREAM = {"prepare": (), "train": ("prepare",), "evaluate": ("train", "prepare"), "merge": ("train",),
-            "gguf": ("merge",), "push": ("train", "merge", "gguf")}
+# Files of a model directory that decide what a model computes and how text becomes tokens; the weights
+# count by their safetensors headers (names, shapes, dtypes, offsets) and sizes: hashing every byte of a
+# multi-GB checkpoint at every start is the cost this avoids.
+MODEL_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                    "model.safetensors.index.json", "adapter_config.json")
+HEADER_LIMIT = 100 * 1024 * 1024  # a safetensors header is JSON of some MB at most
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dotted(data: dict, key: str) -> Any:
@@ -34,18 +33,35 @@ def dotted(data: dict, key: str) -> Any:
     return data
 
 
-def fingerprints(spec: JobSpec) -> dict[str, str]:
-    data = spec.model_dump(mode="json")
-    prints: dict[str, str] = {}
-    for stage in STAGES:
-        inputs = {key: dotted(data, key) for key in STAGE_INPUTS[stage]}
-        inputs["upstream"] = [prints[s] for s in UPSTREAM[stage] if s in prints]
-        if stage == "prepare" and spec.data:  # a local file's content, not only its name
-            inputs["data_file_sha256"] = [file_sha256(s.source) if os.path.isfile(s.source) else None
-                                          for s in spec.data.all_sources()]
-            if spec.data.source is not None:
-                inputs["data_file_sha256"] = inputs["data_file_sha256"][0]  # unchanged for one source
-        if stage in ("merge", "gguf", "evaluate"):
-            inputs["targets"] = dotted(data, "evaluate.targets")
-        prints[stage] = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return prints
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a regular file's bytes; None when it is not there (preflight reports that)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    return file_sha256(path)
+
+
+def safetensors_header(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > HEADER_LIMIT:
+                return None
+            return hashlib.sha256(fh.read(length)).hexdigest()
+    except (OSError, struct.error):
+        return None
+
+
+def model_dir_digest(path: str | Path) -> dict[str, Any] | None:
+    """What a model directory computes with: its config and tokenizer files by content, each weight file by
+    its header and size. None when `path` is not a directory."""
+    root = Path(path)
+    if not root.is_dir() or root.is_symlink():
+        return None
+    out: dict[str, Any] = {}
+    for name in MODEL_TEXT_FILES:
+        if (root / name).is_file() and not (root / name).is_symlink():
+            out[name] = file_sha256(root / name)
+    for weights in sorted(root.glob("*.safetensors")):
+        if weights.is_file() and not weights.is_symlink():
+            out[weights.name] = {"size": weights.stat().st_size, "header": safetensors_header(weights)}
+    return out

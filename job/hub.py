@@ -2,14 +2,14 @@
 refused or reset, timeouts, HTTP 429 and 5xx) are retried with backoff, honouring Retry-After; the rest,
 and a failure that outlasts the retries, become one ExternalError line (exit 4) naming what to do.
 
-PEFTOPT_HUB_RETRIES (default 5 tries) and PEFTOPT_HUB_BACKOFF_S (default 2 s, doubling) tune it.
+PEFTOPT_HUB_RETRIES (default 5 tries) and PEFTOPT_HUB_BACKOFF_S (default 2 s, doubling) tune it (job/settings.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, TypeVar
 
+from job import settings
 from job.errors import ExternalError
 from job.log import get_logger
 
@@ -18,22 +18,14 @@ T = TypeVar("T")
 MAX_WAIT_S = 120.0  # a Retry-After longer than this is capped: a batch task should fail and be retried instead
 
 
-def tries() -> int:
-    return max(1, int(os.environ.get("PEFTOPT_HUB_RETRIES", "5")))
-
-
-def backoff_s() -> float:
-    return float(os.environ.get("PEFTOPT_HUB_BACKOFF_S", "2"))
-
-
 def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return settings.get().hf_endpoint or "https://huggingface.co"
 
 
 def api(token: str | None):
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    return HfApi(endpoint=settings.get().hf_endpoint or None, token=token)
 
 
 def _status(exc: BaseException) -> tuple[int | None, float | None]:
@@ -80,7 +72,7 @@ def retrying(what: str, call: Callable[[], T]) -> T:
     """
     from huggingface_hub.errors import HfHubHTTPError
 
-    delay, attempts = backoff_s(), tries()
+    delay, attempts = settings.get().hub_backoff_s, settings.get().hub_retries
     for attempt in range(1, attempts + 1):
         try:
             return call()

@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import ExternalError, SpecError
+from job import settings as settings_module
+from job.errors import ExternalError, MachineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = (Path("/opt/llama.cpp"), Path.home() / ".cache" / "peftopt" / "llama.cpp", REPO_ROOT / ".cache" / "llama.cpp")
@@ -77,21 +78,23 @@ def _complete(prefix: Path) -> bool:
 
 
 def find() -> LlamaCpp:
-    """Raises SpecError naming the fix when no complete build is found (checked before any training)."""
-    configured = os.environ.get("LLAMA_CPP_DIR")
+    """Raises MachineError (exit 4) naming the fix when no complete build is on this machine (checked before
+    any training)."""
+    configured = settings_module.get().llama_cpp_dir
     candidates = [Path(configured)] if configured else list(CANDIDATES)
     for prefix in candidates:
         if _complete(prefix):
             return LlamaCpp(prefix)
     where = configured or " or ".join(str(c) for c in CANDIDATES)
-    raise SpecError(f"export.gguf: the pinned llama.cpp tools are not in {where}; run `make llama-cpp` "
-                    "(or set LLAMA_CPP_DIR to a prefix built by docker/build-llama-cpp.sh)")
+    raise MachineError(f"export.gguf: the pinned llama.cpp tools are not in {where} on this machine; run "
+                       "`make llama-cpp` (or set LLAMA_CPP_DIR to a prefix built by docker/build-llama-cpp.sh)")
 
 
 def quant_types(tools: LlamaCpp) -> set[str]:
     """The type names `llama-quantize --help` lists as allowed (upper case: Q4_K_M, Q8_0, ...)."""
     try:
-        text = subprocess.run([str(tools.quantize), "--help"], capture_output=True, text=True, timeout=30)
+        text = subprocess.run([str(tools.quantize), "--help"], capture_output=True, text=True, timeout=30,
+                              env=settings_module.get().tool_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ExternalError(f"llama-quantize --help did not run: {exc}") from None
     found = set(re.findall(r"^\s*\d+\s+or\s+([A-Z0-9_]+)\s*:", text.stdout + text.stderr, re.M))
@@ -112,13 +115,14 @@ def describe() -> dict:
     try:
         tools = find()
         return {"prefix": str(tools.prefix), "version": tools.version}
-    except SpecError as exc:
+    except MachineError as exc:
         return {"prefix": None, "version": None, "problem": exc.message}
 
 
-def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600,
-         env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs a tool; a stop request (SIGTERM) ends it at once and raises Interrupted."""
+def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600
+         ) -> subprocess.CompletedProcess:
+    """Runs a tool, offline and with no token in its environment; a stop request (SIGTERM) ends it at once
+    and raises Interrupted."""
     import time
 
     from job import interrupt
@@ -127,7 +131,7 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-                                env={**os.environ, **(env or {})})
+                                env=settings_module.get().tool_env())
     except OSError as exc:
         raise ExternalError(f"{what} could not start: {exc.strerror}") from None
     deadline = time.monotonic() + timeout
@@ -153,10 +157,10 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
 
 def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, tokenizer_pre: str | None) -> None:
     """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older)."""
-    cmd = [sys.executable, str(CONVERTER_SHIM), str(tools.prefix), str(model_dir), "--outfile", str(out_file),
-           "--outtype", outtype]
+    cmd = [sys.executable, "-I", str(CONVERTER_SHIM), str(tools.prefix), tokenizer_pre or "", str(model_dir),
+           "--outfile", str(out_file), "--outtype", outtype]
     what = f"convert_hf_to_gguf ({outtype})"
-    result = _run(cmd, what, env={"PEFTOPT_TOKENIZER_PRE": tokenizer_pre or "", "NO_LOCAL_GGUF": ""})
+    result = _run(cmd, what)
     _check_gguf(out_file, what, result)
 
 

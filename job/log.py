@@ -1,44 +1,73 @@
 """Logging, configured once: structlog on top of stdlib logging so that library lines share one format.
 
 stdout gets one JSON object per line when it is not a TTY (what a batch service collects) and a human
-console rendering on a TTY; `events.jsonl` in the run directory always gets JSON. Known secret values
-are replaced by `***` in every event before any handler sees it.
+console rendering on a TTY; `events.jsonl` in the run directory always gets JSON. Secret values (every
+token variable the job may use, registered before the jobspec is read) and anything that looks like a
+token are replaced by `***` in every event, traceback and error line before anything is written.
+
+Libraries that install their own stderr handler when imported (transformers, datasets, huggingface_hub)
+are routed through ours by a hook that runs right after their logging module is imported, so nothing
+re-routes them per stage.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
-import os
+import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
+# A Hugging Face token or an AWS access key id: a value of this shape is never echoed, whatever field or
+# override it was typed into.
+TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _secrets: set[str] = set()
 _file_handler: logging.Handler | None = None
 _json_stdout = True
+_configured = False
+# Library loggers whose own handlers are removed, that propagate to ours, at WARNING.
+LIBRARIES = ("transformers", "datasets", "huggingface_hub", "peft", "trl", "accelerate", "bitsandbytes", "unsloth",
+             "unsloth_zoo", "torch", "liger_kernel")
 
 
 def add_secret(value: str | None) -> None:
     """Registers a value (a token) that must never be written: it is masked in every event from now on."""
-    if value and len(value) >= 4:
+    if value and len(value.strip()) >= 4:
         _secrets.add(value)
+        _secrets.add(value.strip())
 
 
-def _mask(value: Any) -> Any:
+def registered_secrets() -> frozenset[str]:
+    return frozenset(_secrets)
+
+
+def mask_text(text: str) -> str:
+    """`text` with every registered secret and every token-like value replaced by `***`."""
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return TOKEN_LIKE.sub("***", text)
+
+
+def mask(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, "***")
-        return value
+        return mask_text(value)
     if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
+        return {k: mask(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_mask(v) for v in value)
+        return type(value)(mask(v) for v in value)
     return value
 
 
 def redact_secrets(_logger, _name, event_dict):
-    return {k: _mask(v) for k, v in event_dict.items()} if _secrets else event_dict
+    return {k: mask(v) for k, v in event_dict.items()}
+
+
+def _mask_rendered(_logger, _name, rendered):
+    """The last processor: the rendered line, traceback included, masked once more."""
+    return mask_text(rendered) if isinstance(rendered, str) else rendered
 
 
 def _shared_processors():
@@ -54,7 +83,7 @@ def _shared_processors():
 def library_record(_logger, _name, event_dict):
     """A line from a library (stdlib logging, warnings) is the event `library_log`, its text in `message`:
     a console that groups by event name gets one group, not one per library sentence or banner."""
-    event_dict["message"] = str(event_dict.pop("event", "")).strip()
+    event_dict["message"] = mask_text(str(event_dict.pop("event", "")).strip())
     event_dict["event"] = "library_log"
     return event_dict
 
@@ -72,18 +101,84 @@ def _formatter(json_output: bool) -> logging.Formatter:
         final.append(structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*_shared_processors(), library_record], processors=[*final, renderer]
+        foreign_pre_chain=[*_shared_processors(), library_record], processors=[*final, renderer, _mask_rendered]
     )
 
 
-def configure(json_output: bool | None = None, level: str | None = None) -> None:
-    """Sets up stdout logging. json_output=None means JSON unless stdout is a TTY (PEFTOPT_LOG_FORMAT overrides)."""
-    global _json_stdout
-    fmt = os.environ.get("PEFTOPT_LOG_FORMAT", "").lower()
+def _route(library: str, module=None) -> None:
+    """Sends one library's logging through peftopt's handlers: its own handlers removed, propagating, at
+    WARNING; its progress bars off when stdout is a JSON stream."""
+    logger = logging.getLogger(library)
+    for handler in list(logger.handlers):
+        if not getattr(handler, "_peftopt", False):
+            logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.WARNING)
+    if module is None:
+        return
+    if library == "transformers":
+        module.disable_default_handler()
+        module.enable_propagation()
+        module.set_verbosity_warning()
+        if _json_stdout:  # bars belong on a terminal, not in a JSON stream
+            module.disable_progress_bar()
+    elif library == "datasets":
+        module.set_verbosity_warning()
+        module.disable_progress_bar()
+    elif library == "huggingface_hub" and _json_stdout:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    _route(library)  # the module may have added its handler again while being configured
+
+
+# The logging module of each library that installs its own handler when imported.
+_LOGGING_MODULES = {"transformers.utils.logging": "transformers", "datasets.utils.logging": "datasets",
+                    "huggingface_hub.utils.logging": "huggingface_hub"}
+
+
+class _RouteAfterImport(importlib.abc.MetaPathFinder):
+    """Runs `_route` right after one of `_LOGGING_MODULES` is imported, whenever that happens."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _LOGGING_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _Routed(spec.loader, lambda module: _route(_LOGGING_MODULES[name], module))
+                return spec
+        return None
+
+
+class _Routed(importlib.abc.Loader):
+    def __init__(self, loader, after: Callable):
+        self.loader, self.after = loader, after
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.after(module)
+
+
+def configure(json_output: bool | None = None, level: str | None = None, settings=None) -> None:
+    """Sets up logging once per process. json_output=None means JSON unless stdout is a TTY (or the
+    PEFTOPT_LOG_FORMAT setting); the secrets the environment holds are registered first."""
+    global _json_stdout, _configured
+    if settings is None:
+        from job import settings as settings_module
+
+        settings = settings_module.get()
+    for secret in settings.secrets():
+        add_secret(secret)
+    fmt = settings.log_format
     if json_output is None:
         json_output = fmt == "json" or (fmt != "console" and not sys.stdout.isatty())
     _json_stdout = json_output
-    level = (level or os.environ.get("PEFTOPT_LOG_LEVEL", "INFO")).upper()
     structlog.configure(
         processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -98,14 +193,23 @@ def configure(json_output: bool | None = None, level: str | None = None) -> None
     stdout_handler.setFormatter(_formatter(json_output))
     stdout_handler._peftopt = True  # type: ignore[attr-defined]
     root.addHandler(stdout_handler)
-    root.setLevel(level)
+    root.setLevel((level or settings.log_level).upper())
     logging.captureWarnings(True)
+    if not _configured:
+        sys.meta_path.insert(0, _RouteAfterImport())
+        _configured = True
+    for library in LIBRARIES:
+        _route(library)
+    for name, library in _LOGGING_MODULES.items():  # already imported (a test, or an embedding program)
+        if name in sys.modules:
+            _route(library, sys.modules[name])
 
 
 def keep_stdout_for_events() -> None:
     """Reserves stdout for the JSON event stream: libraries that print() (unsloth's banner, progress
     text) and child processes writing to fd 1 are sent to stderr instead, so every stdout line parses."""
     import io
+    import os
 
     try:
         stdout_fd, stderr_fd = sys.stdout.fileno(), sys.stderr.fileno()
@@ -129,15 +233,22 @@ def events_to_stderr() -> None:
             handler.setStream(sys.stderr)
 
 
+def quiet_except_errors() -> None:
+    """For the ranks other than 0 of a data-parallel run: rank 0 speaks for the job, they only of errors."""
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)
+
+
 def json_stdout() -> bool:
     return _json_stdout
 
 
-def attach_events_file(path: os.PathLike | str) -> None:
-    """Also writes every event as JSON to `path` (appending: a resumed run keeps its history)."""
+def attach_events_file(handle) -> None:
+    """Also writes every event as JSON to the open file `handle` (appending: a resumed run keeps its
+    history). The run directory opens it, refusing a link in its place."""
     global _file_handler
     detach_events_file()
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.StreamHandler(handle)
     handler.setFormatter(_formatter(True))
     handler._peftopt = True  # type: ignore[attr-defined]
     logging.getLogger().addHandler(handler)
@@ -148,42 +259,9 @@ def detach_events_file() -> None:
     global _file_handler
     if _file_handler is not None:
         logging.getLogger().removeHandler(_file_handler)
-        _file_handler.close()
+        _file_handler.flush()
+        _file_handler.stream.close()
         _file_handler = None
-
-
-def route_library_logs(only_loaded: bool = False) -> None:
-    """Sends transformers/datasets/peft/trl/huggingface_hub logging through our handlers instead of their own
-    stderr ones. transformers and datasets install a private handler and turn propagation off when first
-    imported, so they are imported here first (unless `only_loaded`: a process that never uses them).
-    """
-    import importlib
-
-    for name in ("huggingface_hub.utils.logging", "transformers.utils.logging", "datasets.utils.logging"):
-        try:
-            if not only_loaded or name.startswith("huggingface_hub"):  # that one is light
-                importlib.import_module(name)
-        except ImportError:
-            pass
-    module = sys.modules.get("transformers.utils.logging")
-    if module is not None:
-        if _json_stdout:  # bars belong on a terminal, not in a JSON stream
-            module.disable_progress_bar()
-        module.disable_default_handler()
-        module.enable_propagation()
-        module.set_verbosity_warning()
-    if _json_stdout and "huggingface_hub" in sys.modules:  # download bars belong on a terminal too
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
-    module = sys.modules.get("datasets.utils.logging")
-    if module is not None:
-        module.set_verbosity_warning()
-        module.disable_progress_bar()
-    for name in ("peft", "trl", "accelerate", "huggingface_hub", "bitsandbytes", "unsloth"):
-        library = logging.getLogger(name)
-        for handler in list(library.handlers):  # huggingface_hub's own stderr handler, for one
-            library.removeHandler(handler)
-        library.propagate = True
-        library.setLevel(logging.WARNING)
 
 
 def get_logger(name: str = "peftopt"):

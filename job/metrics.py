@@ -37,20 +37,35 @@ def update_metrics(run_dir: RunDir, section: str, values: dict[str, Any]) -> dic
 
 
 def append_experiment_row(csv_path: Path, row: dict[str, Any]) -> None:
-    """Appends one whole row under an exclusive lock, so concurrent jobs never interleave lines."""
+    """Appends one whole row under an exclusive lock, so concurrent jobs never interleave lines; a line left
+    unfinished by a failed write (a full disk) is ended first, so the new row never joins it. The file is
+    opened without following a link (it sits in an output directory other jobs share).
+
+    Raises:
+        ExternalError: the disk refused the write (the run itself is done and kept).
+        RunConflict: a link stands in the file's place.
+    """
+    from job.errors import ExternalError
+    from job.rundir import open_nofollow
+
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(["" if row.get(c) is None else row.get(c) for c in EXPERIMENT_COLUMNS])
-    with open(csv_path, "a+", encoding="utf-8", newline="") as fh:
+    fd = open_nofollow(csv_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "r+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            fh.seek(0, os.SEEK_END)
-            payload = buf.getvalue()
-            if fh.tell() == 0:
-                payload = ",".join(EXPERIMENT_COLUMNS) + "\n" + payload
+            size = os.fstat(fh.fileno()).st_size
+            payload = buf.getvalue().encode()
+            if size == 0:
+                payload = (",".join(EXPERIMENT_COLUMNS) + "\n").encode() + payload
+            elif os.pread(fh.fileno(), 1, size - 1) != b"\n":
+                payload = b"\n" + payload  # the last write was cut short
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ExternalError(f"cannot append to {csv_path}: {exc.strerror or exc}; the run is done and kept") from exc
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -8,6 +8,8 @@ splits words wrongly, and its GGUF-loaded model refuses `save_pretrained`.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -57,21 +59,51 @@ def model_location(spec: JobSpec, run_dir: RunDir) -> str:
     return spec.model.base
 
 
-def check_source(spec: JobSpec) -> None:
-    """Preflight: a local base that is not there fails before any work.
-
-    Raises:
-        SpecError: model.base names a local path that does not exist, or a package that is not installed.
-    """
-    kind = source_kind(spec.model.base)
-    if kind == "missing" or (kind == "gguf" and not os.path.isfile(spec.model.base)):
-        raise SpecError(f"model.base: {spec.model.base} does not exist")
+def problems(spec: JobSpec) -> list[str]:
+    """Preflight: a local base that is not there, or not a model, fails before any work (nothing is imported)."""
+    base = spec.model.base
+    kind = source_kind(base)
+    if kind == "missing" or (kind == "gguf" and not os.path.isfile(base)):
+        return [f"model.base: {base} does not exist"]
     if kind == "package":
-        dist = spec.model.base.removeprefix("package:")
+        dist = base.removeprefix("package:")
+        if "gguf" not in dist.lower():
+            return [f"model.base: {base!r} is not a GGUF model package (its name holds 'gguf', as the demo's does)"]
         try:
-            importlib.import_module(dist.replace("-", "_"))
-        except ImportError:
-            raise SpecError(f"model.base: package {dist!r} is not installed (pip install {dist})") from None
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return [f"model.base: package {dist!r} is not installed (pip install {dist})"]
+        if importlib.util.find_spec(dist.replace("-", "_")) is None:
+            return [f"model.base: package {dist!r} has no module {dist.replace('-', '_')!r} to assemble a GGUF with"]
+    if kind == "dir":
+        missing = [] if source_file(base, "config.json") else ["config.json"]
+        if not any(source_file(base, name) for name in ("tokenizer.json", "tokenizer.model")):
+            missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
+        if missing:
+            return [f"model.base: {base} has no {' and no '.join(missing)} (regular files inside it)"]
+        problem = custom_code_problem(base)
+        if problem:
+            return [problem]
+    return []
+
+
+def source_digest(spec: JobSpec) -> Any:
+    """What the base model is, by content: a local directory's config, tokenizer and weight headers, a GGUF
+    file's bytes, a model package's version. A Hub id is its own name (in the spec's fields)."""
+    from job.fingerprint import file_digest, model_dir_digest
+
+    base = spec.model.base
+    kind = source_kind(base)
+    if kind == "dir":
+        return model_dir_digest(base)
+    if kind == "gguf":
+        return file_digest(base)
+    if kind == "package":
+        try:
+            return importlib.metadata.version(base.removeprefix("package:"))
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return None
 
 
 def dtype_for(spec: JobSpec, device: str):
@@ -120,8 +152,9 @@ def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | No
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ExternalError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # the model's files: OSError, ValueError, safetensors' and torch's own errors
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExternalError(f"cannot load model {location}: {type(exc).__name__}: {first}") from None
     if "device_map" not in kwargs:
         model.to(device)
     return model
@@ -130,11 +163,13 @@ def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | No
 # ------------------------------------------------------------------------------------ GGUF as a base
 
 
-def gguf_file(base: str) -> Path:
+def gguf_file(base: str, settings) -> Path:
     if base.startswith("package:"):
         dist = base.removeprefix("package:")
         module = importlib.import_module(dist.replace("-", "_"))
-        cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "peftopt-models"
+        if not callable(getattr(module, "assemble", None)):
+            raise SpecError(f"model.base: package {dist!r} has no assemble() that writes its GGUF")
+        cache = settings.home_cache() / "peftopt-models"
         target = cache / f"{dist}.gguf"
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -201,13 +236,13 @@ def _spm_tokenizer_from_gguf(reader, out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def materialize_gguf_base(spec: JobSpec, run_dir: RunDir) -> dict:
+def materialize_gguf_base(spec: JobSpec, run_dir: RunDir, settings) -> dict:
     """Turns the GGUF base into `run_dir/base`: bf16 safetensors plus a rebuilt tokenizer. Returns facts."""
     import torch
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = gguf_file(spec.model.base)
+    path = gguf_file(spec.model.base, settings)
     reader = GGUFReader(str(path))
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     with atomic_dir(run_dir.base_dir) as out:
@@ -235,17 +270,72 @@ def materialize_gguf_base(spec: JobSpec, run_dir: RunDir) -> dict:
     return facts
 
 
+def source_file(directory: str | Path, name: str) -> Path | None:
+    """A regular file of a model directory that resolves inside it (or, for a Hub snapshot, inside its cached
+    repo, where the snapshot's links point); None for anything else, a link out of the directory above all."""
+    root = Path(directory)
+    path = root / name
+    if not path.is_file():
+        return None
+    resolved, allowed = path.resolve(), root.resolve()
+    if root.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        allowed = root.parent.parent.resolve()
+    return path if resolved.is_relative_to(allowed) else None
+
+
 def copy_tokenizer_files(source: str, target: Path) -> None:
-    """Copies tokenizer files a save_pretrained may drop (tokenizer.model, added_tokens_decoder)."""
+    """Copies tokenizer files a save_pretrained may drop (tokenizer.model, added_tokens_decoder): regular files
+    inside the base directory only, their content (never a link)."""
     if not os.path.isdir(source):
         return
     for name in ("tokenizer.model",):
-        src = Path(source) / name
-        if src.exists() and not (target / name).exists():
-            shutil.copy2(src, target / name)
-    src_cfg, dst_cfg = Path(source) / "tokenizer_config.json", target / "tokenizer_config.json"
-    if src_cfg.exists() and dst_cfg.exists():
+        src = source_file(source, name)
+        if name in os.listdir(source) and src is None:
+            log.warning("model_file_refused", file=name, why="not a regular file inside the base model directory")
+        if src is not None and not (target / name).exists():
+            shutil.copyfile(src, target / name)
+    src_cfg, dst_cfg = source_file(source, "tokenizer_config.json"), target / "tokenizer_config.json"
+    if src_cfg is not None and dst_cfg.exists():
         src_data, dst_data = json.loads(src_cfg.read_text()), json.loads(dst_cfg.read_text())
         if "added_tokens_decoder" in src_data and "added_tokens_decoder" not in dst_data:
             dst_data["added_tokens_decoder"] = src_data["added_tokens_decoder"]
             dst_cfg.write_text(json.dumps(dst_data, indent=2, ensure_ascii=False))
+
+
+def drop_custom_code(model_dir: Path) -> list[str]:
+    """Removes what would make a loader run code the model names (`auto_map`, custom-code files) from a
+    model directory peftopt wrote. Returns what was removed."""
+    removed = []
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "auto_map" in data:
+                del data["auto_map"]
+                path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+                removed.append(f"{name}: auto_map")
+    for path in model_dir.glob("*.py"):
+        path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def custom_code_problem(base: str) -> str | None:
+    """Preflight: a local base whose architecture exists only as the model's own code (auto_map naming a
+    model type transformers does not ship) cannot be trained without running that code, which peftopt never
+    does."""
+    config = source_file(base, "config.json") if os.path.isdir(base) else None
+    if config is None:
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return f"model.base: {base}/config.json is not JSON"
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if data.get("model_type") not in CONFIG_MAPPING_NAMES:
+        return (f"model.base: {base}/config.json names custom code (auto_map) for model type "
+                f"{data.get('model_type')!r}, which transformers does not ship; peftopt never runs a model's own code")
+    return None

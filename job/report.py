@@ -27,6 +27,12 @@ def _num(value) -> float | None:
         return None
 
 
+def _target_rank(target: str) -> tuple[int, str]:
+    """Plot order: base, adapter, merged, then each GGUF."""
+    order = ("base", "adapter", "merged")
+    return (order.index(target), target) if target in order else (len(order), target)
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     metrics = read_json(run_dir / "metrics.json")
     if metrics is None:
@@ -127,36 +133,43 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         made.append("plots/loss.png")
     plt.close(fig)
 
-    names = sorted({c for run in runs for c in run["row"].get("checks", {})})
+    # Every target of every run side by side, per check: the notebook's T0-against-T1 comparison is the base
+    # against the adapter of one run, and a GGUF is judged beside the model it was made from.
+    bars = [(f"{run['row']['run']} / {target}", summary.get("checks", {}))
+            for run in runs for target, summary in sorted(run["summary"].items(), key=lambda kv: _target_rank(kv[0]))]
+    names = sorted({c for _, checks in bars for c in checks})
     if names:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        width = 0.8 / max(len(runs), 1)
-        for i, run in enumerate(runs):
-            checks = run["row"].get("checks", {})
+        fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(names) + 0.15 * len(bars) * len(names)), 4.5))
+        width = 0.8 / max(len(bars), 1)
+        for i, (label, checks) in enumerate(bars):
             ax.bar([j + i * width for j in range(len(names))], [checks.get(n, float("nan")) for n in names], width,
-                   label=f"{run['row']['run']} ({run['row'].get('target')})")
-        ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
-        ax.set(ylim=(0, 1.05), ylabel="pass rate", title="Answer checks")
-        ax.legend(fontsize=8)
+                   label=label)
+        ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
+        ax.set(ylim=(0, 1.05), ylabel="pass rate", title="Answer checks, every target")
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         _save(fig, out / "plots" / "checks.png")
         plt.close(fig)
         made.append("plots/checks.png")
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = [run["row"]["run"] for run in runs]
+    on_gpu = any(_num(run["row"].get("peak_gpu_gb")) for run in runs)  # a CPU run has no GPU memory to chart
+    fig, axes = plt.subplots(1, 2 if on_gpu else 1, figsize=(9 if on_gpu else 5, 3.5), squeeze=False)
+    left = axes[0][0]
     left.bar(labels, [_num(run["row"].get("runtime_s")) or 0 for run in runs], color="tab:blue")
     left.set(title="Training runtime (s)")
-    right.bar(labels, [_num(run["row"].get("peak_gpu_gb")) or 0 for run in runs], color="tab:orange", label="peak")
-    right.bar(labels, [_num(run["row"].get("lora_gpu_gb")) or 0 for run in runs], color="tab:green", label="LoRA")
-    right.set(title="GPU memory (GB)")
-    right.legend(fontsize=8)
-    for axis in (left, right):
+    if on_gpu:
+        right = axes[0][1]
+        right.bar(labels, [_num(run["row"].get("peak_gpu_gb")) or 0 for run in runs], color="tab:orange", label="peak")
+        right.bar(labels, [_num(run["row"].get("lora_gpu_gb")) or 0 for run in runs], color="tab:green", label="LoRA")
+        right.set(title="GPU memory (GB)")
+        right.legend(fontsize=8)
+    for axis in axes[0]:
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
-    _save(fig, out / "plots" / "runtime_memory.png")
+    _save(fig, out / "plots" / ("runtime_memory.png" if on_gpu else "runtime.png"))
     plt.close(fig)
-    made.append("plots/runtime_memory.png")
+    made.append("plots/runtime_memory.png" if on_gpu else "plots/runtime.png")
     return made
 
 

@@ -3,23 +3,40 @@
 Every file goes to a temporary name beside its target and is renamed into place (`os.replace` is atomic
 on one filesystem); a directory artifact is built under `<name>.tmp-<pid>` and renamed once complete.
 A lock file held with `flock` keeps two processes off one run; the kernel drops it when a process dies.
+
+The directory may sit on a volume other jobs write to, so nothing in it is taken on trust: a symbolic link
+where peftopt keeps a file or folder is refused (naming it), files are opened with O_NOFOLLOW, only the
+scratch names peftopt itself makes are ever cleaned, and a non-empty directory that holds no run is
+refused rather than adopted.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from job.errors import ExternalError, RunConflict
 
-STAGES = ("prepare", "train", "evaluate", "merge", "gguf", "push")
+# Entries peftopt makes at the top of a run directory; anything else in a directory without state.json
+# means it is not a run directory.
+OWN_ENTRIES = {".lock", "spec.json", "state.json", "metrics.json", "events.jsonl", "data", "base", "checkpoints",
+               "adapter", "merged", "gguf", "eval", "cards", "tracking", "push-ledger.json", ".cache"}
+# The scratch names peftopt makes, and only those: a hidden `.<file>.tmp-<pid>` (atomic_write_bytes, report plots),
+# `<artifact dir>.tmp-<pid>` / `.old-<pid>` (atomic_dir), a checkpoint being written or restored.
+ARTIFACT_DIRS = ("data", "base", "adapter", "merged", "gguf", "eval", "checkpoints", "cards", "tracking")
+SCRATCH = re.compile(r"^\.[\w.-]+\.tmp-\d+(\.png)?$|^(" + "|".join(ARTIFACT_DIRS) + r")\.(tmp|old)-\d+$"
+                     r"|^\.checkpoint-\d+\.partial$|^\.restore-\d+$")
+SCRATCH_DIRS = ("", "data", "eval", "gguf", "cards", "checkpoints", "adapter", "merged", "base", "tracking")
 
 
 def now_iso() -> str:
@@ -43,16 +60,44 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def refuse_links(root: Path, path: Path) -> None:
+    """Raises RunConflict when `path`, or a folder between `root` and it, is a symbolic link."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        raise RunConflict(f"{path} is outside the run directory {root}") from None
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise RunConflict(f"{current} is a symbolic link; peftopt does not follow links inside a run "
+                              "directory (another writer of this volume may have put it there): remove it")
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open with O_NOFOLLOW. Raises RunConflict when `path` is a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunConflict(f"{path} is a symbolic link; peftopt does not follow links inside a run directory "
+                              "(another writer of this volume may have put it there): remove it") from None
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Raises ExternalError when the disk refuses (full, read-only): the old file is left intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a link planted under our scratch name is removed, never written through
     try:
-        with open(tmp, "wb") as fh:
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link in `path`'s place, never what it points to
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -76,19 +121,76 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yields a scratch directory that replaces `final` only if the block finishes without error."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if final.exists():
+        if final.is_symlink():
+            final.unlink()  # a link in the artifact's place is replaced, what it points to left alone
+        elif final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         _fsync_dir(final.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Removes a file, a link (never its target) or a directory tree (rmtree does not follow links)."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class StageState:
+    status: str = "pending"  # pending, running, done, failed, interrupted
+    started_at: str | None = None
+    finished_at: str | None = None
+    fingerprint: str | None = None
+    runtime_s: float | None = None
+    artifacts: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> "StageState":
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(state.artifacts, list) or not all(isinstance(a, str) for a in state.artifacts):
+            state.artifacts = []
+        return state
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, [])} | {"status": self.status}
+
+
+@dataclass
+class RunState:
+    """state.json: the run's status and each stage's."""
+    stages: dict[str, StageState]
+    name: str | None = None
+    status: str = "pending"
+    attempts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str | None = None
+    error: str | None = None
+    logged_to_experiments: bool = False
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "stages"}
+        out["stages"] = {name: stage.to_json() for name, stage in self.stages.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -140,30 +242,61 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
-    def clean_scratch(self) -> None:
-        """Removes what a killed process left half-written: `*.tmp-*` and `*.old-*` entries."""
+    def refuse_foreign(self) -> None:
+        """Raises RunConflict when the run directory is a link, holds a link where peftopt keeps its own files,
+        or is a non-empty directory that holds no run (it is refused, not adopted)."""
+        if self.root.is_symlink():
+            raise RunConflict(f"{self.root} is a symbolic link; a run directory must be a real directory "
+                              "inside the output directory")
+        if (self.root.parent / "experiments_log.csv").is_symlink():
+            raise RunConflict(f"{self.root.parent / 'experiments_log.csv'} is a symbolic link; peftopt does not "
+                              "follow links in an output directory (another writer may have put it there): remove it")
         if not self.root.exists():
             return
-        for entry in self.root.rglob("*"):
-            if ".tmp-" in entry.name or ".old-" in entry.name:
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
+        if not self.root.is_dir():
+            raise RunConflict(f"{self.root} exists and is not a directory; use another name or output directory")
+        entries = {entry.name for entry in self.root.iterdir()}
+        foreign = sorted(name for name in entries if name not in OWN_ENTRIES and not SCRATCH.match(name))
+        if "state.json" not in entries and foreign:
+            raise RunConflict(f"{self.root} is a directory that holds no peftopt run (it has {', '.join(foreign[:3])}"
+                              f"{' ...' if len(foreign) > 3 else ''}); use another name or output directory")
+        for name in entries & OWN_ENTRIES:
+            refuse_links(self.root, self.root / name)
+
+    def clean_scratch(self) -> None:
+        """Removes what a killed process left half-written: the scratch names peftopt makes (`*.tmp-<pid>`,
+        `*.old-<pid>`, `.checkpoint-N.partial`) in the folders peftopt writes, and nothing else."""
+        for folder in SCRATCH_DIRS:
+            directory = self.root / folder
+            if directory.is_symlink() or not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                if SCRATCH.match(entry.name):
+                    _remove(entry)
+
+    # ------------------------------------------------------------------------------------ files
+    def open_append(self, path: Path) -> IO[str]:
+        """`path` (inside the run directory) opened for appending, refusing a link in its place or above it."""
+        refuse_links(self.root, path)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+    def remove(self, relative: str) -> None:
+        """Removes an artifact peftopt made (a link in its place is removed, never followed)."""
+        _remove(self.root / relative)
 
     # ------------------------------------------------------------------------------------ locking
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Raises RunConflict when a live process holds this run."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.root / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise RunConflict(f"run already in progress in {self.root} (pid {holder}); "
+                raise RunConflict(f"run already in progress in {self.root} (pid {holder[:16]}); "
                                   "wait for it or stop it first") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -172,16 +305,33 @@ class RunDir:
             os.close(fd)
 
     # ------------------------------------------------------------------------------------ state
-    def load_state(self) -> dict:
-        state = read_json(self.state_path) or {}
-        state.setdefault("stages", {})
-        for name in STAGES:
-            state["stages"].setdefault(name, {"status": "pending"})
+    def load_state(self, stage_names) -> RunState:
+        """Raises RunConflict when state.json is there but is not a run state peftopt wrote."""
+        try:
+            data = read_json(self.state_path) or {}
+        except (OSError, ValueError) as exc:
+            raise RunConflict(f"{self.state_path} is not a run state peftopt wrote ({type(exc).__name__}); "
+                              "remove the run directory or use another name") from None
+        if not isinstance(data, dict):
+            raise RunConflict(f"{self.state_path} is not a run state peftopt wrote; remove it or use another name")
+        stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+        state = RunState(stages={name: StageState.from_json(stages.get(name)) for name in stage_names})
+        for key in ("name", "status", "started_at", "finished_at", "error"):
+            if isinstance(data.get(key), str):
+                setattr(state, key, data[key])
+        state.attempts = data["attempts"] if isinstance(data.get("attempts"), int) else 0
+        state.logged_to_experiments = data.get("logged_to_experiments") is True
         return state
 
-    def save_state(self, state: dict) -> None:
-        state["updated_at"] = now_iso()
-        atomic_write_json(self.state_path, state)
+    def save_state(self, state: RunState) -> None:
+        from job.log import mask_text
 
-    def missing_artifacts(self, stage_state: dict) -> list[str]:
-        return [rel for rel in stage_state.get("artifacts", []) if not (self.root / rel).exists()]
+        state.updated_at = now_iso()
+        state.error = mask_text(state.error) if state.error else state.error
+        for stage in state.stages.values():
+            if stage.error:
+                stage.error = mask_text(stage.error)
+        atomic_write_json(self.state_path, state.to_json())
+
+    def missing_artifacts(self, stage: StageState) -> list[str]:
+        return [rel for rel in stage.artifacts if not (self.root / rel).exists()]

@@ -1,37 +1,28 @@
-"""The job: preflight, then the stages in order (prepare, train, evaluate, merge, gguf, push), each
-skipped when the run directory already holds its finished work for the same spec.
+"""The job: preflight, then the registered stages in order (job/stages/__init__.py), each skipped when the run
+directory already holds its finished work for the same inputs.
 
     python -m job run jobspecs/smoke.json      # what `peftopt run` calls
 """
 from __future__ import annotations
 
-import importlib
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from job import distributed, interrupt, modelsrc, preflight, tracking
+from job import distributed, interrupt, preflight, stages as registry, tracking
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
-from job.log import attach_events_file, detach_events_file, get_logger, route_library_logs
+from job.log import attach_events_file, detach_events_file, get_logger
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
-from job.fingerprint import UPSTREAM, fingerprints
-from job.rundir import STAGES, RunDir, atomic_write_json, now_iso, read_json
+from job.rundir import RunDir, RunState, StageState, atomic_write_json, now_iso, read_json
+from job.settings import Settings
 from job.spec import JobSpec
+from job.stages.base import RunContext, Stage
 
 log = get_logger("peftopt")
 
-@dataclass
-class StageContext:
-    dry_run: bool = False
-    restart: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(data, prefix: str = "") -> dict:
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
@@ -40,207 +31,192 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def enabled_stages(spec: JobSpec) -> list[str]:
-    on = {
-        "prepare": spec.data is not None or modelsrc.needs_local_copy(spec),
-        "train": spec.train is not None,
-        "evaluate": bool(spec.evaluate and {"base", "adapter"} & set(spec.evaluate.targets)),
-        "merge": bool(spec.export and spec.export.merge),
-        "gguf": bool(spec.export and spec.export.gguf),
-        "push": bool(spec.push and (spec.push.adapter_repo or spec.push.gguf_repo or spec.push.merged_repo)),
-    }
-    return [s for s in STAGES if on[s]]
-
-
 def _diff(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def reconcile(spec: JobSpec, run_dir: RunDir, state: dict, restart: bool) -> dict:
-    """Marks stages whose finished work no longer matches the spec; refuses unless `restart`.
+def selected_stages(spec: JobSpec, only: list[str] | None) -> list[Stage]:
+    """The enabled stages, or those of them `--stages` names. Raises SpecError for an unknown name."""
+    stages = registry.enabled(spec)
+    if only:
+        unknown = [s for s in only if s not in registry.names()]
+        if unknown:
+            raise SpecError(f"--stages: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(registry.names())}")
+        stages = [s for s in stages if s.name in only]
+    return stages
+
+
+def reconcile(spec: JobSpec, run_dir: RunDir, state: RunState, prints: dict[str, str], restart: bool) -> None:
+    """Marks the stages whose finished (or partial) work came from other inputs, and redoes exactly those
+    (each stage's fingerprint includes the ones it needs, so they are the changed stages and everything
+    downstream of them); refuses unless `restart`.
 
     Raises:
         RunConflict: finished work would be invalidated and restart was not given.
     """
-    prints = fingerprints(spec)
     stale = []
-    for stage in STAGES:
-        info = state["stages"][stage]
-        if info.get("status") == "done" and info.get("fingerprint") != prints[stage]:
+    for stage in registry.enabled(spec):  # a stage the spec no longer asks for keeps what it made
+        info = state.stages[stage.name]
+        if info.status == "done" and info.fingerprint != prints[stage.name]:
             stale.append(stage)
-        elif info.get("status") == "done" and run_dir.missing_artifacts(info):
-            log.warning("artifact_missing", stage=stage, missing=run_dir.missing_artifacts(info),
+        elif info.status == "done" and run_dir.missing_artifacts(info):
+            log.warning("artifact_missing", stage=stage.name, missing=run_dir.missing_artifacts(info),
                         action="stage will run again")
-            info["status"] = "pending"
-    train_info = state["stages"]["train"]
-    if train_info.get("status") != "done" and train_info.get("fingerprint") not in (None, prints["train"]) \
-            and run_dir.checkpoints_dir.exists():
-        stale.append("train")  # checkpoints of another experiment must not be resumed
+            info.status = "pending"
+        elif info.status != "done" and info.fingerprint not in (None, prints[stage.name]) and \
+                any((run_dir.root / entry).exists() for entry in stage.artifacts):
+            stale.append(stage)  # partial work of another experiment (checkpoints) must not be resumed
     if stale and not restart:
         changed = _diff(read_json(run_dir.spec_path, {}) or {}, spec.model_dump(mode="json"))
         raise RunConflict(
-            f"{run_dir.root} holds finished work ({', '.join(stale)}) from a different spec "
-            f"(changed: {', '.join(changed[:8]) or 'inputs such as the data file'}); pass --restart to redo "
+            f"{run_dir.root} holds work ({', '.join(s.name for s in stale)}) from other inputs "
+            f"(changed: {', '.join(changed[:8]) or 'the content of a file the spec names'}); pass --restart to redo "
             "it, or use another name or output directory")
+    for stage in stale:
+        reset_stage(run_dir, state, stage)
     if stale:
-        first = min(STAGES.index(s) for s in stale)
-        for stage in STAGES[first:]:
-            reset_stage(run_dir, state, stage)
-        log.warning("run_restarted", from_stage=STAGES[first])
-    return prints
+        state.logged_to_experiments = False  # the redone run's result is a new row
+        log.warning("run_restarted", stages=[s.name for s in stale])
 
 
-ARTIFACT_DIRS = {"prepare": ("data", "base"), "train": ("adapter", "checkpoints"), "merge": ("merged",),
-                 "gguf": ("gguf",), "evaluate": (), "push": ()}
-
-
-def reset_stage(run_dir: RunDir, state: dict, stage: str) -> None:
-    for name in ARTIFACT_DIRS[stage]:
-        shutil.rmtree(run_dir.root / name, ignore_errors=True)
-    if stage == "evaluate":
-        shutil.rmtree(run_dir.eval_dir, ignore_errors=True)
-    if stage == "push":
-        (run_dir.root / "push-ledger.json").unlink(missing_ok=True)
-    if stage == "train":
-        metrics = read_json(run_dir.metrics_path) or {}
-        metrics.pop("train", None)
+def reset_stage(run_dir: RunDir, state: RunState, stage: Stage) -> None:
+    for entry in stage.artifacts:
+        run_dir.remove(entry)
+    metrics = read_json(run_dir.metrics_path) or {}
+    if stage.name in metrics:
+        metrics.pop(stage.name)
         atomic_write_json(run_dir.metrics_path, metrics)
-    state["stages"][stage] = {"status": "pending"}
+    state.stages[stage.name] = StageState()
 
 
-def run_job(spec: JobSpec, *, output_dir: str | None = None, only: list[str] | None = None,
-            restart: bool = False, dry_run: bool = False) -> dict:
+def run_job(spec: JobSpec, settings: Settings, *, output_dir: str | None = None, only: list[str] | None = None,
+            restart: bool = False, dry_run: bool = False) -> RunState:
     """Runs the job and returns its final state. Raises a PeftoptError subclass on expected failures."""
     run_dir = RunDir(Path(output_dir or spec.output_dir) / spec.name)
-    if run_dir.root.is_symlink():
-        raise RunConflict(f"{run_dir.root} is a symbolic link; a run directory must be a real directory "
-                          "inside the output directory")
-    stages = enabled_stages(spec)
-    if only:
-        unknown = [s for s in only if s not in STAGES]
-        if unknown:
-            raise SpecError(f"--stages: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
-        stages = [s for s in stages if s in only]
+    stages = selected_stages(spec, only)
     if spec.train:
         interrupt.set_grace(spec.train.grace_period_s)
-    if distributed.world().is_main:  # rank 0 alone speaks; the others follow its exit code
-        preflight.check(spec, stages)  # every input the stages need, before any work
-    structlog.contextvars.bind_contextvars(run=spec.name)
-    if distributed.active():
-        distributed.init()
-        if not distributed.world().is_main:  # trains when rank 0 says so; leaves with rank 0's exit code
-            return distributed.follow(lambda: importlib.import_module("job.stages.train").run(
-                spec, run_dir, StageContext()))
-    try:
-        with run_dir.lock():
-            run_dir.clean_scratch()
-            attach_events_file(run_dir.events_path)
-            try:
-                state = _run_locked(spec, run_dir, stages, restart, dry_run, only)
-            finally:
-                detach_events_file()
-                structlog.contextvars.unbind_contextvars("run", "stage")
-    except BaseException as exc:
-        distributed.release(exc)
-        raise
+    me = distributed.world(settings)
+    if me.is_main:  # rank 0 alone speaks; the others follow its exit code
+        run_dir.refuse_foreign()
+        preflight.check(spec, [s.name for s in stages])  # every input the stages need, before any work
+    prints = registry.fingerprints(spec)
+    ctx = RunContext(spec=spec, run_dir=run_dir, settings=settings, fingerprints=prints, dry_run=dry_run,
+                     restart=restart)
+    with structlog.contextvars.bound_contextvars(run=spec.name):
+        if distributed.active(settings):
+            distributed.init(settings)
+            if not me.is_main:  # runs the stages every rank joins when rank 0 says so; leaves with its code
+                together = [s for s in stages if s.all_ranks]
+                return distributed.follow(lambda: [s.run(ctx) for s in together])
+        try:
+            with run_dir.lock():
+                run_dir.clean_scratch()
+                with run_dir.open_append(run_dir.events_path) as events:
+                    attach_events_file(events)
+                    try:
+                        state = _run_locked(ctx, stages, only)
+                    finally:
+                        detach_events_file()
+        except BaseException as exc:
+            distributed.release(exc)
+            raise
     distributed.release(None)
     return state
 
 
-def _run_locked(spec, run_dir, stages, restart, dry_run, only) -> dict:
-    state = run_dir.load_state()
-    prints = reconcile(spec, run_dir, state, restart)
+def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) -> RunState:
+    spec, run_dir, prints = ctx.spec, ctx.run_dir, ctx.fingerprints
+    state = run_dir.load_state(registry.names())
+    reconcile(spec, run_dir, state, dict(prints), ctx.restart)
     atomic_write_json(run_dir.spec_path, spec.model_dump(mode="json"))
-    state.update(name=spec.name, status="running", attempts=state.get("attempts", 0) + 1,
-                 started_at=state.get("started_at") or now_iso())
+    state.name, state.status, state.attempts = spec.name, "running", state.attempts + 1
+    state.started_at = state.started_at or now_iso()
     run_dir.save_state(state)
     env = {"versions": package_versions(), "hardware": hardware()}
-    update_metrics(run_dir, "run", {"name": spec.name, "started_at": state["started_at"], **env})
-    log.info("job_started", run_dir=str(run_dir.root), stages=stages, attempt=state["attempts"], **env)
-    ctx = StageContext(dry_run=dry_run, restart=restart)
+    update_metrics(run_dir, "run", {"name": spec.name, "started_at": state.started_at, **env})
+    log.info("job_started", run_dir=str(run_dir.root), stages=[s.name for s in stages], attempt=state.attempts,
+             settings=ctx.settings.described(), **env)
     job_started = time.perf_counter()
+    enabled = {s.name for s in registry.enabled(spec)}
     try:
         for stage in stages:
-            info = state["stages"][stage]
-            if info.get("status") == "done" and info.get("fingerprint") == prints[stage]:
-                log.info("stage_skipped", stage=stage, reason="finished earlier for this spec")
+            info = state.stages[stage.name]
+            if info.status == "done" and info.fingerprint == prints[stage.name]:
+                log.info("stage_skipped", stage=stage.name, reason="finished earlier with the same inputs")
                 continue
             if only:
-                missing = [u for u in UPSTREAM[stage] if u in enabled_stages(spec) and u not in stages
-                           and state["stages"][u].get("status") != "done"]
+                missing = [n for n in registry.needs(stage, spec) if n in enabled and n not in only
+                           and state.stages[n].status != "done"]
                 if missing:
-                    raise SpecError(f"--stages: {stage} needs {', '.join(missing)} done first")
+                    raise SpecError(f"--stages: {stage.name} needs {', '.join(missing)} done first")
             if interrupt.stop_requested():
-                raise Interrupted(f"stopped by a signal before {stage}; rerun to continue")
-            if stage == "train":
+                raise Interrupted(f"stopped by a signal before {stage.name}; rerun to continue")
+            if stage.all_ranks:
                 with distributed.training_together():  # the other ranks join this stage only
-                    _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
-                continue
-            _run_stage(stage, spec, run_dir, state, prints[stage], ctx)
+                    _run_stage(stage, ctx, state)
+            else:
+                _run_stage(stage, ctx, state)
     except PeftoptError as exc:
-        state["status"] = "interrupted" if isinstance(exc, Interrupted) else "failed"
-        state["error"] = exc.message
+        state.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        state.error = exc.message
         run_dir.save_state(state)
-        update_metrics(run_dir, "run", {"status": state["status"]})
+        update_metrics(run_dir, "run", {"status": state.status})
         raise
     except BaseException as exc:
-        state["status"], state["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         run_dir.save_state(state)
         raise
-    state.update(status="done", finished_at=now_iso(), error=None)
+    state.status, state.finished_at, state.error = "done", now_iso(), None
     run_dir.save_state(state)
-    metrics = update_metrics(run_dir, "run", {"status": "done", "finished_at": state["finished_at"],
+    metrics = update_metrics(run_dir, "run", {"status": "done", "finished_at": state.finished_at,
                                               "last_attempt_s": round(time.perf_counter() - job_started, 3)})
     tracking.finish(spec, run_dir, metrics)
-    if not state.get("logged_to_experiments") and not only:
+    if not state.logged_to_experiments and not only:
         append_experiment_row(run_dir.root.parent / "experiments_log.csv", experiment_row(spec, metrics))
-        state["logged_to_experiments"] = True
+        state.logged_to_experiments = True
         run_dir.save_state(state)
     log.info("job_finished", run_dir=str(run_dir.root), status="done")
     return state
 
 
-def _run_stage(stage: str, spec: JobSpec, run_dir: RunDir, state: dict, fingerprint: str, ctx) -> None:
-    structlog.contextvars.bind_contextvars(stage=stage)
-    info = {"status": "running", "started_at": now_iso(), "fingerprint": fingerprint}
-    state["stages"][stage] = info
+def _run_stage(stage: Stage, ctx: RunContext, state: RunState) -> None:
+    run_dir = ctx.run_dir
+    info = state.stages[stage.name] = StageState(status="running", started_at=now_iso(),
+                                                 fingerprint=ctx.fingerprints[stage.name])
     run_dir.save_state(state)
-    log.info("stage_started", stage=stage)
-    started = time.perf_counter()
-    module = importlib.import_module(f"job.stages.{stage}")
-    route_library_logs()
-    try:
-        result = module.run(spec, run_dir, ctx)
-    except Interrupted:
-        info.update(status="interrupted", finished_at=now_iso())
+    with structlog.contextvars.bound_contextvars(stage=stage.name):
+        log.info("stage_started", stage=stage.name)
+        started = time.perf_counter()
+        try:
+            result = stage.run(ctx)
+        except Interrupted:
+            info.status, info.finished_at = "interrupted", now_iso()
+            run_dir.save_state(state)
+            raise
+        except PeftoptError as exc:
+            info.status, info.finished_at, info.error = "failed", now_iso(), exc.message
+            run_dir.save_state(state)
+            raise
+        except BaseException as exc:
+            problem = disk_error(exc)
+            message = f"{stage.name}: disk error: {problem}; finished stages are kept, rerun when there is room" \
+                if problem else f"{type(exc).__name__}: {exc}"
+            info.status, info.finished_at, info.error = "failed", now_iso(), message
+            run_dir.save_state(state)
+            if problem:
+                raise ExternalError(message) from exc
+            raise
+        runtime = round(time.perf_counter() - started, 3)
+        update_metrics(run_dir, stage.name, dict(result.metrics))
+        metrics = read_json(run_dir.metrics_path) or {}
+        metrics.setdefault("stages", {})[stage.name] = {"runtime_s": runtime, "finished_at": now_iso()}
+        atomic_write_json(run_dir.metrics_path, metrics)
+        info.status = "pending" if result.keep_pending else "done"  # a dry run leaves the stage to do
+        info.finished_at, info.runtime_s, info.artifacts = now_iso(), runtime, list(result.artifacts)
         run_dir.save_state(state)
-        raise
-    except PeftoptError as exc:
-        info.update(status="failed", finished_at=now_iso(), error=exc.message)
-        run_dir.save_state(state)
-        raise
-    except BaseException as exc:
-        problem = disk_error(exc)
-        message = f"{stage}: disk error: {problem}; finished stages are kept, rerun when there is room" \
-            if problem else f"{type(exc).__name__}: {exc}"
-        info.update(status="failed", finished_at=now_iso(), error=message)
-        run_dir.save_state(state)
-        if problem:
-            raise ExternalError(message) from exc
-        raise
-    runtime = round(time.perf_counter() - started, 3)
-    update_metrics(run_dir, stage, result.get("metrics", {}))
-    metrics = read_json(run_dir.metrics_path) or {}
-    stage_times = metrics.get("stages", {})
-    stage_times[stage] = {"runtime_s": runtime, "finished_at": now_iso()}
-    metrics["stages"] = stage_times
-    atomic_write_json(run_dir.metrics_path, metrics)
-    done = "pending" if result.get("keep_pending") else "done"  # a dry run leaves the stage to do
-    info.update(status=done, finished_at=now_iso(), runtime_s=runtime, artifacts=result.get("artifacts", []))
-    run_dir.save_state(state)
-    log.info("stage_finished", stage=stage, runtime_s=runtime, artifacts=info["artifacts"])
-    structlog.contextvars.unbind_contextvars("stage")
+        log.info("stage_finished", stage=stage.name, runtime_s=runtime, artifacts=info.artifacts)
 
 
 def experiment_row(spec: JobSpec, metrics: dict) -> dict:
@@ -254,3 +230,4 @@ def experiment_row(spec: JobSpec, metrics: dict) -> dict:
         "lora_gpu_gb": train.get("lora_gpu_gb"), "tokens_per_s": train.get("tokens_per_s"),
         "finished_at": metrics.get("run", {}).get("finished_at"),
     }
+

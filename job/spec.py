@@ -23,7 +23,6 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SPLIT_SLICE = re.compile(r"^[A-Za-z][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -130,6 +129,10 @@ class DataSpec(Section):
     min_tokens: int | None = Field(None, ge=1, description="Drop conversations shorter than this (counted).")
     max_tokens: int | None = Field(None, ge=1, description="Drop conversations longer than this, instead of "
                                    "truncating them to model.max_seq_length (counted).")
+    max_row_chars: int | None = Field(
+        None, ge=1024, le=1 << 28, description="Cut a row's text to this many characters before rendering (counted "
+        "as chars_capped); default 64 x model.max_seq_length, at least 65,536. A data-file line over 16x as long "
+        "(at least 64 MiB) is a bad row.")
 
     @field_validator("eval_split")
     @classmethod
@@ -244,6 +247,9 @@ class EvaluateSpec(Section):
     max_new_tokens: int = Field(256, ge=1, le=32768)
     targets: list[Literal["base", "adapter", "merged", "gguf"]] = Field(["adapter"], min_length=1)
     system_prompt: str | None = Field(None, description="A system message for evaluation; none by default.")
+    code_checks: Literal["sandboxed", "unisolated", "off"] = Field(
+        "sandboxed", description="Checks that run an answer's code (python_function): sandboxed (a seccomp filter "
+        "with limits; skipped and reported where none can be installed), unisolated (limits only, logged), or off.")
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0, le=5)
     top_p: float = Field(0.9, gt=0, le=1)

@@ -11,9 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from job import settings
 from job.errors import SpecError
-from job.spec import LOCAL_DATA_SUFFIXES, TOKEN_LIKE, JobSpec
+from job.log import TOKEN_LIKE, add_secret
+from job.spec import LOCAL_DATA_SUFFIXES, JobSpec
 from job.sweep import apply_overrides, expand, pick_index
+
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 
 
 
@@ -41,18 +45,23 @@ def parse_json_text(raw: bytes, origin: str) -> Any:
         raise SpecError(f"{origin}: JSON nested too deeply") from None
 
 
-def _find_token_like(data: Any, path: str = "") -> list[str]:
-    found = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            found += _find_token_like(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            found += _find_token_like(v, f"{path}[{i}]")
-    elif isinstance(data, str) and TOKEN_LIKE.search(data):
-        found.append(f"{path}: looks like a Hugging Face token; tokens never go in a jobspec: put it in "
-                     "the environment and name the variable in push.token_env")
-    return found
+def _find_token_like(data: Any) -> list[str]:
+    """Every string in the spec that looks like a token, or holds a secret the environment holds (walked without
+    recursion: deeply nested junk is refused later)."""
+    from job.log import registered_secrets
+
+    secrets = registered_secrets()
+    found, pending = [], [(data, "")]
+    while pending:
+        node, path = pending.pop()
+        if isinstance(node, dict):
+            pending += [(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()]
+        elif isinstance(node, list):
+            pending += [(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        elif isinstance(node, str) and (TOKEN_LIKE.search(node) or any(secret in node for secret in secrets)):
+            found.append(f"{path}: holds a token (or looks like one); tokens never go in a jobspec: put it in "
+                         "the environment and name the variable in push.token_env")
+    return sorted(found)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -110,18 +119,45 @@ def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
     return spec  # type: ignore[return-value]
 
 
+def _token_envs(data: Any) -> list[str]:
+    """Every `token_env` a parsed jobspec names, wherever it is (valid or not; walked without recursion, as
+    deeply nested junk is refused later)."""
+    found, pending = [], [data]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            found += [v for k, v in node.items() if k == "token_env" and isinstance(v, str)]
+            pending += node.values()
+        elif isinstance(node, list):
+            pending += node
+    return found
+
+
+def register_secrets(data: Any) -> None:
+    """Masks the values of every token variable the spec names before anything from it is validated or
+    echoed (the Hub's own variables are registered when logging starts)."""
+    for value in settings.get().secrets(_token_envs(data)):
+        add_secret(value)
+
+
 def read_spec_data(path: Path, overrides) -> Any:
+    from job.inputs import regular_file_problem
+
+    problem = regular_file_problem(path, MAX_SPEC_BYTES)
+    if problem == "does not exist":
+        raise SpecError(f"{path}: no such jobspec file")
+    if problem:
+        raise SpecError(f"{path}: {problem}".replace("is a directory, not a regular file", "is a directory, not a "
+                                                     "jobspec file"))
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such jobspec file") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a jobspec file") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     data = parse_json_text(raw, str(path))
+    register_secrets(data)
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
+        register_secrets(data)
     return data
 
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import re
 from typing import Any
 
+from job import settings
 from job.errors import SpecError
-
-INDEX_VARIABLES = ("AWS_BATCH_JOB_ARRAY_INDEX", "BATCH_TASK_INDEX", "JOB_COMPLETION_INDEX", "CLOUD_RUN_TASK_INDEX")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     path = key.strip().split(".")
     if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
-        raise SpecError(f"--set {text!r}: expected key.path=value, e.g. lora.r=64")
+        shown = key.strip()[:60] if re.fullmatch(r"[\w.]*", key.strip()) else "(not a key path)"
+        raise SpecError(f"--set {shown}: expected key.path=value, e.g. lora.r=64")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -40,7 +39,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise SpecError(f"--set {text!r}: {part} is not a section")
+                raise SpecError(f"--set {'.'.join(path)}: {part} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -87,15 +86,12 @@ def _json(value: Any) -> str:
 
 
 def pick_index(explicit: int | None, count: int) -> int | None:
-    """The variant this task runs: --index, else the first array-index variable that is set."""
+    """The variant this task runs: --index, else the first array-index variable that is set (job/settings.py)."""
+    where = "--index"
     if explicit is None:
-        for name in INDEX_VARIABLES:
-            if os.environ.get(name, "").strip():
-                try:
-                    explicit = int(os.environ[name])
-                except ValueError:
-                    raise SpecError(f"{name}={os.environ[name]!r} is not an integer index") from None
-                break
+        found = settings.get().array_index()
+        if found is not None:
+            where, explicit = found
     if explicit is not None and not 0 <= explicit < count:
-        raise SpecError(f"--index {explicit}: the matrix has {count} variants (0..{count - 1})")
+        raise SpecError(f"{where} {explicit}: the matrix has {count} variants (0..{count - 1})")
     return explicit

@@ -7,7 +7,6 @@ that block is where the seed notebook's "meta-prompt leakage" came from.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from job.errors import SpecError
 
@@ -67,10 +66,7 @@ def choose(setting: str, tokenizer_template: str | None, model_type: str | None)
     if setting in BUILTIN:
         return setting, BUILTIN[setting]
     if setting.endswith(".jinja"):
-        try:
-            return "file", Path(setting).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SpecError(f"model.chat_template: cannot read {setting}: {exc.strerror}") from None
+        return "file", read_template(setting)
     if setting == "tokenizer" or (setting == "auto" and tokenizer_template):
         if not tokenizer_template:
             raise SpecError("model.chat_template: the tokenizer has no chat template; name one "
@@ -78,6 +74,43 @@ def choose(setting: str, tokenizer_template: str | None, model_type: str | None)
         return "tokenizer", tokenizer_template
     name = ARCHITECTURE_DEFAULT.get(model_type or "", "chatml")
     return name, BUILTIN[name]
+
+
+MAX_TEMPLATE_BYTES = 1024 * 1024
+
+
+def read_template(path: str) -> str:
+    """A chat-template file's text. Raises SpecError: not a regular file, too large, or not UTF-8."""
+    from job.inputs import read_regular_file
+
+    raw = read_regular_file(path, MAX_TEMPLATE_BYTES, "model.chat_template")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"model.chat_template: {path} is not UTF-8") from None
+
+
+def file_problems(path: str) -> list[str]:
+    """Preflight: a chat-template file reads and renders a conversation with the messages in it, in time."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from job.inputs import time_limit
+
+    try:
+        text = read_template(path)
+    except SpecError as exc:
+        return [exc.message]
+    sample = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    try:
+        with time_limit(5.0, TimeoutError("rendering a three-turn conversation took more than 5 s")):
+            rendered = render_jinja_template([sample], chat_template=text, add_generation_prompt=False,
+                                             bos_token="<s>", eos_token="</s>")
+    except Exception as exc:  # jinja2's syntax and runtime errors, the template's raise_exception, the time limit
+        return [f"model.chat_template: {path} does not render a conversation: {type(exc).__name__}: {exc}"]
+    rendered = rendered[0][0] if isinstance(rendered, tuple) else rendered
+    if "u" not in str(rendered) or "a" not in str(rendered):
+        return [f"model.chat_template: {path} leaves the messages out of what it renders"]
+    return []
 
 
 def stop_strings(template_text: str, eos_token: str | None) -> list[str]:

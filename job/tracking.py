@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from job import settings as settings_module
 from job.log import get_logger
 from job.rundir import RunDir, atomic_write_json, read_json
 from job.spec import JobSpec
@@ -34,24 +35,36 @@ def directory(run_dir: RunDir) -> Path:
     return run_dir.root / "tracking"
 
 
-def trainer_settings(spec: JobSpec, run_dir: RunDir) -> dict[str, Any]:
-    """SFTConfig arguments (report_to, run_name), and the trackers' locations (through their environment)."""
+def locations(run_dir: RunDir, settings=None) -> dict[str, str]:
+    """Where each tracker writes: the user's setting, else under <run dir>/tracking/."""
+    settings = settings or settings_module.get()
+    where = directory(run_dir)
+    return {"mlflow": settings.mlflow_tracking_uri or (where / "mlruns").resolve().as_uri(),
+            "wandb": settings.wandb_dir or str(where),
+            "tensorboard": settings.tensorboard_logging_dir or str(where / "tensorboard"),
+            "trackio": str(where / "trackio")}
+
+
+def trainer_settings(spec: JobSpec, run_dir: RunDir, settings=None) -> dict[str, Any]:
+    """SFTConfig arguments (report_to, run_name); the trackers' locations go to their environment variables,
+    which their libraries (and transformers' integrations) read: writes for the libraries."""
     names = trackers(spec)
     if not names:
         return {"report_to": "none"}
-    where = directory(run_dir)
-    where.mkdir(parents=True, exist_ok=True)
-    if "mlflow" in names:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (where / "mlruns").resolve().as_uri())
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "peftopt")
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the default local store is a folder
-    if "wandb" in names:
-        os.environ.setdefault("WANDB_DIR", str(where))
-        os.environ.setdefault("WANDB_PROJECT", "peftopt")
-    if "trackio" in names:
-        os.environ.setdefault("TRACKIO_DIR", str(where / "trackio"))
+    directory(run_dir).mkdir(parents=True, exist_ok=True)
+    settings = settings or settings_module.get()
+    where = locations(run_dir, settings)
+    if "mlflow" in names:  # writes for mlflow and transformers' integration, which read them
+        os.environ["MLFLOW_TRACKING_URI"] = where["mlflow"]
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = settings.mlflow_experiment_name
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # the default local store is a folder
+    if "wandb" in names:  # writes for wandb
+        os.environ["WANDB_DIR"] = where["wandb"]
+        os.environ["WANDB_PROJECT"] = settings.wandb_project
+    if "trackio" in names:  # a write for trackio
+        os.environ["TRACKIO_DIR"] = where["trackio"]
     if "tensorboard" in names:  # transformers 5 reads the directory from the environment only
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(where / "tensorboard"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = where["tensorboard"]
     return {"report_to": names, "run_name": spec.name}
 
 
@@ -80,7 +93,7 @@ def spec_callback(spec: JobSpec, run_dir: RunDir):
                     wandb.config.update({"peftopt": config}, allow_val_change=True)
                     ids["wandb"] = wandb.run.id
             if "tensorboard" in trackers(spec):
-                ids["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
+                ids["tensorboard"] = locations(run_dir)["tensorboard"]
             atomic_write_json(directory(run_dir) / "runs.json", {**(read_json(directory(run_dir) / "runs.json") or {}),
                                                                  **ids})
 
@@ -103,9 +116,6 @@ def figures(metrics: dict) -> dict[str, float]:
                     out[f"peftopt/heldout/{which}_loss"] = float(values["loss"])
         elif isinstance(summary, dict) and isinstance(summary.get("pass_rate"), (int, float)):
             out[f"peftopt/eval/{target}_pass_rate"] = float(summary["pass_rate"])
-    for quant, info in (metrics.get("gguf", {}).get("eval") or {}).items():
-        if isinstance(info.get("pass_rate"), (int, float)):
-            out[f"peftopt/eval/gguf-{quant}_pass_rate"] = float(info["pass_rate"])
     return out
 
 
@@ -133,8 +143,7 @@ def finish(spec: JobSpec, run_dir: RunDir, metrics: dict) -> None:
         if "wandb" in names and ids.get("wandb"):
             import wandb
 
-            run = wandb.init(id=ids["wandb"], resume="allow", project=os.environ.get("WANDB_PROJECT"),
-                             dir=os.environ.get("WANDB_DIR"))
+            run = wandb.init(id=ids["wandb"], resume="allow", dir=locations(run_dir)["wandb"])  # WANDB_PROJECT: wandb reads it
             run.summary.update(values)
             run.finish()
     except Exception as exc:  # a tracker's failure must not fail a finished job

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m job ARGS` in a fresh process, as a user runs it: JSON events on stdout, the environment of the
+    tests plus `env`."""
+    return subprocess.run([sys.executable, "-m", "job", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json", **(env or {})}, timeout=timeout)
+
+
+def events(stdout: str) -> list[dict]:
+    """The JSON events of a run's stdout."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(autouse=True)
+def settings_from_the_environment():
+    """In-process code reads the settings once (job/settings.py): each test starts and ends with the
+    environment as it is then, so a test's monkeypatched variables do not leak into the next one."""
+    from job import settings
+
+    settings.init()
+    yield
+    settings.init()
 
 
 @pytest.fixture(scope="session")

@@ -92,8 +92,9 @@ def test_unsloth_adapter_says_when_no_kernel_can_be_set(monkeypatch):
     dispatch = types.SimpleNamespace(_TORCH_VARLEN_ATTN=None, _LEAN_VARLEN=False, _varlen_can_use_cudnn=None)
     assert attention.adapt_unsloth(dispatch).startswith("per-segment sdpa")
     assert dispatch._TORCH_VARLEN_ATTN is None
-    monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
-    assert "UNSLOTH_TORCH_VARLEN is off" in attention.adapt_unsloth(dispatch)
+    from job import settings
+
+    assert "UNSLOTH_TORCH_VARLEN is off" in attention.adapt_unsloth(dispatch, settings.load({"UNSLOTH_TORCH_VARLEN": "0"}))
 
 
 def test_decoding_on_cuda_keeps_cudnn_attention_out_and_restores_the_flags():

@@ -5,6 +5,7 @@ newest checkpoint from the Hub and finish with the same adapter as a run that wa
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from hub_standin import HubStandIn
 
 pytestmark = pytest.mark.integration
@@ -38,6 +40,11 @@ def sync_spec(make_spec, name, **train):
                                   "checkpoint_sync": SYNC, "grace_period_s": 20, **train})
 
 
+def step_of(name: str) -> int:
+    """The step of a remote checkpoint file (`<run>/<training fingerprint>/checkpoint-N/...`)."""
+    return int(re.search(r"/checkpoint-(\d+)/", name).group(1))
+
+
 def adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
@@ -51,8 +58,7 @@ def hub(tmp_path):
 
 def test_checkpoints_follow_the_local_directory_and_survive_a_lost_machine(tmp_path, make_spec, hub):
     reference = make_spec("reference", train={"max_steps": 12, "save_steps": 2, "save_total_limit": 2})
-    done = subprocess.run([sys.executable, "-m", "job", "run", str(reference)], capture_output=True, text=True,
-                          cwd=ROOT, env=env_for(hub), timeout=600)
+    done = run_cli("run", reference, env=env_for(hub), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     spec = sync_spec(make_spec, "synced")
@@ -62,7 +68,7 @@ def test_checkpoints_follow_the_local_directory_and_survive_a_lost_machine(tmp_p
     # Stop once the Hub has at least two checkpoints: the commit deleting rotated ones has happened.
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        steps = {n.split("/")[1] for n in hub.files.get(SYNC["repo"], {}) if n.startswith("synced/checkpoint-")}
+        steps = {step_of(n) for n in hub.files.get(SYNC["repo"], {}) if n.startswith("synced/")}
         if len(steps) >= 2 and hub.commits >= 3:
             break
         time.sleep(0.05)
@@ -77,15 +83,16 @@ def test_checkpoints_follow_the_local_directory_and_survive_a_lost_machine(tmp_p
 
     remote = hub.files[SYNC["repo"]]
     local_steps = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-    remote_steps = sorted({name.split("/")[1] for name in remote})
+    remote_steps = sorted({f"checkpoint-{step_of(name)}" for name in remote})
     assert remote_steps == local_steps and len(local_steps) == 2  # rotated ones deleted remotely too
-    marker = json.loads(remote[f"synced/checkpoint-{stop_step}/peftopt-checkpoint.json"])
-    assert set(marker["files"]) <= {name.split("/", 2)[2] for name in remote if f"checkpoint-{stop_step}/" in name}
+    marker = json.loads(next(data for name, data in remote.items()
+                             if name.endswith(f"/checkpoint-{stop_step}/peftopt-checkpoint.json")))
+    assert set(marker["files"]) <= {name.split(f"checkpoint-{stop_step}/", 1)[1] for name in remote
+                                    if f"/checkpoint-{stop_step}/" in name}
     assert hub.repos[SYNC["repo"]]["private"] is True
 
     shutil.rmtree(tmp_path / "runs" / "synced")  # the machine is gone
-    rerun = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
-                           cwd=ROOT, env=env_for(hub), timeout=600)
+    rerun = run_cli("run", spec, env=env_for(hub), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     log = events(rerun.stdout)
     restored = [e for e in log if e["event"] == "checkpoint_restored"]
@@ -107,38 +114,39 @@ def test_checkpoints_follow_the_local_directory_and_survive_a_lost_machine(tmp_p
     assert all(TOKEN.encode() not in data for data in remote.values())
 
 
-def test_checkpoints_of_another_spec_are_refused_unless_restart(tmp_path, make_spec, hub):
-    first = sync_spec(make_spec, "shared", max_steps=4)
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(first)], capture_output=True, text=True,
-                            cwd=ROOT, env=env_for(hub), timeout=600)
+def test_checkpoints_of_another_spec_in_a_shared_folder_are_refused_unless_restart(tmp_path, make_spec, hub):
+    shared = {**SYNC, "path_in_repo": "shared"}
+    first = sync_spec(make_spec, "shared", max_steps=4, checkpoint_sync=shared)
+    result = run_cli("run", first, env=env_for(hub), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     shutil.rmtree(tmp_path / "runs" / "shared")
 
-    changed = sync_spec(make_spec, "shared", max_steps=4, learning_rate=1e-3)
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(changed)], capture_output=True, text=True,
-                            cwd=ROOT, env=env_for(hub), timeout=600)
+    changed = sync_spec(make_spec, "shared", max_steps=4, learning_rate=1e-3, checkpoint_sync=shared)
+    result = run_cli("run", changed, env=env_for(hub), timeout=600)
     assert result.returncode == 2
     message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(message) == 1 and "checkpoint_sync" in message[0] and "--restart" in message[0]
 
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(changed), "--restart"], capture_output=True,
-                            text=True, cwd=ROOT, env=env_for(hub), timeout=600)
+    before = dict(hub.files[SYNC["repo"]])
+    result = run_cli("run", changed, "--restart", env=env_for(hub), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     log = events(result.stdout)
     assert not [e for e in log if e["event"] in ("checkpoint_restored", "train_resumed")]
+    # the first experiment's remote steps are never written over: the restarted one trains from scratch, warns
+    assert [e for e in log if e["event"] == "checkpoint_sync_foreign"]
     remote = hub.files[SYNC["repo"]]
+    assert all(remote.get(name) == data for name, data in before.items())
     marker = json.loads(remote["shared/checkpoint-4/peftopt-checkpoint.json"])
-    from job.fingerprint import fingerprints
+    from job import stages
     from job.specfile import load_spec
 
-    assert marker["train_fingerprint"] == fingerprints(load_spec(str(changed)))["train"]
+    assert marker["train_fingerprint"] == stages.fingerprints(load_spec(str(first)))["train"]
 
 
 def test_missing_sync_token_fails_before_any_work(tmp_path, make_spec, hub):
     spec = sync_spec(make_spec, "notoken")
     env = {**env_for(hub), "PEFTOPT_TEST_TOKEN": ""}
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=120)
+    result = run_cli("run", spec, env=env, timeout=120)
     assert result.returncode == 2
     assert "train.checkpoint_sync.token_env" in result.stderr
     assert not (tmp_path / "runs" / "notoken").exists()

@@ -37,7 +37,8 @@ def test_chrf_scores_the_swedish_sentence():
 def test_python_function_runs_the_code():
     cases = [["hello", "olleh"], ["", ""]]
     good = "Sure:\n```python\ndef reverse_string(s):\n    return s[::-1]\n```"
-    assert checks.python_function(good, cases=cases) == {"passed": True, "function": "reverse_string", "reason": None}
+    assert checks.python_function(good, cases=cases) == {"passed": True, "function": "reverse_string", "reason": None,
+                                                         "isolated": True}
     wrong = "```python\ndef reverse_string(s):\n    return s\n```"
     assert not checks.python_function(wrong, cases=cases)["passed"]
     assert not checks.python_function("Use slicing.", cases=cases)["passed"]

@@ -1,6 +1,5 @@
 """Unit: the command line answers without torch, and bad input ends in exit 2 with no traceback."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +7,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import run_cli
 from job.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = sorted(cli.commands)
 
 
-def peftopt(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json", **(env or {})}, timeout=600)
+def peftopt(*args, env=None):
+    return run_cli(*args, env=env, timeout=600)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from job import settings
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
 TRAIN = {"max_steps": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 2}
@@ -170,6 +172,7 @@ def test_batch_is_shared_over_ranks(monkeypatch, make_spec):
         plan.choose(spec, config, 80.0, backend="hf", ranks=3)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    settings.init()
     assert backends.choose("auto", "cuda")[0] == "hf"
     with pytest.raises(SpecError, match="unsloth trains on one GPU"):
         backends.choose("unsloth", "cuda")
@@ -185,9 +188,11 @@ def test_a_single_process_uses_one_of_several_gpus(monkeypatch):
     from job import distributed
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    settings.init()
     assert distributed.visible_gpus() == 2
-    assert distributed.pin_single_gpu() == "3,5"
+    assert distributed.pin_single_gpu() == ("3,5", "3")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    settings.init()  # a process started now sees one GPU
     assert distributed.pin_single_gpu() is None  # one left: nothing to hide
 
 

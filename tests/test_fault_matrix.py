@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import hub_cell
-from conftest import write_tiny_spec
+from conftest import run_cli, write_tiny_spec
 from hub_standin import HubStandIn
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,8 @@ def run_cell(op: str, fault: str, tmp_path: Path, tiny_files) -> dict:
                 hub.files.setdefault("me/faults", {})
             if op in ("list", "restore"):  # a checkpoint synced by an earlier attempt
                 synced = hub_cell.checkpoint(tmp_path / "seed", 2)
-                hub.files["me/faults"].update({f"cell/checkpoint-2/{p.name}": p.read_bytes() for p in synced.iterdir()})
+                hub.files["me/faults"].update({f"{hub_cell.FOLDER}/checkpoint-2/{p.name}": p.read_bytes()
+                                               for p in synced.iterdir()})
 
         publish()
         if fault == "404":
@@ -179,7 +180,7 @@ def did_the_work(op: str, proc, hub) -> None:
         assert (Path(result_of(proc)["snapshot"]) / "config.json").is_file()
     if op == "commit":
         assert result_of(proc)["failures"] == 0
-        assert "cell/checkpoint-4/peftopt-checkpoint.json" in hub.files["me/faults"]
+        assert f"{hub_cell.FOLDER}/checkpoint-4/peftopt-checkpoint.json" in hub.files["me/faults"]
 
 
 # ------------------------------------------------------------------------------ llama.cpp
@@ -199,9 +200,7 @@ def merged_run(tmp_path_factory, tiny_model, tiny_data):
     path = write_tiny_spec(out, tiny_model, tiny_data, "tools", lora={"r": 4, "alpha": 8}, train={"max_steps": 2},
                            export={"merge": True, "gguf": ["f16", "q4_k_m"], "tokenizer_pre": "llama-bpe",
                                    "verify_tokens": 6})
-    done = subprocess.run([sys.executable, "-m", "job", "run", str(path), "--stages", "prepare,train,merge"],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"},
-                          timeout=600)
+    done = run_cli("run", path, "--stages", "prepare,train,merge", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return path, out / "runs" / "tools"
 
@@ -234,15 +233,17 @@ TOOL_CELLS = [(tool, behaviour) for tool in ("convert_hf_to_gguf.py", "bin/llama
 @pytest.mark.parametrize("tool,behaviour", TOOL_CELLS)
 def test_llama_cpp_tool_failure(tool, behaviour, merged_run, tmp_path, monkeypatch):
     """The gguf stage with the tool failing: ExternalError (exit 4) naming the tool in one line, no gguf/."""
+    from job import settings
     from job.errors import ExternalError
     from job.rundir import RunDir
     from job.specfile import load_spec
     from job.stages import gguf
+    from job.stages.base import RunContext
 
     spec_path, run_dir = merged_run
     monkeypatch.setenv("LLAMA_CPP_DIR", str(broken_prefix(tmp_path, tool, behaviour)))
     with pytest.raises(ExternalError) as failure:
-        gguf.run(load_spec(spec_path), RunDir(run_dir), None)
+        gguf.run(RunContext(spec=load_spec(spec_path), run_dir=RunDir(run_dir), settings=settings.init()))
     message = failure.value.message
     assert failure.value.exit_code == 4 and "\n" not in message
     assert any(name in message for name in ("convert_hf_to_gguf", "llama-quantize", "llama.cpp", ".gguf")), message
@@ -253,10 +254,8 @@ def test_a_killed_quantizer_exits_4_and_the_rerun_redoes_only_gguf(merged_run, t
     from job import llamacpp
 
     spec_path, run_dir = merged_run
-    env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json"}
-    failed = subprocess.run([sys.executable, "-m", "job", "run", str(spec_path)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600,
-                            env={**env, "LLAMA_CPP_DIR": str(broken_prefix(tmp_path, "bin/llama-quantize", "killed"))})
+    failed = run_cli("run", spec_path, timeout=600,
+                     env={"LLAMA_CPP_DIR": str(broken_prefix(tmp_path, "bin/llama-quantize", "killed"))})
     lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 4 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert lines[-1].startswith("error: gguf") or "llama-quantize" in lines[-1], lines[-1]
@@ -264,8 +263,7 @@ def test_a_killed_quantizer_exits_4_and_the_rerun_redoes_only_gguf(merged_run, t
     assert not (run_dir / "gguf").exists()
     state = json.loads((run_dir / "state.json").read_text())
     assert state["stages"]["merge"]["status"] == "done" and state["stages"]["gguf"]["status"] == "failed"
-    rerun = subprocess.run([sys.executable, "-m", "job", "run", str(spec_path)], capture_output=True, text=True,
-                           cwd=ROOT, timeout=600, env={**env, "LLAMA_CPP_DIR": str(llamacpp.find().prefix)})
+    rerun = run_cli("run", spec_path, timeout=600, env={"LLAMA_CPP_DIR": str(llamacpp.find().prefix)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     skipped = {json.loads(line)["stage"] for line in rerun.stdout.splitlines() if '"stage_skipped"' in line}
     assert {"prepare", "train", "merge"} <= skipped  # only the failed stage runs again

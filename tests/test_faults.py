@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 KILL_POINTS = int(os.environ.get("PEFTOPT_KILL_POINTS", "20"))
@@ -73,6 +75,7 @@ def hub_standin(tmp_path):
     HUB_ENV.clear()
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_ends_as_an_uninterrupted_run(tmp_path, make_spec, hub_standin):
     """20 kill points spread over every stage, push and checkpoint sync included."""
     import torch
@@ -184,7 +187,7 @@ def test_disk_full_in_a_late_stage_keeps_the_previous_state(tmp_path, make_spec,
     check_state_claims(run_dir)
     again = finish(spec)
     assert again.returncode == 0, again.stderr[-2000:]
-    started = [json.loads(l)["stage"] for l in again.stdout.splitlines() if '"stage_started"' in l]
+    started = [json.loads(line)["stage"] for line in again.stdout.splitlines() if '"stage_started"' in line]
     assert started[0] == failing
 
 
@@ -237,8 +240,7 @@ def test_killed_after_the_last_checkpoint_ends_with_exactly_that_adapter(tmp_pat
     from safetensors.torch import load_file
 
     spec = make_spec("last", train={"max_steps": 4, "save_steps": 2})
-    first = subprocess.run([sys.executable, "-m", "job", "run", str(spec), "--stages", "prepare,train"],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"})
+    first = run_cli("run", spec, "--stages", "prepare,train")
     assert first.returncode == 0, first.stderr[-2000:]
     run_dir = tmp_path / "runs" / "last"
     want = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))

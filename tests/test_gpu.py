@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "job", "run", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=1200)
+def run(*args):
+    return run_cli("run", *args, timeout=1200)
 
 
 @pytest.mark.parametrize("backend,four_bit", [("hf", False), ("hf", True), ("unsloth", False), ("unsloth", True)])
@@ -26,7 +27,7 @@ def test_pipeline_on_cuda(make_spec, tmp_path, backend, four_bit):
                      train={"backend": backend, "max_steps": 8, "optim": "adamw_8bit"},
                      evaluate={"prompts": ["Say hello."], "max_new_tokens": 8, "targets": ["base", "adapter"]},
                      export={"merge": True, "gguf": ["q8_0"], "tokenizer_pre": "llama-bpe", "verify_tokens": 8})
-    result = run_cli(str(spec))
+    result = run(str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = next((tmp_path / "runs").iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -41,9 +42,9 @@ def test_pipeline_on_cuda(make_spec, tmp_path, backend, four_bit):
 
 def test_auto_picks_unsloth_on_cuda(make_spec, tmp_path):
     spec = make_spec("auto", train={"backend": "auto", "max_steps": 2})
-    result = run_cli(str(spec))
+    result = run(str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
-    chosen = [json.loads(l) for l in result.stdout.splitlines() if '"backend_chosen"' in l][0]
+    chosen = [json.loads(line) for line in result.stdout.splitlines() if '"backend_chosen"' in line][0]
     assert chosen["backend"] == "unsloth" and "CUDA" in chosen["why"]
 
 
@@ -53,7 +54,7 @@ def test_sigterm_resume_on_cuda(make_spec, tmp_path):
 
     settings = {"backend": "unsloth", "max_steps": 30, "save_steps": 10}
     straight = make_spec("straight", train=settings)
-    assert run_cli(str(straight)).returncode == 0
+    assert run(str(straight)).returncode == 0
     stopped = make_spec("stopped", train=settings)
     proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(stopped)], stdout=subprocess.PIPE, text=True,
                             stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"})
@@ -64,7 +65,7 @@ def test_sigterm_resume_on_cuda(make_spec, tmp_path):
             proc.send_signal(signal.SIGTERM)
             sent = True
     assert proc.wait(timeout=300) == 75, proc.stderr.read()[-2000:]
-    assert run_cli(str(stopped)).returncode == 0
+    assert run(str(stopped)).returncode == 0
     want = load_file(str(tmp_path / "runs" / "straight" / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(tmp_path / "runs" / "stopped" / "adapter" / "adapter_model.safetensors"))
     for key in want:
@@ -79,7 +80,7 @@ def test_merge_from_a_prequantized_4bit_base(make_spec, tmp_path, tiny_model):
     assert "quantization_config" in json.loads((prequantized / "config.json").read_text())
     spec = make_spec("from4bit", model={"base": str(prequantized), "load_in_4bit": True},
                      train={"backend": "hf", "max_steps": 4}, export={"merge": True})
-    result = run_cli(str(spec))
+    result = run(str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "from4bit"
     merged_config = json.loads((run_dir / "merged" / "config.json").read_text())

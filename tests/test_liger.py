@@ -7,23 +7,24 @@ import types
 
 import pytest
 
+from job import settings
 from job.backends import liger, plan
+
+ON = settings.load({})
 
 
 def test_not_on_cpu():
-    used, why = liger.availability("llama", "cpu")
+    used, why = liger.availability("llama", "cpu", ON)
     assert not used and "CUDA" in why
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("PEFTOPT_LIGER", "0")
-    assert liger.availability("llama", "cuda") == (False, "PEFTOPT_LIGER=0")
+def test_switched_off_by_environment():
+    assert liger.availability("llama", "cuda", settings.load({"PEFTOPT_LIGER": "0"})) == (False, "PEFTOPT_LIGER=0")
 
 
 def test_reason_when_liger_is_not_importable(monkeypatch):
-    monkeypatch.delenv("PEFTOPT_LIGER", raising=False)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # import raises
-    used, why = liger.availability("llama", "cuda")
+    used, why = liger.availability("llama", "cuda", ON)
     assert not used and why.startswith("liger-kernel is not importable")
 
 
@@ -41,20 +42,19 @@ def liger_registry(monkeypatch):
 
     registry = types.ModuleType("liger_kernel.transformers.monkey_patch")
     registry.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply_liger_kernel_to_llama}
-    monkeypatch.delenv("PEFTOPT_LIGER", raising=False)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", registry)
     return calls
 
 
 def test_unknown_model_type_says_so(liger_registry):
-    assert liger.availability("mystery", "cuda") == (False, "Liger has no kernels for model type 'mystery'")
+    assert liger.availability("mystery", "cuda", ON) == (False, "Liger has no kernels for model type 'mystery'")
 
 
 def test_apply_keeps_trls_loss_and_undo_restores_the_module(liger_registry):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    used, why = liger.availability("llama", "cuda")
+    used, why = liger.availability("llama", "cuda", ON)
     assert used and why == "Liger's fused rms_norm, rope, swiglu"
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=64))

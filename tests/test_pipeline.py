@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import events, run_cli
 from job import llamacpp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json", **(env or {})}, timeout=timeout)
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def sha(path: Path) -> str:
@@ -271,7 +265,9 @@ def test_batched_answers_equal_one_at_a_time(full_run, tiny_model):
 
     run_dir, _, _, spec_path = full_run
     spec = load_spec(spec_path)
-    suite = generate.load_suite(spec.evaluate) + [
+    from job.evaluation import suite as suites
+
+    suite = suites.load(spec.evaluate) + [
         {"id": "long", "prompt": "Tell me one thing about the library, the market and a small robot.", "checks": {}}]
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir / "merged"), spec)
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "merged"), dtype=torch.float32)

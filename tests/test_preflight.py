@@ -3,20 +3,18 @@ suite, chat template, data file, base model directory or llama.cpp pre-tokenizer
 2 (3 for a bad data row) and one line naming the field and the file, before any stage starts and with nothing
 written; `peftopt validate` finds the same in files shipped beside the jobspec."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
 def peftopt(*args):
-    return subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=300)
+    return run_cli(*args, timeout=300)
 
 
 def refused(result, code: int, *needles: str) -> None:

@@ -1,12 +1,11 @@
 """Unit/integration: conversations are standardized, bad rows are named, sources are mixed reproducibly, and
 only assistant tokens train."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 from job.errors import DataError
 from job.specfile import validate_data
@@ -95,8 +94,9 @@ def test_local_files_and_slices(tmp_path):
     assert [r["i"] for r in data.read_rows(str(path), "train[2:5]")] == [2, 3, 4]
     assert len(data.read_rows(str(path), "train[:50%]")) == 5
     path.write_text('{"i": 1}\n{broken\n')
-    with pytest.raises(DataError, match="line 2: invalid JSON"):
-        data.read_rows(str(path), "train")
+    first, broken = data.read_rows(str(path), "train")  # a line that is not JSON is a bad row in its place
+    with pytest.raises(data.BadRow, match="line 2: invalid JSON"):
+        data.standardize(broken, "auto", None)
     with pytest.raises(DataError, match="does not exist"):
         data.read_rows(str(tmp_path / "none.jsonl"), "train")
 
@@ -150,8 +150,7 @@ def test_two_source_mixture_trains_with_per_source_counts_and_no_duplicates(make
     for name in ("mix1", "mix2"):
         spec = make_spec(name, data={"source": None, "sources": sources, "max_tokens": 120},
                          train={"max_steps": 2, "save_steps": 2})
-        result = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
-                                cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=600)
+        result = run_cli("run", spec, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(tmp_path / "runs" / name)
     metrics = json.loads((outputs[0] / "metrics.json").read_text())
@@ -163,8 +162,7 @@ def test_two_source_mixture_trains_with_per_source_counts_and_no_duplicates(make
     assert a["train_rows"] + b["train_rows"] == len(train_rows) == metrics["prepare"]["train"]["rows"]
     assert a["trainable_tokens"] + b["trainable_tokens"] == metrics["prepare"]["train"]["trainable_tokens"]
     assert (outputs[0] / "data" / "train.jsonl").read_bytes() == (outputs[1] / "data" / "train.jsonl").read_bytes()
-    report = subprocess.run([sys.executable, "-m", "job", "report", str(outputs[0]), "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    report = run_cli("report", outputs[0], "--out", tmp_path / "r", timeout=300)
     assert report.returncode == 0, report.stderr
     rows = [line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| mix1 |")]
     assert len(rows) == 2 and f"| {b['train_rows']} | {b['trainable_tokens']} |" in rows[1]

@@ -1,11 +1,10 @@
 """Integration: publishing through the real huggingface_hub client against a local Hub stand-in."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import conftest
 
 from hub_standin import HubStandIn
 
@@ -17,13 +16,12 @@ PUSH = {"adapter_repo": "me/tiny-lora", "gguf_repo": "me/tiny-gguf", "merged_rep
 
 
 def run_cli(spec, *args, hub=None, token=TOKEN):
-    env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "PEFTOPT_TEST_TOKEN": token, "HF_TOKEN": "",
+    env = {"PEFTOPT_TEST_TOKEN": token, "HF_TOKEN": "",
            "PEFTOPT_HUB_BACKOFF_S": "0.01", "PEFTOPT_HUB_RETRIES": "4", "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     if hub:
         env["HF_ENDPOINT"] = hub.url
-    return subprocess.run([sys.executable, "-m", "job", "run", str(spec), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=900)
+    return conftest.run_cli("run", spec, *args, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def test_push_uploads_everything_and_never_leaks_the_token(trained):
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == \
         hub.files["me/tiny-lora"]["adapter_model.safetensors"]
     card = hub.files["me/tiny-lora"]["README.md"].decode()
-    for needle in ("base_model:", "LoRA: r=4", "transformers + peft", "llama.cpp", "Ollama"):
+    for needle in ("Base model:", "LoRA: r=4", "transformers + peft", "llama.cpp", "Ollama"):
         assert needle in card
     retries = [json.loads(line) for line in result.stdout.splitlines() if '"hub_retry"' in line]
     assert len(retries) >= 3

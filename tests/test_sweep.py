@@ -6,7 +6,9 @@ import pytest
 
 from job.errors import SpecError
 from job.specfile import load_spec, load_variants
-from job.sweep import INDEX_VARIABLES, expand
+from job import settings
+from job.settings import INDEX_VARIABLES
+from job.sweep import expand
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"name": "sw", "model": {"base": "org/m"}, "data": {"source": "d.jsonl"}, "lora": {}, "train": {"max_steps": 2}}
@@ -34,6 +36,7 @@ def test_array_index_variables(variable, monkeypatch):
     for name in INDEX_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, "2")
+    settings.init()
     assert load_spec(ROOT / "jobspecs" / "sweep-t1-t3.json").name == "data_centric_1B_r64_30k_600steps"
     assert load_spec(ROOT / "jobspecs" / "sweep-t1-t3.json", index=0).lora.r == 16  # --index wins
 
@@ -41,13 +44,14 @@ def test_array_index_variables(variable, monkeypatch):
 def test_index_errors(monkeypatch):
     for name in INDEX_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    settings.init()
     with pytest.raises(SpecError, match="a sweep of 3 variants"):
         load_spec(ROOT / "jobspecs" / "sweep-t1-t3.json")
     with pytest.raises(SpecError, match="0..2"):
         load_spec(ROOT / "jobspecs" / "sweep-t1-t3.json", index=5)
     monkeypatch.setenv("AWS_BATCH_JOB_ARRAY_INDEX", "x")
-    with pytest.raises(SpecError, match="not an integer"):
-        load_spec(ROOT / "jobspecs" / "sweep-t1-t3.json")
+    with pytest.raises(SpecError, match="AWS_BATCH_JOB_ARRAY_INDEX='x': expected an integer"):
+        settings.init()
 
 
 def test_a_bad_variant_is_named(tmp_path):

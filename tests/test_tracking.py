@@ -2,12 +2,11 @@
 back with the tracker's own reader: the loss curve, the resolved spec as config, and peftopt's figures."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_spec
+
+from conftest import run_cli, write_tiny_spec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +21,7 @@ def tracked_run(tmp_path_factory, tiny_model, tiny_data):
     env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     for name in ("MLFLOW_TRACKING_URI", "WANDB_DIR", "WANDB_API_KEY"):
         env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(path)], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=900)
+    result = run_cli("run", path, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(json.loads(line)["event"] == "tracking_finished" for line in result.stdout.splitlines())
     run_dir = out / "runs" / "tracked"
@@ -79,6 +77,5 @@ def test_wandb_offline_run_holds_the_spec_and_the_summary(tracked_run):
 
 def test_a_tracker_that_is_not_installed_is_refused_before_work(make_spec):
     spec = make_spec("untracked", train={"report_to": ["trackio"]})
-    result = subprocess.run([sys.executable, "-m", "job", "run", str(spec)], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=300)
+    result = run_cli("run", spec, timeout=300)
     assert result.returncode == 2 and "train.report_to: trackio is not installed" in result.stderr

@@ -1,13 +1,33 @@
-"""Training backends behind one seam: `train(spec, run_dir, device) -> dict of metrics`.
+"""Training backends behind one seam. A backend is a module of this package with:
 
-`hf` is transformers + peft + trl (CPU and CUDA, and data-parallel under accelerate/torchrun);
-`unsloth` is the fast single-GPU path. `auto` takes unsloth when CUDA is present and it imports.
+    NAME: str
+    plan(spec, config, device, settings) -> plan.Plan            # micro-batch, accumulation, checkpointing
+    setup(spec, location, device, plan, settings) -> (model, peft_config | None, figures for the log)
+    train(spec, run_dir, device, *, fingerprint, settings, restart) -> figures for metrics.json
+
+`train` runs the shared trainer (`trainer.train`) with the backend's `plan` and `setup`; `peftopt bench` calls
+`plan` and `setup` directly. `hf` is transformers + peft + trl (CPU and CUDA, and data-parallel under
+accelerate/torchrun); `unsloth` is the fast single-GPU path. `auto` takes unsloth when CUDA is present and it
+imports.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Any, Protocol
 
-from job.errors import SpecError
+from job.errors import MachineError, SpecError
+
+NAMES = ("hf", "unsloth")
+
+
+class Backend(Protocol):
+    NAME: str
+
+    def plan(self, spec, config, device: str, settings) -> Any: ...
+
+    def setup(self, spec, location: str, device: str, plan, settings) -> tuple[Any, Any, dict]: ...
+
+    def train(self, spec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict: ...
 
 
 def device() -> str:
@@ -20,7 +40,8 @@ def choose(requested: str, device_name: str, lora=None) -> tuple[str, str]:
     """Returns (backend, why) for train.backend `requested`, here, for the spec's `lora` section.
 
     Raises:
-        SpecError: unsloth was asked for where it cannot run, or for what it does not train.
+        SpecError: unsloth was asked for what it does not train, or under several ranks.
+        MachineError: unsloth was asked for on a machine where it cannot run (no CUDA, does not import).
     """
     if requested == "hf":
         return "hf", "asked for in train.backend"
@@ -44,16 +65,17 @@ def choose(requested: str, device_name: str, lora=None) -> tuple[str, str]:
             unsloth_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if requested == "unsloth":
         if device_name != "cuda":
-            raise SpecError("train.backend: unsloth needs a CUDA GPU; use 'hf' or 'auto' on this machine")
+            raise MachineError("train.backend: unsloth needs a CUDA GPU and this machine has none; use 'hf' or "
+                               "'auto' here, or run on a GPU machine")
         if unsloth_error:
-            raise SpecError(f"train.backend: unsloth does not import here ({unsloth_error})")
+            raise MachineError(f"train.backend: unsloth does not import here ({unsloth_error})")
         return "unsloth", "asked for in train.backend"
     if device_name != "cuda":
         return "hf", "no CUDA device"
     if unsloth_error:
-        return "hf", f"unsloth does not import ({unsloth_error})"
+        return "hf", f"unsloth does not import here ({unsloth_error})"
     return "unsloth", "CUDA device and unsloth imports"
 
 
-def load(name: str):
-    return importlib.import_module(f"job.backends.{name}")
+def load(name: str) -> Backend:
+    return importlib.import_module(f"job.backends.{name}")  # type: ignore[return-value]

@@ -134,13 +134,15 @@ def register() -> str:
     return NAME
 
 
-def adapt_unsloth(dispatch=None) -> str:
+def adapt_unsloth(dispatch=None, settings=None) -> str:
     """Lets unsloth's packed attention use torch's varlen kernel on torch < 2.12; says which path runs.
 
     `dispatch` is `unsloth.utils.attention_dispatch` (imported here when not given).
     """
-    import os
+    if settings is None:
+        from job import settings as settings_module
 
+        settings = settings_module.get()
     if dispatch is None:
         from unsloth.utils import attention_dispatch as dispatch
     ours = "varlen flash (torch's kernel set into unsloth's dispatch; this torch's varlen_attn lacks enable_gqa)"
@@ -148,7 +150,7 @@ def adapt_unsloth(dispatch=None) -> str:
         return ours
     if dispatch._TORCH_VARLEN_ATTN is not None:
         return "varlen flash (unsloth's own: this torch's varlen_attn takes enable_gqa)"
-    if os.environ.get("UNSLOTH_TORCH_VARLEN", "1").lower() in ("0", "false", "no", "off"):
+    if not settings.unsloth_torch_varlen:
         return "per-segment sdpa (UNSLOTH_TORCH_VARLEN is off)"
     kernel = varlen_kernel()
     if kernel is None or "window_size" not in inspect.signature(kernel).parameters:

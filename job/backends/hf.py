@@ -23,19 +23,19 @@ def lora_config(lora: LoraSpec):
                       modules_to_save=list(lora.modules_to_save) or None)
 
 
-def plan(spec: JobSpec, config, device: str) -> batch_plan.Plan:
+def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
     """Raises SpecError when the spec's sequences per step cannot be shared evenly over the ranks."""
-    ranks = distributed.world().size
+    ranks = distributed.world(settings).size
     if device != "cuda":
         return batch_plan.on_cpu(spec, ranks)
     import torch
 
     gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
-    fused, _ = liger.availability(config.model_type, device)
+    fused, _ = liger.availability(config.model_type, device, settings)
     return batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks)
 
 
-def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
+def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
     """(model, peft config, figures for the log): trl wraps the model with LoRA, in bf16 adapters for QLoRA."""
     from transformers import AutoConfig
 
@@ -49,19 +49,20 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
     # (No prepare_model_for_kbit_training: it upcasts every non-quantized weight, the LM head included,
     # to fp32, which costs memory and time; trl enables input gradients for checkpointing itself.)
     model.train()
-    fused, fused_why = liger.availability(model.config.model_type, device)
+    fused, fused_why = liger.availability(model.config.model_type, device, settings)
     kernels = liger.apply(model) if fused else []
     return model, lora_config(spec.lora), {"attention": path, "attention_why": why,
                                            "kernels": ", ".join(kernels) or "transformers' own",
                                            "kernels_why": fused_why}
 
 
-def train(spec: JobSpec, run_dir, device: str, restart: bool = False) -> dict:
+def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:
     import sys
 
     from job.backends import trainer
 
     try:
-        return trainer.train(sys.modules[__name__], spec, run_dir, device, restart)
+        return trainer.train(sys.modules[__name__], spec, run_dir, device, fingerprint=fingerprint,
+                             settings=settings, restart=restart)
     finally:
         liger.undo()  # later stages in this process run transformers' own modules

@@ -10,7 +10,6 @@ process (evaluation, the merged model's reference answers) run transformers' own
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 
 # What the apply functions may replace; the loss is left to trl (its fused LM head never materialises logits).
@@ -19,11 +18,11 @@ KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "layer
 _patched: list[tuple[object, dict]] = []  # (module, its attributes before Liger) for undo()
 
 
-def availability(model_type: str, device: str) -> tuple[bool, str]:
+def availability(model_type: str, device: str, settings) -> tuple[bool, str]:
     """(whether Liger's kernels will run for this model on this device, why or why not)."""
     if device != "cuda":
         return False, "Liger's kernels are Triton kernels for CUDA"
-    if os.environ.get("PEFTOPT_LIGER", "1") == "0":
+    if not settings.liger:
         return False, "PEFTOPT_LIGER=0"
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from job import distributed, interrupt, modelsrc, tracking
 from job.backends.plan import Plan
 from job.checkpoints import AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint
 from job.errors import ExternalError, Interrupted
-from job.fingerprint import fingerprints
-from job.log import get_logger, json_stdout, route_library_logs
+from job.log import get_logger, json_stdout
 from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
 
@@ -143,11 +144,11 @@ def _callbacks():
             return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
     class StopOnSignal(TrainerCallback):
-        def __init__(self, progress, box: dict):
-            self.progress, self.box = progress, box
+        def __init__(self, progress, session: "TrainingSession"):
+            self.progress, self.session = progress, session
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.box["step"] = state.global_step
+            self.session.start_step = state.global_step
 
         def on_step_end(self, args, state, control, **kwargs):
             stop = interrupt.stop_requested()
@@ -180,21 +181,33 @@ def count_tokens(trainer, progress) -> None:
 # ------------------------------------------------------------------------------ the trainer
 
 
+@dataclass
+class TrainingSession:
+    """One training session's moving parts, shared by the trainer's callbacks and the code around it."""
+    progress: Any  # the Progress callback: token counts and the step clock
+    writer: AsyncCheckpointWriter | None = None  # checkpoints off the training thread
+    uploader: Any = None  # checkpoint_sync.Uploader, when checkpoints go to the Hub
+    start_step: int = 0  # the step this session started from
+    restored_step: int | None = None  # a checkpoint restored from the Hub
+    sync_figures: dict = field(default_factory=dict)
+
+
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
-                  peft_config=None, saving: bool = True, trainer_checkpointing: bool = True, extra_callbacks=(),
-                  run_dir: RunDir | None = None):
-    """SFTTrainer for `spec` as the job runs it. Returns (trainer, progress, box); the box carries the
-    checkpoint writer ("writer"), the Hub uploader ("sync") and the step training started from ("step")."""
+                  peft_config=None, fingerprint: str | None = None, trainer_checkpointing: bool = True,
+                  extra_callbacks=(), run_dir: RunDir | None = None, settings=None):
+    """SFTTrainer for `spec` as the job runs it, and its session. With a `fingerprint` (the train stage's),
+    checkpoints are written and marked with it; without (bench), nothing is saved."""
     from trl import SFTTrainer
 
     Progress, StopOnSignal = _callbacks()
-    progress, box = Progress(), {}
-    callbacks = [StopOnSignal(progress, box), progress, *extra_callbacks]
+    session = TrainingSession(progress=Progress())
+    callbacks = [StopOnSignal(session.progress, session), session.progress, *extra_callbacks]
+    saving = fingerprint is not None
     on_written = None
     if saving and spec.train.checkpoint_sync and distributed.world().is_main:
         from job import checkpoint_sync
 
-        uploader = box["sync"] = checkpoint_sync.Uploader(spec)
+        uploader = session.uploader = checkpoint_sync.Uploader(spec, fingerprint)
 
         def on_written(path: Path) -> None:
             uploader.submit(path, complete_steps(path.parent))
@@ -203,38 +216,39 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
         callbacks.append(tracking.spec_callback(spec, run_dir))
     config = sft_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
                         trainer_checkpointing=trainer_checkpointing,
-                        tracking=tracking.trainer_settings(spec, run_dir) if tracked else None)
+                        tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     if saving:
-        box["writer"] = AsyncCheckpointWriter(trainer, fingerprints(spec)["train"], on_written)
-    count_tokens(trainer, progress)
-    return trainer, progress, box
+        session.writer = AsyncCheckpointWriter(trainer, fingerprint, on_written)
+    count_tokens(trainer, session.progress)
+    return trainer, session
 
 
-def train(backend, spec: JobSpec, run_dir: RunDir, device: str, restart: bool = False) -> dict:
-    """The train stage's work for either backend (a module with NAME, plan() and setup())."""
+def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: str, settings,
+          restart: bool = False) -> dict:
+    """The train stage's work for either backend (see job/backends/__init__.py)."""
     import torch
     from transformers import AutoConfig
 
-    route_library_logs()
     loss_head_fallback = install_cpu_loss_head()
     location = modelsrc.model_location(spec, run_dir)
-    chosen = backend.plan(spec, AutoConfig.from_pretrained(location), device)
+    chosen = backend.plan(spec, AutoConfig.from_pretrained(location), device, settings)
     log.info("batch_plan", backend=backend.NAME, **chosen.__dict__)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, peft_config, info = backend.setup(spec, location, device, chosen)
+    model, peft_config, info = backend.setup(spec, location, device, chosen, settings)
     tokenizer, _ = modelsrc.load_tokenizer(location, spec)  # the spec's template, not the backend's
     loaded_reserved = torch.cuda.memory_reserved() if device == "cuda" else 0
-    trainer, progress, box = build_trainer(spec, model, tokenizer, load_train_dataset(run_dir), device, chosen,
-                                           run_dir.checkpoints_dir, peft_config=peft_config,
-                                           trainer_checkpointing=backend.NAME != "unsloth", run_dir=run_dir)
+    trainer, session = build_trainer(spec, model, tokenizer, load_train_dataset(run_dir), device, chosen,
+                                     run_dir.checkpoints_dir, peft_config=peft_config, fingerprint=fingerprint,
+                                     trainer_checkpointing=backend.NAME != "unsloth", run_dir=run_dir,
+                                     settings=settings)
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
              trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), **info)
-    figures = run_trainer(trainer, spec, run_dir, tokenizer, progress, box, restart)
+    figures = run_trainer(trainer, spec, run_dir, tokenizer, session, fingerprint, restart)
     figures.update(backend=backend.NAME, device=device, micro_batch=chosen.micro_batch,
                    accumulation=chosen.accumulation, gradient_checkpointing=chosen.gradient_checkpointing,
                    plan_estimated_gb=chosen.estimated_gb or None, plan_budget_gb=chosen.budget_gb or None, **info)
@@ -244,7 +258,7 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, restart: bool = 
     return figures
 
 
-def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, box: dict,
+def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: TrainingSession, fingerprint: str,
                 restart: bool = False) -> dict:
     """Trains from the newest complete checkpoint, saves the adapter, and returns the run's figures.
 
@@ -257,7 +271,7 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, bo
     if json_stdout():  # the Trainer would print raw dicts and bars into the JSON stream
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    resume = find_resume_point(spec, run_dir, restart, box)
+    resume = find_resume_point(spec, run_dir, fingerprint, restart, session)
     if distributed.active() and trainer.args.device.type == "cpu" and trainer.args.device.index is not None:
         # accelerate names CPU ranks "cpu:N", which torch.load rejects as a map_location when the Trainer
         # reloads the optimizer on resume (transformers 5.17); the same device under its plain name.
@@ -269,16 +283,16 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, bo
     try:
         if resume is not None and checkpoint_step(resume) >= spec.train.max_steps:
             train_loss = finished_checkpoint(trainer, resume)
-            box["step"] = trainer.state.global_step
+            session.start_step = trainer.state.global_step
         else:
             train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_loss")
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
     finally:
-        if "writer" in box:
-            checkpointing = box["writer"].finish()  # the last checkpoint is complete (or its failure raised)
-        if "sync" in box:
-            box["sync_figures"] = box["sync"].finish()
+        if session.writer is not None:
+            checkpointing = session.writer.finish()  # the last checkpoint is complete (or its failure raised)
+        if session.uploader is not None:
+            session.sync_figures = session.uploader.finish()
     runtime = time.perf_counter() - started
     step = trainer.state.global_step
     if interrupt.stop_requested() and step < spec.train.max_steps:
@@ -288,9 +302,11 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, bo
         with atomic_dir(run_dir.adapter_dir) as out:
             trainer.model.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
+            modelsrc.drop_custom_code(out)  # a base tokenizer's code reference is not pushed along
     history = [h for h in trainer.state.log_history if "loss" in h]
+    progress = session.progress
     figures = {
-        "global_step": step, "resumed_from_step": box.get("step", 0) or None,
+        "global_step": step, "resumed_from_step": session.start_step or None,
         "session_runtime_s": round(runtime, 3), "train_loss_mean": train_loss,
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
@@ -302,8 +318,8 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, progress, bo
     if checkpointing is not None:
         figures["checkpointing"] = {**checkpointing, "share_of_training": round(checkpointing["blocking_s"] / runtime, 4)
                                     if runtime > 0 else None}
-    if "sync_figures" in box:
-        figures["checkpoint_sync"] = {**box["sync_figures"], "restored_step": box.get("restored")}
+    if session.uploader is not None:
+        figures["checkpoint_sync"] = {**session.sync_figures, "restored_step": session.restored_step}
     return figures
 
 
@@ -322,19 +338,20 @@ def finished_checkpoint(trainer, checkpoint: Path) -> float | None:
     return sum(losses) / len(losses) if losses else None
 
 
-def find_resume_point(spec: JobSpec, run_dir: RunDir, restart: bool = False, box: dict | None = None) -> Path | None:
+def find_resume_point(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False,
+                      session: TrainingSession | None = None) -> Path | None:
     """The checkpoint to resume from. Rank 0 decides (it may remove a torn checkpoint, or restore one from
     the Hub when the local directory is empty) and tells the other ranks."""
     me = distributed.world()
     resume = None
     if me.is_main:
-        resume = newest_complete_checkpoint(run_dir.checkpoints_dir)
+        resume = newest_complete_checkpoint(run_dir.checkpoints_dir, fingerprint)
         if resume is None and spec.train.checkpoint_sync:
             from job import checkpoint_sync
 
-            resume = checkpoint_sync.restore(spec, run_dir, restart)
-            if resume is not None and box is not None:
-                box["restored"] = checkpoint_step(resume)
+            resume = checkpoint_sync.restore(spec, run_dir, fingerprint, restart)
+            if resume is not None and session is not None:
+                session.restored_step = checkpoint_step(resume)
         if resume is not None:
             log.info("train_resumed", checkpoint=str(resume), step=checkpoint_step(resume))
     if me.size > 1:

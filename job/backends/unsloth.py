@@ -12,7 +12,7 @@ NAME = "unsloth"
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def plan(spec: JobSpec, config, device: str) -> batch_plan.Plan:
+def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
     import torch
 
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
@@ -23,7 +23,7 @@ def _checkpointing(mode: str):
     return {"off": False, "on": True, "unsloth": "unsloth"}[mode]
 
 
-def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
+def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
     """(model wrapped with LoRA, None, figures for the log)."""
     import os
 
@@ -32,10 +32,10 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
 
     # unsloth 2026.10 compiles every decoder layer as one torch.compile region. For t1's packed rows on the
     # H100 that cost 8.6 s of compiling per process (train stage of 60 steps: 39.0 s with it, 30.4 s without)
-    # and bought nothing once warm (64.0k against 64.5k tokens/s, the same loss). It is read when the model
-    # is patched and at every forward; UNSLOTH_BLOCK_COMPILE=1 in the environment turns it back on.
-    os.environ.setdefault("UNSLOTH_BLOCK_COMPILE", "0")
-    path = attention.adapt_unsloth()
+    # and bought nothing once warm (64.0k against 64.5k tokens/s, the same loss). unsloth reads this when the
+    # model is patched and at every forward: a write for unsloth (UNSLOTH_BLOCK_COMPILE=1 turns it back on).
+    os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if settings.unsloth_block_compile else "0"
+    path = attention.adapt_unsloth(settings=settings)
     model, _ = FastLanguageModel.from_pretrained(
         model_name=location, max_seq_length=spec.model.max_seq_length,
         dtype=None if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype),
@@ -52,14 +52,16 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan):
     return model, None, {"attention": path}
 
 
-def train(spec: JobSpec, run_dir, device: str, restart: bool = False) -> dict:
+def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:
     import os
     import sys
 
     from job.backends import trainer
 
     try:
-        return trainer.train(sys.modules[__name__], spec, run_dir, device, restart)
+        return trainer.train(sys.modules[__name__], spec, run_dir, device, fingerprint=fingerprint,
+                             settings=settings, restart=restart)
     finally:
-        # unsloth's trainer sets this for training; later stages of the same process generate text
+        # unsloth's trainer sets this for training and reads it at every forward; later stages of the same
+        # process generate text (a write for unsloth)
         os.environ.pop("UNSLOTH_RETURN_LOGITS", None)

@@ -6,10 +6,8 @@ least `passed: bool`; a prompt's `checks` object in its suite names which apply 
 """
 from __future__ import annotations
 
+import inspect
 import re
-import subprocess
-import sys
-import textwrap
 from typing import Any, Callable
 
 ROLE_HEADER = re.compile(r"(?im)^\s*(system|user|assistant|model)\s*(\n|:$)")
@@ -69,36 +67,25 @@ def chrf(answer: str, reference: str, min_score: float = 60.0, **_) -> dict:
     return {"passed": score >= min_score, "score": round(score, 2), "candidate": candidate}
 
 
-def python_function(answer: str, cases: list[list[Any]], timeout_s: float = 5.0, **_) -> dict:
-    """Extracts the Python code, runs it in a subprocess, and tests each top-level function on `cases`
-    ([[input, expected], ...]); passes when one function gets every case right."""
+def python_function(answer: str, cases: list[list[Any]], timeout_s: float = 5.0, code_checks: str = "sandboxed",
+                    **_) -> dict:
+    """Extracts the Python code and tests each top-level function on `cases` ([[input, expected], ...]) in the
+    sandbox (job/evaluation/sandbox.py); passes when one function gets every case right."""
+    from job import settings
+    from job.evaluation import sandbox
+
     blocks = CODE_BLOCK.findall(answer)
     code = "\n".join(blocks) if blocks else answer[answer.find("def "):] if "def " in answer else ""
     if "def " not in code:
         return {"passed": False, "reason": "no function in the answer"}
-    harness = textwrap.dedent("""
-        import inspect, json, sys
-        ns = {}
-        exec(compile(sys.stdin.read(), "answer", "exec"), ns)
-        cases = json.loads(sys.argv[1])
-        for name, fn in list(ns.items()):
-            if inspect.isfunction(fn):
-                try:
-                    if all(fn(arg) == want for arg, want in cases):
-                        print(name); break
-                except Exception:
-                    pass
-    """)
-    import json
-
-    try:
-        result = subprocess.run([sys.executable, "-I", "-c", harness, json.dumps(cases)], input=code,
-                                capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"passed": False, "reason": f"timed out after {timeout_s}s"}
-    name = result.stdout.strip()
-    return {"passed": bool(name), "function": name or None,
-            "reason": None if name else (result.stderr.strip().splitlines() or ["no function passed"])[-1]}
+    if code_checks == "off":
+        return {"passed": None, "skipped": "evaluate.code_checks is 'off'"}
+    outcome = sandbox.run_function_cases(code, cases, timeout_s=timeout_s, mode=code_checks,
+                                         tool_env=settings.get().tool_env())
+    if outcome.skipped:
+        return {"passed": None, "skipped": outcome.skipped}
+    return {"passed": bool(outcome.function), "function": outcome.function, "isolated": outcome.isolated,
+            "reason": None if outcome.function else (outcome.error or "no function passed")}
 
 
 def list_items(answer: str, expected: int | None = None, sections: dict[str, int] | None = None, **_) -> dict:
@@ -138,20 +125,45 @@ CHECKS: dict[str, Callable[..., dict]] = {
 ALWAYS = ("leakage", "degenerate")
 
 
-def run_all(answer: str, configured: dict[str, dict], *, prompt: str = "", stop_reason: str | None = None) -> dict:
+CODE_CHECKS = ("python_function",)  # checks that run the answer's code
+
+
+def settings_problem(name: str, settings: Any) -> str | None:
+    """Why `settings` cannot configure check `name` (a missing or unknown parameter), or None."""
+    if not isinstance(settings, dict):
+        return "settings are an object of parameters"
+    signature = inspect.signature(CHECKS[name])
+    params = {k: p for k, p in signature.parameters.items()
+              if k not in ("answer", "prompt", "stop_reason", "code_checks") and p.kind is not p.VAR_KEYWORD}
+    unknown = [k for k in settings if k not in params]
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in settings]
+    if unknown:
+        return f"unknown parameter(s) {', '.join(unknown)} (takes: {', '.join(params) or 'none'})"
+    if missing:
+        return f"missing parameter(s) {', '.join(missing)}"
+    return None
+
+
+def run_all(answer: str, configured: dict[str, dict], *, prompt: str = "", stop_reason: str | None = None,
+            code_checks: str = "sandboxed") -> dict:
     results = {name: CHECKS[name](answer, prompt=prompt, stop_reason=stop_reason) for name in ALWAYS}
     for name, params in configured.items():
         if name not in CHECKS:
             results[name] = {"passed": False, "reason": f"unknown check {name!r}"}
             continue
-        results[name] = CHECKS[name](answer, **(params or {}))
+        extra = {"code_checks": code_checks} if name in CODE_CHECKS else {}
+        results[name] = CHECKS[name](answer, **(params or {}), **extra)
     return results
 
 
 def summarize(answers: list[dict]) -> dict:
     per_check: dict[str, list[bool]] = {}
+    skipped: dict[str, str] = {}
     for answer in answers:
         for name, result in answer.get("checks", {}).items():
+            if result.get("passed") is None:  # not run (no isolation, or code checks off): not a failure
+                skipped[name] = result.get("skipped", "not run")
+                continue
             per_check.setdefault(name, []).append(bool(result["passed"]))
     scores = {name: round(sum(v) / len(v), 4) for name, v in per_check.items()}
     all_results = [ok for v in per_check.values() for ok in v]
@@ -160,6 +172,7 @@ def summarize(answers: list[dict]) -> dict:
         "prompts": len(answers), "pass_rate": round(sum(all_results) / len(all_results), 4) if all_results else None,
         "checks": scores, "leaking_answers": sum(not a["checks"]["leakage"]["passed"] for a in answers if "checks" in a),
         "chrf": chrf_scores[0] if len(chrf_scores) == 1 else chrf_scores or None,
+        **({"skipped_checks": skipped} if skipped else {}),
     }
 
 

@@ -7,37 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from job import templates
-from job.errors import SpecError
+from job import llamacpp, templates
 from job.spec import EvaluateSpec
-
-
-def load_suite(evaluate: EvaluateSpec) -> list[dict[str, Any]]:
-    """Prompts as [{id, prompt, checks}]. Raises SpecError when the suite file is unreadable."""
-    if isinstance(evaluate.prompts, list):
-        items = [{"id": f"p{i}", "prompt": p, "checks": {}} for i, p in enumerate(evaluate.prompts)]
-    else:
-        path = Path(evaluate.prompts)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"evaluate.prompts: cannot read suite {path}: {exc}") from None
-        raw = data.get("prompts") if isinstance(data, dict) else data
-        if not isinstance(raw, list) or not raw:
-            raise SpecError(f"evaluate.prompts: {path} holds no 'prompts' list")
-        items = []
-        for i, item in enumerate(raw):
-            if isinstance(item, str):
-                item = {"prompt": item}
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise SpecError(f"evaluate.prompts: {path} prompt {i} has no 'prompt' text")
-            items.append({"id": item.get("id", f"p{i}"), "prompt": item["prompt"], "checks": item.get("checks", {})})
-    return items[: evaluate.num_prompts] if evaluate.num_prompts else items
 
 
 def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
@@ -146,3 +121,16 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
                     "seconds": round(seconds / len(items), 3), "batch_size": len(items),
                 })
     return answers
+
+
+def generate_gguf(tools, path: Path, tokenizer, suite: list[dict], evaluate: EvaluateSpec) -> list[dict]:
+    """The suite answered by a GGUF in one llama.cpp process that decodes the prompts together, rendered with
+    the same chat template as the transformers targets."""
+    started = time.perf_counter()
+    texts = [render(tokenizer, item["prompt"], evaluate.system_prompt) for item in suite]
+    results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens)
+    seconds = round((time.perf_counter() - started) / max(len(suite), 1), 3)
+    return [{"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),
+             "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),
+             "stop_reason": result.stop_reason, "seconds": seconds, "batch_size": len(suite)}
+            for item, result in zip(suite, results)]

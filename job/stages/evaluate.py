@@ -1,51 +1,140 @@
-"""Evaluate: answer the prompt suite with the base model and/or the trained adapter, and check answers.
-
-The merged model and the GGUF files are evaluated by the stages that make them, with the same suite and
-the same generation rules, so that every target lands in `eval/` side by side.
+"""Evaluate: every target the spec names (the base model, the trained adapter, the merged model, each GGUF)
+answers the prompt suite with the same generation rules, once the artifacts it needs exist, and the answers
+are checked (`eval/<target>.jsonl`, `eval/summary.json`); the held-out loss of base and adapter when the
+spec holds rows out. GGUF *verification* (token agreement with the merged model) stays in the gguf stage,
+where a GGUF that does not work is refused before it is called done.
 """
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from job import backends, modelsrc
-from job.evaluation import generate, suite
-from job.log import get_logger, route_library_logs
-from job.rundir import RunDir
+from job import backends, llamacpp, modelsrc
+from job.evaluation import checks, generate, suite
+from job.log import get_logger
+from job.rundir import read_json
 from job.spec import JobSpec
+from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
 log = get_logger("peftopt.evaluate")
+# What each target needs made first.
+TARGET_NEEDS = {"base": ("prepare",), "adapter": ("prepare", "train"), "merged": ("merge",), "gguf": ("gguf",)}
+ORDER = ("base", "adapter", "merged", "gguf")
 
 
-def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
-    route_library_logs()
-    prompts = generate.load_suite(spec.evaluate)
-    device = backends.device()
-    location = modelsrc.model_location(spec, run_dir)
-    results, artifacts = {}, []
-    for target in [t for t in spec.evaluate.targets if t in ("base", "adapter")]:
-        tokenizer_source = str(run_dir.adapter_dir) if target == "adapter" else location
-        template_spec = spec if target == "base" else spec.model_copy(
-            update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})})
+def needs(spec: JobSpec) -> tuple[str, ...]:
+    wanted = {stage for target in spec.evaluate.targets for stage in TARGET_NEEDS[target]}
+    if heldout_wanted(spec):
+        wanted |= {"prepare", "train"}
+    return tuple(s for s in ("prepare", "train", "merge", "gguf") if s in wanted)
+
+
+def heldout_wanted(spec: JobSpec) -> bool:
+    return bool(spec.data and spec.data.eval_split is not None and "adapter" in spec.evaluate.targets)
+
+
+def reads(spec: JobSpec) -> dict[str, Any]:
+    """The suite file and its check files, by content."""
+    from job.fingerprint import file_digest
+
+    return {str(path.name): file_digest(path) for path in suite.check_files(spec.evaluate)} | \
+        {"base": modelsrc.source_digest(spec)}
+
+
+def check(spec: JobSpec, scope: CheckScope) -> list[str]:
+    problems = modelsrc.problems(spec) if scope.machine else []
+    if isinstance(spec.evaluate.prompts, list) or scope.covers(spec.evaluate.prompts):
+        problems += suite.problems(spec.evaluate)
+    return problems
+
+
+def code_check_mode(ctx: RunContext, prompts: list[dict]) -> str:
+    """How the suite's code checks run here: sandboxed, unisolated (the spec asked; logged), or skipped."""
+    from job.evaluation import sandbox
+
+    mode = ctx.spec.evaluate.code_checks
+    if mode == "off" or not any(set(item["checks"]) & set(checks.CODE_CHECKS) for item in prompts):
+        return mode
+    if mode == "unisolated":
+        log.warning("code_checks_unisolated", why="evaluate.code_checks is 'unisolated': the answers' code runs "
+                    "without the seccomp filter (limits, empty environment and scratch directory stay)")
+        return mode
+    isolated, why = sandbox.available(ctx.settings.tool_env())
+    if not isolated:
+        log.warning("code_checks_skipped", why=why, fix="run where seccomp filters can be installed, or set "
+                    "evaluate.code_checks to 'unisolated' to run them anyway")
+    return mode
+
+
+def run(ctx: RunContext) -> StageResult:
+    spec, run_dir = ctx.spec, ctx.run_dir
+    prompts = suite.load(spec.evaluate)
+    mode = code_check_mode(ctx, prompts)
+    results: dict[str, Any] = {}
+    artifacts = []
+    for target in [t for t in ORDER if t in spec.evaluate.targets]:
+        if target == "gguf":
+            tools = llamacpp.find()
+            tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
+            files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
+            for quant, info in files.items():
+                started = time.perf_counter()
+                answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts,
+                                                 spec.evaluate)
+                name = f"gguf-{quant}"
+                results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, time.perf_counter() - started)
+                artifacts.append(f"eval/{name}.jsonl")
+            continue
         started = time.perf_counter()
-        tokenizer, _ = modelsrc.load_tokenizer(tokenizer_source, template_spec)
-        model = modelsrc.load_model(location, spec, device)
-        if target == "adapter":
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(run_dir.adapter_dir))
+        model, tokenizer = load_target(target, spec, run_dir)
         loaded = time.perf_counter()
         answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
-        results[target] = suite.record(run_dir, target, prompts, answers)
-        results[target]["timing"] = suite.timing(answers, loaded - started, time.perf_counter() - loaded)
+        results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
+                                  time.perf_counter() - loaded)
         artifacts.append(f"eval/{target}.jsonl")
-        log.info("target_evaluated", target=target, **results[target])
         del model
-    if spec.data and spec.data.eval_split is not None and "adapter" in spec.evaluate.targets:
-        results["heldout"] = heldout_loss(spec, run_dir, device)
-    return {"artifacts": artifacts, "metrics": results}
+    if heldout_wanted(spec):
+        results["heldout"] = heldout_loss(spec, run_dir, backends.device())
+    return StageResult(artifacts=tuple(artifacts + ["eval/summary.json"]), metrics=results)
 
 
-def heldout_loss(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
+def _record(run_dir, target, prompts, answers, mode, load_s, generate_s) -> dict:
+    summary = dict(suite.record(run_dir, target, prompts, answers, mode))
+    summary["timing"] = suite.timing(answers, load_s, generate_s)
+    log.info("target_evaluated", target=target, **summary)
+    return summary
+
+
+def _tokenizer(location: str, spec: JobSpec):
+    """A trained artifact's own tokenizer and template (what it was trained with)."""
+    tokenizer, _ = modelsrc.load_tokenizer(location, spec.model_copy(
+        update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
+    return tokenizer
+
+
+def load_target(target: str, spec: JobSpec, run_dir):
+    """(model, tokenizer) of a transformers target. The merged model is evaluated in float32, as the GGUF's
+    reference answers are computed: its bf16 weights are exact in float32, so it answers as a 16-bit
+    runtime would without a second rounding of the activations."""
+    import torch
+
+    device = backends.device()
+    if target == "merged":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32).to(device)
+        return model, _tokenizer(str(run_dir.merged_dir), spec)
+    location = modelsrc.model_location(spec, run_dir)
+    model = modelsrc.load_model(location, spec, device)
+    if target == "base":
+        tokenizer, _ = modelsrc.load_tokenizer(location, spec)
+        return model, tokenizer
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(run_dir.adapter_dir)), _tokenizer(str(run_dir.adapter_dir), spec)
+
+
+def heldout_loss(spec: JobSpec, run_dir, device: str) -> dict:
     """Mean loss (and perplexity) on the held-out rows, for the base and the adapter."""
     import json
     import math
@@ -74,3 +163,14 @@ def heldout_loss(spec: JobSpec, run_dir: RunDir, device: str) -> dict:
         out[label] = {"loss": round(loss, 5) if loss is not None else None,
                       "perplexity": round(math.exp(loss), 3) if loss is not None else None}
     return out
+
+
+STAGE = Stage(
+    name="evaluate",
+    doc="answers the prompt suite with every target (base, adapter, merged, each GGUF) and checks the answers; "
+        "held-out loss when the spec holds rows out",
+    enabled=lambda spec: spec.evaluate is not None,
+    run=run, check=check, reads=reads, needs=needs,
+    fields=("evaluate", "model.base", "model.chat_template", "model.load_in_4bit", "model.dtype"),
+    artifacts=("eval",),
+)

@@ -8,13 +8,15 @@ import contextvars
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from job import llamacpp, modelsrc, templates
-from job.errors import ExternalError
+from job.errors import ExternalError, SpecError
 from job.evaluation import generate, suite
-from job.log import get_logger, route_library_logs
-from job.rundir import RunDir, atomic_dir, file_sha256
+from job.log import get_logger
+from job.rundir import atomic_dir, file_sha256
 from job.spec import EvaluateSpec, JobSpec
+from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
 log = get_logger("peftopt.gguf")
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -31,14 +33,49 @@ def plan(types: list[str]) -> tuple[str | None, dict[str, str]]:
     return master, {t: ("convert" if t == master else "quantize") for t in types}
 
 
-def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
-    route_library_logs()
+def verification_prompts(spec: JobSpec) -> list[dict]:
+    """The prompts every GGUF answers to prove it works: the suite's first `export.verify_prompts`."""
+    evaluate = spec.evaluate or EvaluateSpec()
+    if spec.evaluate or Path(evaluate.prompts).exists():
+        return suite.load(evaluate)[: spec.export.verify_prompts]
+    return [{"id": "p0", "prompt": "Say hello.", "checks": {}}]
+
+
+def check(spec: JobSpec, scope: CheckScope) -> list[str]:
+    """GGUF types and the pre-tokenizer name, against what the pinned llama.cpp build knows.
+
+    Raises:
+        MachineError: the pinned tools are not on this machine (with the fix).
+    """
+    if not scope.machine:
+        return []
+    tools = llamacpp.find()
+    problems = []
+    known_types = llamacpp.quant_types(tools)
+    for quant in spec.export.gguf:
+        if quant not in ("f32", "f16", "bf16", "q8_0") and quant.upper() not in known_types:
+            problems.append(f"export.gguf: {quant!r} is not a type the pinned llama-quantize knows")
+    if spec.export.tokenizer_pre and spec.export.tokenizer_pre not in llamacpp.pre_tokenizers(tools):
+        problems.append(f"export.tokenizer_pre: {spec.export.tokenizer_pre!r} is not a pre-tokenizer the pinned "
+                        "converter knows (e.g. 'llama-bpe')")
+    return problems
+
+
+def reads(spec: JobSpec) -> dict[str, Any]:
+    """The verification prompts' text (not the whole suite: editing a later prompt reconverts nothing)."""
+    try:
+        return {"verify": [item["prompt"] for item in verification_prompts(spec)]}
+    except SpecError:
+        return {"verify": None}  # an unreadable suite: preflight says so
+
+
+def run(ctx: RunContext) -> StageResult:
+    spec, run_dir = ctx.spec, ctx.run_dir
     tools = llamacpp.find()
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.merged_dir), spec.model_copy(
         update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
     evaluate = spec.evaluate or EvaluateSpec()
-    prompts = generate.load_suite(evaluate)[: spec.export.verify_prompts] if spec.evaluate or \
-        Path(evaluate.prompts).exists() else [{"id": "p0", "prompt": "Say hello.", "checks": {}}]
+    prompts = verification_prompts(spec)
     master, how = plan(spec.export.gguf)
     files: dict[str, dict] = {}
     with atomic_dir(run_dir.gguf_dir) as out, ThreadPoolExecutor(1, thread_name_prefix="reference") as pool:
@@ -66,17 +103,8 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
             log.info("gguf_verified", type=quant, **{k: v for k, v in info.items() if k != "verify"},
                      agreement=info["verify"]["agreement"], tokenizer_match=info["verify"]["tokenizer_match"])
         (out / "Modelfile").write_text(modelfile(spec, tokenizer, files))
-    results = {"llama_cpp": tools.version, "files": files}
     artifacts = ["gguf/Modelfile"] + [f"gguf/{f['file']}" for f in files.values()]
-    if spec.evaluate and "gguf" in spec.evaluate.targets:
-        full_suite = generate.load_suite(spec.evaluate)
-        for quant, info in files.items():
-            started = time.perf_counter()
-            answers = answer_suite(tools, run_dir.gguf_dir / info["file"], tokenizer, full_suite, spec.evaluate)
-            results.setdefault("eval", {})[quant] = suite.record(run_dir, f"gguf-{quant}", full_suite, answers)
-            results["eval"][quant]["timing"] = suite.timing(answers, 0.0, time.perf_counter() - started)
-            artifacts.append(f"eval/gguf-{quant}.jsonl")
-    return {"artifacts": artifacts, "metrics": results}
+    return StageResult(artifacts=tuple(artifacts), metrics={"llama_cpp": tools.version, "files": files})
 
 
 def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
@@ -123,20 +151,27 @@ def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], refere
     return report
 
 
-def answer_suite(tools, path: Path, tokenizer, prompts: list[dict], evaluate: EvaluateSpec) -> list[dict]:
-    """The whole suite in one llama.cpp process that decodes the prompts together."""
-    started = time.perf_counter()
-    texts = [generate.render(tokenizer, item["prompt"], evaluate.system_prompt) for item in prompts]
-    results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens)
-    seconds = round((time.perf_counter() - started) / max(len(prompts), 1), 3)
-    return [{"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),
-             "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),
-             "stop_reason": result.stop_reason, "seconds": seconds, "batch_size": len(prompts)}
-            for item, result in zip(prompts, results)]
+def ollama_value(text: str, what: str) -> str:
+    """`text` quoted as Ollama's Modelfile parser reads a value back (parser/parser.go): a value ends at
+    whitespace unless quoted, quotes are not escaped, and unprintable characters are dropped. A value that
+    cannot come back whole (a newline, a control character, a quote next to whitespace) is refused.
+
+    Raises:
+        ExternalError: the tokenizer's string cannot be written safely (it comes from the model, not the spec).
+    """
+    import unicodedata
+
+    if not text or any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise ExternalError(f"{what} {text!r} holds a newline or another control character; the Modelfile "
+                            "cannot carry it (it would add instructions of its own)")
+    if '"' in text and (any(ch.isspace() for ch in text) or '"""' in text):
+        raise ExternalError(f"{what} {text!r} mixes quotes with whitespace; Ollama's Modelfile cannot quote it")
+    return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
 def modelfile(spec: JobSpec, tokenizer, files: dict[str, dict]) -> str:
-    """An Ollama Modelfile for the smallest-but-safest file (q8_0 first), with template and stop tokens."""
+    """An Ollama Modelfile for the smallest-but-safest file (q8_0 first), with template and stop tokens; every
+    string that came from the tokenizer is quoted for Ollama's parser."""
     order = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "bf16", "f16"]
     chosen = next((q for q in order if q in files), next(iter(files)))
     name = next((k for k, v in templates.BUILTIN.items() if v == tokenizer.chat_template), None)
@@ -145,6 +180,19 @@ def modelfile(spec: JobSpec, tokenizer, files: dict[str, dict]) -> str:
     if name:
         lines.append(f'TEMPLATE """{templates.OLLAMA[name]}"""')
     for stop in templates.stop_strings(tokenizer.chat_template or "", tokenizer.eos_token):
-        lines.append(f'PARAMETER stop "{stop}"')
+        lines.append(f"PARAMETER stop {ollama_value(stop, 'the stop string')}")
     lines.append("PARAMETER temperature 0")
     return "\n".join(lines) + "\n"
+
+
+STAGE = Stage(
+    name="gguf",
+    doc="converts once, quantizes each type, loads every file with llama.cpp and compares its greedy tokens with "
+        "the merged model's; writes an Ollama Modelfile",
+    enabled=lambda spec: bool(spec.export and spec.export.gguf),
+    run=run, check=check, reads=reads,
+    fields=("export.gguf", "export.tokenizer_pre", "export.verify_prompts", "export.verify_tokens",
+            "evaluate.system_prompt"),
+    needs=lambda spec: ("merge",),
+    artifacts=("gguf",),
+)

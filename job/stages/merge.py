@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
 from job import modelsrc
 from job.errors import ExternalError
-from job.log import get_logger, route_library_logs
+from job.fingerprint import model_dir_digest
+from job.log import get_logger
 from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
+from job.stages.base import RunContext, Stage, StageResult
 
 log = get_logger("peftopt.merge")
 
@@ -68,10 +72,10 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
     return model.merge_and_unload().to(torch.float32)
 
 
-def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
+def run(ctx: RunContext) -> StageResult:
     import torch
 
-    route_library_logs()
+    spec, run_dir = ctx.spec, ctx.run_dir
     location, how = merge_source(spec, run_dir)
     merged = merge(spec, run_dir, str(run_dir.adapter_dir))
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.adapter_dir), spec.model_copy(
@@ -82,19 +86,23 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
         tokenizer.save_pretrained(str(out))
         # llama.cpp's converter picks the tokenizer type from these files; save_pretrained drops them.
         modelsrc.copy_tokenizer_files(location, out)
-    log.info("merged", source=location, how=how, dtype=str(dtype).removeprefix("torch."))
-    results = {"merged_into": how, "source": location, "dtype": str(dtype).removeprefix("torch.")}
-    artifacts = ["merged"]
-    if spec.evaluate and "merged" in spec.evaluate.targets:
-        from transformers import AutoModelForCausalLM
+        # the base's own code references would make the converter (and any loader) run code the model names
+        dropped = modelsrc.drop_custom_code(out)
+    log.info("merged", source=location, how=how, dtype=str(dtype).removeprefix("torch."), custom_code_dropped=dropped)
+    return StageResult(artifacts=("merged",), metrics={"merged_into": how, "source": location,
+                                                       "dtype": str(dtype).removeprefix("torch."),
+                                                       "custom_code_dropped": dropped})
 
-        from job.evaluation import generate, suite
 
-        prompts = generate.load_suite(spec.evaluate)
-        from job.backends import device
+def reads(spec: JobSpec) -> dict[str, Any]:
+    return {"merge_base": model_dir_digest(spec.model.merge_base) if spec.model.merge_base else None}
 
-        model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32).to(device())
-        answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
-        results["eval"] = suite.record(run_dir, "merged", prompts, answers)
-        artifacts.append("eval/merged.jsonl")
-    return {"artifacts": artifacts, "metrics": results}
+
+STAGE = Stage(
+    name="merge",
+    doc="folds the adapter into a 16-bit copy of the base",
+    enabled=lambda spec: bool(spec.export and spec.export.merge),
+    run=run, reads=reads, fields=("model.merge_base", "model.dtype", "export.merge"),
+    needs=lambda spec: ("train",),
+    artifacts=("merged",),
+)

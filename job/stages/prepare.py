@@ -16,24 +16,67 @@ from typing import Any, Iterable
 import numpy as np
 
 from job import data as conversations_in
-from job import modelsrc
+from job import modelsrc, templates
 from job.errors import DataError
+from job.fingerprint import file_digest
 from job.log import get_logger
-from job.rundir import RunDir, atomic_dir
+from job.rundir import atomic_dir
 from job.spec import JobSpec
+from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
 log = get_logger("peftopt.prepare")
 
 
-def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
+def enabled(spec: JobSpec) -> bool:
+    return spec.data is not None or modelsrc.needs_local_copy(spec)
+
+
+def reads(spec: JobSpec) -> dict[str, Any]:
+    """The data files, the chat-template file and the base model's config and tokenizer, by content."""
+    out: dict[str, Any] = {"base": modelsrc.source_digest(spec)}
+    if spec.data:
+        out["data"] = [file_digest(s.source) if s.source.endswith(conversations_in.LOCAL_DATA_SUFFIXES) else None
+                       for s in spec.data.all_sources()]
+    if spec.model.chat_template.endswith(".jinja"):
+        out["chat_template"] = file_digest(spec.model.chat_template)
+    return out
+
+
+def check(spec: JobSpec, scope: CheckScope) -> list[str]:
+    """The base model, a chat-template file, and each local data file with its first rows.
+
+    Raises:
+        DataError: a malformed row among the first ones (exit 3), when the files themselves are sound.
+    """
+    problems = modelsrc.problems(spec) if scope.machine else []
+    if spec.model.chat_template.endswith(".jinja") and scope.covers(spec.model.chat_template):
+        problems += templates.file_problems(spec.model.chat_template)
+    readable = []
+    for index, source in enumerate(spec.data.all_sources() if spec.data else []):
+        where = "data.source" if spec.data.source is not None else f"data.sources[{index}]"
+        if not scope.covers(source.source):
+            continue
+        if os.path.isfile(source.source):
+            readable.append((source, where))
+        else:
+            problems.append(f"{where}: {source.source} does not exist")
+    if not problems:
+        for source, where in readable:
+            conversations_in.check_rows(spec, source, where)
+    return problems
+
+
+def run(ctx: RunContext) -> StageResult:
+    spec, run_dir = ctx.spec, ctx.run_dir
     facts: dict[str, Any] = {}
     if modelsrc.needs_local_copy(spec) and not (run_dir.base_dir / "config.json").exists():
-        facts["base"] = modelsrc.materialize_gguf_base(spec, run_dir)
+        facts["base"] = modelsrc.materialize_gguf_base(spec, run_dir, ctx.settings)
     if spec.data is None:  # an evaluation-only run (T0) needs only the base model
-        return {"artifacts": ["base"] if modelsrc.needs_local_copy(spec) else [], "metrics": facts}
+        return StageResult(artifacts=("base",) if modelsrc.needs_local_copy(spec) else (), metrics=facts)
     tokenizer, template_name = modelsrc.load_tokenizer(modelsrc.model_location(spec, run_dir), spec)
     data = spec.data
-    rows_by_source = [conversations_in.read_rows(s.source, s.split) for s in data.all_sources()]
+    line_cap = conversations_in.max_line_chars(spec)
+    rows_by_source = [conversations_in.read_rows(s.source, s.split, line_cap) for s in data.all_sources()]
     if data.source is not None and data.num_samples is not None:
         rows_by_source[0] = rows_by_source[0][: data.num_samples]
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
@@ -62,7 +105,17 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
     artifacts = ["data/train.jsonl"] + (["data/eval.jsonl"] if "eval" in stats else [])
     if modelsrc.needs_local_copy(spec):
         artifacts.append("base")
-    return {"artifacts": artifacts, "metrics": {**facts, **stats}}
+    return StageResult(artifacts=tuple(artifacts), metrics={**facts, **stats})
+
+
+STAGE = Stage(
+    name="prepare",
+    doc="reads the data (local files, Hub data sets, mixtures), applies the chat template, masks all but the "
+        "assistant's replies; makes a GGUF base trainable",
+    enabled=enabled, run=run, check=check, reads=reads,
+    fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed"),
+    artifacts=("data", "base"),
+)
 
 
 def split_rows(chosen: list, origin: list[int], spec: JobSpec) -> dict[str, tuple[list, list[int]]]:
@@ -80,15 +133,31 @@ def split_rows(chosen: list, origin: list[int], spec: JobSpec) -> dict[str, tupl
                 "eval": ([chosen[i] for i in sorted(held)], [origin[i] for i in sorted(held)])}
     source = spec.data.all_sources()[0]
     held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"split": eval_split})})
-    rows, _, _ = conversations_in.mixture(held_out, [conversations_in.read_rows(source.source, eval_split)])
+    rows, _, _ = conversations_in.mixture(held_out, [conversations_in.read_rows(
+        source.source, eval_split, conversations_in.max_line_chars(spec))])
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
 
 
 # ----------------------------------------------------------------------------------------- encoding
 
 
-def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Renders the conversation and finds each assistant reply by rendering growing prefixes of it."""
+RENDER_SECONDS = 5.0  # a chat template (the model's own, not the spec's) gets this long per conversation
+
+
+def assistant_char_spans(messages: list[dict], tokenizer, row: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """Renders the conversation and finds each assistant reply by rendering growing prefixes of it.
+
+    Raises:
+        DataError: the template takes longer than RENDER_SECONDS for this row (naming it), or hides turns.
+    """
+    from job.inputs import time_limit
+
+    with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
+                                              f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
+        return _spans(messages, tokenizer)
+
+
+def _spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     render = tokenizer.apply_chat_template
     full = render(messages, tokenize=False)
     spans = []
@@ -118,7 +187,7 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
     encoded = []
-    rendered = [assistant_char_spans(messages, tokenizer) for messages in conversations]
+    rendered = [assistant_char_spans(messages, tokenizer, row) for row, messages in enumerate(conversations)]
     for index, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
         if data.min_tokens and len(ids) < data.min_tokens:
             counts["skipped"]["shorter than data.min_tokens"] += 1
@@ -153,9 +222,10 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
 
 def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
     """(ids, start offset of each token, assistant spans) per conversation, tokenized a batch at a time on
-    every core (unsloth switches the tokenizers' thread pool off when imported: on for this call only)."""
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    every core. The tokenizers library reads TOKENIZERS_PARALLELISM at each call (a write for it): on for
+    these calls, off again after, as unsloth and the Makefile set it, because processes forked later (the
+    converter, data-loader workers) deadlock in a thread pool that was used before the fork."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # a write for tokenizers
     try:
         for first in range(0, len(rendered), batch):
             chunk = rendered[first:first + batch]
@@ -164,10 +234,7 @@ def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
                 starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
                 yield ids, starts, spans
     finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a write for tokenizers, before later forks
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

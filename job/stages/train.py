@@ -1,20 +1,58 @@
 """Train the LoRA adapter with the backend the spec picks, resuming from the newest complete checkpoint."""
 from __future__ import annotations
 
-from job import backends
+from typing import Any
+
+from job import backends, modelsrc, tracking
+from job.errors import SpecError
 from job.log import get_logger
 from job.metrics import peak_rss_gb
-from job.rundir import RunDir, read_json
+from job.rundir import read_json
 from job.spec import JobSpec
+from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
 log = get_logger("peftopt.train")
 
+# Settings that change how a run executes but not what it computes (backend, micro-batch, grace period) are
+# left out, so a retry on another machine resumes instead of being refused.
+FIELDS = ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
+          "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_steps",
+          "train.weight_decay", "train.optim", "train.packing", "train.seed", "train.save_steps")
 
-def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
+
+def check(spec: JobSpec, scope: CheckScope) -> list[str]:
+    """The base model, the backend on this machine, the trackers, the checkpoint-sync token."""
+    if not scope.machine:
+        return []
+    problems = modelsrc.problems(spec) + tracking.check(spec)
+    if spec.train.checkpoint_sync:
+        from job import checkpoint_sync
+
+        try:
+            checkpoint_sync.token(spec)
+        except SpecError as exc:
+            problems.append(exc.message)
+    if spec.train.backend != "hf":
+        # unsloth must be imported before transformers to patch it; choosing here does that, and a backend
+        # that cannot run here fails now rather than after data preparation (MachineError: exit 4).
+        try:
+            backends.choose(spec.train.backend, backends.device(), spec.lora)
+        except SpecError as exc:
+            problems.append(exc.message)
+    return problems
+
+
+def reads(spec: JobSpec) -> dict[str, Any]:
+    return {"base": modelsrc.source_digest(spec)}
+
+
+def run(ctx: RunContext) -> StageResult:
+    spec, run_dir = ctx.spec, ctx.run_dir
     device = backends.device()
     name, why = backends.choose(spec.train.backend, device, spec.lora)
     log.info("backend_chosen", backend=name, why=why, device=device)
-    figures = backends.load(name).train(spec, run_dir, device, restart=ctx.restart)
+    figures = backends.load(name).train(spec, run_dir, device, fingerprint=ctx.fingerprints["train"],
+                                        settings=ctx.settings, restart=ctx.restart)
     previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
     # A resumed run adds this session to the time and tokens of the sessions before it.
     sessions = list(previous.get("sessions", [])) + [
@@ -34,4 +72,15 @@ def run(spec: JobSpec, run_dir: RunDir, ctx) -> dict:
                        peak_gpu_share=round(figures["peak_gpu_gb"] / total, 4),
                        lora_gpu_share=round(figures["lora_gpu_gb"] / total, 4))
     log.info("train_finished", **{k: v for k, v in figures.items() if k not in ("loss_curve", "sessions")})
-    return {"artifacts": ["adapter"], "metrics": figures}
+    return StageResult(artifacts=("adapter",), metrics=figures)
+
+
+STAGE = Stage(
+    name="train",
+    doc="LoRA via peft + trl (packing), checkpoints every `save_steps`, resumes from the newest complete one",
+    enabled=lambda spec: spec.train is not None,
+    run=run, check=check, reads=reads, fields=FIELDS,
+    needs=lambda spec: ("prepare",),
+    artifacts=("adapter", "checkpoints"),
+    all_ranks=True,
+)

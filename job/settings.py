@@ -1,0 +1,279 @@
+"""Every environment variable peftopt reads, read once into one frozen `Settings` and validated: a bad value
+is exit 2 naming the variable. `job_started` logs them (secrets only as set/unset) and README.md's
+"Settings" table lists each with its default (a test keeps the two in step).
+
+Nothing else in peftopt reads `os.environ`. What peftopt writes there is for a library or a child process
+that reads it (each write says which), and the environments of child processes are built here.
+
+    python -m job.settings        # prints the settings this environment gives
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from job.errors import SpecError
+
+# The tokens a job may use: always these two (huggingface_hub reads both), plus every `token_env` a spec names.
+HUB_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Array services pass a task's index in one of these (first set wins); `--index` overrides them.
+INDEX_VARIABLES = ("AWS_BATCH_JOB_ARRAY_INDEX", "BATCH_TASK_INDEX", "JOB_COMPLETION_INDEX", "CLOUD_RUN_TASK_INDEX")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    return parse
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"an integer >= {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"an integer >= {minimum}")
+        return value
+    return parse
+
+
+def _float(minimum: float, strictly: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"a number {'>' if strictly else '>='} {minimum:g}") from None
+        if value < minimum or (strictly and value == minimum) or value != value:
+            raise ValueError(f"a number {'>' if strictly else '>='} {minimum:g}")
+        return value
+    return parse
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("1 or 0 (true/false, on/off)")
+
+
+def _nproc(text: str) -> str:
+    value = text.strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise ValueError("a positive number or 'auto'")
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _index(text: str) -> int:
+    return _int(0)(text)
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    attribute: str
+    default: str | None  # as the README shows it; None: unset
+    parse: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("PEFTOPT_LOG_FORMAT", "log_format", None, _choice("json", "console"),
+             "stdout rendering: json, or console; unset: JSON unless stdout is a TTY"),
+    Variable("PEFTOPT_LOG_LEVEL", "log_level", "INFO", _choice("debug", "info", "warning", "error"),
+             "the least severe event written"),
+    Variable("PEFTOPT_NPROC", "nproc", "1", _nproc, "default of `run --nproc`: ranks to train on, or auto"),
+    Variable("PEFTOPT_LIGER", "liger", "1", _switch, "0 keeps Liger's kernels off in the hf backend"),
+    Variable("PEFTOPT_RANK_WAIT_S", "rank_wait_s", "21600", _float(1),
+             "how long a waiting rank trusts rank 0 to send its next order"),
+    Variable("PEFTOPT_HUB_RETRIES", "hub_retries", "5", _int(1), "tries of each Hub call"),
+    Variable("PEFTOPT_HUB_BACKOFF_S", "hub_backoff_s", "2", _float(0), "first wait between Hub tries (doubles)"),
+    Variable("PEFTOPT_PEAK_TFLOPS", "peak_tflops", None, _float(0, strictly=True),
+             "the GPU's peak bf16 TFLOP/s for bench's MFU (unset: looked up by GPU name)"),
+    Variable("LLAMA_CPP_DIR", "llama_cpp_dir", None, _text,
+             "the pinned llama.cpp prefix (unset: /opt/llama.cpp, ~/.cache/peftopt/llama.cpp)"),
+    Variable("HF_ENDPOINT", "hf_endpoint", None, _text, "the Hub's address (unset: https://huggingface.co)"),
+    Variable("HF_HOME", "hf_home", None, _text, "Hugging Face cache (unset: ~/.cache/huggingface)"),
+    Variable("HF_HUB_OFFLINE", "hf_hub_offline", "0", _switch, "1: no Hub calls (a Hub model must be cached)"),
+    Variable("HF_TOKEN", "hf_token", None, _text, "the Hub token (masked everywhere; push/sync name their own)",
+             secret=True),
+    Variable("HUGGING_FACE_HUB_TOKEN", "hugging_face_hub_token", None, _text,
+             "huggingface_hub's older name for the token (masked everywhere)", secret=True),
+    Variable("RANK", "rank", "0", _int(0), "set by the launcher: this process's rank"),
+    Variable("WORLD_SIZE", "world_size", "1", _int(1), "set by the launcher: how many ranks"),
+    Variable("LOCAL_RANK", "local_rank", "0", _int(0), "set by the launcher: the rank on this machine"),
+    Variable("CUDA_VISIBLE_DEVICES", "cuda_visible_devices", None, _text, "the GPUs this process may use"),
+    Variable("UNSLOTH_TORCH_VARLEN", "unsloth_torch_varlen", "1", _switch,
+             "0: unsloth's per-segment sdpa for packed rows instead of the varlen kernel"),
+    Variable("UNSLOTH_BLOCK_COMPILE", "unsloth_block_compile", "0", _switch,
+             "1: unsloth compiles every decoder layer (off by default: no steady gain, 8.6 s per start)"),
+    Variable("PYTORCH_CUDA_ALLOC_CONF", "pytorch_cuda_alloc_conf", None, _text,
+             "torch's allocator settings, older name (either unset: peftopt sets expandable_segments:True)"),
+    Variable("PYTORCH_ALLOC_CONF", "pytorch_alloc_conf", None, _text, "torch's allocator settings"),
+    Variable("MLFLOW_TRACKING_URI", "mlflow_tracking_uri", None, _text,
+             "train.report_to mlflow: where runs go (unset: <run dir>/tracking/mlruns)"),
+    Variable("MLFLOW_EXPERIMENT_NAME", "mlflow_experiment_name", "peftopt", _text, "train.report_to mlflow: the experiment"),
+    Variable("WANDB_DIR", "wandb_dir", None, _text, "train.report_to wandb: where runs go (unset: <run dir>/tracking)"),
+    Variable("WANDB_PROJECT", "wandb_project", "peftopt", _text, "train.report_to wandb: the project"),
+    Variable("TENSORBOARD_LOGGING_DIR", "tensorboard_logging_dir", None, _text,
+             "train.report_to tensorboard: where event files go (unset: <run dir>/tracking/tensorboard)"),
+    *(Variable(name, name.lower(), None, _index, "the array task's index (sweeps)") for name in INDEX_VARIABLES),
+)
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    log_format: str | None = None
+    log_level: str = "info"
+    nproc: str = "1"
+    liger: bool = True
+    rank_wait_s: float = 21600.0
+    hub_retries: int = 5
+    hub_backoff_s: float = 2.0
+    peak_tflops: float | None = None
+    llama_cpp_dir: str | None = None
+    hf_endpoint: str | None = None
+    hf_home: str | None = None
+    hf_hub_offline: bool = False
+    hf_token: str | None = field(default=None, repr=False)
+    hugging_face_hub_token: str | None = field(default=None, repr=False)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    cuda_visible_devices: str | None = None
+    unsloth_torch_varlen: bool = True
+    unsloth_block_compile: bool = False
+    pytorch_cuda_alloc_conf: str | None = None
+    pytorch_alloc_conf: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_name: str = "peftopt"
+    wandb_dir: str | None = None
+    wandb_project: str = "peftopt"
+    tensorboard_logging_dir: str | None = None
+    aws_batch_job_array_index: int | None = None
+    batch_task_index: int | None = None
+    job_completion_index: int | None = None
+    cloud_run_task_index: int | None = None
+    # The environment as read, for the variables a spec names (`token_env`) and for child processes.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def secret(self, name: str) -> str | None:
+        """The value of a token variable (a spec's `token_env`), stripped of the surrounding whitespace a
+        secret mounted from a file carries (a trailing newline)."""
+        value = self.environ.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def secrets(self, names=()) -> list[str]:
+        """Every secret value a job may hold: the Hub token variables and `names`, raw and stripped."""
+        found = []
+        for name in (*HUB_TOKEN_VARIABLES, *names):
+            raw = self.environ.get(name)
+            if raw:
+                found += [raw, raw.strip()]
+        return [value for value in dict.fromkeys(found) if len(value) >= 4]
+
+    def array_index(self) -> tuple[str, int] | None:
+        """(variable, index) of the first array-index variable that is set."""
+        for name in INDEX_VARIABLES:
+            value = getattr(self, name.lower())
+            if value is not None:
+                return name, value
+        return None
+
+    def home_cache(self) -> Path:
+        return Path(self.hf_home) if self.hf_home else Path.home() / ".cache" / "huggingface"
+
+    def described(self) -> dict[str, Any]:
+        """What `job_started` logs: every variable that is set, secrets as 'set'."""
+        out: dict[str, Any] = {}
+        for variable in VARIABLES:
+            if variable.name in self.environ:
+                out[variable.name] = "set" if variable.secret else getattr(self, variable.attribute)
+        return out
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a child process that runs peftopt itself (a rank): the whole environment as
+        it is now, so what peftopt set for its libraries (allocator settings) reaches the child too."""
+        return {**os.environ, **extra}  # a child peftopt needs the job's whole environment, tokens included
+
+    def tool_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a tool that must not see the job's secrets (llama.cpp's converter and tools,
+        code checks): the locale and the program search path only, offline, no token of any kind."""
+        keep = {name: os.environ[name] for name in ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TZ") if name in os.environ}
+        return {**keep, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+def load(environ: Mapping[str, str]) -> Settings:
+    """Settings from `environ`.
+
+    Raises:
+        SpecError: a variable holds a value peftopt cannot use (every such variable named at once).
+    """
+    values: dict[str, Any] = {}
+    problems = []
+    for variable in VARIABLES:
+        raw = environ.get(variable.name)
+        if raw is None or (raw.strip() == "" and not variable.secret):
+            continue
+        if variable.secret:
+            values[variable.attribute] = raw
+            continue
+        try:
+            values[variable.attribute] = variable.parse(raw)
+        except ValueError as exc:
+            shown = raw if len(raw) <= 40 else raw[:37] + "..."
+            problems.append(f"{variable.name}={shown!r}: expected {exc}")
+    if problems:
+        raise SpecError(problems[0] if len(problems) == 1 else f"{len(problems)} environment variables are invalid",
+                        details=problems if len(problems) > 1 else None)
+    return Settings(**values, environ=dict(environ))
+
+
+_current: Settings | None = None
+
+
+def init(environ: Mapping[str, str] | None = None) -> Settings:
+    """Reads the settings (the CLI does this once, first). Raises SpecError for a bad value."""
+    global _current
+    _current = load(os.environ if environ is None else environ)  # the one read of the process environment
+    return _current
+
+
+def get() -> Settings:
+    """The settings the process started with (read now if nothing read them yet: library use, tests)."""
+    return _current if _current is not None else init()
+
+
+def valid_variable_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name))
+
+
+def documented_defaults() -> dict[str, str | None]:
+    return {v.name: v.default for v in VARIABLES}
+
+
+def _fields() -> set[str]:
+    return {f.name for f in fields(Settings)} - {"environ"}
+
+
+assert {v.attribute for v in VARIABLES} == _fields(), "every variable has a Settings field and back"
+
+
+if __name__ == "__main__":
+    for key, value in get().described().items():
+        print(f"{key}={value}")

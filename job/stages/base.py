@@ -1,0 +1,84 @@
+"""What a stage is: one `Stage` declaration per stage module, read by the runner, fingerprints, preflight and
+the CLI (job/stages/__init__.py holds the registry). A stage declares what it reads (spec fields, and files by
+their content), which stages it needs, what it writes in the run directory, how it is checked before any
+work, and how it runs. A plain dataclass, not a framework: adding a stage is one module and one registry line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from job.rundir import RunDir
+from job.settings import Settings
+from job.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a stage's `run` gets: the resolved spec, the run directory, the settings, and this run's
+    stage fingerprints (the train stage marks checkpoints with its own)."""
+    spec: JobSpec
+    run_dir: RunDir
+    settings: Settings
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage made: its artifacts (paths relative to the run directory), its figures (`metrics.json`
+    under the stage's name), and whether it stays to do (a dry run)."""
+    artifacts: tuple[str, ...] = ()
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    keep_pending: bool = False
+
+
+@dataclass(frozen=True)
+class CheckScope:
+    """Where preflight looks: `peftopt run` checks everything on this machine; `peftopt validate` only the files
+    shipped beside the jobspec (under `spec_dir`), machine-independently."""
+    spec_dir: Path | None = None
+
+    @property
+    def machine(self) -> bool:
+        return self.spec_dir is None
+
+    def covers(self, path: str | None) -> bool:
+        if not path or not path.startswith("/"):
+            return False
+        return self.spec_dir is None or Path(path).resolve().is_relative_to(self.spec_dir.resolve())
+
+
+def _no_needs(spec: JobSpec) -> tuple[str, ...]:
+    return ()
+
+
+def _reads_nothing(spec: JobSpec) -> dict[str, Any]:
+    return {}
+
+
+def _no_problems(spec: JobSpec, scope: CheckScope) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str  # one line: what it does (the README's stage table says the same)
+    enabled: Callable[[JobSpec], bool]
+    run: Callable[[RunContext], StageResult]
+    fields: tuple[str, ...] = ()  # dotted spec fields its result depends on
+    reads: Callable[[JobSpec], dict[str, Any]] = _reads_nothing  # the files it reads, by content digest
+    needs: Callable[[JobSpec], tuple[str, ...]] = _no_needs  # stages whose results it uses
+    artifacts: tuple[str, ...] = ()  # run-directory entries it owns: removed when it is redone
+    check: Callable[[JobSpec, CheckScope], list[str]] = _no_problems  # problems found before any work
+    all_ranks: bool = False  # data-parallel: every rank joins this stage (the others run only these)
+
+    def inputs(self, spec: JobSpec) -> dict[str, Any]:
+        """The values and file digests this stage's result depends on (upstream fingerprints aside)."""
+        from job.fingerprint import dotted
+
+        data = spec.model_dump(mode="json")
+        return {"fields": {key: dotted(data, key) for key in self.fields}, "files": self.reads(spec)}
