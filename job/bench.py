@@ -23,11 +23,12 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4":
 WARMUP = 3
 
 
-def model_flops_per_token(config, seq: int, checkpointing: str) -> float:
+def model_flops_per_token(config, seq: int, checkpointing: str, reference: bool = False) -> float:
     from job.backends.plan import param_count
 
-    # LoRA: forward 2N, backward through frozen weights 2N (no weight gradients); recomputation adds 2N.
-    dense = (6 if checkpointing != "off" else 4) * param_count(config)
+    # LoRA: forward 2N, backward through frozen weights 2N (no weight gradients); recomputation adds 2N; a
+    # reference forward (dpo, kto: the base with the adapter off) another 2N.
+    dense = (6 if checkpointing != "off" else 4) * param_count(config) + (2 * param_count(config) if reference else 0)
     attention = 6 * config.num_hidden_layers * config.hidden_size * seq  # causal, forward + backward
     return dense + attention
 
@@ -48,6 +49,27 @@ def synthetic_rows(spec: JobSpec, vocab_size: int, n_rows: int) -> list[list[int
     lengths = torch.randint(seq // 8, seq * 3 // 4, (n_rows,), generator=generator).tolist() \
         if spec.train.packing else [seq] * n_rows
     return [torch.randint(100, min(vocab_size, 32000), (n,), generator=generator).tolist() for n in lengths]
+
+
+def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
+    """Conversational preference rows of random text: a prompt of 1/8 to 1/4 of the context and answers of 1/4 to
+    1/2 of it (a pair of long answers: the two sequences a preference method puts through the model)."""
+    import torch
+
+    seq = spec.model.max_seq_length
+    generator = torch.Generator().manual_seed(0)
+
+    def text(low: int, high: int) -> str:
+        n = int(torch.randint(low, high, (1,), generator=generator))
+        return tokenizer.decode(torch.randint(100, min(len(tokenizer), 32000), (n,), generator=generator).tolist())
+
+    rows = []
+    for _ in range(n_rows):
+        prompt = [{"role": "user", "content": text(seq // 8, seq // 4)}]
+        answers = [[{"role": "assistant", "content": text(seq // 4, seq // 2)}] for _ in range(2)]
+        rows.append({"prompt": prompt, "completion": answers[0], "label": True} if spec.train.method == "kto"
+                    else {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]})
+    return rows
 
 
 def worker(args: dict) -> dict:
@@ -74,7 +96,10 @@ def worker(args: dict) -> dict:
         dataset = datasets.Dataset.from_json(args["data"])
     else:
         rows = (args["steps"] + WARMUP) * chosen.micro_batch * chosen.accumulation * 3
-        dataset = datasets.Dataset.from_dict({"input_ids": synthetic_rows(spec, config.vocab_size, rows)})
+        if spec.train.method == "sft":
+            dataset = datasets.Dataset.from_dict({"input_ids": synthetic_rows(spec, config.vocab_size, rows)})
+        else:
+            dataset = datasets.Dataset.from_list(synthetic_pairs(spec, tokenizer, rows))
     with tempfile.TemporaryDirectory() as scratch:
         trainer, session = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
                                                 peft_config=peft_config, trainer_checkpointing=backend.NAME != "unsloth")
@@ -84,7 +109,9 @@ def worker(args: dict) -> dict:
     tokens_per_s = (n1 - n0) / (t1 - t0)
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
-    flops = model_flops_per_token(config, spec.model.max_seq_length, chosen.gradient_checkpointing) * tokens_per_s
+    reference = spec.train.method in ("dpo", "kto") and not spec.train.precompute_reference
+    flops = model_flops_per_token(config, spec.model.max_seq_length, chosen.gradient_checkpointing, reference) \
+        * tokens_per_s
     return {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round((t1 - t0) / args["steps"], 4),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
             "mfu": round(flops / (peak * 1e12), 4) if peak else None, "achieved_tflops": round(flops / 1e12, 1),
@@ -114,7 +141,8 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
     import torch
     from transformers import AutoConfig
 
-    from job import backends, settings
+    from job import backends
+    from job import settings as settings_module
     from job.backends import plan
 
     if not torch.cuda.is_available():
@@ -123,11 +151,14 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
         raise SpecError("bench: needs a train section and model.base as a local model directory "
                         "(--set model.base=DIR; random weights time the same as real ones)")
     config = AutoConfig.from_pretrained(spec.model.base)
+    current = settings_module.get()
     settings = {  # each backend's own plan, as `peftopt run` makes it
         "literal (unsloth defaults, as the notebook ran it)": ("unsloth", plan.literal(spec)),
-        "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda", settings.get())),
-        "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda", settings.get())),
+        "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda", current)),
+        "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda", current)),
     }
+    if spec.train.method != "sft":  # the preference methods train on the hf backend (backends.choose)
+        settings = {label: setting for label, setting in settings.items() if setting[0] == "hf"}
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
         parts = text.split(":")
         backend = parts.pop(0) if parts[0] in ("hf", "unsloth") else "unsloth"

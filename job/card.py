@@ -29,18 +29,40 @@ def public_spec(spec: JobSpec) -> dict[str, Any]:
     return walk(spec.model_dump(mode="json", exclude={"output_dir"}))
 
 
+def chain_origin(spec: JobSpec) -> str | None:
+    """The model a chain of runs started from (`run:A` whose own base is `run:B` ... whose base is a Hub id)."""
+    from job.modelsrc import earlier_run
+
+    base, seen = spec.model.base, set()
+    while base.startswith("run:") and base not in seen:
+        seen.add(base)
+        earlier = (read_json(earlier_run(spec.model_copy(update={"model": spec.model.model_copy(
+            update={"base": base})})) / "spec.json") or {}).get("model", {}).get("base")
+        if not isinstance(earlier, str):
+            return None
+        base = earlier
+    return public(base)
+
+
 def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
     metrics = read_json(run_dir.metrics_path) or {}
     train, gguf = metrics.get("train", {}), metrics.get("gguf", {})
     summary = (read_json(run_dir.eval_dir / "summary.json") or {}).get("targets", {})
-    base = public(spec.model.base)
-    front = ["---"] + ([f"base_model: {json.dumps(base)}"] if REPO_ID.match(base) else []) + \
-        ["library_name: peft", "tags: [peftopt, lora, gguf]", "---"]
+    base, origin = public(spec.model.base), chain_origin(spec)
+    front = ["---"] + ([f"base_model: {json.dumps(origin)}"] if origin and REPO_ID.match(origin) else []) + \
+        ["library_name: peft", "tags: [peftopt, lora, gguf" + (f", {spec.train.method}" if spec.train and
+                                                                 spec.train.method != "sft" else "") + "]", "---"]
     lines = [*front, "",
              f"# {spec.name}", "", spec.description or "", "",
              "## Training", "",
-             f"- Base model: `{base}`" + (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
+             f"- Base model: `{base}`" + (f", the merged model of that run (from `{origin}`)" if
+                                          spec.model.base.startswith("run:") else "") +
+             (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
              ]
+    if spec.train:
+        method = spec.train.method
+        lines.append(f"- Method: {method}" + (f" (beta {spec.train.beta_value()})" if method != "sft" else
+                                              " (supervised, loss on the assistant's answers)"))
     for source in spec.data.all_sources() if spec.data else []:  # a local path is named by its file only
         name = public(source.source)
         share = f", weight {source.weight}" if source.weight else f", {source.num_samples} samples" \

@@ -11,15 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job.errors import DataError, ExternalError
+from job import shapes
+from job.errors import DataError, ExternalError, SpecError
+from job.shapes import BadRow
 from job.spec import LOCAL_DATA_SUFFIXES, DataSourceSpec, JobSpec
-
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "model": "assistant", "bot": "assistant", "system": "system"}
-
-
-class BadRow(ValueError):
-    """A row that breaks the conversation rules; the message says how."""
 
 
 class Unparsable:
@@ -126,45 +121,18 @@ def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
 # ------------------------------------------------------------------------------------ standardizing
 
 
-def standardize(row: Any, fmt: str, system_prompt: str | None) -> list[dict]:
-    """One conversation as [{role, content}], system first; raises BadRow naming what is wrong."""
+def family(spec: JobSpec) -> str:
+    """What the spec's training method consumes: chat rows, preference pairs, or unpaired examples."""
+    return shapes.FAMILY[spec.train.method if spec.train else "sft"]
+
+
+def standardize(row: Any, fmt: str, system_prompt: str | None, kind: str = "chat") -> Any:
+    """One chat row as [{role, content}] (system first); with `kind` pair or unpaired, the row's examples
+    (job/shapes.py). Raises BadRow naming what is wrong."""
     if isinstance(row, Unparsable):
         raise BadRow(row.reason)
-    if not isinstance(row, dict):
-        raise BadRow(f"not an object but {type(row).__name__}")
-    if fmt in ("sharegpt", "auto") and "conversations" in row:
-        turns, role_key, text_key = row["conversations"], "from", "value"
-    elif fmt in ("openai", "auto") and "messages" in row:
-        turns, role_key, text_key = row["messages"], "role", "content"
-    else:
-        want = {"sharegpt": "'conversations'", "openai": "'messages'"}.get(fmt, "'conversations' or 'messages'")
-        raise BadRow(f"no {want} field (has: {', '.join(map(str, row)) or 'nothing'})")
-    if not isinstance(turns, list) or not turns:
-        raise BadRow("the conversation is empty or not a list")
-    messages = []
-    for number, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRow(f"turn {number} is not an object")
-        role = ROLE_ALIASES.get(str(turn.get(role_key, turn.get("role", turn.get("from")))).lower())
-        content = turn.get(text_key, turn.get("content", turn.get("value")))
-        if role is None:
-            raise BadRow(f"turn {number} has no known role ({role_key}={turn.get(role_key)!r})")
-        if not isinstance(content, str):
-            raise BadRow(f"turn {number} content is {type(content).__name__}, not text")
-        if not content.strip():
-            raise BadRow(f"turn {number} ({role}) is empty")
-        messages.append({"role": role, "content": content})
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    for number, message in enumerate(body):
-        expected = "user" if number % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise BadRow(f"turn {number + len(messages) - len(body)} is {message['role']!r} where "
-                         f"{expected!r} was expected (roles must alternate user/assistant)")
-    if not any(m["role"] == "assistant" for m in body):
-        raise BadRow("no assistant turn to learn from")
-    return messages
+    examples = shapes.standardize(row, fmt, system_prompt, kind)
+    return examples[0] if kind == "chat" else examples
 
 
 FIRST_ROWS = 200  # rows of a data file parsed before any work; the rest are checked by prepare
@@ -181,12 +149,26 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
         raise DataError(f"{where}: {source.source} holds no rows")
     if spec.data.bad_rows == "skip":
         return
+    kind = family(spec)
+    wrong_kind = []
     for index, row in enumerate(rows[:FIRST_ROWS]):
         try:
-            standardize(row, source.format, source.system_prompt or spec.data.system_prompt)
+            standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind)
         except BadRow as exc:
+            found = shapes.detect(row) if isinstance(row, dict) else None
+            if found is not None and found != kind and not (found == "pair" and kind == "unpaired"):
+                wrong_kind.append((index, exc))
+                continue
             raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
                             "set data.bad_rows='skip' to drop such rows)") from None
+    if wrong_kind and len(wrong_kind) == min(len(rows), FIRST_ROWS):  # the whole file is of another kind
+        found = shapes.detect(rows[0])
+        method = spec.train.method if spec.train else "sft"
+        raise SpecError(f"{where}: {source.source} holds {shapes.NOUNS[found][1]}; train.method {method!r} trains on "
+                        f"{shapes.NOUNS[kind][1]} ({shapes.EXPECTED[kind].split(' (', 1)[1]}")
+    if wrong_kind:
+        index, exc = wrong_kind[0]
+        raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source})")
 
 
 def skip_reason(exc: BadRow) -> str:
@@ -211,6 +193,21 @@ def cap_chars(messages: list[dict], limit: int) -> tuple[list[dict], bool]:
     return kept, False
 
 
+def cap_example(example, limit: int):
+    """(the example cut to `limit` characters, whether it was cut, whether it still has something to learn):
+    a conversation as a whole; each part of a pair or an unpaired example on its own."""
+    if isinstance(example, list):
+        kept, cut = cap_chars(example, limit)
+        return kept, cut, any(m["role"] == "assistant" for m in kept)
+    out, cut = dict(example), False
+    for key in ("prompt", "chosen", "rejected", "completion"):
+        if key in out:
+            out[key], cut_here = cap_chars(out[key], limit)
+            cut |= cut_here
+    learnable = bool(out["prompt"]) and all(out.get(k) for k in ("chosen", "rejected", "completion") if k in example)
+    return out, cut, learnable
+
+
 # ------------------------------------------------------------------------------------------ mixing
 
 
@@ -218,21 +215,23 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list,
     out = []
     where = f"data.sources[{index}] ({source.source}) row" if spec.data.sources else "data row"
     limit = max_row_chars(spec)
+    kind = family(spec)
     for number, row in enumerate(rows):
         try:
-            messages = standardize(row, source.format, source.system_prompt or spec.data.system_prompt)
+            examples = standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind)
         except BadRow as exc:
             if spec.data.bad_rows == "error":
                 raise DataError(f"{where} {number}: {exc} (set data.bad_rows='skip' to drop such rows)") from None
             counts[skip_reason(exc)] += 1
             continue
-        messages, cut = cap_chars(messages, limit)
-        if cut:
-            counts["chars_capped"] += 1
-            if not any(m["role"] == "assistant" for m in messages):
-                counts["nothing to learn after data.max_row_chars"] += 1
-                continue
-        out.append(messages)
+        for example in [examples] if kind == "chat" else examples:
+            example, cut, learnable = cap_example(example, limit)
+            if cut:
+                counts["chars_capped"] += 1
+                if not learnable:
+                    counts["nothing to learn after data.max_row_chars"] += 1
+                    continue
+            out.append(example)
     return out
 
 

@@ -30,6 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 def source_kind(base: str) -> str:
     if base.startswith("package:"):
         return "package"
+    if base.startswith("run:"):
+        return "run"
     if base.endswith(".gguf"):
         return "gguf"
     if os.path.isdir(base):
@@ -43,6 +45,11 @@ def needs_local_copy(spec: JobSpec) -> bool:
     return source_kind(spec.model.base) in ("package", "gguf")
 
 
+def earlier_run(spec: JobSpec) -> Path:
+    """The run directory a `run:NAME` base names: NAME in the same output directory."""
+    return Path(spec.output_dir) / spec.model.base.removeprefix("run:")
+
+
 def model_location(spec: JobSpec, run_dir: RunDir) -> str:
     """The local directory transformers loads the base from: the run's own copy of a GGUF base, a Hub model's
     snapshot (downloaded the first time through the Hub retry helper), or the directory the spec names.
@@ -52,6 +59,8 @@ def model_location(spec: JobSpec, run_dir: RunDir) -> str:
     """
     if needs_local_copy(spec):
         return str(run_dir.base_dir)
+    if source_kind(spec.model.base) == "run":
+        return str(earlier_run(spec) / "merged")
     if source_kind(spec.model.base) == "hub":
         from job import hub
 
@@ -65,6 +74,8 @@ def problems(spec: JobSpec) -> list[str]:
     kind = source_kind(base)
     if kind == "missing" or (kind == "gguf" and not os.path.isfile(base)):
         return [f"model.base: {base} does not exist"]
+    if kind == "run":
+        return run_problems(spec)
     if kind == "package":
         dist = base.removeprefix("package:")
         if "gguf" not in dist.lower():
@@ -87,6 +98,23 @@ def problems(spec: JobSpec) -> list[str]:
     return []
 
 
+def run_problems(spec: JobSpec) -> list[str]:
+    """Preflight of a `run:NAME` base: that run merged its adapter (its merged model is what this run trains)."""
+    earlier = earlier_run(spec)
+    state_path = earlier / "state.json"
+    try:
+        state = json.loads(state_path.read_text()) if state_path.is_file() and not state_path.is_symlink() else None
+    except ValueError:
+        state = None
+    merge = ((state or {}).get("stages") or {}).get("merge") or {}
+    if state is None:
+        return [f"model.base: {spec.model.base!r}: there is no run {earlier.name!r} in {earlier.parent}"]
+    if merge.get("status") != "done" or not (earlier / "merged" / "config.json").is_file():
+        return [f"model.base: {spec.model.base!r}: that run has not merged its adapter yet (its merge stage is "
+                f"{merge.get('status', 'not in its spec')}); run it to the end first"]
+    return []
+
+
 def source_digest(spec: JobSpec) -> Any:
     """What the base model is, by content: a local directory's config, tokenizer and weight headers, a GGUF
     file's bytes, a model package's version. A Hub id is its own name (in the spec's fields)."""
@@ -96,6 +124,13 @@ def source_digest(spec: JobSpec) -> Any:
     kind = source_kind(base)
     if kind == "dir":
         return model_dir_digest(base)
+    if kind == "run":
+        earlier = earlier_run(spec)
+        try:
+            merge_print = json.loads((earlier / "state.json").read_text())["stages"]["merge"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            merge_print = None
+        return {"merged": model_dir_digest(earlier / "merged"), "merge_fingerprint": merge_print}
     if kind == "gguf":
         return file_digest(base)
     if kind == "package":

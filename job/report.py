@@ -16,7 +16,8 @@ from job.rundir import atomic_write_bytes, read_json
 
 COLUMNS = [("final_loss", "Final loss"), ("runtime_s", "Runtime (s)"), ("peak_gpu_gb", "Peak GPU (GB)"),
            ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"), ("pass_rate", "Check pass rate"),
-           ("leaking_answers", "Leaking answers"), ("chrf", "Swedish chrF")]
+           ("leaking_answers", "Leaking answers"), ("chrf", "Swedish chrF"),
+           ("reward_accuracy", "Reward accuracy (held out)")]
 TARGET_ORDER = ("adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-bf16", "gguf-q4_k_m", "base")
 
 
@@ -48,12 +49,34 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         row.update(pass_rate=summary[target].get("pass_rate"), leaking_answers=summary[target].get("leaking_answers"),
                    chrf=chrf if not isinstance(chrf, list) else (chrf[0] if chrf else None),
                    checks=summary[target].get("checks", {}))
+    preferences = (metrics.get("evaluate") or {}).get("preferences") or {}
+    scores = preferences.get("heldout") or preferences.get("train") or {}
+    row.update(method=(spec.get("train") or {}).get("method", "sft"), reward_accuracy=scores.get("reward_accuracy"))
     answers = {}
     for path in sorted((run_dir / "eval").glob("*.jsonl")):
         answers[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     row["r"] = (spec.get("lora") or {}).get("r")
     return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
-            "sources": (metrics.get("prepare") or {}).get("sources", [])}
+            "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences}
+
+
+def preferences_section(runs: list[dict]) -> list[str]:
+    """The preference runs' implicit rewards: how the adapter ranks chosen over rejected, held out and in training."""
+    lines = ["## Preferences", "", "| run | method | examples | reward accuracy | reward margin | log p chosen "
+             "(reference) | log p rejected (reference) |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for part, s in run["preferences"].items():
+            if "logps_chosen" in s:
+                lines.append(f"| {run['row']['run']} ({part}) | {run['row']['method']} | {s['examples']} | "
+                             f"{_fmt(s['reward_accuracy'])} | {_fmt(s['reward_margin'])} | {_fmt(s['logps_chosen'])} "
+                             f"({_fmt(s['reference_logps_chosen'])}) | {_fmt(s['logps_rejected'])} "
+                             f"({_fmt(s['reference_logps_rejected'])}) |")
+            elif "reward_accuracy" in s:
+                lines.append(f"| {run['row']['run']} ({part}) | {run['row']['method']} | {s['examples']} | "
+                             f"{_fmt(s['reward_accuracy'])} | | {_fmt(s.get('logps_desirable'))} "
+                             f"({_fmt(s.get('reference_logps_desirable'))}) | {_fmt(s.get('logps_undesirable'))} "
+                             f"({_fmt(s.get('reference_logps_undesirable'))}) |")
+    return lines + [""] if len(lines) > 3 else []
 
 
 def sources_section(runs: list[dict]) -> list[str]:
@@ -215,6 +238,7 @@ def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Pat
                        for t, s in run["summary"].items()]
                 md.append("")
         md += sources_section(runs)
+        md += preferences_section(runs)
         md += answers_section(runs)
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode())

@@ -93,7 +93,9 @@ def reset_stage(run_dir: RunDir, state: RunState, stage: Stage) -> None:
 def run_job(spec: JobSpec, settings: Settings, *, output_dir: str | None = None, only: list[str] | None = None,
             restart: bool = False, dry_run: bool = False) -> RunState:
     """Runs the job and returns its final state. Raises a PeftoptError subclass on expected failures."""
-    run_dir = RunDir(Path(output_dir or spec.output_dir) / spec.name)
+    if output_dir:  # the spec says where its runs are from here on (a `run:NAME` base is looked up there too)
+        spec = spec.model_copy(update={"output_dir": str(output_dir)})
+    run_dir = RunDir(Path(spec.output_dir) / spec.name)
     stages = selected_stages(spec, only)
     if spec.train:
         interrupt.set_grace(spec.train.grace_period_s)

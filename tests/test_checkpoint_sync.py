@@ -120,6 +120,10 @@ def test_checkpoints_of_another_spec_in_a_shared_folder_are_refused_unless_resta
     result = run_cli("run", first, env=env_for(hub), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     shutil.rmtree(tmp_path / "runs" / "shared")
+    from job import stages
+    from job.specfile import load_spec
+
+    first_print = stages.fingerprints(load_spec(str(first)))["train"]  # the file is rewritten below
 
     changed = sync_spec(make_spec, "shared", max_steps=4, learning_rate=1e-3, checkpoint_sync=shared)
     result = run_cli("run", changed, env=env_for(hub), timeout=600)
@@ -137,10 +141,7 @@ def test_checkpoints_of_another_spec_in_a_shared_folder_are_refused_unless_resta
     remote = hub.files[SYNC["repo"]]
     assert all(remote.get(name) == data for name, data in before.items())
     marker = json.loads(remote["shared/checkpoint-4/peftopt-checkpoint.json"])
-    from job import stages
-    from job.specfile import load_spec
-
-    assert marker["train_fingerprint"] == stages.fingerprints(load_spec(str(first)))["train"]
+    assert marker["train_fingerprint"] == first_print
 
 
 def test_missing_sync_token_fails_before_any_work(tmp_path, make_spec, hub):

@@ -139,7 +139,7 @@ def test_rank0_failure_code_reaches_the_launcher(two_rank_run, tmp_path):
     result = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], timeout=300)
     assert result.returncode == 3, result.stderr[-3000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: data.source: {bad} line 2: invalid JSON: Expecting property name enclosed in double quotes"]
+        f"error: data row 0: no assistant turn to learn from (in {bad}; set data.bad_rows='skip' to drop such rows)"]
 
 
 def test_batch_is_shared_over_ranks(monkeypatch, make_spec):

@@ -113,6 +113,36 @@ def test_env_shows_the_locked_versions_torch_cuda_build_and_llama_cpp():
     assert info["llama_cpp"]["version"].startswith(f"llama-cpp-python=={sdist} sha256={digest}")
 
 
+def test_code_checks_are_sandboxed_in_the_image():
+    """As the image's user under Docker's default seccomp profile (no user namespaces there): every attack of
+    tests/test_security.py fails inside the sandbox, the honest answer passes, and the token is out of reach."""
+    from test_security import ATTACKS
+
+    probe = (
+        "import json, os, sys\n"
+        "from job.evaluation import checks, sandbox\n"
+        "from job import settings\n"
+        "print(json.dumps({'uid': os.getuid(), 'available': sandbox.available(settings.get().tool_env())}))\n"
+        "for name, code in json.loads(sys.argv[1]).items():\n"
+        "    code = code.format(leak='/tmp/leak.txt', parent=os.getpid())\n"
+        "    result = checks.python_function('```python\\n' + code + '```', cases=[['ab', 'ba']], timeout_s=3)\n"
+        "    print(json.dumps({'attack': name, **result, 'leaked': os.path.exists('/tmp/leak.txt')}))\n"
+        "good = checks.python_function('```python\\ndef f(s):\\n    return s[::-1]\\n```', cases=[['ab', 'ba']])\n"
+        "print(json.dumps({'attack': 'none', **good}))\n"
+    )
+    result = docker("run", "--rm", "-e", f"HF_TOKEN={CANARY}", "--entrypoint", "python", IMAGE, "-c", probe,
+                    json.dumps(ATTACKS), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["uid"] == 1000 and lines[0]["available"] == [True, "isolated"], lines[0]
+    outcomes = {line["attack"]: line for line in lines[1:]}
+    for attack in ATTACKS:
+        assert outcomes[attack]["passed"] is False and outcomes[attack]["isolated"] is True, outcomes[attack]
+        assert not outcomes[attack]["leaked"]
+    assert outcomes["none"]["passed"] is True and outcomes["none"]["isolated"] is True
+    assert CANARY not in result.stdout + result.stderr
+
+
 def test_demo_job_end_to_end_as_the_image_user_on_a_volume(tmp_path):
     runs = volume(tmp_path / "runs")
     started = time.monotonic()

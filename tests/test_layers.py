@@ -11,10 +11,10 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
     {"job.stages"},
     {"job.backends", "job.evaluation", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile",
      "job.tracking"},
-    {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data"},
+    {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data", "job.preference"},
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
-     "job.interrupt", "job.convert_shim"},
-    {"job.log", "job.errors", "job"},
+     "job.interrupt", "job.convert_shim", "job.inputs", "job.shapes"},
+    {"job.log", "job.errors", "job.settings", "job"},
 ]
 
 

@@ -36,8 +36,8 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose(requested: str, device_name: str, lora=None) -> tuple[str, str]:
-    """Returns (backend, why) for train.backend `requested`, here, for the spec's `lora` section.
+def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> tuple[str, str]:
+    """Returns (backend, why) for train.backend `requested`, here, for the spec's `lora` section and method.
 
     Raises:
         SpecError: unsloth was asked for what it does not train, or under several ranks.
@@ -45,6 +45,11 @@ def choose(requested: str, device_name: str, lora=None) -> tuple[str, str]:
     """
     if requested == "hf":
         return "hf", "asked for in train.backend"
+    if method != "sft":  # unsloth's PatchDPOTrainer/PatchKTOTrainer are not verified against trl 1.15 here
+        if requested == "unsloth":
+            raise SpecError(f"train.backend: unsloth is not verified for train.method {method!r} with the pinned trl; "
+                            "use 'hf' or 'auto'")
+        return "hf", f"train.method {method!r} trains on the hf backend (trl's trainer with the peft reference)"
     if lora is not None and lora.use_dora:  # unsloth's fused LoRA kernels have no DoRA path
         if requested == "unsloth":
             raise SpecError("lora.use_dora: the unsloth backend does not train DoRA; use train.backend 'hf' "

@@ -48,10 +48,12 @@ def param_count(config) -> int:
     return layers * per_layer + embeddings
 
 
-def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool, backend: str = "unsloth") -> float:
+def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool, backend: str = "unsloth",
+                per_example: int = 1) -> float:
+    """Peak GPU memory of one micro-batch of `micro` examples of `per_example` sequences of `seq` tokens."""
     params = param_count(config)
     weights = params * (0.56 if four_bit else 2.0)
-    tokens = micro * seq
+    tokens = micro * seq * per_example
     per_token_layer = {"off": ACTIVATION_BYTES[backend], "on": CHECKPOINT_BYTES, "unsloth": 0.25}[checkpointing]
     activations = per_token_layer * tokens * config.hidden_size * config.num_hidden_layers
     if checkpointing != "off":  # the layer being recomputed
@@ -75,9 +77,12 @@ def sequences_per_rank(spec, ranks: int = 1) -> int:
 
 
 def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1) -> Plan:
+    from job.backends.methods import sequences_per_example
+
     train = spec.train
     total = sequences_per_rank(spec, ranks)
     budget = train.max_memory_gb or 0.6 * gpu_memory_gb
+    per_example = sequences_per_example(train.method)  # a preference pair is two sequences through the model
     seq = spec.model.max_seq_length
     four_bit = spec.model.load_in_4bit
     forced_gc = {"on": "on", "off": "off", "unsloth": "unsloth" if backend == "unsloth" else "on"}.get(
@@ -88,16 +93,16 @@ def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: 
     # recomputation costs a third more arithmetic, so: the largest micro-batch of at least SATURATING_TOKENS
     # that fits without recomputation; else, largest first, no recomputation, recomputation, unsloth's offload.
     modes = [forced_gc] if forced_gc else (["off", "on", "unsloth"] if backend == "unsloth" else ["off", "on"])
-    candidates = [(m, "off") for m in micros if m * seq >= SATURATING_TOKENS and "off" in modes]
+    candidates = [(m, "off") for m in micros if m * seq * per_example >= SATURATING_TOKENS and "off" in modes]
     candidates += [(m, mode) for m in micros for mode in modes]
     for micro, mode in candidates:
-        need = estimate_gb(config, micro, seq, mode, four_bit, backend)
+        need = estimate_gb(config, micro, seq, mode, four_bit, backend, per_example)
         if need <= budget:
             return Plan(micro, total // micro, mode, round(need, 2), round(budget, 2),
                         f"fastest setting estimated to fit {budget:.1f} GiB")
     micro = micros[-1]
     mode = modes[-1]
-    return Plan(micro, total // micro, mode, round(estimate_gb(config, micro, seq, mode, four_bit, backend), 2),
+    return Plan(micro, total // micro, mode, round(estimate_gb(config, micro, seq, mode, four_bit, backend, per_example), 2),
                 round(budget, 2), "nothing is estimated to fit the budget; using the most frugal setting")
 
 

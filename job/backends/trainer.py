@@ -1,5 +1,5 @@
-"""The trainer set-up both backends share, built in one place for the job and for `peftopt bench`: trl's
-SFTTrainer configured from the spec and the batch plan, token counting, progress events with a steady-state
+"""The trainer set-up both backends share, built in one place for the job and for `peftopt bench`: the trl
+trainer of the spec's method (job/backends/methods.py) configured from the spec and the batch plan, token counting, progress events with a steady-state
 figure, the stop-on-signal hook, checkpoints written off the training thread, resume, and trl's CPU loss-head
 fallback. A backend only loads and wraps the model (`setup`) and plans the batch (`plan`).
 """
@@ -70,20 +70,23 @@ def choose_optimizer(requested: str, device: str) -> str:
     return requested
 
 
-def sft_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
-               trainer_checkpointing: bool = True, tracking: dict | None = None, **extra):
+def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
+                   trainer_checkpointing: bool = True, tracking: dict | None = None, **extra):
+    """The trl config of the spec's method (job/backends/methods.py), from the spec and the batch plan."""
     import torch
-    from trl import SFTConfig
+
+    from job.backends import methods
 
     train = spec.train
-    return SFTConfig(
+    config_class, _ = methods.classes(train.method)
+    return config_class(
         output_dir=str(output_dir), max_steps=train.max_steps,
         per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
         optim=choose_optimizer(train.optim, device), seed=train.seed, data_seed=train.seed,
         logging_steps=train.logging_steps, save_strategy="steps" if saving else "no",
-        save_steps=train.save_steps, save_total_limit=train.save_total_limit, packing=train.packing,
+        save_steps=train.save_steps, save_total_limit=train.save_total_limit,
         max_length=spec.model.max_seq_length, use_cpu=device == "cpu", **(tracking or {"report_to": "none"}),
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=0, disable_tqdm=json_stdout(),
@@ -91,7 +94,7 @@ def sft_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, 
         gradient_checkpointing=plan.gradient_checkpointing == "on" and trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
         if plan.gradient_checkpointing == "on" and trainer_checkpointing else None,
-        dataset_num_proc=None, ddp_find_unused_parameters=False, **extra,
+        ddp_find_unused_parameters=False, **methods.settings(spec), **extra,
     )
 
 
@@ -165,14 +168,18 @@ def _callbacks():
 
 
 def count_tokens(trainer, progress) -> None:
-    """Counts the tokens of every batch the trainer draws (real tokens: padding excluded). Neither trl's
-    `num_tokens` (reset on resume) nor unsloth (which does not log it) can be relied on for this."""
+    """Counts the tokens of every batch the trainer draws (real tokens: padding excluded; both sequences of a
+    preference pair). Neither trl's `num_tokens` (reset on resume) nor unsloth (which does not log it) can be
+    relied on for this."""
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        mask = batch.get("attention_mask")
-        progress.tokens += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
+        masks = [v for k, v in batch.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
+        if masks:
+            progress.tokens += float(sum(m.sum() for m in masks))
+        else:
+            progress.tokens += float(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids")))
         return batch
 
     trainer.data_collator = counting
@@ -195,9 +202,11 @@ class TrainingSession:
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
                   peft_config=None, fingerprint: str | None = None, trainer_checkpointing: bool = True,
                   extra_callbacks=(), run_dir: RunDir | None = None, settings=None):
-    """SFTTrainer for `spec` as the job runs it, and its session. With a `fingerprint` (the train stage's),
-    checkpoints are written and marked with it; without (bench), nothing is saved."""
-    from trl import SFTTrainer
+    """The trl trainer of the spec's method as the job runs it, and its session. With a `fingerprint` (the train
+    stage's), checkpoints are written and marked with it; without (bench), nothing is saved."""
+    from job.backends import methods
+
+    _, trainer_class = methods.classes(spec.train.method)
 
     Progress, StopOnSignal = _callbacks()
     session = TrainingSession(progress=Progress())
@@ -214,11 +223,11 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     tracked = run_dir is not None and tracking.trackers(spec)
     if tracked:
         callbacks.append(tracking.spec_callback(spec, run_dir))
-    config = sft_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
-                        trainer_checkpointing=trainer_checkpointing,
-                        tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=callbacks)
+    config = trainer_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
+                            trainer_checkpointing=trainer_checkpointing,
+                            tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=callbacks)
     if saving:
         session.writer = AsyncCheckpointWriter(trainer, fingerprint, on_written)
     count_tokens(trainer, session.progress)

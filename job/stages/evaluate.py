@@ -24,13 +24,17 @@ ORDER = ("base", "adapter", "merged", "gguf")
 
 def needs(spec: JobSpec) -> tuple[str, ...]:
     wanted = {stage for target in spec.evaluate.targets for stage in TARGET_NEEDS[target]}
-    if heldout_wanted(spec):
+    if heldout_wanted(spec) or preferences_wanted(spec):
         wanted |= {"prepare", "train"}
     return tuple(s for s in ("prepare", "train", "merge", "gguf") if s in wanted)
 
 
 def heldout_wanted(spec: JobSpec) -> bool:
     return bool(spec.data and spec.data.eval_split is not None and "adapter" in spec.evaluate.targets)
+
+
+def preferences_wanted(spec: JobSpec) -> bool:
+    return bool(spec.train and spec.train.preference() and "adapter" in spec.evaluate.targets)
 
 
 def reads(spec: JobSpec) -> dict[str, Any]:
@@ -93,9 +97,35 @@ def run(ctx: RunContext) -> StageResult:
                                   time.perf_counter() - loaded)
         artifacts.append(f"eval/{target}.jsonl")
         del model
-    if heldout_wanted(spec):
+    if preferences_wanted(spec):
+        results["preferences"] = preference_scores(spec, run_dir, backends.device())
+        log.info("preferences_evaluated", **{part: {k: v for k, v in scores.items() if k != "beta"}
+                                              for part, scores in results["preferences"].items()})
+    elif heldout_wanted(spec):
         results["heldout"] = heldout_loss(spec, run_dir, backends.device())
     return StageResult(artifacts=tuple(artifacts + ["eval/summary.json"]), metrics=results)
+
+
+def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
+    """The adapter's implicit rewards against the base (adapter off) on the held-out examples and on (at most 256
+    of) the training examples: reward_accuracy, reward_margin, chosen/rejected log-probabilities."""
+    import json
+
+    from peft import PeftModel
+
+    from job import preference
+
+    location = modelsrc.model_location(spec, run_dir)
+    model = PeftModel.from_pretrained(modelsrc.load_model(location, spec, device), str(run_dir.adapter_dir))
+    tokenizer = _tokenizer(str(run_dir.adapter_dir), spec)
+    out = {}
+    for part in ("eval", "train"):
+        path = run_dir.data_dir / f"{part}.jsonl"
+        if path.exists():
+            examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            out["heldout" if part == "eval" else "train"] = preference.implicit_rewards(
+                model, tokenizer, examples, spec.train.beta_value(), spec.model.max_seq_length, device)
+    return out
 
 
 def _record(run_dir, target, prompts, answers, mode, load_s, generate_s) -> dict:

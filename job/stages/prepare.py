@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from job import data as conversations_in
-from job import modelsrc, templates
+from job import modelsrc, preference, templates
 from job.errors import DataError
 from job.fingerprint import file_digest
 from job.log import get_logger
@@ -81,12 +81,15 @@ def run(ctx: RunContext) -> StageResult:
         rows_by_source[0] = rows_by_source[0][: data.num_samples]
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
     parts = split_rows(chosen, origin, spec)
-    stats: dict[str, Any] = {"rows_read": sum(len(r) for r in rows_by_source), "chat_template": template_name}
+    family = conversations_in.family(spec)
+    encode = encode_rows if family == "chat" else preference.encode_examples
+    stats: dict[str, Any] = {"rows_read": sum(len(r) for r in rows_by_source), "chat_template": template_name,
+                             "examples": family}
     with atomic_dir(run_dir.data_dir) as out:
         for part, (part_rows, part_origin) in parts.items():
             if part == "eval" and not part_rows:
                 continue
-            encoded, counts = encode_rows(part_rows, tokenizer, spec, part_origin)
+            encoded, counts = encode(part_rows, tokenizer, spec, part_origin)
             if part == "train" and not encoded:
                 raise DataError(f"data: no usable training rows out of {len(part_rows)} "
                                 f"(skipped: {dict(counts['skipped'])})")
@@ -101,7 +104,7 @@ def run(ctx: RunContext) -> StageResult:
                                    trainable_tokens=counts["trainable_by_source"][index])
         stats["sources"] = per_source
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    log.info("data_prepared", **{k: v for k, v in stats.items() if k != "chat_template"})
+    log.info("data_prepared", **{k: v for k, v in stats.items() if k not in ("chat_template", "examples")})
     artifacts = ["data/train.jsonl"] + (["data/eval.jsonl"] if "eval" in stats else [])
     if modelsrc.needs_local_copy(spec):
         artifacts.append("base")
@@ -113,7 +116,7 @@ STAGE = Stage(
     doc="reads the data (local files, Hub data sets, mixtures), applies the chat template, masks all but the "
         "assistant's replies; makes a GGUF base trainable",
     enabled=enabled, run=run, check=check, reads=reads,
-    fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed"),
+    fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed", "train.method"),
     artifacts=("data", "base"),
 )
 

@@ -17,7 +17,9 @@ log = get_logger("peftopt.train")
 # left out, so a retry on another machine resumes instead of being refused.
 FIELDS = ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
           "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_steps",
-          "train.weight_decay", "train.optim", "train.packing", "train.seed", "train.save_steps")
+          "train.weight_decay", "train.optim", "train.packing", "train.seed", "train.save_steps", "train.method",
+          "train.beta", "train.dpo_loss", "train.simpo_gamma", "train.kto_desirable_weight",
+          "train.kto_undesirable_weight")
 
 
 def check(spec: JobSpec, scope: CheckScope) -> list[str]:
@@ -36,7 +38,7 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
         # unsloth must be imported before transformers to patch it; choosing here does that, and a backend
         # that cannot run here fails now rather than after data preparation (MachineError: exit 4).
         try:
-            backends.choose(spec.train.backend, backends.device(), spec.lora)
+            backends.choose(spec.train.backend, backends.device(), spec.lora, spec.train.method)
         except SpecError as exc:
             problems.append(exc.message)
     return problems
@@ -49,7 +51,7 @@ def reads(spec: JobSpec) -> dict[str, Any]:
 def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     device = backends.device()
-    name, why = backends.choose(spec.train.backend, device, spec.lora)
+    name, why = backends.choose(spec.train.backend, device, spec.lora, spec.train.method)
     log.info("backend_chosen", backend=name, why=why, device=device)
     figures = backends.load(name).train(spec, run_dir, device, fingerprint=ctx.fingerprints["train"],
                                         settings=ctx.settings, restart=ctx.restart)
@@ -62,7 +64,7 @@ def run(ctx: RunContext) -> StageResult:
     tokens = sum(s["tokens"] for s in sessions)
     figures.update(sessions=sessions, runtime_s=round(runtime, 3), tokens=tokens,
                    tokens_per_s=round(tokens / runtime, 1) if runtime else None, peak_rss_gb=peak_rss_gb(),
-                   backend_reason=why)
+                   backend_reason=why, method=spec.train.method)
     if "peak_gpu_gb" in figures:
         import torch
 

@@ -1,0 +1,138 @@
+"""Preference examples (pairs, unpaired answers) as token ids, the way trl's preference trainers tokenize them:
+the prompt rendered with the chat template's generation prompt, then the prompt with each answer; the answer's
+tokens are those after the two renderings' common start. Prepare counts and filters with these; evaluation
+scores with them (`implicit_rewards`).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable
+
+from job.errors import DataError
+from job.spec import JobSpec
+
+RENDER_SECONDS = 5.0
+
+
+def _ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, the answer's ids) of one prompt and one answer."""
+    prompt_ids = _ids(tokenizer, prompt, True)
+    full = _ids(tokenizer, prompt + answer, False)
+    shared = 0
+    while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
+        shared += 1
+    return full[:shared], full[shared:]
+
+
+def tokenized(example: dict, tokenizer, row: int = 0) -> dict[str, list[int]]:
+    """{"prompt": ids, "chosen": ids, "rejected": ids} or {"prompt": ids, "completion": ids}.
+
+    Raises:
+        DataError: the chat template took longer than RENDER_SECONDS on this row (naming it).
+    """
+    from job.inputs import time_limit
+
+    out: dict[str, list[int]] = {}
+    with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
+                                              f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
+        for key in ("chosen", "rejected", "completion"):
+            if key in example:
+                out["prompt"], out[key] = completion_ids(tokenizer, example["prompt"], example[key])
+    return out
+
+
+def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec,
+                    origin: list[int] | None = None) -> tuple[list[dict], dict]:
+    """The examples as trl's trainers take them (conversational rows they tokenize themselves), with the counts
+    prepare reports: tokens of every sequence (a pair is two), the answers' tokens as trainable, truncation to
+    model.max_seq_length (trl cuts there), and data.min_tokens / max_tokens applied to the longest sequence."""
+    data, limit = spec.data, spec.model.max_seq_length
+    counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
+                              "rows_by_source": Counter(), "trainable_by_source": Counter()}
+    kept = []
+    for index, example in enumerate(examples):
+        ids = tokenized(example, tokenizer, index)
+        answers = [key for key in ("chosen", "rejected", "completion") if key in ids]
+        lengths = [len(ids["prompt"]) + len(ids[key]) for key in answers]
+        if data.min_tokens and max(lengths) < data.min_tokens:
+            counts["skipped"]["shorter than data.min_tokens"] += 1
+            continue
+        if data.max_tokens and max(lengths) > data.max_tokens:
+            counts["skipped"]["longer than data.max_tokens"] += 1
+            continue
+        if len(ids["prompt"]) >= limit:
+            counts["skipped"]["nothing to learn after truncation"] += 1  # the prompt alone fills the context
+            continue
+        if max(lengths) > limit:
+            counts["truncated"] += 1
+        trainable = sum(min(len(ids[key]), limit - len(ids["prompt"])) for key in answers)
+        source = origin[index] if origin is not None else 0
+        counts["tokens"] += sum(min(n, limit) for n in lengths)
+        counts["trainable_tokens"] += trainable
+        counts["rows_by_source"][source] += 1
+        counts["trainable_by_source"][source] += trainable
+        kept.append(example)
+    return kept, counts
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def implicit_rewards(model, tokenizer, examples: list[dict], beta: float, max_length: int, device: str,
+                     limit: int = 256) -> dict[str, Any]:
+    """How the trained adapter ranks the answers: for each answer the log-probability of its tokens under the
+    adapter (policy) and under the base with the adapter off (reference), and the implicit reward
+    beta * (policy - reference). For pairs: reward_accuracy (the share where the chosen answer's reward beats the
+    rejected one's), reward_margin (mean chosen minus rejected); for unpaired answers: the share whose reward has
+    the sign its label says. On at most `limit` examples."""
+    import torch
+
+    def logp(prompt_ids: list[int], answer_ids: list[int]) -> float:
+        ids = (prompt_ids + answer_ids)[:max_length]
+        n = len(ids) - len(prompt_ids)
+        if n <= 0:
+            return 0.0
+        inputs = torch.tensor([ids], device=device)
+        logits = model(input_ids=inputs).logits[0, :-1].float()
+        targets = inputs[0, 1:]
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        return float(token_logps[-n:].sum())
+
+    rows = []
+    model.eval()
+    with torch.inference_mode():
+        for index, example in enumerate(examples[:limit]):
+            ids = tokenized(example, tokenizer, index)
+            row = {"label": example.get("label")}
+            for key in ("chosen", "rejected", "completion"):
+                if key in ids:
+                    policy = logp(ids["prompt"], ids[key])
+                    with model.disable_adapter():
+                        reference = logp(ids["prompt"], ids[key])
+                    row[key] = {"policy": policy, "reference": reference, "reward": beta * (policy - reference)}
+            rows.append(row)
+    if not rows:
+        return {"examples": 0}
+    out: dict[str, Any] = {"examples": len(rows), "beta": beta}
+    if "chosen" in rows[0]:
+        margins = [r["chosen"]["reward"] - r["rejected"]["reward"] for r in rows]
+        out.update(reward_accuracy=round(sum(m > 0 for m in margins) / len(rows), 4),
+                   reward_margin=round(sum(margins) / len(rows), 5))
+        for key in ("chosen", "rejected"):
+            out[f"logps_{key}"] = round(sum(r[key]["policy"] for r in rows) / len(rows), 4)
+            out[f"reference_logps_{key}"] = round(sum(r[key]["reference"] for r in rows) / len(rows), 4)
+    else:
+        right = [(r["completion"]["reward"] > 0) == bool(r["label"]) for r in rows]
+        out.update(reward_accuracy=round(sum(right) / len(rows), 4))
+        for label, name in ((True, "desirable"), (False, "undesirable")):
+            picked = [r["completion"] for r in rows if bool(r["label"]) == label]
+            if picked:
+                out[f"reward_{name}"] = round(sum(p["reward"] for p in picked) / len(picked), 5)
+                out[f"logps_{name}"] = round(sum(p["policy"] for p in picked) / len(picked), 4)
+                out[f"reference_logps_{name}"] = round(sum(p["reference"] for p in picked) / len(picked), 4)
+    return out

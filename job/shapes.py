@@ -1,0 +1,203 @@
+"""The shapes a data row comes in, and each one standardized into what a training method consumes.
+
+    chat      {"conversations": [{"from", "value"}]} (ShareGPT) or {"messages": [{"role", "content"}]} (OpenAI)
+    pair      {"prompt", "chosen", "rejected"} (TRL's explicit form: strings or message lists),
+              {"chosen", "rejected"} as whole conversations (TRL's implicit form: the shared start is the prompt),
+              {"input": {"messages"}, "preferred_output", "non_preferred_output"} (OpenAI's and Together's)
+    unpaired  {"prompt", "completion", "label"} (KTO's: an answer marked desirable or not)
+
+A method takes one family: `sft` chat rows, `dpo`/`orpo`/`simpo` pairs, `kto` unpaired rows (a pair gives one of
+each). `data.format: auto` detects a row's shape by its fields; a named format accepts only its own. A row that
+fits no shape, or breaks its shape's rules, raises BadRow saying how (the caller names the row).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "model": "assistant", "bot": "assistant", "system": "system"}
+# What each method trains on, and the formats a spec may name for it.
+FAMILY = {"sft": "chat", "dpo": "pair", "orpo": "pair", "simpo": "pair", "kto": "unpaired"}
+FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired"}
+NOUNS = {"chat": ("a conversation", "conversations"), "pair": ("a preference pair", "preference pairs"),
+         "unpaired": ("an unpaired example", "unpaired examples")}
+EXPECTED = {"chat": "a conversation ('conversations' or 'messages')",
+            "pair": "a preference pair (prompt/chosen/rejected, chosen/rejected conversations, or "
+                    "input/preferred_output/non_preferred_output)",
+            "unpaired": "an unpaired example (prompt/completion/label), or a preference pair"}
+
+
+class BadRow(ValueError):
+    """A row that breaks the rules of its shape; the message says how."""
+
+
+def detect(row: dict) -> str | None:
+    """The shape a row's fields say it is, or None."""
+    if "conversations" in row or "messages" in row:
+        return "chat"
+    if ("chosen" in row and "rejected" in row) or ("preferred_output" in row and "non_preferred_output" in row):
+        return "pair"
+    if "completion" in row and "label" in row and "prompt" in row:
+        return "unpaired"
+    return None
+
+
+def shape_of(row: Any, fmt: str) -> str:
+    """The shape a row is read as under `data.format` (auto: by its fields). Raises BadRow when none fits."""
+    if not isinstance(row, dict):
+        raise BadRow(f"not an object but {type(row).__name__}")
+    found = detect(row)
+    wanted = FORMATS.get(fmt)
+    if wanted is not None and found != wanted:
+        raise BadRow(f"is not {EXPECTED[wanted]} as data.format {fmt!r} says (has: {_fields(row)})")
+    if found is None:
+        raise BadRow(f"no 'conversations' or 'messages' field, nor a preference pair (has: {_fields(row)})")
+    return found
+
+
+def _fields(row: dict) -> str:
+    return ", ".join(map(str, row)) or "nothing"
+
+
+def turns(value: Any, where: str, default_role: str, text_key: str | None = None) -> list[dict]:
+    """A list of {role, content} from a string (one turn of `default_role`) or a list of ShareGPT/OpenAI turns."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow(f"{where} is empty")
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):  # a single message
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"{where} is empty or not a list of turns")
+    messages = []
+    for number, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise BadRow(f"{where} turn {number} is not an object")
+        role = ROLE_ALIASES.get(str(turn.get("role", turn.get("from"))).lower())
+        content = turn.get(text_key) if text_key else turn.get("content", turn.get("value"))
+        if role is None:
+            raise BadRow(f"{where} turn {number} has no known role ({turn.get('role', turn.get('from'))!r})")
+        if not isinstance(content, str):
+            raise BadRow(f"{where} turn {number} content is {type(content).__name__}, not text")
+        if not content.strip():
+            raise BadRow(f"{where} turn {number} ({role}) is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def check_order(messages: list[dict], where: str = "turn", need_assistant: bool = True) -> None:
+    """An optional system turn, then user/assistant alternating (a prompt ends with the user)."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(body)
+    for number, message in enumerate(body):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise BadRow(f"{where} {number + offset} is {message['role']!r} where {expected!r} was expected "
+                         "(roles must alternate user/assistant)")
+    if need_assistant and not any(m["role"] == "assistant" for m in body):
+        raise BadRow("no assistant turn to learn from")
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+# ------------------------------------------------------------------------------------------- shapes
+
+
+def chat(row: dict, fmt: str, system_prompt: str | None) -> list[dict]:
+    """One conversation as [{role, content}], system first."""
+    if fmt in ("sharegpt", "auto") and "conversations" in row:
+        messages = turns(row["conversations"], "turn", "user", text_key=None)
+    else:
+        messages = turns(row["messages"], "turn", "user", text_key=None)
+    messages = with_system(messages, system_prompt)
+    check_order(messages)
+    return messages
+
+
+def _answer(value: Any, where: str) -> list[dict]:
+    answer = turns(value, where, "assistant")
+    if any(m["role"] != "assistant" for m in answer):
+        raise BadRow(f"{where} holds a turn that is not the assistant's")
+    return answer
+
+
+def _prompt(value: Any, system_prompt: str | None) -> list[dict]:
+    prompt = with_system(turns(value, "prompt", "user"), system_prompt)
+    check_order(prompt, "prompt turn", need_assistant=False)
+    if prompt[-1]["role"] != "user":
+        raise BadRow("the prompt does not end with a user turn")
+    return prompt
+
+
+def _whole_conversation(value: Any) -> bool:
+    """A chosen/rejected given as the whole conversation, user turns included (as UltraFeedback ships them)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and \
+        ROLE_ALIASES.get(str(value[0].get("role", value[0].get("from"))).lower()) in ("user", "system")
+
+
+def pair(row: dict, system_prompt: str | None) -> dict:
+    """{"prompt": [...], "chosen": [assistant turns], "rejected": [assistant turns]}."""
+    if "preferred_output" in row:
+        source = row.get("input")
+        if not isinstance(source, dict) or "messages" not in source:
+            raise BadRow("'input' has no 'messages'")
+        prompt = _prompt(source["messages"], system_prompt)
+        chosen, rejected = _answer(row["preferred_output"], "preferred_output"), \
+            _answer(row["non_preferred_output"], "non_preferred_output")
+    elif "prompt" in row and not _whole_conversation(row["chosen"]):
+        prompt = _prompt(row["prompt"], system_prompt)
+        chosen, rejected = _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected")
+    else:  # implicit: two whole conversations that share their start
+        whole_chosen, whole_rejected = turns(row["chosen"], "chosen", "user"), turns(row["rejected"], "rejected", "user")
+        shared = 0
+        while shared < min(len(whole_chosen), len(whole_rejected)) and whole_chosen[shared] == whole_rejected[shared]:
+            shared += 1
+        while shared and whole_chosen[shared - 1]["role"] != "user":  # the prompt ends where the answers start
+            shared -= 1
+        if not shared:
+            raise BadRow("chosen and rejected share no prompt (TRL's implicit form starts both with the same turns)")
+        prompt = _prompt(whole_chosen[:shared], system_prompt)
+        chosen, rejected = _answer(whole_chosen[shared:], "chosen"), _answer(whole_rejected[shared:], "rejected")
+    if chosen == rejected:
+        raise BadRow("chosen and rejected are the same answer")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def unpaired(row: dict, system_prompt: str | None) -> dict:
+    """{"prompt": [...], "completion": [assistant turns], "label": bool}."""
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise BadRow(f"label is {type(label).__name__}, not true/false")
+    return {"prompt": _prompt(row["prompt"], system_prompt), "completion": _answer(row["completion"], "completion"),
+            "label": label}
+
+
+def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "chat") -> list:
+    """The examples a row gives a method of `family` (one, or two for a pair given to kto).
+
+    Raises:
+        BadRow: the row fits no shape, a shape the method cannot train on, or breaks its shape's rules.
+    """
+    shape = shape_of(row, fmt)
+    if shape == "chat" and family == "chat":
+        return [chat(row, fmt, system_prompt)]
+    if shape == "pair" and family == "pair":
+        return [pair(row, system_prompt)]
+    if shape == "unpaired" and family == "unpaired":
+        return [unpaired(row, system_prompt)]
+    if shape == "pair" and family == "unpaired":
+        p = pair(row, system_prompt)
+        return [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
+    raise BadRow(f"is {NOUNS[shape][0]}, where this method trains on {NOUNS[family][1]}")
+
+
+def text_fields(example) -> list[dict]:
+    """Every message of an example, for character caps and counting."""
+    if isinstance(example, list):
+        return example
+    return [m for key in ("prompt", "chosen", "rejected", "completion") for m in example.get(key, [])]
