@@ -3,6 +3,7 @@
 
     python tests/gpu_models.py llama1b OUT_DIR      # the 1B shape with the tiny tokenizer
     python tests/gpu_models.py data OUT.jsonl N     # N long conversations for packing full rows
+    python tests/gpu_models.py pairs OUT.jsonl N [LO-HI]   # N preference pairs, answers of LO-HI words
 """
 from __future__ import annotations
 
@@ -58,8 +59,26 @@ def write_long_data(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def write_long_pairs(path: Path, n: int, seed: int = 0, words_per_answer: tuple[int, int] = (150, 400)) -> Path:
+    """N preference pairs (TRL's explicit form) whose two answers are as long as the long conversations' (or
+    `words_per_answer` long)."""
+    rng = random.Random(seed)
+    words = [w for row in tiny.conversations(200) for turn in row["conversations"] for w in turn["value"].split()]
+
+    def answer() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(*words_per_answer)))
+
+    rows = [{"prompt": "Tell me about " + rng.choice(tiny.TOPICS) + ".", "chosen": answer(), "rejected": answer()}
+            for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "llama1b":
         print(make_llama_1b(Path(sys.argv[2])))
     elif sys.argv[1] == "data":
         print(write_long_data(Path(sys.argv[2]), int(sys.argv[3])))
+    elif sys.argv[1] == "pairs":
+        span = tuple(int(x) for x in sys.argv[4].split("-")) if len(sys.argv) > 4 else (150, 400)
+        print(write_long_pairs(Path(sys.argv[2]), int(sys.argv[3]), words_per_answer=span))

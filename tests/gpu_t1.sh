@@ -13,6 +13,11 @@
 #                                       mode's bench times both backends side by side)
 #   bash tests/gpu_t1.sh OUT probe      the GPU kernel tests, the hf backend with and without Liger's kernels
 #                                       (bench), and 60 steps of unsloth with evaluation timed
+#   bash tests/gpu_t1.sh OUT dpo        60 steps of t1 end to end (unsloth: every stage and target; FULL=0 skips it),
+#                                       then DPO (reference at every step, and precomputed) beside SFT on the same
+#                                       model and backend (hf, 60 steps of 8 pairs or 8 sequences), then `peftopt
+#                                       bench` of the DPO spec; PAIR_WORDS=700-1100 for pairs near t1's 2,048 tokens
+#   bash tests/gpu_t1.sh OUT dpo-micro  SFT beside DPO with a micro-batch of DPO_MICRO (4) pairs, both references
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
 # bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
 set -uo pipefail
@@ -139,7 +144,35 @@ EOF
     run t1-unsloth-train --set evaluate=null --set export.merge=false --set export.gguf=[]
     run t1-hf-train --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
     ;;
+  dpo-micro)  # SFT beside DPO with a micro-batch of DPO_MICRO pairs (default 4), per step and precomputed reference
+    [ -f "$work/pairs.jsonl" ] || python3 tests/gpu_models.py pairs "$work/pairs.jsonl" 1200 "${PAIR_WORDS:-150-400}" >/dev/null
+    bare=(--set evaluate=null --set export.merge=false --set export.gguf=[] --set train.max_steps=60)
+    prefs=(--set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" --set data.format=preference
+           --set train.micro_batch_size=${DPO_MICRO:-4})
+    run sft-hf60 --set train.backend=hf "${bare[@]}"
+    run dpo-m${DPO_MICRO:-4}-hf60 "${prefs[@]}" "${bare[@]}"
+    run dpo-pre-m${DPO_MICRO:-4}-hf60 "${prefs[@]}" --set train.precompute_reference=true "${bare[@]}"
+    ;;
   hf)
     run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
+    ;;
+  dpo)
+    # PAIR_WORDS=LO-HI sets the answers' length (the tiny tokenizer gives about 1.7 tokens a word)
+    [ -f "$work/pairs.jsonl" ] || python3 tests/gpu_models.py pairs "$work/pairs.jsonl" 1200 "${PAIR_WORDS:-150-400}" >/dev/null
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen" 2>&1 | tail -5 | tee "$out/kernel-tests.txt"
+    [ "${FULL:-1}" = 1 ] && run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64 \
+      --set 'evaluate.targets=["base","adapter","merged","gguf"]'
+    bare=(--set evaluate=null --set export.merge=false --set export.gguf=[] --set train.max_steps=60)
+    run sft-hf60 --set train.backend=hf "${bare[@]}"
+    run dpo-pre-hf60 --set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference --set train.precompute_reference=true "${bare[@]}"
+    run dpo-hf60 --set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference "${bare[@]}"
+    [ "${BENCH:-1}" = 1 ] || exit 0
+    timeout 200 python3 -m job bench jobspecs/t1.json "${common[@]:2}" --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference --set train.method=dpo --steps 8 --json > "$out/bench-dpo.json" 2> "$out/bench-dpo.err"
+    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+      "$out/bench-dpo.json" | tee "$out/bench-dpo.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
 esac

@@ -118,6 +118,36 @@ def test_varlen_attention_gives_sdpa_block_mask_loss_and_gradients():
         assert error < 3e-2, (name, float(error))  # bf16 noise; a wrong mask gives errors near 1
 
 
+def test_varlen_attention_on_a_padded_batch_gives_sdpas_loss_and_gradients():
+    """The preference trainers' right-padded chosen/rejected batches, unpadded onto the varlen kernel."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from job.backends import attention
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    lengths = [700, 37, 1200, 95]
+    ids = torch.randint(0, 1000, (len(lengths), max(lengths)), device="cuda")
+    mask = torch.stack([torch.arange(max(lengths), device="cuda") < n for n in lengths]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for implementation in ("sdpa", attention.register()):
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(implementation)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        results[implementation] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
+    (loss_sdpa, grads_sdpa), (loss_varlen, grads_varlen) = results["sdpa"], results[attention.NAME]
+    assert abs(loss_sdpa - loss_varlen) < 1e-2 * abs(loss_sdpa)
+    for name, grad in grads_sdpa.items():
+        error = (grads_varlen[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 3e-2, (name, float(error))
+
+
 def test_unsloth_takes_the_varlen_kernel_for_packed_rows():
     import torch
     import unsloth  # noqa: F401

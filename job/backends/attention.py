@@ -7,8 +7,9 @@ flash kernel, K/V repeated for every query head, memory quadratic in the row. In
 - `hf`: `peftopt_varlen`, an attention function registered in transformers' AttentionInterface, gives the
   row to torch's variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`) with cumulative
   lengths taken from where `position_ids` is 0, K/V heads as they are. Its mask function is FA2's (no mask
-  for a packed row, the 2D padding mask otherwise); anything the kernel cannot take (padding, decoding,
-  CPU) goes to sdpa with the equivalent mask.
+  for a packed row, the 2D padding mask otherwise); a padded batch (the preference trainers' pairs) is
+  unpadded onto the same kernel; anything the kernel cannot take (decoding, CPU) goes to sdpa with the
+  equivalent mask.
 - `unsloth` on torch < 2.12: unsloth takes torch's varlen kernel only when `varlen_attn` has `enable_gqa`
   (2.12). The 2.11 function takes fewer K/V heads natively, so a wrapper without that argument is set into
   unsloth's dispatch; from 2.12 on unsloth does it itself and nothing is changed.
@@ -105,6 +106,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     kernel = varlen_kernel() if query.is_cuda else None
     packed_row = (kernel is not None and query.shape[0] == 1 and attention_mask is None and position_ids is not None
                   and query.shape[2] == key.shape[2] and not dropout)
+    padded_batch = (kernel is not None and attention_mask is not None and attention_mask.dim() == 2
+                    and query.shape[2] == key.shape[2] == attention_mask.shape[1] and not dropout)
+    if padded_batch:
+        return _padded_on_varlen(kernel, query, key, value, attention_mask, scaling)
     if not packed_row:
         mask = _segment_mask(position_ids if attention_mask is None else None, query.shape[2], key.shape[2],
                              attention_mask)
@@ -119,6 +124,41 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         extra["enable_gqa"] = True  # torch >= 2.12 asks; 2.11's kernel takes fewer K/V heads as they are
     out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
     return out.unsqueeze(0), None
+
+
+def _unpadding_once(attention_mask):
+    """(indices of the real tokens in the flattened batch, cu_seqlens, longest) of a 2D padding mask, once per
+    forward pass (every layer gets the same mask object)."""
+    import torch
+
+    if _cache.get("padding_mask") is not attention_mask:
+        valid = attention_mask.bool()
+        lengths = valid.sum(-1, dtype=torch.int32)
+        cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        _cache.update(padding_mask=attention_mask, unpadding=(torch.nonzero(valid.flatten()).flatten(), cu,
+                                                              int(lengths.max())))
+    return _cache["unpadding"]
+
+
+def _padded_on_varlen(kernel, query, key, value, attention_mask, scaling):
+    """A padded batch (a preference trainer's chosen and rejected answers, right-padded) on the varlen kernel: the
+    real tokens of every row are gathered into one packed sequence, attended causally within their row, and
+    scattered back (padding positions get zeros: their outputs are never used), instead of sdpa over a dense
+    [B, 1, S, S] mask. Valid for right and left padding: a row's real tokens are contiguous either way."""
+    batch, heads, seq, dim = query.shape
+    indices, cu, longest = _unpadding_once(attention_mask)
+
+    def flat(t):
+        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)[indices]
+
+    params = inspect.signature(kernel).parameters
+    extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params and query.shape[1] != key.shape[1]:
+        extra["enable_gqa"] = True
+    out = kernel(flat(query), flat(key), flat(value), cu, cu, longest, longest, scale=scaling, **extra)
+    full = out.new_zeros(batch * seq, heads, dim)
+    full[indices] = out
+    return full.view(batch, seq, heads, dim), None
 
 
 def register() -> str:
