@@ -155,6 +155,22 @@ def expand(spec_file, as_json, overrides) -> None:
 
 
 @cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--rows", default=3, show_default=True, type=click.IntRange(1, 1000), help="How many rows to show.")
+@set_option
+def inspect(spec_file, rows, overrides) -> None:
+    """Show the first rows of SPEC_FILE's data as the model sees them, the tokens that train marked (green on a
+    terminal, «…» elsewhere), with the counts prepare reports. Needs only the base's tokenizer."""
+    from job.inspection import rows as inspect_rows
+    from job.specfile import load_spec
+
+    printed, summary = inspect_rows(load_spec(spec_file, overrides), rows, sys.stdout.isatty())
+    for text in printed:
+        click.echo(text)
+    click.echo("--- counts: " + json.dumps(summary, ensure_ascii=False))
+
+
+@cli.command()
 def schema() -> None:
     """Print the jobspec's JSON Schema."""
     from job.spec import json_schema

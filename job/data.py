@@ -81,6 +81,36 @@ def read_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> list[di
                             f"{str(exc).splitlines()[0]}") from None
 
 
+def _read_table(path: Path, max_field_chars: int) -> list:
+    """A CSV or TSV file with a header row, each row a dict of strings; a row with more or fewer fields than the
+    header, or a field over the limit, is an Unparsable in its place."""
+    import csv
+
+    csv.field_size_limit(max_field_chars)
+    rows: list = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                rows.append(Unparsable(f"line {reader.line_num}: {exc}"))
+                continue
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                rows.append(Unparsable(f"line {reader.line_num}: {len(fields)} fields where the header has {len(header)}"))
+                continue
+            rows.append(dict(zip(header, fields)))
+    return rows
+
+
 def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
     """The rows of a local file; a JSONL line that cannot become a row is an `Unparsable` in its place.
 
@@ -97,6 +127,8 @@ def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
+        if path.suffix in (".csv", ".tsv"):
+            return _read_table(path, max_line_chars)
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"data.source: {path} is not UTF-8 (byte {exc.start})") from None
@@ -126,12 +158,12 @@ def family(spec: JobSpec) -> str:
     return shapes.FAMILY[spec.train.method if spec.train else "sft"]
 
 
-def standardize(row: Any, fmt: str, system_prompt: str | None, kind: str = "chat") -> Any:
-    """One chat row as [{role, content}] (system first); with `kind` pair or unpaired, the row's examples
-    (job/shapes.py). Raises BadRow naming what is wrong."""
+def standardize(row: Any, fmt: str, system_prompt: str | None, kind: str = "chat", columns=None) -> Any:
+    """One chat row as [{role, content}] (system first; or a text example); with `kind` pair or unpaired, the
+    row's examples (job/shapes.py). Raises BadRow naming what is wrong."""
     if isinstance(row, Unparsable):
         raise BadRow(row.reason)
-    examples = shapes.standardize(row, fmt, system_prompt, kind)
+    examples = shapes.standardize(shapes.renamed(row, columns), fmt, system_prompt, kind)
     return examples[0] if kind == "chat" else examples
 
 
@@ -153,16 +185,16 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
     wrong_kind = []
     for index, row in enumerate(rows[:FIRST_ROWS]):
         try:
-            standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind)
+            standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind, source.columns)
         except BadRow as exc:
-            found = shapes.detect(row) if isinstance(row, dict) else None
-            if found is not None and found != kind and not (found == "pair" and kind == "unpaired"):
+            found = shapes.detect(shapes.renamed(row, source.columns)) if isinstance(row, dict) else None
+            if found is not None and found not in shapes.TAKES[kind]:
                 wrong_kind.append((index, exc))
                 continue
             raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
                             "set data.bad_rows='skip' to drop such rows)") from None
     if wrong_kind and len(wrong_kind) == min(len(rows), FIRST_ROWS):  # the whole file is of another kind
-        found = shapes.detect(rows[0])
+        found = shapes.detect(shapes.renamed(rows[0], source.columns))
         method = spec.train.method if spec.train else "sft"
         raise SpecError(f"{where}: {source.source} holds {shapes.NOUNS[found][1]}; train.method {method!r} trains on "
                         f"{shapes.NOUNS[kind][1]} ({shapes.EXPECTED[kind].split(' (', 1)[1]}")
@@ -199,6 +231,13 @@ def cap_example(example, limit: int):
     if isinstance(example, list):
         kept, cut = cap_chars(example, limit)
         return kept, cut, any(m["role"] == "assistant" for m in kept)
+    if "text" in example or "text_prompt" in example:  # raw text: cut the text, the prompt first
+        out, room = dict(example), limit
+        for key in ("text", "text_prompt", "text_completion"):
+            if key in out:
+                out[key], room = out[key][:max(room, 0)], room - len(out[key])
+        cut = room < 0
+        return out, cut, bool(out.get("text") or out.get("text_completion"))
     out, cut = dict(example), False
     for key in ("prompt", "chosen", "rejected", "completion"):
         if key in out:
@@ -218,7 +257,8 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list,
     kind = family(spec)
     for number, row in enumerate(rows):
         try:
-            examples = standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind)
+            examples = standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind,
+                                   source.columns)
         except BadRow as exc:
             if spec.data.bad_rows == "error":
                 raise DataError(f"{where} {number}: {exc} (set data.bad_rows='skip' to drop such rows)") from None

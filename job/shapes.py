@@ -5,10 +5,14 @@
               {"chosen", "rejected"} as whole conversations (TRL's implicit form: the shared start is the prompt),
               {"input": {"messages"}, "preferred_output", "non_preferred_output"} (OpenAI's and Together's)
     unpaired  {"prompt", "completion", "label"} (KTO's: an answer marked desirable or not)
+    alpaca    {"instruction", "input"?, "output", "system"?}
+    prompt_completion  {"prompt", "completion"}: strings (raw text, no chat template) or message lists
+    text      {"text"}: raw text for continued pretraining, every token trained
 
-A method takes one family: `sft` chat rows, `dpo`/`orpo`/`simpo` pairs, `kto` unpaired rows (a pair gives one of
-each). `data.format: auto` detects a row's shape by its fields; a named format accepts only its own. A row that
-fits no shape, or breaks its shape's rules, raises BadRow saying how (the caller names the row).
+A method takes one family: `sft` chat rows (and alpaca, prompt/completion and text rows), `dpo`/`orpo`/`simpo`
+pairs, `kto` unpaired rows (a pair gives one of each). `data.format: auto` detects a row's shape by its fields;
+a named format accepts only its own. `data.columns` renames a source's columns first. A row that fits no shape,
+or breaks its shape's rules, raises BadRow saying how (the caller names the row).
 """
 from __future__ import annotations
 
@@ -18,13 +22,20 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "model": "assistant", "bot": "assistant", "system": "system"}
 # What each method trains on, and the formats a spec may name for it.
 FAMILY = {"sft": "chat", "dpo": "pair", "orpo": "pair", "simpo": "pair", "kto": "unpaired"}
-FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired"}
+FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired", "alpaca": "alpaca",
+           "prompt_completion": "prompt_completion", "text": "text"}
+# The shapes each family trains on (the supervised family takes every shape that is not a preference).
+TAKES = {"chat": ("chat", "alpaca", "prompt_completion", "text"), "pair": ("pair",), "unpaired": ("unpaired", "pair")}
 NOUNS = {"chat": ("a conversation", "conversations"), "pair": ("a preference pair", "preference pairs"),
-         "unpaired": ("an unpaired example", "unpaired examples")}
+         "unpaired": ("an unpaired example", "unpaired examples"), "alpaca": ("an alpaca row", "alpaca rows"),
+         "prompt_completion": ("a prompt/completion row", "prompt/completion rows"), "text": ("a text row", "text rows")}
 EXPECTED = {"chat": "a conversation ('conversations' or 'messages')",
             "pair": "a preference pair (prompt/chosen/rejected, chosen/rejected conversations, or "
                     "input/preferred_output/non_preferred_output)",
-            "unpaired": "an unpaired example (prompt/completion/label), or a preference pair"}
+            "unpaired": "an unpaired example (prompt/completion/label), or a preference pair",
+            "alpaca": "an alpaca row (instruction, optional input, output)",
+            "prompt_completion": "a prompt/completion row (prompt, completion)",
+            "text": "a text row (text)"}
 
 
 class BadRow(ValueError):
@@ -39,6 +50,12 @@ def detect(row: dict) -> str | None:
         return "pair"
     if "completion" in row and "label" in row and "prompt" in row:
         return "unpaired"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
     return None
 
 
@@ -51,8 +68,20 @@ def shape_of(row: Any, fmt: str) -> str:
     if wanted is not None and found != wanted:
         raise BadRow(f"is not {EXPECTED[wanted]} as data.format {fmt!r} says (has: {_fields(row)})")
     if found is None:
-        raise BadRow(f"no 'conversations' or 'messages' field, nor a preference pair (has: {_fields(row)})")
+        raise BadRow(f"no 'conversations' or 'messages' field, nor a preference pair, an alpaca, prompt/completion or "
+                     f"text row (has: {_fields(row)})")
     return found
+
+
+def renamed(row: Any, columns: dict[str, str] | None) -> Any:
+    """The row with `data.columns`'s renames applied ({"prompt": "question"}: the column 'question' is the prompt)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    for canonical, source in columns.items():
+        if source in row:
+            out[canonical] = row[source]
+    return out
 
 
 def _fields(row: dict) -> str:
@@ -170,10 +199,45 @@ def pair(row: dict, system_prompt: str | None) -> dict:
 def unpaired(row: dict, system_prompt: str | None) -> dict:
     """{"prompt": [...], "completion": [assistant turns], "label": bool}."""
     label = row["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0", "yes", "no"):  # a CSV's
+        label = label.strip().lower() in ("true", "1", "yes")
     if not isinstance(label, bool):
         raise BadRow(f"label is {type(label).__name__}, not true/false")
     return {"prompt": _prompt(row["prompt"], system_prompt), "completion": _answer(row["completion"], "completion"),
             "label": label}
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadRow(f"{where} is {type(value).__name__}, not text")
+    if not value.strip():
+        raise BadRow(f"{where} is empty")
+    return value
+
+
+def alpaca(row: dict, system_prompt: str | None) -> list[dict]:
+    """An alpaca row as a conversation: the instruction (and the input after a blank line) asks, the output answers."""
+    instruction = _text(row["instruction"], "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRow(f"input is {type(extra).__name__}, not text")
+    system = row.get("system") if isinstance(row.get("system"), str) and row["system"].strip() else system_prompt
+    question = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return with_system([{"role": "user", "content": question},
+                        {"role": "assistant", "content": _text(row["output"], "output")}], system)
+
+
+def prompt_completion(row: dict, system_prompt: str | None):
+    """Strings: {"text_prompt", "text_completion"} (raw text, no chat template, the completion trained);
+    message lists: the conversation of the prompt's turns and the completion's (the completion's turns trained)."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"text_prompt": _text(prompt, "prompt"), "text_completion": _text(completion, "completion")}
+    return _prompt(prompt, system_prompt) + _answer(completion, "completion")
+
+
+def text(row: dict) -> dict:
+    return {"text": _text(row["text"], "text")}
 
 
 def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "chat") -> list:
@@ -183,7 +247,13 @@ def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "ch
         BadRow: the row fits no shape, a shape the method cannot train on, or breaks its shape's rules.
     """
     shape = shape_of(row, fmt)
-    if shape == "chat" and family == "chat":
+    if family == "chat" and shape in TAKES["chat"]:
+        if shape == "alpaca":
+            return [alpaca(row, system_prompt)]
+        if shape == "prompt_completion":
+            return [prompt_completion(row, system_prompt)]
+        if shape == "text":
+            return [text(row)]
         return [chat(row, fmt, system_prompt)]
     if shape == "pair" and family == "pair":
         return [pair(row, system_prompt)]
@@ -193,11 +263,7 @@ def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "ch
         p = pair(row, system_prompt)
         return [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
-    raise BadRow(f"is {NOUNS[shape][0]}, where this method trains on {NOUNS[family][1]}")
+    wants = {"chat": "conversations (or alpaca, prompt/completion, text rows)"}.get(family, NOUNS[family][1])
+    raise BadRow(f"is {NOUNS[shape][0]}, where this method trains on {wants}")
 
 
-def text_fields(example) -> list[dict]:
-    """Every message of an example, for character caps and counting."""
-    if isinstance(example, list):
-        return example
-    return [m for key in ("prompt", "chosen", "rejected", "completion") for m in example.get(key, [])]

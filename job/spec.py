@@ -23,7 +23,9 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SPLIT_SLICE = re.compile(r"^[A-Za-z][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
+CANONICAL_COLUMNS = ("conversations", "messages", "prompt", "completion", "chosen", "rejected", "label", "instruction",
+                     "input", "output", "system", "text", "tools")
 
 
 def _repo_id(value: str) -> str:
@@ -93,11 +95,25 @@ def _split_syntax(value: str) -> str:
 
 
 Split = Annotated[str, AfterValidator(_split_syntax)]
-DataFormat = Literal["sharegpt", "openai", "preference", "unpaired", "auto"]
+DataFormat = Literal["sharegpt", "openai", "preference", "unpaired", "alpaca", "prompt_completion", "text", "auto"]
+
+
+def _columns(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return value
+    unknown = [k for k in value if k not in CANONICAL_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: map onto {', '.join(CANONICAL_COLUMNS)}")
+    if len(set(value.values())) != len(value):
+        raise ValueError("two fields are mapped from one column")
+    return value
+
+
+Columns = Annotated[dict[str, Annotated[str, Field(min_length=1, max_length=200)]] | None, AfterValidator(_columns)]
 
 
 class DataSourceSpec(Section):
-    source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet file.")
+    source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.tsv file.")
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
     format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content; "
                                "preference: pairs; unpaired: prompt/completion/label; auto: by each row's fields.")
@@ -105,6 +121,8 @@ class DataSourceSpec(Section):
                                  "relative to the other weighted sources.")
     num_samples: int | None = Field(None, ge=1, description="Take this many of its rows (drawn by train.seed).")
     system_prompt: str | None = Field(None, description="A system message put first in this source's rows.")
+    columns: Columns = Field(None, description="This source's column names for the fields a shape reads: "
+                             "{\"prompt\": \"question\", \"completion\": \"answer\"}.")
 
     @model_validator(mode="after")
     def _one_amount(self):
@@ -114,8 +132,8 @@ class DataSourceSpec(Section):
 
 
 class DataSpec(Section):
-    source: str | None = Field(None, min_length=1,
-                               description="Hub dataset id, or a local .json/.jsonl/.parquet file (or use sources).")
+    source: str | None = Field(None, min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/"
+                               ".tsv file (or use sources).")
     sources: list[DataSourceSpec] | None = Field(
         None, min_length=1, max_length=32,
         description="Several sources mixed into one training set (instead of source): each gives all its rows, "
@@ -123,10 +141,14 @@ class DataSpec(Section):
         "dropped and counted; the mixture is shuffled by train.seed.")
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
     format: DataFormat = Field(
-        "auto", description="sharegpt: from/value with human/gpt; openai: role/content; preference: pairs (prompt/"
-        "chosen/rejected, chosen/rejected conversations, input/preferred_output/non_preferred_output); unpaired: "
-        "prompt/completion/label (kto); auto: by each row's fields."
+        "auto", description="sharegpt: from/value with human/gpt; openai: role/content; alpaca: instruction/input/"
+        "output; prompt_completion: prompt/completion (only the completion trained); text: raw text (every token "
+        "trained, no chat template); preference: pairs (prompt/chosen/rejected, chosen/rejected conversations, "
+        "input/preferred_output/non_preferred_output); unpaired: prompt/completion/label (kto); auto: by each "
+        "row's fields."
     )
+    columns: Columns = Field(None, description="Column names for the fields a shape reads, for data.source: "
+                             "{\"prompt\": \"question\", \"completion\": \"answer\"}.")
     num_samples: int | None = Field(None, ge=1, description="Keep at most this many rows after slicing (with "
                                     "weighted sources: the mixture's size).")
     eval_split: str | float | None = Field(
@@ -171,7 +193,7 @@ class DataSpec(Section):
         """The sources as a list: data.sources, or data.source as the one-source case."""
         if self.sources:
             return list(self.sources)
-        return [DataSourceSpec(source=self.source, split=self.split, format=self.format)]
+        return [DataSourceSpec(source=self.source, split=self.split, format=self.format, columns=self.columns)]
 
 
 class LoraSpec(Section):

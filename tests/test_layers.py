@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = [  # top to bottom; a module not listed belongs to the floor of its package
     {"job.__main__", "job.cli"},
-    {"job.runner", "job.preflight", "job.bench", "job.report"},
+    {"job.runner", "job.preflight", "job.bench", "job.report", "job.inspection"},
     {"job.stages"},
     {"job.backends", "job.evaluation", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile",
      "job.tracking"},

@@ -27,5 +27,8 @@ def test_the_whole_job_on_a_tiny_model(tmp_path, tiny_model, tiny_data):
     assert f16["tokenizer_match"] and f16["agreement"] == 1.0
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())["targets"]
     assert set(summary) == {"base", "adapter", "merged", "gguf-f16", "gguf-q8_0"}
+    for target in ("merged", "gguf-f16", "gguf-q8_0"):  # how far each follows the adapter it comes from
+        assert 0 <= summary[target]["vs_adapter"]["identical"] <= 1
+        assert len(summary[target]["vs_adapter"]["parts_after_tokens"]) == 2
     again = run_cli("run", spec)
     assert again.returncode == 0 and not [e for e in events(again.stdout) if e["event"] == "stage_started"]

@@ -122,3 +122,22 @@ def timing(answers: list[dict], load_s: float, generate_s: float) -> dict:
     new_tokens = sum(len(a["token_ids"]) for a in answers)
     return {"load_s": round(load_s, 2), "generate_s": round(generate_s, 2), "new_tokens": new_tokens,
             "tokens_per_s": round(new_tokens / generate_s, 1) if generate_s > 0 else None}
+
+
+def agreement(reference: list[dict], answers: list[dict]) -> dict:
+    """How far `answers` follow the `reference` answers token for token (greedy answers of two targets to the
+    same prompts): the share answered identically, and where each pair parts (in tokens)."""
+    parted = []
+    for want, got in zip(reference, answers):
+        a, b = want["token_ids"], got["token_ids"]
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        parted.append(None if a == b else common)
+    return {"identical": round(sum(p is None for p in parted) / max(len(parted), 1), 4),
+            "parts_after_tokens": parted}
+
+
+def annotate(run_dir, target: str, values: dict) -> None:
+    """Adds `values` to a target's line of eval/summary.json."""
+    summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
+    summary["targets"].setdefault(target, {}).update(values)
+    atomic_write_json(run_dir.eval_dir / "summary.json", summary)

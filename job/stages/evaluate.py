@@ -76,6 +76,7 @@ def run(ctx: RunContext) -> StageResult:
     mode = code_check_mode(ctx, prompts)
     results: dict[str, Any] = {}
     artifacts = []
+    answered: dict[str, list[dict]] = {}
     for target in [t for t in ORDER if t in spec.evaluate.targets]:
         if target == "gguf":
             tools = llamacpp.find()
@@ -87,6 +88,7 @@ def run(ctx: RunContext) -> StageResult:
                                                  spec.evaluate)
                 name = f"gguf-{quant}"
                 results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, time.perf_counter() - started)
+                answered[name] = answers
                 artifacts.append(f"eval/{name}.jsonl")
             continue
         started = time.perf_counter()
@@ -95,8 +97,14 @@ def run(ctx: RunContext) -> StageResult:
         answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
         results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
                                   time.perf_counter() - loaded)
+        answered[target] = answers
         artifacts.append(f"eval/{target}.jsonl")
         del model
+    if "adapter" in answered:  # how far the merged model and each GGUF answer as the adapter does
+        for name, answers in answered.items():
+            if name not in ("adapter", "base") and not spec.evaluate.do_sample:
+                results[name]["vs_adapter"] = suite.agreement(answered["adapter"], answers)
+                suite.annotate(run_dir, name, {"vs_adapter": results[name]["vs_adapter"]})
     if preferences_wanted(spec):
         results["preferences"] = preference_scores(spec, run_dir, backends.device())
         log.info("preferences_evaluated", **{part: {k: v for k, v in scores.items() if k != "beta"}

@@ -147,14 +147,28 @@ def split_rows(chosen: list, origin: list[int], spec: JobSpec) -> dict[str, tupl
 RENDER_SECONDS = 5.0  # a chat template (the model's own, not the spec's) gets this long per conversation
 
 
-def assistant_char_spans(messages: list[dict], tokenizer, row: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """Renders the conversation and finds each assistant reply by rendering growing prefixes of it.
+def raw_text_spans(example: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """A text example with no chat template: BOS, the text (or the prompt and its completion), EOS so the model
+    learns to stop; every character but BOS trained (a prompt's are not)."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    if "text" in example:
+        return bos + example["text"] + eos, [(len(bos), len(bos) + len(example["text"]) + len(eos))]
+    prompt, completion = example["text_prompt"], example["text_completion"]
+    start = len(bos) + len(prompt)
+    return bos + prompt + completion + eos, [(start, start + len(completion) + len(eos))]
+
+
+def assistant_char_spans(messages, tokenizer, row: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """Renders the conversation and finds each assistant reply by rendering growing prefixes of it (a raw-text
+    example: `raw_text_spans`).
 
     Raises:
         DataError: the template takes longer than RENDER_SECONDS for this row (naming it), or hides turns.
     """
     from job.inputs import time_limit
 
+    if isinstance(messages, dict):
+        return raw_text_spans(messages, tokenizer)
     with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
                                               f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
         return _spans(messages, tokenizer)
@@ -190,15 +204,17 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
     encoded = []
+    conversations = list(conversations)
     rendered = [assistant_char_spans(messages, tokenizer, row) for row, messages in enumerate(conversations)]
     for index, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
+        raw = isinstance(conversations[index], dict)  # text and prompt/completion rows: their spans always count
         if data.min_tokens and len(ids) < data.min_tokens:
             counts["skipped"]["shorter than data.min_tokens"] += 1
             continue
         if data.max_tokens and len(ids) > data.max_tokens:
             counts["skipped"]["longer than data.max_tokens"] += 1
             continue
-        if data.train_on_responses_only:
+        if data.train_on_responses_only or raw:
             inside = np.zeros(len(starts), dtype=bool)
             for a, b in spans:
                 inside |= (starts >= a) & (starts < b)
@@ -216,7 +232,7 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
         counts["trainable_tokens"] += sum(mask)
         counts["rows_by_source"][source] += 1
         counts["trainable_by_source"][source] += sum(mask)
-        encoded.append({"input_ids": ids, "assistant_masks": mask} if data.train_on_responses_only
+        encoded.append({"input_ids": ids, "assistant_masks": mask} if data.train_on_responses_only or raw
                        else {"input_ids": ids})
     if encoded and counts["trainable_tokens"] == 0:
         raise DataError("data: every label is masked; nothing to learn (check train_on_responses_only)")
