@@ -188,13 +188,20 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
             standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind, source.columns)
         except BadRow as exc:
             found = shapes.detect(shapes.renamed(row, source.columns)) if isinstance(row, dict) else None
-            if found is not None and found not in shapes.TAKES[kind]:
+            named = shapes.FORMATS.get(source.format)
+            if found is not None and (found not in shapes.TAKES[kind] or (named and found != named)):
                 wrong_kind.append((index, exc))
                 continue
             raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
                             "set data.bad_rows='skip' to drop such rows)") from None
     if wrong_kind and len(wrong_kind) == min(len(rows), FIRST_ROWS):  # the whole file is of another kind
         found = shapes.detect(shapes.renamed(rows[0], source.columns))
+        named = shapes.FORMATS.get(source.format)
+        if named and found != named and found in shapes.TAKES[kind]:
+            columns = ", ".join(map(str, shapes.renamed(rows[0], source.columns))) if isinstance(rows[0], dict) else ""
+            raise SpecError(f"{where}: {source.source} holds {shapes.NOUNS[found][1]}, not {shapes.NOUNS[named][1]} "
+                            f"as data.format {source.format!r} says (its columns: {columns}); set data.format to "
+                            "'auto', or map the columns with data.columns")
         method = spec.train.method if spec.train else "sft"
         raise SpecError(f"{where}: {source.source} holds {shapes.NOUNS[found][1]}; train.method {method!r} trains on "
                         f"{shapes.NOUNS[kind][1]} ({shapes.EXPECTED[kind].split(' (', 1)[1]}")
@@ -231,6 +238,9 @@ def cap_example(example, limit: int):
     if isinstance(example, list):
         kept, cut = cap_chars(example, limit)
         return kept, cut, any(m["role"] == "assistant" for m in kept)
+    if "messages" in example:  # a conversation with its tools
+        kept, cut = cap_chars(example["messages"], limit)
+        return {**example, "messages": kept}, cut, any(m["role"] == "assistant" for m in kept)
     if "text" in example or "text_prompt" in example:  # raw text: cut the text, the prompt first
         out, room = dict(example), limit
         for key in ("text", "text_prompt", "text_completion"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "model": "assistant", "bot": "assistant", "system": "system"}
+                "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
 # What each method trains on, and the formats a spec may name for it.
 FAMILY = {"sft": "chat", "dpo": "pair", "orpo": "pair", "simpo": "pair", "kto": "unpaired"}
 FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired", "alpaca": "alpaca",
@@ -106,23 +106,58 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
         content = turn.get(text_key) if text_key else turn.get("content", turn.get("value"))
         if role is None:
             raise BadRow(f"{where} turn {number} has no known role ({turn.get('role', turn.get('from'))!r})")
+        calls = tool_calls(turn.get("tool_calls"), f"{where} turn {number}") if role == "assistant" else None
+        if calls and content is None:
+            content = ""
         if not isinstance(content, str):
             raise BadRow(f"{where} turn {number} content is {type(content).__name__}, not text")
-        if not content.strip():
+        if not content.strip() and not calls:
             raise BadRow(f"{where} turn {number} ({role}) is empty")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
     return messages
 
 
+def tool_calls(value: Any, where: str) -> list[dict] | None:
+    """An assistant turn's tool calls in OpenAI's form ([{"type": "function", "function": {"name", "arguments"}}]),
+    arguments as an object (a JSON string is parsed)."""
+    import json
+
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"{where}: tool_calls is not a list of calls")
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", {}) if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise BadRow(f"{where}: tool call {index} arguments are not JSON") from None
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            raise BadRow(f"{where}: tool call {index} has no function name and arguments object")
+        calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
 def check_order(messages: list[dict], where: str = "turn", need_assistant: bool = True) -> None:
-    """An optional system turn, then user/assistant alternating (a prompt ends with the user)."""
+    """An optional system turn, then user/assistant alternating (a prompt ends with the user); an assistant turn
+    that calls tools is followed by one or more tool turns, then the assistant again."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     offset = len(messages) - len(body)
+    expected = ("user",)
     for number, message in enumerate(body):
-        expected = "user" if number % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise BadRow(f"{where} {number + offset} is {message['role']!r} where {expected!r} was expected "
-                         "(roles must alternate user/assistant)")
+        if message["role"] not in expected:
+            raise BadRow(f"{where} {number + offset} is {message['role']!r} where {' or '.join(map(repr, expected))} "
+                         "was expected (roles must alternate user/assistant; tool turns answer tool calls)")
+        if message["role"] == "user":
+            expected = ("assistant",)
+        elif message["role"] == "assistant":
+            expected = ("tool",) if message.get("tool_calls") else ("user",)
+        else:
+            expected = ("tool", "assistant")
     if need_assistant and not any(m["role"] == "assistant" for m in body):
         raise BadRow("no assistant turn to learn from")
 
@@ -136,15 +171,30 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 # ------------------------------------------------------------------------------------------- shapes
 
 
-def chat(row: dict, fmt: str, system_prompt: str | None) -> list[dict]:
-    """One conversation as [{role, content}], system first."""
+def chat(row: dict, fmt: str, system_prompt: str | None):
+    """One conversation as [{role, content}], system first; with a `tools` list (JSON schemas of the functions
+    the assistant may call), {"messages": [...], "tools": [...]}."""
     if fmt in ("sharegpt", "auto") and "conversations" in row:
         messages = turns(row["conversations"], "turn", "user", text_key=None)
     else:
         messages = turns(row["messages"], "turn", "user", text_key=None)
     messages = with_system(messages, system_prompt)
     check_order(messages)
-    return messages
+    tools = row.get("tools")
+    if tools is None:
+        if any(m.get("tool_calls") for m in messages):
+            raise BadRow("an assistant turn calls a tool but the row has no 'tools' list")
+        return messages
+    if isinstance(tools, str):  # some exports keep the schemas as a JSON string
+        import json
+
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise BadRow("'tools' is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow("'tools' is not a list of function schemas")
+    return {"messages": messages, "tools": tools}
 
 
 def _answer(value: Any, where: str) -> list[dict]:

@@ -29,10 +29,27 @@ GEMMA = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+# ChatML; with `tools`, the Hermes tool-use format Qwen 2.5 and Qwen 3 use (newlines right after a block tag are
+# written as {{ '\n' }}: transformers renders with trim_blocks): the schemas in the system turn, the
+# assistant's calls as <tool_call> JSON, a tool's result as a user turn inside <tool_response>. Without tools it
+# renders exactly plain ChatML.
 CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|im_end|>\n{% endgeneration %}"
-    "{% else %}{{ message['content'] | trim }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}"
+    "\n\n{% endif %}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\nFor each function call, return a json "
+    "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and tools %}"
+    "{% elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] | trim }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}"
+    "{% for call in message['tool_calls'] or [] %}{% if not loop.first or message['content'] %}{{ '\\n' }}{% endif %}"
+    "<tool_call>\n{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}<|im_end|>\n{% endif %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -111,6 +128,21 @@ def file_problems(path: str) -> list[str]:
     if "u" not in str(rendered) or "a" not in str(rendered):
         return [f"model.chat_template: {path} leaves the messages out of what it renders"]
     return []
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes a tool's schema and a tool call into what it renders."""
+    probe = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "peftopt_probe_call", "arguments": {"x": 1}}}]},
+             {"role": "tool", "content": "peftopt_probe_result"}]
+    schema = [{"type": "function", "function": {"name": "peftopt_probe_schema", "description": "d",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tools=schema, tokenize=False)
+    except Exception:  # the template's own refusals (raise_exception) and Jinja's errors
+        return False
+    return all(word in text for word in ("peftopt_probe_schema", "peftopt_probe_call", "peftopt_probe_result"))
 
 
 def stop_strings(template_text: str, eos_token: str | None) -> list[str]:

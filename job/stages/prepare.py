@@ -17,7 +17,7 @@ import numpy as np
 
 from job import data as conversations_in
 from job import modelsrc, preference, templates
-from job.errors import DataError
+from job.errors import DataError, SpecError
 from job.fingerprint import file_digest
 from job.log import get_logger
 from job.rundir import atomic_dir
@@ -167,15 +167,20 @@ def assistant_char_spans(messages, tokenizer, row: int = 0) -> tuple[str, list[t
     """
     from job.inputs import time_limit
 
-    if isinstance(messages, dict):
+    if isinstance(messages, dict) and "messages" not in messages:
         return raw_text_spans(messages, tokenizer)
     with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
                                               f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
         return _spans(messages, tokenizer)
 
 
-def _spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    render = tokenizer.apply_chat_template
+def _spans(example, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    messages, tools = (example["messages"], example["tools"]) if isinstance(example, dict) else (example, None)
+
+    def render(turns, **kwargs):
+        return tokenizer.apply_chat_template(turns, tools=tools, **kwargs) if tools else \
+            tokenizer.apply_chat_template(turns, **kwargs)
+
     full = render(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
@@ -200,14 +205,19 @@ def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("model.base: the tokenizer has no fast (Rust) version; assistant masking needs offsets")
+    conversations = list(conversations)
+    with_tools = next((i for i, c in enumerate(conversations) if isinstance(c, dict) and "tools" in c), None)
+    if with_tools is not None and not templates.renders_tools(tokenizer):
+        raise SpecError(f"model.chat_template: data row {with_tools} has a tools list, and the chat template "
+                        f"({getattr(tokenizer, 'template_name', spec.model.chat_template)}) does not render tools or "
+                        "tool calls; use 'chatml' or a tokenizer template that does")
     data = spec.data
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
     encoded = []
-    conversations = list(conversations)
     rendered = [assistant_char_spans(messages, tokenizer, row) for row, messages in enumerate(conversations)]
     for index, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
-        raw = isinstance(conversations[index], dict)  # text and prompt/completion rows: their spans always count
+        raw = isinstance(conversations[index], dict) and "messages" not in conversations[index]  # their spans count
         if data.min_tokens and len(ids) < data.min_tokens:
             counts["skipped"]["shorter than data.min_tokens"] += 1
             continue
