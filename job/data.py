@@ -4,12 +4,16 @@ set, reproducibly by seed, with exact duplicates across sources removed and coun
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import random
 import re
+import tempfile
+from array import array
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 from job import shapes
 from job.errors import DataError, ExternalError, SpecError
@@ -51,94 +55,101 @@ def _parse_line(line: str, number: int, max_bytes: int):
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _slice(rows: list, split: str) -> list:
+def _bounds(split: str, total: int | None) -> tuple[int, int | None] | None:
+    """(start, stop) of a split like 'train[2:50]' or 'train[:10%]' (percentages need the total); None when the
+    split names no slice."""
     match = re.match(r"^[^\[]+\[(-?\d+%?)?:(-?\d+%?)?\]$", split)
     if not match:
-        return rows
+        return None
 
-    def bound(text):
+    def bound(text, default):
         if text is None:
-            return None
-        if text.endswith("%"):
-            return int(len(rows) * int(text[:-1]) / 100)
-        return int(text)
+            return default
+        value = int(total * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+        return max(value + total, 0) if value < 0 else value
 
-    return rows[bound(match.group(1)): bound(match.group(2))]
+    return bound(match.group(1), 0), bound(match.group(2), total)
 
 
-def read_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> list[dict]:
-    """Raises DataError for an unreadable local file; ExternalError when a Hub data set cannot be had."""
+def _needs_total(split: str) -> bool:
+    return "%" in split or "-" in split
+
+
+def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> Iterator:
+    """The rows of a source, one at a time, so that prepare's memory does not grow with the data: a local file
+    is read as it is consumed (a .json list, which cannot be, whole), a Hub data set from its memory-mapped
+    Arrow cache. A slice in the split ('train[2:50]', 'train[:10%]') applies to a local file too.
+
+    Raises:
+        DataError: an unreadable local file (when called; a bad byte further in, when reached).
+        ExternalError: a Hub data set cannot be had.
+    """
     if source.endswith(LOCAL_DATA_SUFFIXES):
-        return _slice(read_local(Path(source), max_line_chars), split)
+        path = Path(source)
+        rows = iter_local(path, max_line_chars)
+        bounds = _bounds(split, sum(1 for _ in iter_local(path, max_line_chars)) if _needs_total(split) else None)
+        return rows if bounds is None else itertools.islice(rows, bounds[0], bounds[1])
     from job import hub
 
     try:
         import datasets
 
-        return list(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(source, split=split)))
+        return iter(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(source, split=split)))
     except (OSError, ConnectionError, FileNotFoundError, ValueError) as exc:
         raise ExternalError(f"data.source: cannot load {source!r} split {split!r} from the Hub: "
                             f"{str(exc).splitlines()[0]}") from None
 
 
-def _read_table(path: Path, max_field_chars: int) -> list:
+def read_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> list:
+    """iter_rows as a list (for a few rows, or tests)."""
+    return list(iter_rows(source, split, max_line_chars))
+
+
+def _table_rows(path: Path, max_field_chars: int) -> Iterator:
     """A CSV or TSV file with a header row, each row a dict of strings; a row with more or fewer fields than the
     header, or a field over the limit, is an Unparsable in its place."""
     import csv
 
     csv.field_size_limit(max_field_chars)
-    rows: list = []
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
         try:
             header = next(reader)
         except StopIteration:
-            return []
+            return
         while True:
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as exc:
-                rows.append(Unparsable(f"line {reader.line_num}: {exc}"))
+                yield Unparsable(f"line {reader.line_num}: {exc}")
                 continue
             if not fields:
                 continue
             if len(fields) != len(header):
-                rows.append(Unparsable(f"line {reader.line_num}: {len(fields)} fields where the header has {len(header)}"))
+                yield Unparsable(f"line {reader.line_num}: {len(fields)} fields where the header has {len(header)}")
                 continue
-            rows.append(dict(zip(header, fields)))
-    return rows
+            yield dict(zip(header, fields))
 
 
-def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
-    """The rows of a local file; a JSONL line that cannot become a row is an `Unparsable` in its place.
+def _jsonl_rows(path: Path, max_line_chars: int) -> Iterator:
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh):
+            if line.strip():
+                yield _parse_line(line, number + 1, max_line_chars)
 
-    Raises:
-        DataError: the file is missing, not a regular file, not UTF-8, or (.json, .parquet) does not parse.
-    """
-    from job.inputs import regular_file_problem
 
-    problem = regular_file_problem(path)
-    if problem:
-        raise DataError(f"data.source: {path} {problem}")
+def _parquet_rows(path: Path) -> Iterator:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
+
+
+def _json_rows(path: Path) -> list:
     try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if path.suffix in (".csv", ".tsv"):
-            return _read_table(path, max_line_chars)
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data.source: {path} is not UTF-8 (byte {exc.start})") from None
-    except Exception as exc:  # pyarrow raises its own types for a corrupt file
-        raise DataError(f"data.source: cannot read {path}: {exc}") from None
-    if path.suffix == ".jsonl":
-        return [_parse_line(line, number + 1, max_line_chars) for number, line in enumerate(text.splitlines())
-                if line.strip()]
-    try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
@@ -148,6 +159,43 @@ def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
     if not isinstance(data, list):
         raise DataError(f"data.source: {path} must hold a JSON list of conversations")
     return data
+
+
+def iter_local(path: Path, max_line_chars: int = 1 << 28) -> Iterator:
+    """The rows of a local file as they are read; a line that cannot become a row is an `Unparsable` in its
+    place.
+
+    Raises:
+        DataError: the file is missing or not a regular file (when called); it is not UTF-8, or (.json,
+            .parquet) does not parse (when called for .json, else when reached).
+    """
+    from job.inputs import regular_file_problem
+
+    problem = regular_file_problem(path)
+    if problem:
+        raise DataError(f"data.source: {path} {problem}")
+    if path.suffix == ".json":
+        return iter(list(_guarded(path, lambda: iter(_json_rows(path)))))  # a JSON list is read whole
+    make = {".jsonl": lambda: _jsonl_rows(path, max_line_chars), ".csv": lambda: _table_rows(path, max_line_chars),
+            ".tsv": lambda: _table_rows(path, max_line_chars), ".parquet": lambda: _parquet_rows(path)}[path.suffix]
+    return _guarded(path, make)
+
+
+def _guarded(path: Path, make) -> Iterator:
+    """The rows `make()` yields, with a decoding or parsing failure as a DataError naming the file."""
+    try:
+        yield from make()
+    except DataError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.source: {path} is not UTF-8 (byte {exc.start} of a block)") from None
+    except Exception as exc:  # pyarrow raises its own types for a corrupt file
+        raise DataError(f"data.source: cannot read {path}: {exc}") from None
+
+
+def read_local(path: Path, max_line_chars: int = 1 << 28) -> list:
+    """iter_local as a list."""
+    return list(iter_local(path, max_line_chars))
 
 
 # ------------------------------------------------------------------------------------ standardizing
@@ -176,14 +224,14 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
     Raises:
         DataError: the file is unreadable or empty, or a row is malformed, naming it (exit 3).
     """
-    rows = read_local(Path(source.source), max_line_chars(spec))  # DataError: missing, not UTF-8, not JSON
+    rows = list(itertools.islice(iter_local(Path(source.source), max_line_chars(spec)), FIRST_ROWS))
     if not rows:
         raise DataError(f"{where}: {source.source} holds no rows")
     if spec.data.bad_rows == "skip":
         return
     kind = family(spec)
     wrong_kind = []
-    for index, row in enumerate(rows[:FIRST_ROWS]):
+    for index, row in enumerate(rows):
         try:
             standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind, source.columns)
         except BadRow as exc:
@@ -194,7 +242,7 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
                 continue
             raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
                             "set data.bad_rows='skip' to drop such rows)") from None
-    if wrong_kind and len(wrong_kind) == min(len(rows), FIRST_ROWS):  # the whole file is of another kind
+    if wrong_kind and len(wrong_kind) == len(rows):  # the whole file is of another kind
         found = shapes.detect(shapes.renamed(rows[0], source.columns))
         named = shapes.FORMATS.get(source.format)
         if named and found != named and found in shapes.TAKES[kind]:
@@ -260,12 +308,65 @@ def cap_example(example, limit: int):
 # ------------------------------------------------------------------------------------------ mixing
 
 
-def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list, counts: Counter) -> list[list[dict]]:
-    out = []
+class Spool:
+    """Standardized examples kept in an anonymous temporary file as JSON lines, with their offsets in memory: a
+    data set of millions of rows costs prepare about 8 bytes a row (and 16 for its duplicate check) rather than
+    its Python objects."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()
+        self.offsets = array("q")
+
+    def add(self, example) -> None:
+        self.file.seek(0, 2)
+        self.offsets.append(self.file.tell())
+        self.file.write(json.dumps(example, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def get(self, index: int):
+        self.file.seek(self.offsets[index])
+        return json.loads(self.file.readline())
+
+
+class Examples(Sequence):
+    """A sequence of standardized examples drawn from spools: entry i is spool `source[i]`'s row `position[i]`.
+    Subsets and reorderings are index arrays; an example is read back when it is used."""
+
+    def __init__(self, spools: list, source: array, position: array):
+        self.spools, self.source, self.position = spools, source, position
+
+    @classmethod
+    def of(cls, examples: Iterable) -> "Examples":
+        spool = Spool()
+        for example in examples:
+            spool.add(example)
+        return cls([spool], array("i", [0]) * len(spool), array("q", range(len(spool))))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.subset(range(len(self))[index])
+        return self.spools[self.source[index]].get(self.position[index])
+
+    def subset(self, indices: Iterable[int]) -> "Examples":
+        indices = list(indices)
+        return Examples(self.spools, array("i", (self.source[i] for i in indices)),
+                        array("q", (self.position[i] for i in indices)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: Iterable, counts: Counter) -> Iterator:
     where = f"data.sources[{index}] ({source.source}) row" if spec.data.sources else "data row"
     limit = max_row_chars(spec)
     kind = family(spec)
     for number, row in enumerate(rows):
+        counts["rows_read"] += 1
         try:
             examples = standardize(row, source.format, source.system_prompt or spec.data.system_prompt, kind,
                                    source.columns)
@@ -281,17 +382,17 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: list,
                 if not learnable:
                     counts["nothing to learn after data.max_row_chars"] += 1
                     continue
-            out.append(example)
-    return out
+            yield example
 
 
-def mixture(spec: JobSpec, rows_by_source: list[list] | None = None) -> tuple[list[list[dict]], list[int], list[dict]]:
-    """The training conversations (standardized), which source each came from, and per-source figures.
+def mixture(spec: JobSpec, rows_by_source: list[Iterable] | None = None) -> tuple[Examples, array, list[dict]]:
+    """The training examples (standardized), which source each came from, and per-source figures.
 
-    Each source's rows are read and checked; exact duplicates (the same conversation, after standardizing)
-    are dropped across sources, the first occurrence kept; then each source gives all its rows, or
-    `num_samples` of them, or its `weight`'s share of `data.num_samples`, drawn by `train.seed`; the union
-    is shuffled by the same seed. A single `data.source` is the one-source case (its order kept).
+    Each source's rows are read one at a time, checked, and spooled to disk; exact duplicates (the same
+    conversation, after standardizing) are dropped across sources, the first occurrence kept; then each source
+    gives all its rows, or `num_samples` of them, or its `weight`'s share of `data.num_samples`, drawn by
+    `train.seed`; the union is shuffled by the same seed. A single `data.source` is the one-source case (its
+    order kept).
 
     Raises:
         DataError: a malformed row (unless data.bad_rows is 'skip'), or an unreadable file.
@@ -301,43 +402,45 @@ def mixture(spec: JobSpec, rows_by_source: list[list] | None = None) -> tuple[li
     sources = data.all_sources()
     seed = spec.train.seed if spec.train else 0
     rng = random.Random(seed)
-    seen: set[str] = set()
-    pools, figures = [], []
+    seen: set[bytes] = set()
+    spools, figures = [], []
     for index, source in enumerate(sources):
         counts: Counter = Counter()
         raw = rows_by_source[index] if rows_by_source is not None else \
-            read_rows(source.source, source.split, max_line_chars(spec))
-        conversations = _standardized(spec, index, source, raw, counts)
-        unique = []
-        for messages in conversations:
-            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            iter_rows(source.source, source.split, max_line_chars(spec))
+        spool = Spool()
+        for example in _standardized(spec, index, source, raw, counts):
+            key = hashlib.blake2b(json.dumps(example, sort_keys=True, ensure_ascii=False).encode(),
+                                  digest_size=16).digest()
             if key in seen:
                 counts["duplicate"] += 1
                 continue
             seen.add(key)
-            unique.append(messages)
-        pools.append(unique)
-        figures.append({"source": source.source, "split": source.split, "rows_read": len(raw),
-                        "skipped": dict(counts - Counter({"duplicate": counts["duplicate"],
-                                                          "chars_capped": counts["chars_capped"]})),
-                        "duplicates_dropped": counts["duplicate"], "chars_capped": counts["chars_capped"]})
+            spool.add(example)
+        spools.append(spool)
+        kept = Counter({k: counts[k] for k in ("duplicate", "chars_capped", "rows_read")})
+        figures.append({"source": source.source, "split": source.split, "rows_read": counts["rows_read"],
+                        "skipped": dict(counts - kept), "duplicates_dropped": counts["duplicate"],
+                        "chars_capped": counts["chars_capped"]})
+    seen.clear()
     weights = {i: s.weight for i, s in enumerate(sources) if s.weight is not None}
-    chosen, origin = [], []
-    for index, (source, pool) in enumerate(zip(sources, pools)):
+    origin, position = array("i"), array("q")
+    for index, (source, spool) in enumerate(zip(sources, spools)):
         if source.num_samples is not None:
-            take = min(source.num_samples, len(pool))
+            take = min(source.num_samples, len(spool))
         elif index in weights:
-            take = min(round(data.num_samples * weights[index] / sum(weights.values())), len(pool))
+            take = min(round(data.num_samples * weights[index] / sum(weights.values())), len(spool))
         else:
-            take = len(pool)
-        picked = pool if take == len(pool) else [pool[i] for i in sorted(rng.sample(range(len(pool)), take))]
+            take = len(spool)
+        picked = range(len(spool)) if take == len(spool) else sorted(rng.sample(range(len(spool)), take))
         figures[index]["rows_used"] = len(picked)
-        chosen += picked
-        origin += [index] * len(picked)
+        position.extend(picked)
+        origin.extend([index] * len(picked))
+    chosen = Examples(spools, origin, position)
     if len(sources) > 1:
         order = list(range(len(chosen)))
         rng.shuffle(order)
-        chosen, origin = [chosen[i] for i in order], [origin[i] for i in order]
+        chosen = chosen.subset(order)
     if data.num_samples is not None and not weights and len(chosen) > data.num_samples:
-        chosen, origin = chosen[: data.num_samples], origin[: data.num_samples]
-    return chosen, origin, figures
+        chosen = chosen.subset(range(data.num_samples))
+    return chosen, chosen.source, figures

@@ -8,6 +8,7 @@ transformers' sandboxed Jinja: no torch, no model, a few seconds.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -115,14 +116,15 @@ def rows(spec: JobSpec, count: int, color: bool) -> tuple[list[str], dict]:
         raise SpecError("inspect: the spec has no data section")
     tokenizer = TextTokenizer(base_directory(spec), spec)
     source = spec.data.all_sources()[0]
-    raw = data_module.read_rows(source.source, source.split, data_module.max_line_chars(spec))
+    raw = list(itertools.islice(data_module.iter_rows(source.source, source.split,
+                                                      data_module.max_line_chars(spec)), count))
     first = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": None, "source": source.source,
                                                                        "num_samples": None, "eval_split": None,
                                                                        "split": source.split, "format": source.format,
                                                                        "columns": source.columns,
                                                                        "system_prompt": source.system_prompt
                                                                        or spec.data.system_prompt})})
-    examples, _, figures = data_module.mixture(first, [raw[:count]])
+    examples, _, figures = data_module.mixture(first, [raw])
     family = data_module.family(spec)
     printed = []
     if family == "chat":

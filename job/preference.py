@@ -5,6 +5,7 @@ scores with them (`implicit_rewards`).
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Iterable
 
@@ -46,11 +47,12 @@ def tokenized(example: dict, tokenizer, row: int = 0) -> dict[str, list[int]]:
     return out
 
 
-def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec,
-                    origin: list[int] | None = None) -> tuple[list[dict], dict]:
+def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec, origin=None,
+                    sink=None) -> tuple[list[dict], dict]:
     """The examples as trl's trainers take them (conversational rows they tokenize themselves), with the counts
     prepare reports: tokens of every sequence (a pair is two), the answers' tokens as trainable, truncation to
-    model.max_seq_length (trl cuts there), and data.min_tokens / max_tokens applied to the longest sequence."""
+    model.max_seq_length (trl cuts there), and data.min_tokens / max_tokens applied to the longest sequence.
+    With a `sink` (a text file) each kept example is written to it as a JSON line instead of returned."""
     data, limit = spec.data, spec.model.max_seq_length
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
@@ -76,7 +78,10 @@ def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec,
         counts["trainable_tokens"] += trainable
         counts["rows_by_source"][source] += 1
         counts["trainable_by_source"][source] += trainable
-        kept.append(example)
+        if sink is not None:
+            sink.write(json.dumps(example, ensure_ascii=False, separators=(",", ":")) + "\n")
+        else:
+            kept.append(example)
     return kept, counts
 
 

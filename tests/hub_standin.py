@@ -1,8 +1,8 @@
 """A local stand-in for the Hugging Face Hub endpoints peftopt uses (repo creation, preupload, commit with
-deletions, tree listing, model info, file download), driven by the real huggingface_hub client through
-HF_ENDPOINT. Faults are injected per request, for any method: `fail_next` takes "500" (any status),
-"429:2" (with Retry-After: 2), "drop" (connection closed, no answer), "reset" (closed mid-body), "slow:3"
-(answer after 3 s); `fail_always` repeats one forever; `fail_after_commits` fails commits past N.
+deletions, tree listing, model and data set info, file download), driven by the real huggingface_hub and
+datasets clients through HF_ENDPOINT. Faults are injected per request, for any method: `fail_next` takes "500"
+(any status), "429:2" (with Retry-After: 2), "drop" (connection closed, no answer), "reset" (closed mid-body),
+"slow:3" (answer after 3 s); `fail_always` repeats one forever; `fail_after_commits` fails commits past N.
 """
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ class HubStandIn:
             def log_message(self, *args):
                 pass
 
-            def _reply(self, status: int, body: dict):
+            def _reply(self, status: int, body: dict, error_code: str | None = None):
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                if error_code:  # how the Hub tells a missing file from a missing repo
+                    self.send_header("X-Error-Code", error_code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -123,10 +125,25 @@ class HubStandIn:
                                              "commitOid": f"{standin.commits:040x}", "pullRequestUrl": None})
                 return self._reply(404, {"error": f"no route {self.path}"})
 
+            def _target(self) -> tuple[str, list[str], bool]:
+                """(repo key, the path parts after the repo, whether it is an /api/ path): a data set's key is
+                'datasets/<owner>/<name>', a model's '<owner>/<name>'."""
+                parts = unquote(self.path.split("?")[0]).strip("/").split("/")
+                api = parts[:1] == ["api"]
+                if api:
+                    parts = parts[1:]
+                    kind = parts.pop(0) if parts else ""
+                    prefix = "datasets/" if kind == "datasets" else ""
+                else:
+                    prefix = "datasets/" if parts[:1] == ["datasets"] else ""
+                    parts = parts[1:] if prefix else parts
+                return prefix + "/".join(parts[:2]), parts[2:], api
+
             def _file_headers(self, repo: str, name: str) -> bytes | None:
                 data = standin.files.get(repo, {}).get(name)
                 if data is None:
-                    self._reply(404, {"error": "Entry not found"})
+                    self._reply(404, {"error": "Entry not found"},
+                                "EntryNotFound" if repo in standin.repos else "RepoNotFound")
                     return None
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -136,8 +153,7 @@ class HubStandIn:
                 return data
 
             def _authorized(self) -> bool:
-                parts = unquote(self.path.split("?")[0]).strip("/").split("/")
-                repo = "/".join(parts[2:4]) if parts[:2] == ["api", "models"] else "/".join(parts[:2])
+                repo = self._target()[0]
                 if repo not in standin.repos or standin.repos[repo].get("private") is False \
                         and not self.headers.get("Authorization"):
                     return True  # a public repo reads without a token; an unknown one is a 404 below
@@ -150,40 +166,37 @@ class HubStandIn:
                 standin.requests.append(f"HEAD {self.path}")
                 if self._fault():
                     return
-                parts = unquote(self.path.split("?")[0]).strip("/").split("/")
-                if len(parts) > 4 and parts[2] == "resolve" and self._authorized():
-                    self._file_headers("/".join(parts[:2]), "/".join(parts[4:]))
+                repo, rest, api = self._target()
+                if not api and len(rest) > 2 and rest[0] == "resolve" and self._authorized():
+                    self._file_headers(repo, "/".join(rest[2:]))
 
             def do_GET(self):
                 standin.requests.append(f"GET {self.path}")
                 if self._fault() or not self._authorized():
                     return
-                path, _, query = self.path.partition("?")
-                parts = unquote(path).strip("/").split("/")
-                if len(parts) > 4 and parts[2] == "resolve":
-                    data = self._file_headers("/".join(parts[:2]), "/".join(parts[4:]))
+                query = self.path.partition("?")[2]
+                repo, rest, api = self._target()
+                if not api and len(rest) > 2 and rest[0] == "resolve":
+                    data = self._file_headers(repo, "/".join(rest[2:]))
                     if data is not None:
                         self.wfile.write(data)
                     return
-                if parts[:2] == ["api", "models"] and (len(parts) == 4 or (len(parts) == 6 and parts[4] == "revision")):
-                    repo = "/".join(parts[2:4])
-                    if repo not in standin.repos:
-                        return self._reply(404, {"error": f"Repository {repo} not found"})
-                    return self._reply(200, {"id": repo, "sha": f"{standin.commits:040x}", "private": True,
+                if api and repo not in standin.repos:
+                    return self._reply(404, {"error": f"Repository {repo} not found"})
+                if api and (not rest or (len(rest) == 2 and rest[0] == "revision")):
+                    return self._reply(200, {"id": repo.removeprefix("datasets/"), "sha": f"{standin.commits:040x}",
+                                             "private": True,
                                              "siblings": [{"rfilename": n} for n in sorted(standin.files[repo])]})
-                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
-                    repo = "/".join(parts[2:4])
-                    if repo not in standin.repos:
-                        return self._reply(404, {"error": f"Repository {repo} not found"})
-                    under = "/".join(parts[6:])
+                if api and len(rest) >= 2 and rest[0] == "tree":
+                    under = "/".join(rest[2:])
                     recursive = "recursive=True" in query or "recursive=true" in query
                     entries, folders = [], set()
                     for name, data in sorted(standin.files[repo].items()):
                         if under and not name.startswith(under + "/"):
                             continue
-                        rest = name[len(under) + 1:] if under else name
-                        if "/" in rest and not recursive:
-                            folders.add(f"{under}/{rest.split('/')[0]}" if under else rest.split("/")[0])
+                        rest_of = name[len(under) + 1:] if under else name
+                        if "/" in rest_of and not recursive:
+                            folders.add(f"{under}/{rest_of.split('/')[0]}" if under else rest_of.split("/")[0])
                             continue
                         entries.append({"type": "file", "path": name, "size": len(data),
                                         "oid": hashlib.sha1(data).hexdigest()})
@@ -202,6 +215,10 @@ class HubStandIn:
 
         self.repos[repo] = {"private": private}
         self.files[repo] = {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+    def add_dataset(self, repo: str, folder, private: bool = False) -> None:
+        """Publishes a local folder's files as a data set repo."""
+        self.add_repo(f"datasets/{repo}", folder, private)
 
     def __enter__(self):
         self.thread.start()

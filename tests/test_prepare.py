@@ -42,7 +42,7 @@ def test_sharegpt_and_openai_standardize_alike():
 
 @pytest.mark.parametrize("row,needle", [
     ({"conversations": []}, "empty"),
-    ({"text": "hi"}, "no 'conversations' or 'messages'"),
+    ({"question": "hi"}, "no 'conversations' or 'messages'"),
     ({"conversations": [{"from": "gpt", "value": "x"}]}, "where 'user' was expected"),
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}, "empty"),
     ({"conversations": [{"from": "human", "value": 3}]}, "not text"),

@@ -118,6 +118,34 @@ def test_every_example_validates_and_trains_on_the_tiny_model(name, tmp_path, ti
 
 
 @pytest.mark.integration
+def test_a_hub_dataset_in_a_new_shape_trains_as_the_local_file_does(tmp_path, tiny_model):
+    """The alpaca example's file published as a data set repo on the local Hub stand-in, read by the real datasets
+    and huggingface_hub clients: the same rows and trainable tokens as from the file, and it trains."""
+    from hub_standin import HubStandIn
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.jsonl").write_bytes((EXAMPLES / "alpaca.jsonl").read_bytes())
+    common = ["--set", f"model.base={tiny_model}", "--set", "train.backend=hf", "--set", "train.optim=adamw_torch",
+              "--set", "train.max_steps=2", "--set", "evaluate=null"]
+    local = run_cli("run", EXAMPLES / "alpaca.json", "--output-dir", tmp_path / "local", *common)
+    assert local.returncode == 0, local.stderr[-3000:]
+    with HubStandIn("hf_StandInToken0000000000000000000") as hub:
+        hub.add_dataset("someone/alpaca-small", repo)
+        served = run_cli("run", EXAMPLES / "alpaca.json", "--output-dir", tmp_path / "hub", *common,
+                         "--set", "data.source=someone/alpaca-small",
+                         env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
+                              "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})
+        assert served.returncode == 0, served.stderr[-3000:]
+        assert any("/datasets/someone/alpaca-small/resolve/" in r and r.endswith("train.jsonl")
+                   for r in hub.requests)
+    [from_file], [from_hub] = ([e for e in events(r.stdout) if e["event"] == "data_prepared"] for r in (local, served))
+    assert from_hub["train"] == from_file["train"] and from_hub["rows_read"] == from_file["rows_read"] > 0
+    metrics = json.loads((tmp_path / "hub" / "example_alpaca" / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 2
+
+
+@pytest.mark.integration
 def test_refusals_name_the_row_or_the_file(tmp_path, make_spec, tiny_data):
     result = run_cli("run", make_spec("named", data={"source": str(tiny_data), "format": "alpaca"}))
     assert result.returncode == 2 and "holds conversations, not alpaca rows as data.format 'alpaca' says" in \

@@ -6,11 +6,11 @@ into labels. The base model is made local first when it is a GGUF (see modelsrc)
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -76,26 +76,27 @@ def run(ctx: RunContext) -> StageResult:
     tokenizer, template_name = modelsrc.load_tokenizer(modelsrc.model_location(spec, run_dir), spec)
     data = spec.data
     line_cap = conversations_in.max_line_chars(spec)
-    rows_by_source = [conversations_in.read_rows(s.source, s.split, line_cap) for s in data.all_sources()]
+    rows_by_source = [conversations_in.iter_rows(s.source, s.split, line_cap) for s in data.all_sources()]
     if data.source is not None and data.num_samples is not None:
-        rows_by_source[0] = rows_by_source[0][: data.num_samples]
+        rows_by_source[0] = itertools.islice(rows_by_source[0], data.num_samples)
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
     parts = split_rows(chosen, origin, spec)
     family = conversations_in.family(spec)
     encode = encode_rows if family == "chat" else preference.encode_examples
-    stats: dict[str, Any] = {"rows_read": sum(len(r) for r in rows_by_source), "chat_template": template_name,
+    stats: dict[str, Any] = {"rows_read": sum(f["rows_read"] for f in per_source), "chat_template": template_name,
                              "examples": family}
     with atomic_dir(run_dir.data_dir) as out:
         for part, (part_rows, part_origin) in parts.items():
             if part == "eval" and not part_rows:
                 continue
-            encoded, counts = encode(part_rows, tokenizer, spec, part_origin)
-            if part == "train" and not encoded:
+            with open(out / f"{part}.jsonl", "w", encoding="utf-8") as sink:
+                _, counts = encode(part_rows, tokenizer, spec, part_origin, sink=sink)
+            rows = sum(counts["rows_by_source"].values())
+            if part == "train" and not rows:
                 raise DataError(f"data: no usable training rows out of {len(part_rows)} "
                                 f"(skipped: {dict(counts['skipped'])})")
-            write_jsonl(out / f"{part}.jsonl", encoded)
             stats[part] = {
-                "rows": len(encoded), "skipped": dict(counts["skipped"]), "truncated": counts["truncated"],
+                "rows": rows, "skipped": dict(counts["skipped"]), "truncated": counts["truncated"],
                 "tokens": counts["tokens"], "trainable_tokens": counts["trainable_tokens"],
             }
             if part == "train":
@@ -121,22 +122,24 @@ STAGE = Stage(
 )
 
 
-def split_rows(chosen: list, origin: list[int], spec: JobSpec) -> dict[str, tuple[list, list[int]]]:
-    """{"train": (conversations, source of each), "eval": (...)}: the held-out rows are a seeded fraction of
-    the data, or (one source) another slice of it."""
+def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
+    """{"train": (examples, source of each), "eval": (...)}: the held-out rows are a seeded fraction of the data,
+    or (one source) another slice of it."""
     eval_split = spec.data.eval_split
     if eval_split is None:
         return {"train": (chosen, origin), "eval": ([], [])}
     if isinstance(eval_split, float):
         order = list(range(len(chosen)))
         random.Random(spec.train.seed if spec.train else 0).shuffle(order)
-        held = set(order[: max(1, int(len(chosen) * eval_split))])
-        keep = [i for i in range(len(chosen)) if i not in held]
-        return {"train": ([chosen[i] for i in keep], [origin[i] for i in keep]),
-                "eval": ([chosen[i] for i in sorted(held)], [origin[i] for i in sorted(held)])}
+        held = np.zeros(len(chosen), dtype=bool)
+        held[order[: max(1, int(len(chosen) * eval_split))]] = True
+        del order
+        keep, out = np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+        return {"train": (chosen.subset(keep), [origin[i] for i in keep]),
+                "eval": (chosen.subset(out), [origin[i] for i in out])}
     source = spec.data.all_sources()[0]
     held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"split": eval_split})})
-    rows, _, _ = conversations_in.mixture(held_out, [conversations_in.read_rows(
+    rows, _, _ = conversations_in.mixture(held_out, [conversations_in.iter_rows(
         source.source, eval_split, conversations_in.max_line_chars(spec))])
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
 
@@ -195,56 +198,71 @@ def _spans(example, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     return full, spans
 
 
-def encode_rows(conversations: Iterable[list[dict]], tokenizer, spec: JobSpec,
-                origin: list[int] | None = None) -> tuple[list[dict], dict]:
+def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, sink=None,
+                chunk: int = 1024) -> tuple[list[dict], dict]:
     """Tokenizes standardized conversations with the chat template and masks everything but the assistant's
     replies; applies data.min_tokens / max_tokens (else truncates to model.max_seq_length). Counts per source.
+    A chunk at a time: with a `sink` (a text file) each encoded row is written to it as a JSON line and none is
+    kept, so memory does not grow with the data; without one they are returned.
 
     Raises:
         DataError: the tokenizer cannot give offsets, the template hides assistant turns, or nothing trains.
+        SpecError: a row has tools and the chat template cannot render them.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("model.base: the tokenizer has no fast (Rust) version; assistant masking needs offsets")
-    conversations = list(conversations)
-    with_tools = next((i for i, c in enumerate(conversations) if isinstance(c, dict) and "tools" in c), None)
-    if with_tools is not None and not templates.renders_tools(tokenizer):
-        raise SpecError(f"model.chat_template: data row {with_tools} has a tools list, and the chat template "
-                        f"({getattr(tokenizer, 'template_name', spec.model.chat_template)}) does not render tools or "
-                        "tool calls; use 'chatml' or a tokenizer template that does")
     data = spec.data
     counts: dict[str, Any] = {"skipped": Counter(), "truncated": 0, "tokens": 0, "trainable_tokens": 0,
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
-    encoded = []
-    rendered = [assistant_char_spans(messages, tokenizer, row) for row, messages in enumerate(conversations)]
-    for index, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
-        raw = isinstance(conversations[index], dict) and "messages" not in conversations[index]  # their spans count
-        if data.min_tokens and len(ids) < data.min_tokens:
-            counts["skipped"]["shorter than data.min_tokens"] += 1
-            continue
-        if data.max_tokens and len(ids) > data.max_tokens:
-            counts["skipped"]["longer than data.max_tokens"] += 1
-            continue
-        if data.train_on_responses_only or raw:
-            inside = np.zeros(len(starts), dtype=bool)
-            for a, b in spans:
-                inside |= (starts >= a) & (starts < b)
-            mask = inside.astype(int).tolist()
-        else:
-            mask = [1] * len(ids)
-        if len(ids) > spec.model.max_seq_length:
-            ids, mask = ids[: spec.model.max_seq_length], mask[: spec.model.max_seq_length]
-            counts["truncated"] += 1
-        if not any(mask):
-            counts["skipped"]["nothing to learn after truncation"] += 1
-            continue
-        source = origin[index] if origin is not None else 0
-        counts["tokens"] += len(ids)
-        counts["trainable_tokens"] += sum(mask)
-        counts["rows_by_source"][source] += 1
-        counts["trainable_by_source"][source] += sum(mask)
-        encoded.append({"input_ids": ids, "assistant_masks": mask} if data.train_on_responses_only or raw
-                       else {"input_ids": ids})
-    if encoded and counts["trainable_tokens"] == 0:
+    encoded: list[dict] = []
+    renders_tools = None
+    rows = iter(conversations)
+    for first in itertools.count(0, chunk):
+        batch = list(itertools.islice(rows, chunk))
+        if not batch:
+            break
+        with_tools = next((i for i, c in enumerate(batch) if isinstance(c, dict) and "tools" in c), None)
+        if with_tools is not None:
+            renders_tools = templates.renders_tools(tokenizer) if renders_tools is None else renders_tools
+            if not renders_tools:
+                raise SpecError(f"model.chat_template: data row {first + with_tools} has a tools list, and the chat "
+                                f"template ({getattr(tokenizer, 'template_name', spec.model.chat_template)}) does not "
+                                "render tools or tool calls; use 'chatml' or a tokenizer template that does")
+        rendered = [assistant_char_spans(messages, tokenizer, first + row) for row, messages in enumerate(batch)]
+        for offset, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
+            index = first + offset
+            raw = isinstance(batch[offset], dict) and "messages" not in batch[offset]  # their spans count
+            if data.min_tokens and len(ids) < data.min_tokens:
+                counts["skipped"]["shorter than data.min_tokens"] += 1
+                continue
+            if data.max_tokens and len(ids) > data.max_tokens:
+                counts["skipped"]["longer than data.max_tokens"] += 1
+                continue
+            if data.train_on_responses_only or raw:
+                inside = np.zeros(len(starts), dtype=bool)
+                for a, b in spans:
+                    inside |= (starts >= a) & (starts < b)
+                mask = inside.astype(int).tolist()
+            else:
+                mask = [1] * len(ids)
+            if len(ids) > spec.model.max_seq_length:
+                ids, mask = ids[: spec.model.max_seq_length], mask[: spec.model.max_seq_length]
+                counts["truncated"] += 1
+            if not any(mask):
+                counts["skipped"]["nothing to learn after truncation"] += 1
+                continue
+            source = origin[index] if origin is not None else 0
+            counts["tokens"] += len(ids)
+            counts["trainable_tokens"] += sum(mask)
+            counts["rows_by_source"][source] += 1
+            counts["trainable_by_source"][source] += sum(mask)
+            row = {"input_ids": ids, "assistant_masks": mask} if data.train_on_responses_only or raw \
+                else {"input_ids": ids}
+            if sink is not None:
+                sink.write(json.dumps(row, separators=(",", ":")) + "\n")
+            else:
+                encoded.append(row)
+    if counts["tokens"] and counts["trainable_tokens"] == 0:
         raise DataError("data: every label is masked; nothing to learn (check train_on_responses_only)")
     return encoded, counts
 
@@ -264,9 +282,3 @@ def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
                 yield ids, starts, spans
     finally:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a write for tokenizers, before later forks
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
