@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from job import shapes
+from job import shapes, templates
 from job.errors import DataError, ExternalError, SpecError
 from job.shapes import BadRow
 from job.spec import LOCAL_DATA_SUFFIXES, DataSourceSpec, JobSpec
@@ -265,6 +265,20 @@ def skip_reason(exc: BadRow) -> str:
     return text.split(" (")[0] if "turn" not in text else "malformed turn"
 
 
+def without_thinking(example):
+    """The example with each assistant turn's leading think block removed (data.thinking 'drop')."""
+    def strip(messages):
+        return [{**m, "content": templates.without_thinking(m["content"])} if m["role"] == "assistant" else m
+                for m in messages]
+
+    if isinstance(example, list):
+        return strip(example)
+    if "messages" in example:
+        return {**example, "messages": strip(example["messages"])}
+    return {k: strip(v) if k in ("chosen", "rejected", "completion") and isinstance(v, list) else v
+            for k, v in example.items()}
+
+
 def cap_chars(messages: list[dict], limit: int) -> tuple[list[dict], bool]:
     """The conversation with its text cut to `limit` characters in all (later turns dropped, the turn that
     crosses the limit cut), and whether anything was cut."""
@@ -376,6 +390,8 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: Itera
             counts[skip_reason(exc)] += 1
             continue
         for example in [examples] if kind == "chat" else examples:
+            if spec.data.thinking == "drop":
+                example = without_thinking(example)
             example, cut, learnable = cap_example(example, limit)
             if cut:
                 counts["chars_capped"] += 1

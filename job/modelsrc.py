@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -332,9 +333,36 @@ def copy_tokenizer_files(source: str, target: Path) -> None:
     src_cfg, dst_cfg = source_file(source, "tokenizer_config.json"), target / "tokenizer_config.json"
     if src_cfg is not None and dst_cfg.exists():
         src_data, dst_data = json.loads(src_cfg.read_text()), json.loads(dst_cfg.read_text())
+        changed = False
         if "added_tokens_decoder" in src_data and "added_tokens_decoder" not in dst_data:
             dst_data["added_tokens_decoder"] = src_data["added_tokens_decoder"]
+            changed = True
+        # transformers 5 saves its backend's class name; llama.cpp's converter reads the base's (Phi-4's
+        # 'GPT2Tokenizer' is how it knows a BPE vocabulary); a name only, never code (auto_map is dropped).
+        base_class = src_data.get("tokenizer_class")
+        if isinstance(base_class, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", base_class) \
+                and dst_data.get("tokenizer_class") != base_class:
+            dst_data["tokenizer_class"] = base_class
+            changed = True
+        if "added_tokens_decoder" not in dst_data:  # transformers 5 keeps them in tokenizer.json only
+            decoder = added_tokens_decoder(target / "tokenizer.json")
+            if decoder:
+                dst_data["added_tokens_decoder"] = decoder
+                changed = True
+        if changed:
             dst_cfg.write_text(json.dumps(dst_data, indent=2, ensure_ascii=False))
+
+
+def added_tokens_decoder(tokenizer_json: Path) -> dict:
+    """tokenizer_config.json's `added_tokens_decoder` from tokenizer.json's added tokens: llama.cpp's SentencePiece
+    converter reads which tokens are special (control tokens it matches in a prompt) from there alone."""
+    try:
+        added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, ValueError):
+        return {}
+    keys = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+    return {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added
+            if isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)}
 
 
 def drop_custom_code(model_dir: Path) -> list[str]:

@@ -88,6 +88,9 @@ def _fields(row: dict) -> str:
     return ", ".join(map(str, row)) or "nothing"
 
 
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # an assistant turn's thinking, beside its content
+
+
 def turns(value: Any, where: str, default_role: str, text_key: str | None = None) -> list[dict]:
     """A list of {role, content} from a string (one turn of `default_role`) or a list of ShareGPT/OpenAI turns."""
     if isinstance(value, str):
@@ -111,6 +114,9 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
             content = ""
         if not isinstance(content, str):
             raise BadRow(f"{where} turn {number} content is {type(content).__name__}, not text")
+        reasoning = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), None)
+        if role == "assistant" and reasoning:  # written the way thinking models emit it, for data.thinking to see
+            content = f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
         if not content.strip() and not calls:
             raise BadRow(f"{where} turn {number} ({role}) is empty")
         messages.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from job.templates import BUILTIN
+
 # llama.cpp's own list (tools/quantize/quantize.cpp at the pinned version), lower-cased. The IQ/TQ types
 # need an importance matrix or are ternary-only, which peftopt does not produce, so they are left out.
 GGUF_TYPES = (
@@ -18,7 +20,7 @@ GGUF_TYPES = (
 NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s",
                  "iq3_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "q1_0", "q2_0", "mxfp4_moe")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BUILTIN_TEMPLATES = ("llama-3", "gemma", "chatml")
+BUILTIN_TEMPLATES = tuple(BUILTIN)  # job/templates.py holds them
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SPLIT_SLICE = re.compile(r"^[A-Za-z][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -156,6 +158,9 @@ class DataSpec(Section):
     )
     train_on_responses_only: bool = Field(True, description="Compute the loss on assistant tokens only.")
     system_prompt: str | None = Field(None, description="A system message put first in every conversation.")
+    thinking: Literal["keep", "drop"] = Field(
+        "keep", description="An assistant turn's reasoning (a leading <think>...</think> block, or a "
+        "reasoning_content / reasoning / thinking field, written as such a block): keep trains it; drop removes it.")
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first malformed row, naming it; skip: drop and count them."
     )
@@ -319,6 +324,10 @@ class EvaluateSpec(Section):
     max_new_tokens: int = Field(256, ge=1, le=32768)
     targets: list[Literal["base", "adapter", "merged", "gguf"]] = Field(["adapter"], min_length=1)
     system_prompt: str | None = Field(None, description="A system message for evaluation; none by default.")
+    enable_thinking: bool | None = Field(None, description="For a thinking model's template (qwen3, or a "
+                                         "tokenizer's that reads enable_thinking): false puts an empty think block "
+                                         "in the generation prompt so the model answers at once; unset, the "
+                                         "template's default. Also used by the GGUF check and the Modelfile.")
     code_checks: Literal["sandboxed", "unisolated", "off"] = Field(
         "sandboxed", description="Checks that run an answer's code (python_function): sandboxed (a seccomp filter "
         "with limits; skipped and reported where none can be installed), unisolated (limits only, logged), or off.")

@@ -7,6 +7,7 @@ that block is where the seed notebook's "meta-prompt leakage" came from.
 """
 from __future__ import annotations
 
+import re
 
 from job.errors import SpecError
 
@@ -53,25 +54,96 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-BUILTIN = {"llama-3": LLAMA_3, "gemma": GEMMA, "chatml": CHATML}
-END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|endoftext|>", "</s>")
-ARCHITECTURE_DEFAULT = {"llama": "llama-3", "gemma3": "gemma", "gemma3_text": "gemma", "gemma2": "gemma",
-                        "gemma": "gemma", "qwen2": "chatml", "qwen3": "chatml"}
+# Mistral's [INST] format as its Tekken tokenizers write it (Nemo, Small, v3 without the spaces of the older
+# sentencepiece models): no assistant header, each reply ends with </s>. mistral-common puts the system prompt
+# in the last [INST]; here it goes in the first, so that each turn's rendering is a prefix of the next (which the
+# assistant masks rely on) and the Ollama template can say the same.
+MISTRAL = (
+    "{{ bos_token }}{% set system = namespace(text='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] | trim %}"
+    "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}</s>{% endgeneration %}"
+    "{% else %}[INST]{% if system.text %}{{ system.text }}\n\n{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}[/INST]{% endif %}{% endfor %}"
+)
 
-# Ollama speaks Go templates, not Jinja: one per built-in, used in the Modelfile.
+# Phi-3 and Phi-3.5 (and Phi-4-mini's roles): <|role|> headers, <|end|> closing each turn.
+PHI_3 = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|end|>\n{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# Qwen 3: ChatML (with the Hermes tools of CHATML), every assistant turn opening with its think block, empty when
+# the reply has none (as Qwen's template writes the last turn); `enable_thinking=False` puts the empty block in the
+# generation prompt, so the model answers without thinking. Unlike Qwen's template, earlier turns keep their
+# thinking: a turn's rendering must not change when later turns follow it.
+QWEN_3 = CHATML.replace(
+    "{% if message['role'] == 'assistant' %}{% generation %}",
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if not (message['content'] | trim).startswith('<think>') %}<think>\n\n</think>\n\n{% endif %}",
+).replace(
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
+)
+
+BUILTIN = {"llama-3": LLAMA_3, "gemma": GEMMA, "chatml": CHATML, "mistral": MISTRAL, "phi-3": PHI_3, "qwen3": QWEN_3}
+END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|endoftext|>", "</s>")
+# the built-in for a tokenizer that has no template of its own, by config.json's model_type
+ARCHITECTURE_DEFAULT = {"llama": "llama-3", "gemma3": "gemma", "gemma3_text": "gemma", "gemma2": "gemma",
+                        "gemma": "gemma", "qwen2": "chatml", "qwen3": "qwen3", "qwen3_moe": "qwen3",
+                        "mistral": "mistral", "mixtral": "mistral", "phi3": "phi-3"}
+
+# Ollama speaks Go templates, not Jinja: one per built-in, for the Modelfile, rendering what the Jinja one renders
+# after its BOS (llama.cpp adds that). Ollama hands a template every message, system ones included, and .System
+# (all system messages joined): the system prompt goes where the Jinja template puts it. A newline that ends a
+# turn is followed by `{{ end }}`, never `{{- end }}`, which would trim it.
 OLLAMA = {
     "llama-3": (
         '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
         '{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n'
     ),
     "gemma": (
-        '{{- range .Messages }}{{- if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
-        '{{- else }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n{{- end }}{{- end }}<start_of_turn>model\n'
+        '{{- range $i, $_ := .Messages }}{{- if eq .Role "system" }}'
+        '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        '{{ else }}<start_of_turn>user\n{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}'
+        '{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n'
     ),
     "chatml": (
-        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{- end }}<|im_start|>assistant\n'
+        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+    ),
+    "mistral": (
+        '{{- range $i, $_ := .Messages }}{{- if eq .Role "system" }}'
+        '{{- else if eq .Role "assistant" }}{{ .Content }}</s>'
+        '{{- else }}[INST]{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]'
+        '{{- end }}{{- end }}'
+    ),
+    "phi-3": (
+        '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n'
+    ),
+    "qwen3": (
+        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if eq .Role "assistant" }}<think>\n\n</think>\n\n{{ end }}'
+        '{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
     ),
 }
+
+
+def ollama_template(name: str, enable_thinking: bool | None = None) -> str:
+    """The Modelfile TEMPLATE for a built-in; with thinking off, a thinking model's prompt holds the empty think
+    block, as the Jinja template's generation prompt does."""
+    text = OLLAMA[name]
+    if name == "qwen3" and enable_thinking is False:
+        text += "<think>\n\n</think>\n\n"
+    return text
+
+
+THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+
+
+def without_thinking(text: str) -> str:
+    """An assistant reply with its leading <think>...</think> block removed (data.thinking 'drop')."""
+    return THINK_BLOCK.sub("", text, count=1)
 
 
 def choose(setting: str, tokenizer_template: str | None, model_type: str | None) -> tuple[str, str]:

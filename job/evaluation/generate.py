@@ -20,9 +20,12 @@ def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
         {"role": "user", "content": prompt}]
 
 
-def render(tokenizer, prompt: str, system_prompt: str | None) -> str:
-    return tokenizer.apply_chat_template(messages_for(prompt, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
+def render(tokenizer, prompt: str, evaluate: EvaluateSpec) -> str:
+    """The prompt as the model's template writes it for an answer (`enable_thinking` passed when the spec sets it,
+    for the templates that read it)."""
+    extra = {} if evaluate.enable_thinking is None else {"enable_thinking": evaluate.enable_thinking}
+    return tokenizer.apply_chat_template(messages_for(prompt, evaluate.system_prompt), tokenize=False,
+                                         add_generation_prompt=True, **extra)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -91,7 +94,7 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
             items = suite[first:first + BATCH]
             if interrupt.stop_requested():
                 raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
-            prompts = [tokenizer(render(tokenizer, item["prompt"], evaluate.system_prompt), add_special_tokens=False)
+            prompts = [tokenizer(render(tokenizer, item["prompt"], evaluate), add_special_tokens=False)
                        ["input_ids"] for item in items]
             width = max(len(ids) for ids in prompts)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
@@ -127,7 +130,7 @@ def generate_gguf(tools, path: Path, tokenizer, suite: list[dict], evaluate: Eva
     """The suite answered by a GGUF in one llama.cpp process that decodes the prompts together, rendered with
     the same chat template as the transformers targets."""
     started = time.perf_counter()
-    texts = [render(tokenizer, item["prompt"], evaluate.system_prompt) for item in suite]
+    texts = [render(tokenizer, item["prompt"], evaluate) for item in suite]
     results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens)
     seconds = round((time.perf_counter() - started) / max(len(suite), 1), 3)
     return [{"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),

@@ -125,7 +125,7 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
 def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], reference: list[dict],
            evaluate: EvaluateSpec) -> dict:
     """Raises ExternalError when the GGUF does not load, answers nothing, or (float types) disagrees."""
-    texts = [generate.render(tokenizer, item["prompt"], evaluate.system_prompt) for item in prompts]
+    texts = [generate.render(tokenizer, item["prompt"], evaluate) for item in prompts]
     longest = max(len(ref["token_ids"]) + (1 if ref["stop_reason"] == "end_of_turn" else 0) for ref in reference)
     results = llamacpp.generate_many(tools, path, texts, max(longest, 1))
     per_prompt, tokenizer_match, agreements = [], True, []
@@ -178,7 +178,8 @@ def modelfile(spec: JobSpec, tokenizer, files: dict[str, dict]) -> str:
     lines = [f"# Ollama Modelfile for {spec.name}: ollama create {spec.name} -f Modelfile",
              f"FROM ./{files[chosen]['file']}"]
     if name:
-        lines.append(f'TEMPLATE """{templates.OLLAMA[name]}"""')
+        thinking = spec.evaluate.enable_thinking if spec.evaluate else None
+        lines.append(f'TEMPLATE """{templates.ollama_template(name, thinking)}"""')
     for stop in templates.stop_strings(tokenizer.chat_template or "", tokenizer.eos_token):
         lines.append(f"PARAMETER stop {ollama_value(stop, 'the stop string')}")
     lines.append("PARAMETER temperature 0")
@@ -192,7 +193,7 @@ STAGE = Stage(
     enabled=lambda spec: bool(spec.export and spec.export.gguf),
     run=run, check=check, reads=reads,
     fields=("export.gguf", "export.tokenizer_pre", "export.verify_prompts", "export.verify_tokens",
-            "evaluate.system_prompt"),
+            "evaluate.system_prompt", "evaluate.enable_thinking"),
     needs=lambda spec: ("merge",),
     artifacts=("gguf",),
 )
