@@ -126,10 +126,12 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from job import llamacpp
 from job.evaluation import generate
+from job.evaluation import suite as suites
 from job.specfile import load_spec
 run = Path(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(str(run / "merged"))
-texts = [generate.render(tokenizer, p["prompt"], None) for p in generate.load_suite(load_spec("jobspecs/t1.json").evaluate)]
+evaluate = load_spec("jobspecs/t1.json").evaluate
+texts = [generate.render(tokenizer, p["prompt"], evaluate) for p in suites.load(evaluate)]
 gguf = next((run / "gguf").glob("*.gguf"))
 out = {"physical_cores": llamacpp.physical_cores(), "logical": os.cpu_count()}
 for threads in sorted({os.cpu_count(), llamacpp.physical_cores(), max(llamacpp.physical_cores() // 2, 1)}):

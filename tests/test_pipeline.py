@@ -277,7 +277,7 @@ def test_batched_answers_equal_one_at_a_time(full_run, tiny_model):
     assert {a["batch_size"] for a in together} == {len(suite)}
 
     tools = llamacpp.find()
-    texts = [generate.render(tokenizer, item["prompt"], None) for item in suite]
+    texts = [generate.render(tokenizer, item["prompt"], spec.evaluate) for item in suite]
     gguf = run_dir / "gguf" / "full-f16.gguf"
     many = llamacpp.generate_many(tools, gguf, texts, 12)
     for text, result in zip(texts, many):
