@@ -268,6 +268,10 @@ class TrainSpec(Section):
         "chooses the micro-batch for the hardware; a number forces it.",
     )
     learning_rate: float = Field(2e-4, gt=0, le=1)
+    embedding_learning_rate: float | None = Field(
+        None, gt=0, le=1, description="The learning rate of the modules in lora.modules_to_save (embed_tokens, "
+        "lm_head), as unsloth's continued pretraining sets them apart: typically 2-10x below learning_rate. "
+        "Default: learning_rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "linear"
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0, le=1)
@@ -398,6 +402,9 @@ class JobSpec(Section):
             problems.append("train: needs the data and lora sections")
         if (self.data or self.lora) and not self.train:
             problems.append("train: data/lora are given but train is missing (T0-style runs leave all three out)")
+        if self.train and self.lora and self.train.embedding_learning_rate is not None and not self.lora.modules_to_save:
+            problems.append("train.embedding_learning_rate: applies to lora.modules_to_save (embed_tokens, lm_head), "
+                            "which is empty")
         if self.train and self.lora and self.lora.use_dora and self.train.backend == "unsloth":
             problems.append("lora.use_dora: the unsloth backend does not train DoRA; use train.backend 'hf' or 'auto'")
         targets = self.evaluate.targets if self.evaluate else []

@@ -115,6 +115,16 @@ def test_every_example_validates_and_trains_on_the_tiny_model(name, tmp_path, ti
     assert 0 < prepared["train"]["trainable_tokens"] < prepared["train"]["tokens"]
     metrics = json.loads((tmp_path / "runs" / json.loads(spec.read_text())["name"] / "metrics.json").read_text())
     assert metrics["train"]["global_step"] == 4 and metrics["prepare"]["train"]["rows"] == prepared["train"]["rows"]
+    if name == "text":  # embeddings and LM head trained in full at train.embedding_learning_rate
+        import torch
+
+        optimizer = torch.load(tmp_path / "runs" / "example_text" / "checkpoints" / "checkpoint-4" / "optimizer.pt",
+                               weights_only=True)
+        rates = sorted((g["initial_lr"], len(g["params"])) for g in optimizer["param_groups"])
+        assert rates[0] == (5e-5, 2) and {rate for rate, _ in rates[1:]} == {5e-4}
+        moved = next(e for e in events(result.stdout) if e["event"] == "embedding_learning_rate")
+        assert [p.rsplit(".modules_to_save", 1)[0].rsplit(".", 1)[-1] for p in moved["parameters"]] == \
+            ["lm_head", "embed_tokens"]
 
 
 @pytest.mark.integration

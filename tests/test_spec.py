@@ -159,3 +159,8 @@ def test_data_sources_and_lora_variants_are_checked():
     assert any(p.startswith("lora.use_dora: the unsloth backend does not train DoRA") for p in problems(dora))
     dora["train"]["backend"] = "auto"
     assert validate_data(dora).lora.use_dora
+    embeddings = json.loads(json.dumps(MINIMAL))
+    embeddings["train"]["embedding_learning_rate"] = 1e-5
+    assert any(p.startswith("train.embedding_learning_rate: applies to lora.modules_to_save") for p in problems(embeddings))
+    embeddings["lora"] = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    assert validate_data(embeddings).train.embedding_learning_rate == 1e-5

@@ -185,6 +185,35 @@ def count_tokens(trainer, progress) -> None:
     trainer.data_collator = counting
 
 
+def separate_embedding_learning_rate(trainer, learning_rate: float) -> None:
+    """Gives the fully trained modules (peft's `modules_to_save` copies of embed_tokens / lm_head) their own
+    learning rate, as unsloth's UnslothTrainer does for continued pretraining: the Trainer's optimizer is built as
+    usual (its class, 8-bit state, weight-decay groups), then those parameters move to groups of their own before
+    any step, so the scheduler scales both rates alike and a resumed optimizer finds the same groups."""
+    create = trainer.create_optimizer
+
+    def create_optimizer(model=None):
+        optimizer = create(model)
+        if any(group.get("peftopt_embeddings") for group in optimizer.param_groups):
+            return optimizer
+        names = {id(p): n for n, p in (model or trainer.model).named_parameters()}
+        moved = []
+        for group in list(optimizer.param_groups):
+            full = [p for p in group["params"] if ".modules_to_save." in names.get(id(p), "")]
+            if full:
+                group["params"] = [p for p in group["params"] if ".modules_to_save." not in names.get(id(p), "")]
+                moved.append({"params": full, "weight_decay": group["weight_decay"], "lr": learning_rate,
+                              "peftopt_embeddings": True})
+        for group in moved:
+            optimizer.add_param_group(group)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        log.info("embedding_learning_rate", learning_rate=learning_rate,
+                 parameters=sorted(names[id(p)] for g in moved for p in g["params"]))
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+
+
 # ------------------------------------------------------------------------------ the trainer
 
 
@@ -228,6 +257,8 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
                             tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
+    if spec.train.embedding_learning_rate is not None:
+        separate_embedding_learning_rate(trainer, spec.train.embedding_learning_rate)
     if saving:
         session.writer = AsyncCheckpointWriter(trainer, fingerprint, on_written)
     count_tokens(trainer, session.progress)

@@ -16,7 +16,8 @@ log = get_logger("peftopt.train")
 # Settings that change how a run executes but not what it computes (backend, micro-batch, grace period) are
 # left out, so a retry on another machine resumes instead of being refused.
 FIELDS = ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train.per_device_batch_size",
-          "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_steps",
+          "train.gradient_accumulation_steps", "train.learning_rate", "train.embedding_learning_rate",
+          "train.lr_scheduler", "train.warmup_steps",
           "train.weight_decay", "train.optim", "train.packing", "train.seed", "train.save_steps", "train.method",
           "train.beta", "train.dpo_loss", "train.simpo_gamma", "train.kto_desirable_weight",
           "train.kto_undesirable_weight")
