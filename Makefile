@@ -42,7 +42,7 @@ demo: install llama-cpp
 	$(BIN)/peftopt report runs/smoke_gemma3_270m --out runs/report
 
 test: install llama-cpp
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=30
 
 # Unit tests (no marker) and the one tiny end-to-end run (`smoke`): the inner loop, under 5 minutes on 2 cores.
 test-fast: install llama-cpp
