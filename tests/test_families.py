@@ -3,6 +3,7 @@ templates, thinking turns, masking through a tokenizer's template that has no ge
 Qwen 3, Mistral, Phi-3 and Gemma 2 models made on the spot that each train, merge, convert to GGUF that llama.cpp
 loads and answers with, and get a Modelfile whose template writes what the chat template writes."""
 import json
+import os
 import re
 import sys
 
@@ -139,7 +140,9 @@ def test_a_tiny_model_of_each_family_trains_merges_and_answers_from_gguf(family,
         "name": f"family_{family}", "output_dir": str(tmp_path / "runs"),
         "model": {"base": str(base), "max_seq_length": 256, "chat_template": "auto"},
         "data": {"source": str(tiny_data)}, "lora": {"r": 8, "alpha": 16},
-        "train": {"backend": "hf", "max_steps": 3, "optim": "adamw_torch", "per_device_batch_size": 4,
+        # the GPU machine runs these on unsloth too: PEFTOPT_TEST_BACKEND=unsloth
+        "train": {"backend": os.environ.get("PEFTOPT_TEST_BACKEND", "hf"), "max_steps": 3, "optim": "adamw_torch",
+                  "per_device_batch_size": 4,
                   "learning_rate": 0.001},
         "export": {"merge": True, "gguf": ["f16", "q8_0"], "tokenizer_pre": "llama-bpe", "verify_tokens": 8}}))
     result = run_cli("run", spec)

@@ -40,6 +40,21 @@ def test_pipeline_on_cuda(make_spec, tmp_path, backend, four_bit):
     assert train["attention"].startswith("varlen")  # packed rows on the flash kernel, both backends
 
 
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_embedding_learning_rate_on_cuda(backend, tmp_path, tiny_model):
+    """The text example (embeddings and LM head trained in full at their own rate) on each backend: the optimizer
+    the Trainer saved holds them in a group of their own, at train.embedding_learning_rate."""
+    import torch
+
+    result = run(str(ROOT / "jobspecs" / "examples" / "text.json"), "--output-dir", str(tmp_path / "runs"),
+                 "--set", f"model.base={tiny_model}", "--set", f"train.backend={backend}", "--set", "train.max_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimizer = torch.load(tmp_path / "runs" / "example_text" / "checkpoints" / "checkpoint-4" / "optimizer.pt",
+                           weights_only=True)
+    rates = sorted((g["initial_lr"], len(g["params"])) for g in optimizer["param_groups"])
+    assert rates[0] == (5e-5, 2) and {rate for rate, _ in rates[1:]} == {5e-4}
+
+
 def test_auto_picks_unsloth_on_cuda(make_spec, tmp_path):
     spec = make_spec("auto", train={"backend": "auto", "max_steps": 2})
     result = run(str(spec))
