@@ -87,6 +87,28 @@ def vote(stop: bool, tokens: float) -> tuple[bool, float]:
     return bool(tensor[0].item() > 0), float(tensor[1].item())
 
 
+# What a collective raises when a peer is gone: gloo's transport errors (torch reports them as RuntimeError), NCCL's
+# aborted communicator, torch's own network and store errors.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator was aborted", "DistNetworkError", "DistStoreError", "Socket Timeout")
+
+
+def peer_lost(exc: BaseException) -> str | None:
+    """In a multi-rank run, the line saying that `exc` (or what caused it) is a collective failing because another
+    rank died; None for anything else."""
+    if not active():
+        return None
+    seen = 0
+    while exc is not None and seen < 8:
+        text = f"{type(exc).__name__}: {exc}"
+        found = next((text.find(words) for words in _PEER_LOST if words in text), -1)
+        if found >= 0:
+            end = text.find(". ", found)  # the library's advice that follows is not about this job
+            return text[: end if end > 0 else None].splitlines()[0][:300]
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 _training = {"now": False}
 
 
@@ -201,7 +223,7 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code.
 
     Unlike torchrun, which answers 1 for any failure, this keeps peftopt's exit codes: rank 0's code when
-    it failed, else the first failing rank's; a SIGTERM is passed to every rank (each saves and exits 75)
+    it failed, else the first failing rank's (75 for a rank killed by a signal from outside); a SIGTERM is passed to every rank (each saves and exits 75)
     and one rank's failure stops the others, so no rank waits forever for a dead peer.
     """
     env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
@@ -248,7 +270,9 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     if first_failure is None and signalled["at"] is None and any(codes):
         first_failure = next(code for code in codes if code)  # failed in the same instant as the others
     if first_failure is not None:
-        return first_failure if first_failure > 0 else 1
+        # A rank killed by a signal nobody here sent (the OOM killer, its machine lost): the retry resumes from the
+        # newest complete checkpoint, as after a preemption.
+        return first_failure if first_failure > 0 else EXIT_INTERRUPTED
     if signalled["at"] is not None:
         return codes[0] if codes[0] > 0 else (0 if not any(codes) else EXIT_INTERRUPTED)
     return 0

@@ -59,6 +59,11 @@ class Interrupted(PeftoptError):
     event = "job_interrupted"
 
 
+class RankLost(Interrupted):
+    """A rank of a data-parallel run died (its process was killed, its node lost): the others cannot go on, and
+    the retry resumes from the newest complete checkpoint (exit 75)."""
+
+
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_BUG: "unexpected error (a bug): traceback in the log",
@@ -66,7 +71,8 @@ EXIT_CODES = {
     EXIT_DATA: "data error: unreadable or malformed data set, or nothing left to train on",
     EXIT_EXTERNAL: "external tool or service failed (llama.cpp, Hugging Face Hub, disk), or this machine lacks a "
                    "tool the job needs",
-    EXIT_INTERRUPTED: "interrupted by a signal with state saved: retry the same command to resume",
+    EXIT_INTERRUPTED: "interrupted by a signal with state saved, or a rank of a data-parallel run was lost: retry "
+                      "the same command to resume",
 }
 
 

@@ -2,8 +2,8 @@
 
 The same code runs NCCL on GPUs (`make test-gpu`, tests/gpu_multi.sh on the 2-GPU machine). Covered:
 `peftopt run --nproc 2`, an external `torchrun`, rank 0 alone speaking and writing, SIGTERM to the
-launcher (exit 75, both ranks stop at one step, resume lands on the uninterrupted adapter), and exit
-codes carried back from rank 0.
+launcher (exit 75, both ranks stop at one step, resume lands on the uninterrupted adapter), a rank killed
+mid-training (exit 75, the rerun resumes to the same adapter), and exit codes carried back from rank 0.
 """
 import json
 import os
@@ -127,6 +127,44 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(two_rank_run, t
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = events(rerun.stdout)
     assert [e["step"] for e in log if e["event"] == "train_resumed"] == [stopped]
+    assert_same(adapter(run_dir), adapter(out / "runs" / "dp"))
+
+
+def ranks_of(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the launcher's children, from /proc."""
+    found = {}
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        env = dict(line.split("=", 1) for line in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0")
+                   if "=" in line)
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(child)
+    return found
+
+
+def test_a_rank_killed_mid_training_exits_75_and_the_rerun_resumes_to_the_same_adapter(two_rank_run, tmp_path):
+    """The OOM killer or a lost machine takes rank 1 (SIGKILL): rank 0's collective fails, the job ends with the
+    retryable 75 and one line saying so, and the same command resumes to the uninterrupted run's adapter."""
+    out, spec, _ = two_rank_run
+    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "dp")
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    run_dir = tmp_path / "runs" / "dp"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((run_dir / "checkpoints").glob("checkpoint-2/peftopt-checkpoint.json")):
+            break
+        time.sleep(0.05)
+    os.kill(ranks_of(proc.pid)[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: another rank of this 2-rank run was lost at step ") and "rerun the same" in line
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "interrupted"
+    rerun = run([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [e["step"] for e in events(rerun.stdout) if e["event"] == "train_resumed"]
+    assert len(resumed) == 1 and 2 <= resumed[0] < 8
     assert_same(adapter(run_dir), adapter(out / "runs" / "dp"))
 
 

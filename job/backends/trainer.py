@@ -14,7 +14,7 @@ from typing import Any
 from job import distributed, interrupt, modelsrc, tracking
 from job.backends.plan import Plan
 from job.checkpoints import AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint
-from job.errors import ExternalError, Interrupted
+from job.errors import ExternalError, Interrupted, RankLost
 from job.log import get_logger, json_stdout
 from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
@@ -328,6 +328,13 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
             train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_loss")
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:
+        lost = distributed.peer_lost(exc)
+        if lost is None:
+            raise
+        raise RankLost(f"another rank of this {distributed.world().size}-rank run was lost at step "
+                       f"{trainer.state.global_step} ({lost}); complete checkpoints are kept: rerun the same "
+                       "command to resume") from exc
     finally:
         if session.writer is not None:
             checkpointing = session.writer.finish()  # the last checkpoint is complete (or its failure raised)
