@@ -123,11 +123,22 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
     return messages
 
 
+def _embedded_json(text: str, what: str) -> Any:
+    """A field that holds JSON as a string (tool schemas, tool-call arguments), parsed; BadRow when it is not JSON
+    or is nested beyond what the parser can follow."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BadRow(f"{what} is not JSON") from None
+    except RecursionError:
+        raise BadRow(f"{what} is nested too deeply") from None
+
+
 def tool_calls(value: Any, where: str) -> list[dict] | None:
     """An assistant turn's tool calls in OpenAI's form ([{"type": "function", "function": {"name", "arguments"}}]),
     arguments as an object (a JSON string is parsed)."""
-    import json
-
     if value is None:
         return None
     if not isinstance(value, list) or not value:
@@ -138,10 +149,7 @@ def tool_calls(value: Any, where: str) -> list[dict] | None:
         name = function.get("name") if isinstance(function, dict) else None
         arguments = function.get("arguments", {}) if isinstance(function, dict) else None
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                raise BadRow(f"{where}: tool call {index} arguments are not JSON") from None
+            arguments = _embedded_json(arguments, f"{where}: tool call {index} arguments")
         if not isinstance(name, str) or not name or not isinstance(arguments, dict):
             raise BadRow(f"{where}: tool call {index} has no function name and arguments object")
         calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
@@ -192,12 +200,7 @@ def chat(row: dict, fmt: str, system_prompt: str | None):
             raise BadRow("an assistant turn calls a tool but the row has no 'tools' list")
         return messages
     if isinstance(tools, str):  # some exports keep the schemas as a JSON string
-        import json
-
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            raise BadRow("'tools' is not JSON") from None
+        tools = _embedded_json(tools, "'tools'")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise BadRow("'tools' is not a list of function schemas")
     return {"messages": messages, "tools": tools}

@@ -87,6 +87,21 @@ def test_tool_calls_train_and_tool_turns_do_not(tiny_model, tokenizer):
         prepare.encode_rows([example], tokenizer, spec_for(tiny_model))
 
 
+def test_tool_json_in_strings_is_refused_when_broken_or_nested_too_deep():
+    """Schemas and arguments kept as JSON strings are parsed: broken or 100,000-deep ones are the row's error."""
+    row = json.loads((EXAMPLES / "tools.jsonl").read_text().splitlines()[0])
+    deep = "[" * 100_000 + "]" * 100_000
+    for tools, words in ((deep, "'tools' is nested too deeply"), ("[{", "'tools' is not JSON")):
+        with pytest.raises(data.BadRow, match=words):
+            data.standardize({**row, "tools": tools}, "openai", None)
+    call = row["messages"][1]
+    for arguments, words in ((deep, "arguments is nested too deeply"), ("{", "arguments is not JSON")):
+        broken = {**call, "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                          "arguments": arguments}}]}
+        with pytest.raises(data.BadRow, match=words):
+            data.standardize({**row, "messages": [row["messages"][0], broken, *row["messages"][2:]]}, "openai", None)
+
+
 def test_csv_and_tsv_with_renamed_columns(tmp_path, tiny_model):
     csv_path = tmp_path / "qa.csv"
     csv_path.write_text('question,answer\n"Is the sea, calm?",Yes.\nHow many legs?,Eight.\n')
