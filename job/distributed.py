@@ -223,8 +223,9 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code.
 
     Unlike torchrun, which answers 1 for any failure, this keeps peftopt's exit codes: rank 0's code when
-    it failed, else the first failing rank's (75 for a rank killed by a signal from outside); a SIGTERM is passed to every rank (each saves and exits 75)
-    and one rank's failure stops the others, so no rank waits forever for a dead peer.
+    it failed, else the first failing rank's (75 for a rank killed by a signal from outside); a SIGTERM is
+    passed to every rank (each saves and exits 75) and one rank's failure stops the others, so no rank waits
+    forever for a dead peer.
     """
     env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
