@@ -61,11 +61,9 @@ def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec, origin=N
         ids = tokenized(example, tokenizer, index)
         answers = [key for key in ("chosen", "rejected", "completion") if key in ids]
         lengths = [len(ids["prompt"]) + len(ids[key]) for key in answers]
-        if data.min_tokens and max(lengths) < data.min_tokens:
-            counts["skipped"]["shorter than data.min_tokens"] += 1
-            continue
-        if data.max_tokens and max(lengths) > data.max_tokens:
-            counts["skipped"]["longer than data.max_tokens"] += 1
+        broken = data.length_rule_broken(max(lengths))
+        if broken:
+            counts["skipped"][broken] += 1
             continue
         if len(ids["prompt"]) >= limit:
             counts["skipped"]["nothing to learn after truncation"] += 1  # the prompt alone fills the context

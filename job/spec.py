@@ -194,6 +194,15 @@ class DataSpec(Section):
             raise ValueError("min_tokens is larger than max_tokens")
         return self
 
+    def length_rule_broken(self, tokens: int) -> str | None:
+        """The skip reason when an example of `tokens` tokens (a pair: its longer sequence) is outside
+        min_tokens/max_tokens, else None."""
+        if self.min_tokens and tokens < self.min_tokens:
+            return "shorter than data.min_tokens"
+        if self.max_tokens and tokens > self.max_tokens:
+            return "longer than data.max_tokens"
+        return None
+
     def all_sources(self) -> list[DataSourceSpec]:
         """The sources as a list: data.sources, or data.source as the one-source case."""
         if self.sources:

@@ -98,17 +98,23 @@ def test_two_ranks_train_together_and_rank0_alone_writes(two_rank_run):
     assert sum(line.startswith("dp,") for line in csv) == 1  # one row, written by rank 0
 
 
-def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(two_rank_run, tmp_path):
-    out, spec, _ = two_rank_run
-    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "dp")
+def started_until_first_checkpoint(path: Path, run_dir: Path) -> subprocess.Popen:
+    """`peftopt run PATH --nproc 2`, returned once its step-2 checkpoint is complete (or it ended)."""
     proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-    run_dir = tmp_path / "runs" / "dp"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if list((run_dir / "checkpoints").glob("checkpoint-2/peftopt-checkpoint.json")):
             break
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(two_rank_run, tmp_path):
+    out, spec, _ = two_rank_run
+    path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "dp")
+    run_dir = tmp_path / "runs" / "dp"
+    proc = started_until_first_checkpoint(path, run_dir)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -146,14 +152,8 @@ def test_a_rank_killed_mid_training_exits_75_and_the_rerun_resumes_to_the_same_a
     retryable 75 and one line saying so, and the same command resumes to the uninterrupted run's adapter."""
     out, spec, _ = two_rank_run
     path = write(tmp_path, {**spec, "output_dir": str(tmp_path / "runs")}, "dp")
-    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(path), "--nproc", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     run_dir = tmp_path / "runs" / "dp"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list((run_dir / "checkpoints").glob("checkpoint-2/peftopt-checkpoint.json")):
-            break
-        time.sleep(0.05)
+    proc = started_until_first_checkpoint(path, run_dir)
     os.kill(ranks_of(proc.pid)[1], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]

@@ -87,6 +87,24 @@ def test_tool_calls_train_and_tool_turns_do_not(tiny_model, tokenizer):
         prepare.encode_rows([example], tokenizer, spec_for(tiny_model))
 
 
+def test_length_rules_drop_and_count_what_is_outside_them(tiny_model, tokenizer):
+    """data.min_tokens / max_tokens: a conversation by its tokens, a preference pair by its longer sequence."""
+    from job import preference
+
+    def chat(words):
+        return [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": " ".join(["rain"] * words)}]
+
+    rows, counts = prepare.encode_rows([chat(1), chat(20), chat(200)], tokenizer,
+                                       spec_for(tiny_model, min_tokens=30, max_tokens=120))
+    assert len(rows) == 1 and 30 <= len(rows[0]["input_ids"]) <= 120
+    assert counts["skipped"] == {"shorter than data.min_tokens": 1, "longer than data.max_tokens": 1}
+    pairs = [{"prompt": [{"role": "user", "content": "Say it."}], "chosen": [chat(n)[1]], "rejected": [chat(2)[1]]}
+             for n in (1, 20, 200)]
+    kept, counts = preference.encode_examples(pairs, tokenizer, spec_for(tiny_model, min_tokens=30, max_tokens=120))
+    assert [p["chosen"] for p in kept] == [pairs[1]["chosen"]]
+    assert counts["skipped"] == {"shorter than data.min_tokens": 1, "longer than data.max_tokens": 1}
+
+
 def test_tool_json_in_strings_is_refused_when_broken_or_nested_too_deep():
     """Schemas and arguments kept as JSON strings are parsed: broken or 100,000-deep ones are the row's error."""
     row = json.loads((EXAMPLES / "tools.jsonl").read_text().splitlines()[0])

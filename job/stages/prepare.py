@@ -232,11 +232,9 @@ def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, 
         for offset, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
             index = first + offset
             raw = isinstance(batch[offset], dict) and "messages" not in batch[offset]  # their spans count
-            if data.min_tokens and len(ids) < data.min_tokens:
-                counts["skipped"]["shorter than data.min_tokens"] += 1
-                continue
-            if data.max_tokens and len(ids) > data.max_tokens:
-                counts["skipped"]["longer than data.max_tokens"] += 1
+            broken = data.length_rule_broken(len(ids))
+            if broken:
+                counts["skipped"][broken] += 1
                 continue
             if data.train_on_responses_only or raw:
                 inside = np.zeros(len(starts), dtype=bool)
