@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from job.errors import ExternalError, SpecError
@@ -75,7 +75,9 @@ def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
 def worker(args: dict) -> dict:
     """Runs inside a fresh process: trains WARMUP + steps steps of one setting, times the last `steps`."""
     if args["backend"] == "unsloth":
-        import unsloth  # noqa: F401  (must come before transformers/trl)
+        from job.backends import import_unsloth
+
+        import_unsloth()  # before transformers and trl, which it patches
     import datasets
     import torch
     from transformers import AutoConfig
@@ -157,6 +159,10 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
         "peftopt auto: unsloth": ("unsloth", backends.load("unsloth").plan(spec, config, "cuda", current)),
         "peftopt auto: hf": ("hf", backends.load("hf").plan(spec, config, "cuda", current)),
     }
+    kept = replace(current, dequantize_base=False)
+    for label, (backend, chosen) in list(settings.items()):  # what dequantizing a 4-bit base once buys
+        if chosen.dequantize_base:
+            settings[f"{label}, 4-bit base kept"] = (backend, backends.load(backend).plan(spec, config, "cuda", kept))
     if spec.train.method != "sft":  # the preference methods train on the hf backend (backends.choose)
         settings = {label: setting for label, setting in settings.items() if setting[0] == "hf"}
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
@@ -178,7 +184,7 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
                                   capture_output=True, text=True, timeout=1800)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
             shape = {"backend": backend, "micro_batch": chosen.micro_batch, "accumulation": chosen.accumulation,
-                     "gradient_checkpointing": chosen.gradient_checkpointing}
+                     "gradient_checkpointing": chosen.gradient_checkpointing, "estimated_gb": chosen.estimated_gb or None}
             if proc.returncode != 0 or line is None:
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 results.append({"setting": label, "error": tail, **shape})
@@ -188,16 +194,18 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
 
 
 def table(results: list[dict]) -> str:
-    head = "| setting | backend | micro x accum | checkpointing | tokens/s | MFU | peak reserved GiB | attention | kernels |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| setting | backend | micro x accum | checkpointing | base weights | tokens/s | MFU | peak reserved GiB "
+            "| planner's estimate GiB | attention | kernels |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         shape = f"| {r['setting']} | {r['backend']} | {r['micro_batch']} x {r['accumulation']} | {r['gradient_checkpointing']} "
         if "error" in r:
-            lines.append(f"{shape}| failed: {r['error'][:80]} | | | | |")
+            lines.append(f"{shape}| | failed: {r['error'][:80]} | | | | | |")
         else:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "?"
-            lines.append(f"{shape}| {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_reserved_gib']} | "
-                         f"{r.get('attention', '')} | {r.get('kernels', '')} |")
+            lines.append(f"{shape}| {r.get('base_weights', '')} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                         f"{r['peak_reserved_gib']} | {r.get('estimated_gb') or ''} | {r.get('attention', '')} | "
+                         f"{r.get('kernels', '')} |")
     return "\n".join(lines)
 
 

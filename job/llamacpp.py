@@ -157,15 +157,29 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
 
 def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, tokenizer_pre: str | None) -> None:
     """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older)."""
-    cmd = [sys.executable, "-I", str(CONVERTER_SHIM), str(tools.prefix), tokenizer_pre or "", str(model_dir),
+    # -I keeps the environment's Python settings out; a bytecode cache this process was given (-X pycache_prefix,
+    # PYTHONPYCACHEPREFIX) is passed on, so the converter does not compile torch's sources again at each run.
+    cache = ["-X", f"pycache_prefix={sys.pycache_prefix}"] if sys.pycache_prefix else []
+    cmd = [sys.executable, "-I", *cache, str(CONVERTER_SHIM), str(tools.prefix), tokenizer_pre or "", str(model_dir),
            "--outfile", str(out_file), "--outtype", outtype]
     what = f"convert_hf_to_gguf ({outtype})"
     result = _run(cmd, what)
     _check_gguf(out_file, what, result)
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on, capped by the container's CPU quota: llama-quantize rounds
+    blocks independently and is bound by memory, so every hardware thread helps there."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(min(allowed, quota) if quota else allowed, 1)
+
+
 def quantize(tools: LlamaCpp, source: Path, out_file: Path, quant: str, threads: int | None = None) -> None:
-    result = _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or os.cpu_count() or 1)],
+    result = _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or usable_cpus())],
                   f"llama-quantize {quant}")
     _check_gguf(out_file, f"llama-quantize {quant}", result)
 

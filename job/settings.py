@@ -97,6 +97,8 @@ VARIABLES: tuple[Variable, ...] = (
              "the least severe event written"),
     Variable("PEFTOPT_NPROC", "nproc", "1", _nproc, "default of `run --nproc`: ranks to train on, or auto"),
     Variable("PEFTOPT_LIGER", "liger", "1", _switch, "0 keeps Liger's kernels off in the hf backend"),
+    Variable("PEFTOPT_DEQUANTIZE_BASE", "dequantize_base", "1", _switch,
+             "0 keeps a 4-bit base in 4-bit while training even where the planner has memory to dequantize it once"),
     Variable("PEFTOPT_RANK_WAIT_S", "rank_wait_s", "21600", _float(1),
              "how long a waiting rank trusts rank 0 to send its next order"),
     Variable("PEFTOPT_HUB_RETRIES", "hub_retries", "5", _int(1), "tries of each Hub call"),
@@ -120,6 +122,8 @@ VARIABLES: tuple[Variable, ...] = (
              "0: unsloth's per-segment sdpa for packed rows instead of the varlen kernel"),
     Variable("UNSLOTH_BLOCK_COMPILE", "unsloth_block_compile", "0", _switch,
              "1: unsloth compiles every decoder layer (off by default: no steady gain, 8.6 s per start)"),
+    Variable("UNSLOTH_LINEAR_ATTENTION", "unsloth_linear_attention", "0", _switch,
+             "1: unsloth registers its flash-linear-attention kernels at import (Qwen3-Next-style models; 4 s per start)"),
     Variable("PYTORCH_CUDA_ALLOC_CONF", "pytorch_cuda_alloc_conf", None, _text,
              "torch's allocator settings, older name (either unset: peftopt sets expandable_segments:True)"),
     Variable("PYTORCH_ALLOC_CONF", "pytorch_alloc_conf", None, _text, "torch's allocator settings"),
@@ -141,6 +145,7 @@ class Settings:
     log_level: str = "info"
     nproc: str = "1"
     liger: bool = True
+    dequantize_base: bool = True
     rank_wait_s: float = 21600.0
     hub_retries: int = 5
     hub_backoff_s: float = 2.0
@@ -157,6 +162,7 @@ class Settings:
     cuda_visible_devices: str | None = None
     unsloth_torch_varlen: bool = True
     unsloth_block_compile: bool = False
+    unsloth_linear_attention: bool = False
     pytorch_cuda_alloc_conf: str | None = None
     pytorch_alloc_conf: str | None = None
     mlflow_tracking_uri: str | None = None

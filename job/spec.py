@@ -74,6 +74,12 @@ class ModelSpec(Section):
         "Without it, the adapter is merged into the dequantized 4-bit weights.",
     )
 
+    @property
+    def merged_dtype(self) -> str:
+        """The 16-bit type the merged model is written in (and its GGUF master): float16 when the spec
+        trains in it, else bfloat16."""
+        return "float16" if self.dtype == "float16" else "bfloat16"
+
     @field_validator("base")
     @classmethod
     def _run_name(cls, value: str) -> str:

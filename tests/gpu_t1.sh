@@ -18,6 +18,11 @@
 #                                       model and backend (hf, 60 steps of 8 pairs or 8 sequences), then `peftopt
 #                                       bench` of the DPO spec; PAIR_WORDS=700-1100 for pairs near t1's 2,048 tokens
 #   bash tests/gpu_t1.sh OUT dpo-micro  SFT beside DPO with a micro-batch of DPO_MICRO (4) pairs, both references
+#   bash tests/gpu_t1.sh OUT speed      issue 25 as the image runs it (every module with its bytecode): the whole
+#                                       run (auto), then 50 steps with the 4-bit base kept (PEFTOPT_DEQUANTIZE_BASE=0)
+#                                       and unsloth's linear-attention kernels registered, for the loss curve and the
+#                                       start, then the unsloth bench (literal, planned, planned with the base kept)
+#   bash tests/gpu_t1.sh OUT speed-hf   the whole run on the hf backend, and its bench
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
 # bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
 set -uo pipefail
@@ -70,7 +75,66 @@ EOF
   return $code
 }
 
+first50() {  # NAME [overrides...]: a training-only run on t1's 600-step schedule, stopped by SIGTERM at step 50
+  local name=$1; shift
+  ( run "$name" --set evaluate=null --set export.merge=false --set export.gguf=[] "$@" ) &
+  until grep -q '"step": 50,' "$out/$name.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
+  pkill -TERM -f "name=$name"; wait
+}
+
+compare50() {  # FULL.jsonl OTHER.jsonl: the first 50 logged losses of two runs of the same schedule
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+def losses(path):
+    return {e["step"]: e["loss"] for e in map(json.loads, filter(lambda l: l.startswith("{"), open(path)))
+            if e.get("event") == "train_progress" and e["step"] <= 50}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+rel = [abs(a[s] - b[s]) / abs(b[s]) for s in sorted(set(a) & set(b))]
+print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=None),
+                  "mean_rel_diff": sum(rel) / len(rel) if rel else None}))
+EOF
+}
+
+bench_table() {  # NAME [bench args...]
+  local name=$1; shift
+  timeout 300 python3 -m job bench jobspecs/t1.json "${common[@]:2}" "$@" --json > "$out/$name.json" 2> "$out/$name.err"
+  python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+    "$out/$name.json" | tee "$out/$name.md"
+  [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+}
+
+if [[ $mode == speed* ]]; then
+  # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
+  # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
+  # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
+  # unsloth writes the code it generates under UNSLOTH_COMPILE_LOCATION, /tmp in the image: new in each container,
+  # so each timed run here starts without it.
+  export PYTHONPYCACHEPREFIX=/tmp/pycache UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache
+  python3 -m compileall -q -j 16 /opt/torch/.venv/lib/python3.12/site-packages /tmp/s/site >/dev/null 2>&1
+fi
+
 case "$mode" in
+  speed)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; UNSLOTH_LINEAR_ATTENTION=1 PEFTOPT_DEQUANTIZE_BASE=0 first50 t1-kept50
+    compare50 "$out/t1-speed.jsonl" "$out/t1-kept50.jsonl" | tee "$out/loss50.json"
+    bench_table bench-unsloth --steps 10 --backend unsloth
+    ;;
+  speed-hf)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed-hf --set train.backend=hf
+    bench_table bench-hf --steps 10 --backend hf
+    ;;
+  speed-final)  # the whole run (auto) after the export and evaluation changes, the hf backend's GPU test of the
+    # dequantized base, and the hf bench (planned: dequantized; the base kept)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "dequantized_once and hf" 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-final
+    bench_table bench-hf --steps 10 --backend hf
+    ;;
+  speed-8b)  # the unsloth bench on the Llama-3.1-8B shape under t1's settings (planned, the base kept, literal)
+    [ -f "$work/l8b/config.json" ] || python3 tests/gpu_models.py llama8b "$work/l8b" >/dev/null 2>&1
+    common[3]=model.base="$work/l8b"
+    bench_table bench-8b --steps ${STEPS:-4} --backend unsloth
+    ;;
   check)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
     run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64

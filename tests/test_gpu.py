@@ -55,6 +55,24 @@ def test_embedding_learning_rate_on_cuda(backend, tmp_path, tiny_model):
     assert rates[0] == (5e-5, 2) and {rate for rate, _ in rates[1:]} == {5e-4}
 
 
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_a_4bit_base_dequantized_once_trains_the_same_loss_curve(backend, make_spec, tmp_path):
+    """QLoRA with the base dequantized once (the planner's choice on a roomy card) against the base kept in 4-bit
+    (PEFTOPT_DEQUANTIZE_BASE=0): the same losses step by step, within bf16 noise."""
+    curves = {}
+    for dequantize in ("1", "0"):
+        spec = make_spec(f"deq{dequantize}-{backend}", model={"load_in_4bit": True, "dtype": "bfloat16"},
+                         train={"backend": backend, "max_steps": 12, "logging_steps": 1, "learning_rate": 1e-3})
+        result = run_cli("run", str(spec), timeout=1200, env={"PEFTOPT_DEQUANTIZE_BASE": dequantize})
+        assert result.returncode == 0, result.stderr[-3000:]
+        train = json.loads((tmp_path / "runs" / f"deq{dequantize}-{backend}" / "metrics.json").read_text())["train"]
+        assert train["base_weights"] == ("nf4, dequantized once to 16-bit" if dequantize == "1"
+                                         else "nf4, dequantized at every step")
+        curves[dequantize] = [point["loss"] for point in train["loss_curve"]]
+    assert len(curves["1"]) == len(curves["0"]) == 12
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(curves["1"], curves["0"])), curves
+
+
 def test_auto_picks_unsloth_on_cuda(make_spec, tmp_path):
     spec = make_spec("auto", train={"backend": "auto", "max_steps": 2})
     result = run(str(spec))

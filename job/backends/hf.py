@@ -7,7 +7,7 @@ its fused LM head (no full logits).
 from __future__ import annotations
 
 from job import distributed, modelsrc
-from job.backends import attention, liger
+from job.backends import attention, dequantize, liger
 from job.backends import plan as batch_plan
 from job.spec import JobSpec, LoraSpec
 NAME = "hf"
@@ -32,7 +32,8 @@ def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
 
     gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
     fused, _ = liger.availability(config.model_type, device, settings)
-    return batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks)
+    return batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks,
+                             dequantize=settings.dequantize_base)
 
 
 def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
@@ -44,6 +45,8 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
         path, why = "sdpa", "packing is off: padded batches use sdpa"
     implementation = attention.register() if path == "varlen" else "sdpa"
     model = modelsrc.load_model(location, spec, device, attn_implementation=implementation)
+    if chosen.dequantize_base:  # before trl wraps it: peft then gives the 16-bit layers plain LoRA layers
+        dequantize.dequantize_base(model)
     # bitsandbytes repacks 4-bit weights for good on the first no-grad eval-mode forward on some CPUs,
     # after which its gradients are wrong: the model must be in train mode before anything runs it.
     # (No prepare_model_for_kbit_training: it upcasts every non-quantized weight, the LM head included,
@@ -52,6 +55,7 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
     fused, fused_why = liger.availability(model.config.model_type, device, settings)
     kernels = liger.apply(model) if fused else []
     return model, lora_config(spec.lora), {"attention": path, "attention_why": why,
+                                           "base_weights": dequantize.base_weights(spec, chosen.dequantize_base),
                                            "kernels": ", ".join(kernels) or "transformers' own",
                                            "kernels_why": fused_why}
 

@@ -5,6 +5,9 @@ they are split into micro-batches, and whether activations are checkpointed (rec
 to CPU memory as unsloth does by default), only trade speed for memory. `choose` picks the fastest
 setting whose estimated peak stays inside the budget: `train.max_memory_gb`, else 60% of the card.
 With several ranks each takes its share of the sequences, so the updates stay the same.
+
+A 4-bit (QLoRA) base is dequantized once into 16-bit when that still fits (`dequantize.py`): the same
+forward values as dequantizing at every step, at 16-bit LoRA's speed. It never costs a faster batch setting.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from job.errors import SpecError
 
 GIB = 1024**3
 # Activation bytes per token, per hidden unit, per layer, for a LoRA step without checkpointing. unsloth:
-# measured on the Llama-3.2-1B shape at seq 2048, about 2.2 GiB per sequence (16 layers x 2048 hidden).
+# t1 (8 x 2048 tokens, QLoRA, varlen attention) on the H200 peaked at 16.27 GiB reserved on the Llama-3.2-1B
+# shape and 60.8 GiB on the Llama-3.1-8B shape: 28.3 and 27.6 bytes once weights and overhead are taken off.
 # hf: transformers + peft keep the unfused norms' and MLP's inputs and outputs: `peftopt bench` measured 26.6 GB
 # peak reserved at 8 x 2048 tokens on the same shape (H100, varlen attention), about 50 bytes; hf+liger:
 # Liger's RMSNorm and SwiGLU keep fewer (liger.py), 20.2 GB, about 38 bytes.
-ACTIVATION_BYTES = {"unsloth": 36, "hf": 50, "hf+liger": 38}
+ACTIVATION_BYTES = {"unsloth": 28, "hf": 50, "hf+liger": 38}
 # A micro-batch of this many tokens keeps an H100 busy: beyond it a larger micro-batch gains little (unsloth
 # 8x1 vs 16x1 at seq 2048: +1.6%), while recomputing activations costs a third more arithmetic.
 SATURATING_TOKENS = 8192
@@ -34,6 +38,7 @@ class Plan:
     estimated_gb: float
     budget_gb: float
     reason: str
+    dequantize_base: bool = False  # a 4-bit base is dequantized once to 16-bit after loading
 
 
 def param_count(config) -> int:
@@ -76,7 +81,8 @@ def sequences_per_rank(spec, ranks: int = 1) -> int:
     return per_rank
 
 
-def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1) -> Plan:
+def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1,
+           dequantize: bool = True) -> Plan:
     from job.backends.methods import sequences_per_example
 
     train = spec.train
@@ -98,6 +104,11 @@ def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: 
     for micro, mode in candidates:
         need = estimate_gb(config, micro, seq, mode, four_bit, backend, per_example)
         if need <= budget:
+            unpacked = estimate_gb(config, micro, seq, mode, False, backend, per_example) if four_bit else budget + 1
+            if dequantize and unpacked <= budget:
+                return Plan(micro, total // micro, mode, round(unpacked, 2), round(budget, 2),
+                            f"fastest setting estimated to fit {budget:.1f} GiB, with the 4-bit base dequantized "
+                            "once", dequantize_base=True)
             return Plan(micro, total // micro, mode, round(need, 2), round(budget, 2),
                         f"fastest setting estimated to fit {budget:.1f} GiB")
     micro = micros[-1]

@@ -4,7 +4,7 @@ varlen flash kernel (`attention.adapt_unsloth` sets it in on torch < 2.12).
 """
 from __future__ import annotations
 
-from job.backends import attention
+from job.backends import attention, dequantize
 from job.backends import plan as batch_plan
 from job.spec import JobSpec
 
@@ -16,7 +16,7 @@ def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
     import torch
 
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    return batch_plan.choose(spec, config, gpu_gb, backend=NAME)
+    return batch_plan.choose(spec, config, gpu_gb, backend=NAME, dequantize=settings.dequantize_base)
 
 
 def _checkpointing(mode: str):
@@ -49,7 +49,9 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
         use_gradient_checkpointing=_checkpointing(chosen.gradient_checkpointing), random_state=spec.train.seed,
         use_rslora=lora.use_rslora, init_lora_weights=True if lora.init == "default" else lora.init,
         modules_to_save=list(lora.modules_to_save) or None)
-    return model, None, {"attention": path}
+    if chosen.dequantize_base:  # after wrapping: unsloth's LoRA kernels take a base weight without a quant state as 16-bit
+        dequantize.dequantize_base(model)
+    return model, None, {"attention": path, "base_weights": dequantize.base_weights(spec, chosen.dequantize_base)}
 
 
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:

@@ -80,7 +80,7 @@ def run(ctx: RunContext) -> StageResult:
     merged = merge(spec, run_dir, str(run_dir.adapter_dir))
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.adapter_dir), spec.model_copy(
         update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
-    dtype = torch.bfloat16 if spec.model.dtype in ("auto", "bfloat16", "float32") else torch.float16
+    dtype = getattr(torch, spec.model.merged_dtype)
     with atomic_dir(run_dir.merged_dir) as out:
         merged.to(dtype).save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
