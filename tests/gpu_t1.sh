@@ -127,8 +127,16 @@ case "$mode" in
   speed-final)  # the whole run (auto) after the export and evaluation changes, the hf backend's GPU test of the
     # dequantized base, and the hf bench (planned: dequantized; the base kept)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "dequantized_once and hf" 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
-    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-final
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; du -s ~/.triton /tmp/torchinductor_* 2>/dev/null | tee "$out/caches-before.txt"
+    run t1-final
+    du -s ~/.triton /tmp/torchinductor_* 2>/dev/null | tee "$out/caches-after.txt"
     bench_table bench-hf --steps 10 --backend hf
+    for fla in 1 0; do  # unsloth's import alone, warm, with and without its linear-attention kernels registered
+      rm -rf "$UNSLOTH_COMPILE_LOCATION"
+      TIMEFORMAT="UNSLOTH_DISABLE_VENDORED_FLA=$fla: %R s"
+      { time env UNSLOTH_DISABLE_VENDORED_FLA=$fla python3 -c "import unsloth" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
+    done
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   speed-8b)  # the unsloth bench on the Llama-3.1-8B shape under t1's settings (planned, the base kept, literal)
     [ -f "$work/l8b/config.json" ] || python3 tests/gpu_models.py llama8b "$work/l8b" >/dev/null 2>&1
