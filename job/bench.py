@@ -75,9 +75,7 @@ def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
 def worker(args: dict) -> dict:
     """Runs inside a fresh process: trains WARMUP + steps steps of one setting, times the last `steps`."""
     if args["backend"] == "unsloth":
-        from job.backends import import_unsloth
-
-        import_unsloth()  # before transformers and trl, which it patches
+        import unsloth  # noqa: F401  (must come before transformers/trl)
     import datasets
     import torch
     from transformers import AutoConfig

@@ -122,8 +122,6 @@ VARIABLES: tuple[Variable, ...] = (
              "0: unsloth's per-segment sdpa for packed rows instead of the varlen kernel"),
     Variable("UNSLOTH_BLOCK_COMPILE", "unsloth_block_compile", "0", _switch,
              "1: unsloth compiles every decoder layer (off by default: no steady gain, 8.6 s per start)"),
-    Variable("UNSLOTH_LINEAR_ATTENTION", "unsloth_linear_attention", "0", _switch,
-             "1: unsloth registers its flash-linear-attention kernels at import (Qwen3-Next-style models; 4 s per start)"),
     Variable("PYTORCH_CUDA_ALLOC_CONF", "pytorch_cuda_alloc_conf", None, _text,
              "torch's allocator settings, older name (either unset: peftopt sets expandable_segments:True)"),
     Variable("PYTORCH_ALLOC_CONF", "pytorch_alloc_conf", None, _text, "torch's allocator settings"),
@@ -162,7 +160,6 @@ class Settings:
     cuda_visible_devices: str | None = None
     unsloth_torch_varlen: bool = True
     unsloth_block_compile: bool = False
-    unsloth_linear_attention: bool = False
     pytorch_cuda_alloc_conf: str | None = None
     pytorch_alloc_conf: str | None = None
     mlflow_tracking_uri: str | None = None

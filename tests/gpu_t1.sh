@@ -20,8 +20,7 @@
 #   bash tests/gpu_t1.sh OUT dpo-micro  SFT beside DPO with a micro-batch of DPO_MICRO (4) pairs, both references
 #   bash tests/gpu_t1.sh OUT speed      issue 25 as the image runs it (every module with its bytecode): the whole
 #                                       run (auto), then 50 steps with the 4-bit base kept (PEFTOPT_DEQUANTIZE_BASE=0)
-#                                       and unsloth's linear-attention kernels registered, for the loss curve and the
-#                                       start, then the unsloth bench (literal, planned, planned with the base kept)
+#                                       for the loss curve, then the unsloth bench (literal, planned, the base kept)
 #   bash tests/gpu_t1.sh OUT speed-hf   the whole run on the hf backend, and its bench
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
 # bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
@@ -116,7 +115,7 @@ fi
 case "$mode" in
   speed)
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed
-    rm -rf "$UNSLOTH_COMPILE_LOCATION"; UNSLOTH_LINEAR_ATTENTION=1 PEFTOPT_DEQUANTIZE_BASE=0 first50 t1-kept50
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; PEFTOPT_DEQUANTIZE_BASE=0 first50 t1-kept50
     compare50 "$out/t1-speed.jsonl" "$out/t1-kept50.jsonl" | tee "$out/loss50.json"
     bench_table bench-unsloth --steps 10 --backend unsloth
     ;;

@@ -65,7 +65,7 @@ def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> 
     unsloth_error = None
     if device_name == "cuda":
         try:
-            import_unsloth()
+            importlib.import_module("unsloth")
         except Exception as exc:  # unsloth raises more than ImportError when its kernels cannot load
             unsloth_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if requested == "unsloth":
@@ -80,18 +80,6 @@ def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> 
     if unsloth_error:
         return "hf", f"unsloth does not import here ({unsloth_error})"
     return "unsloth", "CUDA device and unsloth imports"
-
-
-def import_unsloth() -> None:
-    """Imports unsloth (it must come before transformers to patch it) with what it reads at import time."""
-    import os
-
-    from job import settings
-
-    # unsloth_zoo registers its bundled flash-linear-attention kernels at import, which scans every installed
-    # distribution's files; only models with linear-attention layers use them. A write for unsloth_zoo.
-    os.environ["UNSLOTH_DISABLE_VENDORED_FLA"] = "0" if settings.get().unsloth_linear_attention else "1"
-    importlib.import_module("unsloth")
 
 
 def load(name: str) -> Backend:

@@ -7,7 +7,6 @@ separate JSON file beside the suite), checking it before any work, and writing a
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +102,6 @@ def problems(evaluate: EvaluateSpec) -> list[str]:
     return found
 
 
-# The GGUF targets are checked on a thread of their own while the transformers targets answer (stages/evaluate.py).
-SUMMARY_LOCK = threading.Lock()
-
-
 def record(run_dir, target: str, suite: list[dict], answers: list[dict], code_checks: str) -> dict:
     """Checks the answers, writes `eval/<target>.jsonl` and the target's line of `eval/summary.json`."""
     by_id = {item["id"]: item for item in suite}
@@ -116,10 +111,9 @@ def record(run_dir, target: str, suite: list[dict], answers: list[dict], code_ch
                                           code_checks=code_checks)
     payload = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers).encode()
     atomic_write_bytes(run_dir.eval_dir / f"{target}.jsonl", payload)
-    with SUMMARY_LOCK:
-        summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
-        summary["targets"][target] = checks.summarize(answers)
-        atomic_write_json(run_dir.eval_dir / "summary.json", summary)
+    summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
+    summary["targets"][target] = checks.summarize(answers)
+    atomic_write_json(run_dir.eval_dir / "summary.json", summary)
     return summary["targets"][target]
 
 
@@ -144,7 +138,6 @@ def agreement(reference: list[dict], answers: list[dict]) -> dict:
 
 def annotate(run_dir, target: str, values: dict) -> None:
     """Adds `values` to a target's line of eval/summary.json."""
-    with SUMMARY_LOCK:
-        summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
-        summary["targets"].setdefault(target, {}).update(values)
-        atomic_write_json(run_dir.eval_dir / "summary.json", summary)
+    summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
+    summary["targets"].setdefault(target, {}).update(values)
+    atomic_write_json(run_dir.eval_dir / "summary.json", summary)

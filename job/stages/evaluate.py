@@ -6,9 +6,7 @@ where a GGUF that does not work is refused before it is called done.
 """
 from __future__ import annotations
 
-import contextvars
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from job import backends, llamacpp, modelsrc
@@ -76,31 +74,32 @@ def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     prompts = suite.load(spec.evaluate)
     mode = code_check_mode(ctx, prompts)
-    targets = [t for t in ORDER if t in spec.evaluate.targets]
-    answered: dict[str, list[dict]] = {}
     results: dict[str, Any] = {}
-    # On a GPU machine llama.cpp answers for each GGUF on the CPU, in its own process, while the transformers
-    # targets answer on the GPU (t1 on the H200: 15.9 s and 23.0 s, one after the other before). On a CPU
-    # machine both would share the same cores, so they take turns.
-    together = "gguf" in targets and backends.device() == "cuda"
-    with ThreadPoolExecutor(1, thread_name_prefix="gguf-eval") as pool:
-        gguf_job = pool.submit(contextvars.copy_context().run, answer_ggufs, spec, run_dir, prompts, mode) \
-            if together else None
-        for target in targets:
-            if target == "gguf":
-                gguf_results = gguf_job.result() if gguf_job else answer_ggufs(spec, run_dir, prompts, mode)
-                for name, (summary, answers) in gguf_results.items():
-                    results[name], answered[name] = summary, answers
-                continue
-            started = time.perf_counter()
-            model, tokenizer = load_target(target, spec, run_dir)
-            loaded = time.perf_counter()
-            answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
-            results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
-                                      time.perf_counter() - loaded)
-            answered[target] = answers
-            del model
-    artifacts = [f"eval/{name}.jsonl" for name in results]
+    artifacts = []
+    answered: dict[str, list[dict]] = {}
+    for target in [t for t in ORDER if t in spec.evaluate.targets]:
+        if target == "gguf":
+            tools = llamacpp.find()
+            tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
+            files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
+            for quant, info in files.items():
+                started = time.perf_counter()
+                answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts,
+                                                 spec.evaluate)
+                name = f"gguf-{quant}"
+                results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, time.perf_counter() - started)
+                answered[name] = answers
+                artifacts.append(f"eval/{name}.jsonl")
+            continue
+        started = time.perf_counter()
+        model, tokenizer = load_target(target, spec, run_dir)
+        loaded = time.perf_counter()
+        answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
+        results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
+                                  time.perf_counter() - loaded)
+        answered[target] = answers
+        artifacts.append(f"eval/{target}.jsonl")
+        del model
     if "adapter" in answered:  # how far the merged model and each GGUF answer as the adapter does
         for name, answers in answered.items():
             if name not in ("adapter", "base") and not spec.evaluate.do_sample:
@@ -113,20 +112,6 @@ def run(ctx: RunContext) -> StageResult:
     elif heldout_wanted(spec):
         results["heldout"] = heldout_loss(spec, run_dir, backends.device())
     return StageResult(artifacts=tuple(artifacts + ["eval/summary.json"]), metrics=results)
-
-
-def answer_ggufs(spec: JobSpec, run_dir, prompts: list[dict], mode: str) -> dict[str, tuple[dict, list[dict]]]:
-    """{"gguf-<type>": (summary, answers)} for every GGUF the gguf stage made, answered by llama.cpp."""
-    tools = llamacpp.find()
-    tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
-    files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
-    out = {}
-    for quant, info in files.items():
-        started = time.perf_counter()
-        answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts, spec.evaluate)
-        name = f"gguf-{quant}"
-        out[name] = (_record(run_dir, name, prompts, answers, mode, 0.0, time.perf_counter() - started), answers)
-    return out
 
 
 def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
