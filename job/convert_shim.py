@@ -1,10 +1,13 @@
-"""Runs llama.cpp's convert_hf_to_gguf.py from a pinned prefix, with two changes:
+"""Runs llama.cpp's convert_hf_to_gguf.py from a pinned prefix, with three changes:
 
 - no code a model names ever runs: every `from_pretrained` the converter calls gets trust_remote_code=False
   (it asks for True when it loads the tokenizer of several architectures), so a config or tokenizer that
   names custom code (`auto_map`) fails the conversion instead of running it;
 - when the converter does not know a BPE tokenizer's pre-tokenizer hash (a tokenizer made locally, as in the
-  tests), it uses the name given (the jobspec's export.tokenizer_pre) instead of refusing.
+  tests), it uses the name given (the jobspec's export.tokenizer_pre) instead of refusing;
+- a bf16 output is rounded by torch on every core instead of by gguf-py's numpy on one (13 of the 24 s a
+  1.2B model took on 2 cores), to the same bits: both round to nearest even, and the values where a CPU's
+  conversion could differ (NaN payloads, subnormals) take gguf-py's own formula (tests/test_llamacpp.py).
 
     python -I job/convert_shim.py PREFIX PRE_TOKENIZER_OR_EMPTY MODEL_DIR --outfile out.gguf --outtype f16
 """
@@ -12,12 +15,6 @@ import functools
 import os
 import runpy
 import sys
-
-prefix = sys.argv.pop(1)
-override = sys.argv.pop(1)
-sys.path[:0] = [prefix, os.path.join(prefix, "gguf-py")]
-
-import transformers  # noqa: E402
 
 
 def _without_remote_code(original):
@@ -28,11 +25,7 @@ def _without_remote_code(original):
     return from_pretrained
 
 
-for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM"):
-    auto = getattr(transformers, name)
-    auto.from_pretrained = _without_remote_code(auto.from_pretrained)
-
-if override:
+def _named_pre_tokenizer(override: str) -> None:
     import conversion.base as base
 
     original = base.TextModel.get_vocab_base_pre
@@ -44,5 +37,56 @@ if override:
             return override
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv[0] = os.path.join(prefix, "convert_hf_to_gguf.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def bf16_bytes(array):
+    """gguf-py's BF16 quantization of a float32 array (ggml_compute_fp32_to_bf16), as flat uint8 bytes."""
+    import numpy as np
+    import torch
+    from gguf import quants
+
+    values = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(-1)
+    out = values.to(torch.bfloat16).view(torch.int16)
+    # Round to nearest even has one answer for every finite normal value. ggml keeps a NaN's sign and upper
+    # payload bits where torch writes one NaN, and some CPUs' conversions treat subnormals as zero: those values
+    # (and zeros and infinities, which come out with the same all-zero or all-one exponent) take ggml's formula.
+    exponent = out & 0x7F80
+    odd = (exponent == 0) | (exponent == 0x7F80)
+    if bool(odd.any()):
+        exact = quants.BF16.quantize_blocks(values[odd].numpy().copy())
+        out[odd] = torch.from_numpy(exact.view(np.int16).copy())
+    return out.numpy().view(np.uint8)
+
+
+def _fast_bf16() -> None:
+    import numpy as np
+    from gguf import quants
+
+    original = quants._apply_over_grouped_rows
+
+    def apply_over_grouped_rows(func, arr, otype, oshape):
+        if getattr(func, "__self__", None) is quants.BF16 and arr.dtype == np.float32 and otype == np.uint8:
+            return bf16_bytes(arr).reshape(oshape)
+        return original(func, arr, otype, oshape)
+
+    quants._apply_over_grouped_rows = apply_over_grouped_rows
+
+
+def main() -> None:
+    prefix = sys.argv.pop(1)
+    override = sys.argv.pop(1)
+    sys.path[:0] = [prefix, os.path.join(prefix, "gguf-py")]
+    import transformers
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM"):
+        auto = getattr(transformers, name)
+        auto.from_pretrained = _without_remote_code(auto.from_pretrained)
+    if override:
+        _named_pre_tokenizer(override)
+    _fast_bf16()
+    sys.argv[0] = os.path.join(prefix, "convert_hf_to_gguf.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,3 +67,40 @@ def test_q8_0_from_a_bf16_master_is_the_converters_own_q8_0_tensor_for_tensor(tm
 
     assert metadata(quantized) == metadata(direct) and "general.file_type" in metadata(direct)
     assert (tmp_path / "quantized.gguf").stat().st_size == (tmp_path / "direct.gguf").stat().st_size
+
+
+def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
+    """job/convert_shim.py rounds a bf16 output with torch; every value, the odd ones included (NaN payloads and
+    signs, infinities, subnormals, ties, values that round up to infinity), gets gguf-py's own bits."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(llamacpp.find().prefix / "gguf-py"))
+    try:
+        from gguf import quants
+
+        from job.convert_shim import _fast_bf16, bf16_bytes
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    special = np.array([0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001,
+                        0xFFFFFFFF, 0x00000001, 0x807FFFFF, 0x00400000, 0x3F808000, 0x3F818000, 0x3F80FFFF,
+                        0x7F7FFFFF, 0xFF7F8000, 0x00008000, 0x00018000], dtype=np.uint32)
+    values = np.concatenate([special, rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)]).view(np.float32)
+    values = np.concatenate([values, rng.standard_normal(100_000).astype(np.float32) * 0.02])
+    want = quants.BF16.quantize_blocks(values.copy())
+    got = bf16_bytes(values)
+    assert got.dtype == np.uint8 and got.tobytes() == want.tobytes()
+    # the converter's own call, before and after the shim hooks it in: the same bytes in the same shape
+    matrix = values[: 64 * 1000].reshape(1000, 64)
+    before = quants.quantize(matrix, quants.GGMLQuantizationType.BF16)
+    original = quants._apply_over_grouped_rows
+    try:
+        _fast_bf16()
+        assert quants._apply_over_grouped_rows is not original
+        after = quants.quantize(matrix, quants.GGMLQuantizationType.BF16)
+    finally:
+        quants._apply_over_grouped_rows = original
+    assert after.shape == before.shape == (1000, 128) and after.dtype == before.dtype
+    assert after.tobytes() == before.tobytes() == want[: 64 * 1000 * 2].tobytes()
