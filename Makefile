@@ -41,8 +41,9 @@ demo: install llama-cpp
 	$(BIN)/peftopt run jobspecs/smoke.json
 	$(BIN)/peftopt report runs/smoke_gemma3_270m --out runs/report
 
+# One worker per CPU, each taking whole modules (a module's fixtures, such as a finished run, are made once).
 test: install llama-cpp
-	$(BIN)/python -m pytest -q -rs --durations=30
+	$(BIN)/python -m pytest -q -rs --durations=30 -n auto --dist loadscope
 
 # Unit tests (no marker) and the one tiny end-to-end run (`smoke`): the inner loop, under 5 minutes on 2 cores.
 test-fast: install llama-cpp

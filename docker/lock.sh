@@ -14,6 +14,9 @@ common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --override
         --custom-compile-command "make lock" --quiet)
 universe=$(mktemp -d)/universe.txt
 trap 'rm -rf "$(dirname "$universe")"' EXIT
+# The locks already written are uv's preferences: a package keeps its version unless the change asks for another
+# (`rm` both locks first to re-resolve everything).
+cat requirements.lock docker/requirements-cpu.lock 2>/dev/null | grep -E '^[A-Za-z0-9._-]+==' | sed 's/ .*//' | sort -u > "$universe" || true
 "$UV" pip compile pyproject.toml --all-extras "${common[@]}" -o "$universe"
 "$UV" pip compile pyproject.toml --extra gpu --extra demo --extra tracking -c "$universe" --generate-hashes \
   "${common[@]}" -o requirements.lock
