@@ -416,6 +416,7 @@ def test_tracebacks_and_state_are_masked(tmp_path):
     assert "cannot load ***/model" in written and "Traceback ... ***" in written
     assert_no_canary(dirs=[tmp_path])
 
+    log.configure(json_output=True)  # as the CLI does first (whatever this process's earlier tests did)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(log._formatter(True))
