@@ -17,36 +17,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
 
 
-def make_llama_1b(out: Path) -> Path:
+# Llama-3.2-1B and Llama-3.1-8B: the shapes and rope settings the benchmarks stand in for
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True,
+               rope_factor=32.0),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False,
+               rope_factor=8.0),
+}
+
+
+def make_llama(out: Path, shape: str = "1b") -> Path:
+    """A Llama of one of SHAPES (32 heads, 8 KV heads, 128,256 tokens) with random bf16 weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny.make_tokenizer(out)
+    dims = dict(SHAPES[shape])
+    factor = dims.pop("rope_factor")
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(str(out))
-    return out
-
-
-def make_llama_8b(out: Path) -> Path:
-    """The Llama-3.1-8B shape (32 layers of 4096, 14336 MLP, 8 KV heads, untied), random bf16 weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny.make_tokenizer(out)
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        vocab_size=128256, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, **dims,
+        rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -96,10 +88,8 @@ def write_long_pairs(path: Path, n: int, seed: int = 0, words_per_answer: tuple[
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "llama1b":
-        print(make_llama_1b(Path(sys.argv[2])))
-    elif sys.argv[1] == "llama8b":
-        print(make_llama_8b(Path(sys.argv[2])))
+    if sys.argv[1] in ("llama1b", "llama8b"):
+        print(make_llama(Path(sys.argv[2]), sys.argv[1].removeprefix("llama")))
     elif sys.argv[1] == "data":
         print(write_long_data(Path(sys.argv[2]), int(sys.argv[3])))
     elif sys.argv[1] == "pairs":

@@ -153,23 +153,9 @@ case "$mode" in
     run t1-unsloth
     # The slow path on the same 600-step schedule, stopped by SIGTERM once step 50 is logged: the first 50
     # losses are compared with the run above (same learning rates at every step).
-    ( UNSLOTH_TORCH_VARLEN=0 run t1-slow50 --set evaluate=null --set export.merge=false --set export.gguf=[] ) &
-    until grep -q '"step": 50,' "$out/t1-slow50.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
-    pkill -TERM -f "name=t1-slow50"; wait
-    python3 - "$out/t1-unsloth.jsonl" "$out/t1-slow50.jsonl" <<'EOF' | tee "$out/loss50.json"
-import json, sys
-def losses(path):
-    return {e["step"]: e["loss"] for e in map(json.loads, filter(lambda l: l.startswith("{"), open(path)))
-            if e.get("event") == "train_progress" and e["step"] <= 50}
-fast, slow = losses(sys.argv[1]), losses(sys.argv[2])
-rel = [abs(fast[s] - slow[s]) / abs(slow[s]) for s in sorted(set(fast) & set(slow))]
-print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=None),
-                  "mean_rel_diff": sum(rel) / len(rel) if rel else None}))
-EOF
-    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --json > "$out/bench.json" 2> "$out/bench.err"
-    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
-      "$out/bench.json" | tee "$out/bench.md"
-    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    UNSLOTH_TORCH_VARLEN=0 first50 t1-slow50
+    compare50 "$out/t1-unsloth.jsonl" "$out/t1-slow50.jsonl" | tee "$out/loss50.json"
+    bench_table bench --steps 12
     ;;
   probe)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
