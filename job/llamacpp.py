@@ -169,7 +169,7 @@ def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, toke
 
 def usable_cpus() -> int:
     """Logical CPUs this process may run on, capped by the container's CPU quota: llama-quantize rounds
-    blocks independently and is bound by memory, so every hardware thread helps there."""
+    blocks independently, without the per-operation synchronisation that makes decoding prefer physical cores."""
     try:
         allowed = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

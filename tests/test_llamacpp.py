@@ -104,3 +104,13 @@ def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
         quants._apply_over_grouped_rows = original
     assert after.shape == before.shape == (1000, 128) and after.dtype == before.dtype
     assert after.tobytes() == before.tobytes() == want[: 64 * 1000 * 2].tobytes()
+
+
+def test_llama_quantize_gets_every_allowed_cpu_within_the_quota(monkeypatch):
+    allowed = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(llamacpp, "cgroup_cpu_quota", lambda: None)
+    assert llamacpp.usable_cpus() == allowed
+    monkeypatch.setattr(llamacpp, "cgroup_cpu_quota", lambda: 1)
+    assert llamacpp.usable_cpus() == 1
+    monkeypatch.setattr(llamacpp, "cgroup_cpu_quota", lambda: allowed + 8)
+    assert llamacpp.usable_cpus() == allowed

@@ -3,7 +3,9 @@
 bitsandbytes' 4-bit linear layer dequantizes its NF4 weight to the compute dtype at every forward and
 backward, then multiplies as a 16-bit layer does. Dequantizing once and keeping the result gives the same
 weight values, so the same forward and gradients: the adapter is still trained against the quantized base
-(QLoRA's math), at 16-bit LoRA's speed. Only memory changes: 2 bytes per weight instead of about 0.56.
+(QLoRA's math), without the dequantization at every step. Memory: 2 bytes per weight instead of about 0.56.
+Measured on the H200 (t1, 1B shape, `peftopt bench`): +3.6% tokens/s on hf, +0.1% on unsloth, whose fused
+kernels dequantize cheaply.
 """
 from __future__ import annotations
 

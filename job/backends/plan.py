@@ -7,7 +7,8 @@ setting whose estimated peak stays inside the budget: `train.max_memory_gb`, els
 With several ranks each takes its share of the sequences, so the updates stay the same.
 
 A 4-bit (QLoRA) base is dequantized once into 16-bit when that still fits (`dequantize.py`): the same
-forward values as dequantizing at every step, at 16-bit LoRA's speed. It never costs a faster batch setting.
+forward values as dequantizing at every step, without doing it at every step. It never costs a faster batch
+setting.
 """
 from __future__ import annotations
 
