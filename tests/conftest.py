@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny  # noqa: E402
+
+# The Llama-3.2-1B and Llama-3.1-8B shapes, for the batch planner's arithmetic (no weights)
+CONFIG_1B = SimpleNamespace(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+CONFIG_8B = SimpleNamespace(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,10 +3,9 @@ the 4-bit layers dequantizing at every step, on a real tiny model in bitsandbyte
 planner chooses it. The GPU runs of both backends are in tests/test_gpu.py."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from conftest import CONFIG_1B, CONFIG_8B
 from job.backends import plan
 from job.spec import JobSpec
 
@@ -46,12 +45,6 @@ def test_dequantized_once_gives_the_same_loss_and_adapter_gradients_as_4bit(tiny
     for name, grad in grads4.items():
         assert grad.abs().max() > 0, name
         assert (grads16[name] - grad).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1.0), name
-
-
-CONFIG_1B = SimpleNamespace(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
-CONFIG_8B = SimpleNamespace(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
 
 
 def t1_spec(**train) -> JobSpec:

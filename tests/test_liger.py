@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+from conftest import CONFIG_1B
 from job import settings
 from job.backends import liger, plan
 
@@ -68,10 +69,6 @@ def test_apply_keeps_trls_loss_and_undo_restores_the_module(liger_registry):
 
 
 def test_planner_counts_fewer_activations_with_liger():
-    class Config:
-        hidden_size, num_hidden_layers, intermediate_size = 2048, 16, 8192
-        num_attention_heads, num_key_value_heads, vocab_size, tie_word_embeddings = 32, 8, 128256, True
-
-    plain = plan.estimate_gb(Config, 8, 2048, "off", True, backend="hf")
-    fused = plan.estimate_gb(Config, 8, 2048, "off", True, backend="hf+liger")
+    plain = plan.estimate_gb(CONFIG_1B, 8, 2048, "off", True, backend="hf")
+    fused = plan.estimate_gb(CONFIG_1B, 8, 2048, "off", True, backend="hf+liger")
     assert fused < plain
