@@ -19,6 +19,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def pixels_of(path: Path, color: str) -> int:
+    """How many pixels of a PNG are drawn in one matplotlib colour (antialiased edges excluded)."""
+    import matplotlib.image
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    image = matplotlib.image.imread(path)[..., :3]
+    return int((np.abs(image - np.array(to_rgb(color))).max(axis=-1) < 0.02).sum())
+
+
 def test_report_over_two_ranks(tmp_path, make_spec):
     evaluate = {"prompts": ["Tell me one thing about rain.", "Translate to Swedish: Good morning."],
                 "max_new_tokens": 8, "targets": ["base", "adapter"]}
@@ -39,7 +49,13 @@ def test_report_over_two_ranks(tmp_path, make_spec):
     assert not (out / "plots" / "runtime_memory.png").exists()  # a CPU run has no GPU memory to chart
     for plot in ("loss.png", "checks.png", "runtime.png"):
         width, height = png_size(out / "plots" / plot)
-        assert width > 300 and height > 200 and (out / "plots" / plot).stat().st_size > 10_000
+        assert width > 300 and height > 200
+    # What each plot draws, by its colours: a line per run, a bar series per run and target (at least its legend
+    # patch, a pass rate can be 0), and the runtime bars (the longer run's bar is the axis's full height).
+    plots = out / "plots"
+    assert all(pixels_of(plots / "loss.png", c) > 200 for c in ("tab:blue", "tab:orange"))
+    assert all(pixels_of(plots / "checks.png", c) > 30 for c in ("tab:blue", "tab:orange", "tab:green", "tab:red"))
+    assert pixels_of(plots / "runtime.png", "tab:blue") > 5_000
 
     log = cli("report", "--log", str(runs / "experiments_log.csv"), "--out", str(tmp_path / "from-log"))
     assert log.returncode == 0, log.stderr
