@@ -8,7 +8,9 @@
 - a bf16 output is rounded by torch on every core instead of by gguf-py's numpy on one (a 1.2B model's
   conversion: 18.5 s against 21.4 s on 2 cores), to the same bits: both round to nearest even, and the values
   where a CPU's conversion could differ (NaN payloads, subnormals) take gguf-py's own formula
-  (tests/test_llamacpp.py).
+  (tests/test_llamacpp.py);
+- the next tensor is computed on a background thread while the writer writes the one before it (gguf-py
+  computes and writes one tensor at a time), the same bytes in the same order.
 
     python -I job/convert_shim.py PREFIX PRE_TOKENIZER_OR_EMPTY MODEL_DIR --outfile out.gguf --outtype f16
 """
@@ -40,6 +42,9 @@ def _named_pre_tokenizer(override: str) -> None:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 
 
+CHUNK = 1 << 20  # values per pass: a chunk's float32 and bf16 stay in cache between its passes (2x on 2 cores)
+
+
 def bf16_bytes(array):
     """gguf-py's BF16 quantization of a float32 array (ggml_compute_fp32_to_bf16), as flat uint8 bytes."""
     import numpy as np
@@ -47,15 +52,19 @@ def bf16_bytes(array):
     from gguf import quants
 
     values = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(-1)
-    out = values.to(torch.bfloat16).view(torch.int16)
-    # Round to nearest even has one answer for every finite normal value. ggml keeps a NaN's sign and upper
-    # payload bits where torch writes one NaN, and some CPUs' conversions treat subnormals as zero: those values
-    # (and zeros and infinities, which come out with the same all-zero or all-one exponent) take ggml's formula.
-    exponent = out & 0x7F80
-    odd = (exponent == 0) | (exponent == 0x7F80)
-    if bool(odd.any()):
-        exact = quants.BF16.quantize_blocks(values[odd].numpy().copy())
-        out[odd] = torch.from_numpy(exact.view(np.int16).copy())
+    out = torch.empty(values.numel(), dtype=torch.int16)
+    for start in range(0, values.numel(), CHUNK):
+        chunk, bits = values[start:start + CHUNK], out[start:start + CHUNK]
+        bits.copy_(chunk.to(torch.bfloat16).view(torch.int16))
+        # Round to nearest even has one answer for every finite normal value. ggml keeps a NaN's sign and upper
+        # payload bits where torch writes one NaN, and some CPUs' conversions treat subnormals as zero: those
+        # values (and zeros and infinities, which come out with the same all-zero or all-one exponent) take
+        # ggml's formula.
+        exponent = bits & 0x7F80
+        odd = (exponent == 0) | (exponent == 0x7F80)
+        if bool(odd.any()):
+            exact = quants.BF16.quantize_blocks(chunk[odd].numpy().copy())
+            bits[odd] = torch.from_numpy(exact.view(np.int16).copy())
     return out.numpy().view(np.uint8)
 
 
@@ -73,6 +82,57 @@ def _fast_bf16() -> None:
     quants._apply_over_grouped_rows = apply_over_grouped_rows
 
 
+class _Prefetched:
+    """A lazy tensor of the writer's, made by the one background thread while the tensor before it is written.
+
+    The thread makes the tensors one at a time in the writer's order, at most one ahead, so no two threads ever
+    walk the same lazy graph (tensors split from one fused weight share nodes) and one more tensor is held.
+    """
+
+    def __init__(self, ahead: "_Ahead", index: int, nbytes: int):
+        self._ahead, self._index, self.nbytes = ahead, index, nbytes
+
+    def tofile(self, fout):
+        return self._ahead.take(self._index).tofile(fout)
+
+
+class _Ahead:
+    def __init__(self, pool, lazies: list):
+        self._pool, self._lazies, self._futures = pool, lazies, {}
+
+    def _start(self, index: int) -> None:
+        if index < len(self._lazies) and index not in self._futures:
+            lazy, self._lazies[index] = self._lazies[index], None
+            self._futures[index] = self._pool.submit(type(lazy).to_eager, lazy)
+
+    def take(self, index: int):
+        self._start(index)
+        future = self._futures.pop(index)
+        self._start(index + 1)
+        return future.result()
+
+
+def _prefetching_writer() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf import gguf_writer, lazy
+
+    original = gguf_writer.GGUFWriter.write_tensors_to_file
+
+    def write_tensors_to_file(self, *, progress: bool = False) -> None:
+        infos = [ti for tensors in self.tensors for ti in tensors.values()
+                 if isinstance(ti.tensor, lazy.LazyNumpyTensor)]
+        if self.temp_file is not None or not infos:
+            return original(self, progress=progress)
+        with ThreadPoolExecutor(1, thread_name_prefix="gguf-prefetch") as pool:
+            ahead = _Ahead(pool, [ti.tensor for ti in infos])
+            for index, ti in enumerate(infos):
+                ti.tensor = _Prefetched(ahead, index, ti.tensor.nbytes)
+            return original(self, progress=progress)
+
+    gguf_writer.GGUFWriter.write_tensors_to_file = write_tensors_to_file
+
+
 def main() -> None:
     prefix = sys.argv.pop(1)
     override = sys.argv.pop(1)
@@ -85,6 +145,7 @@ def main() -> None:
     if override:
         _named_pre_tokenizer(override)
     _fast_bf16()
+    _prefetching_writer()
     sys.argv[0] = os.path.join(prefix, "convert_hf_to_gguf.py")
     runpy.run_path(sys.argv[0], run_name="__main__")
 

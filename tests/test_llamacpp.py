@@ -69,7 +69,7 @@ def test_q8_0_from_a_bf16_master_is_the_converters_own_q8_0_tensor_for_tensor(tm
     assert (tmp_path / "quantized.gguf").stat().st_size == (tmp_path / "direct.gguf").stat().st_size
 
 
-def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
+def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits(monkeypatch):
     """job/convert_shim.py rounds a bf16 output with torch; every value, the odd ones included (NaN payloads and
     signs, infinities, subnormals, ties, values that round up to infinity), gets gguf-py's own bits."""
     import sys
@@ -80,6 +80,7 @@ def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
     try:
         from gguf import quants
 
+        from job import convert_shim
         from job.convert_shim import _fast_bf16, bf16_bytes
     finally:
         sys.path.pop(0)
@@ -92,6 +93,8 @@ def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
     want = quants.BF16.quantize_blocks(values.copy())
     got = bf16_bytes(values)
     assert got.dtype == np.uint8 and got.tobytes() == want.tobytes()
+    monkeypatch.setattr(convert_shim, "CHUNK", 4099)  # many chunks, odd values in some, a short last one
+    assert bf16_bytes(values).tobytes() == want.tobytes()
     # the converter's own call, before and after the shim hooks it in: the same bytes in the same shape
     matrix = values[: 64 * 1000].reshape(1000, 64)
     before = quants.quantize(matrix, quants.GGMLQuantizationType.BF16)
@@ -104,6 +107,52 @@ def test_the_converters_bf16_rounding_on_every_core_gives_gguf_pys_bits():
         quants._apply_over_grouped_rows = original
     assert after.shape == before.shape == (1000, 128) and after.dtype == before.dtype
     assert after.tobytes() == before.tobytes() == want[: 64 * 1000 * 2].tobytes()
+
+
+def test_the_converters_writer_computing_one_tensor_ahead_writes_gguf_pys_file(tmp_path, monkeypatch):
+    """job/convert_shim.py has the next lazy tensor made on a background thread while the writer writes the one
+    before it: the same file, byte for byte, as gguf-py's own writer, with tensors that share a lazy parent (a
+    fused weight split in three, as the converter splits q/k/v) and an eager one among them."""
+    import sys
+    import threading
+
+    import numpy as np
+
+    sys.path.insert(0, str(llamacpp.find().prefix / "gguf-py"))
+    try:
+        import gguf
+        from gguf import gguf_writer, lazy
+
+        from job.convert_shim import _prefetching_writer
+    finally:
+        sys.path.pop(0)
+    made_on = []
+
+    def recorded(array):
+        made_on.append(threading.current_thread().name)
+        return array * 3
+
+    def write(path):
+        rng = np.random.default_rng(0)
+        fused = lazy.LazyNumpyTensor.from_eager(rng.standard_normal((192, 64), dtype=np.float32))
+        w = gguf.GGUFWriter(path, "llama")
+        for name, part in zip("qkv", (fused[:64], fused[64:128], fused[128:])):
+            w.add_tensor(f"blk.0.attn_{name}.weight", part)
+        w.add_tensor("eager.weight", rng.standard_normal((8, 64), dtype=np.float32).astype(np.float16))
+        base = lazy.LazyNumpyTensor.from_eager(rng.standard_normal((32, 64), dtype=np.float32))
+        w.add_tensor("scaled.weight", lazy.LazyNumpyTensor(meta=base._meta, args=(base,), func=recorded).astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+    plain = write(tmp_path / "plain.gguf")
+    monkeypatch.setattr(gguf_writer.GGUFWriter, "write_tensors_to_file", gguf_writer.GGUFWriter.write_tensors_to_file)
+    _prefetching_writer()
+    ahead = write(tmp_path / "ahead.gguf")
+    assert ahead == plain and len(plain) > 192 * 64 * 4
+    assert made_on[0] == "MainThread" and made_on[1].startswith("gguf-prefetch")
 
 
 def test_llama_quantize_gets_every_allowed_cpu_within_the_quota(monkeypatch):
