@@ -22,12 +22,25 @@
 #                                       run (auto), then 50 steps with the 4-bit base kept (PEFTOPT_DEQUANTIZE_BASE=0)
 #                                       for the loss curve, then the unsloth bench (literal, planned, the base kept)
 #   bash tests/gpu_t1.sh OUT speed-hf   the whole run on the hf backend, and its bench
+#   bash tests/gpu_t1.sh OUT gguf       only the gguf stage's pieces on the 1B shape (tests/gpu_gguf.py): this
+#                                       tree's converter shim, then SHIM_BEFORE's (another shim) for comparison
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
 # bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
 set -uo pipefail
 out=${1:?OUT_DIR}; mode=${2:-check}
 work=/tmp/peftopt-gpu; mkdir -p "$work" "$out"
 export PEFTOPT_LOG_FORMAT=json
+if [[ $mode == gguf ]]; then
+  # bytecode for what the converter imports, as the image has it, made while the model is
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
+  python3 -I -X pycache_prefix=/tmp/pycache -c 'import numpy, safetensors, torch, transformers
+transformers.AutoConfig, transformers.AutoTokenizer' &
+  [ -f "$work/l1b/config.json" ] || python3 tests/gpu_models.py llama1b "$work/l1b" >/dev/null
+  wait
+  { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; lscpu | grep -m1 "Model name"; nproc; } > "$out/machine.txt"
+  python3 tests/gpu_gguf.py "$work/l1b" "$work/gguf" "$out/gguf.json" ${SHIM_BEFORE:-} 2>&1 | tee "$out/gguf.txt"
+  exit
+fi
 [ -f "$work/l1b/config.json" ] || python3 tests/gpu_models.py llama1b "$work/l1b" >/dev/null
 [ -f "$work/long.jsonl" ] || python3 tests/gpu_models.py data "$work/long.jsonl" 12000 >/dev/null
 common=(--output-dir "$work/runs" --set model.base="$work/l1b" --set data.source="$work/long.jsonl" --set push=null
