@@ -5,12 +5,14 @@
   names custom code (`auto_map`) fails the conversion instead of running it;
 - when the converter does not know a BPE tokenizer's pre-tokenizer hash (a tokenizer made locally, as in the
   tests), it uses the name given (the jobspec's export.tokenizer_pre) instead of refusing;
-- a bf16 output is rounded by torch on every core instead of by gguf-py's numpy on one (a 1.2B model's
-  conversion: 18.5 s against 21.4 s on 2 cores), to the same bits: both round to nearest even, and the values
-  where a CPU's conversion could differ (NaN payloads, subnormals) take gguf-py's own formula
-  (tests/test_llamacpp.py);
+- a bf16 output is rounded by torch on every core instead of by gguf-py's numpy on one, to the same bits:
+  both round to nearest even, and the values where a CPU's conversion could differ (NaN payloads, subnormals)
+  take gguf-py's own formula (tests/test_llamacpp.py);
 - the next tensor is computed on a background thread while the writer writes the one before it (gguf-py
   computes and writes one tensor at a time), the same bytes in the same order.
+
+With both, a 1.2B model's bf16 conversion took 14.0 s against about 18 s for the converter's own on 2 cores
+(README, llama.cpp).
 
     python -I job/convert_shim.py PREFIX PRE_TOKENIZER_OR_EMPTY MODEL_DIR --outfile out.gguf --outtype f16
 """
