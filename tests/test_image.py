@@ -55,13 +55,33 @@ def adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_adapter(a: Path, b: Path) -> None:
+NOTED_EVENTS = ("stop_requested", "checkpoint_saved", "checkpoint_incomplete", "checkpoint_refused",
+                "job_interrupted", "grace_expired", "stage_skipped", "train_resumed", "train_finished")
+
+
+def assert_same_adapter(want_dir: Path, got_dir: Path, logs: list[str]) -> None:
+    """The rerun ends with the uninterrupted run's adapter, tensor for tensor. On a mismatch the message says
+    where the two loss curves (metrics.json, full precision) part, and what the containers logged about stopping,
+    checkpoints and resuming: curves that part at or before the resumed step mean the stopped run itself trained
+    differently; curves that part after it mean the resume restored the wrong state or data position."""
     import torch
 
-    want, got = adapter(a), adapter(b)
+    want, got = adapter(want_dir), adapter(got_dir)
     assert want.keys() == got.keys()
-    for key in want:
-        assert torch.allclose(want[key], got[key], atol=1e-6), key
+    differing = [key for key in want if not torch.allclose(want[key], got[key], atol=1e-6)]
+    if not differing:
+        return
+    curves = [{p["step"]: p["loss"] for p in json.loads((d / "metrics.json").read_text())["train"]["loss_curve"]}
+              for d in (want_dir, got_dir)]
+    parted = next((step for step in sorted(curves[0]) if curves[1].get(step) != curves[0][step]), None)
+    resumed = json.loads((got_dir / "metrics.json").read_text())["train"].get("resumed_from_step")
+    noted = [{k: v for k, v in e.items() if k in ("event", "step", "checkpoint", "error", "why", "stage")}
+             for text in logs for e in events(text) if e["event"] in NOTED_EVENTS]
+    worst = max((want[k] - got[k]).abs().max().item() for k in differing)
+    pytest.fail(f"{len(differing)} of {len(want)} adapter tensors differ (first {differing[0]}, max |diff| "
+                f"{worst:.2e}); resumed from step {resumed}; loss curves part at step {parted} (uninterrupted "
+                f"{curves[0].get(parted)}, this run {curves[1].get(parted)}; {len(curves[0])} and {len(curves[1])} "
+                f"steps); events: {json.dumps(noted)}")
 
 
 def wait_for_event(container: str, event: str, at_least: int = 1, timeout: float = 600) -> None:
@@ -235,7 +255,7 @@ def test_docker_stop_exits_75_within_the_grace_and_the_same_command_resumes(tiny
     again = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     assert any(e["event"] == "train_resumed" for e in events(again.stdout))
-    assert_same_adapter(uninterrupted[0], runs / "tiny")
+    assert_same_adapter(uninterrupted[0], runs / "tiny", [logs.stdout, again.stdout])
     canary_free(runs, uninterrupted[0].parent, logs=[logs.stdout, logs.stderr, again.stdout, again.stderr,
                                                       *uninterrupted[1]])
 
@@ -250,5 +270,5 @@ def test_docker_kill_mid_run_then_the_same_command_finishes(tiny_inputs, uninter
     again = docker("run", "--rm", *tiny_command(tiny_inputs, runs), timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     assert any(e["event"] == "train_resumed" for e in events(again.stdout))
-    assert_same_adapter(uninterrupted[0], runs / "tiny")
+    assert_same_adapter(uninterrupted[0], runs / "tiny", [logs.stdout, again.stdout])
     canary_free(runs, logs=[logs.stdout, logs.stderr, again.stdout, again.stderr])
