@@ -75,7 +75,9 @@ def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
 def worker(args: dict) -> dict:
     """Runs inside a fresh process: trains WARMUP + steps steps of one setting, times the last `steps`."""
     if args["backend"] == "unsloth":
-        import unsloth  # noqa: F401  (must come before transformers/trl)
+        from job.backends import unsloth
+
+        unsloth.import_library()  # before transformers/trl, which it patches
     import datasets
     import torch
     from transformers import AutoConfig

@@ -6,6 +6,8 @@ else .cache/llama.cpp in the checkout.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -119,21 +121,38 @@ def describe() -> dict:
         return {"prefix": None, "version": None, "problem": exc.message}
 
 
-def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600
+def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | None = None) -> subprocess.Popen:
+    """A tool's process, offline and with no token in its environment (on `cpus` alone when given).
+
+    Raises:
+        ExternalError: it could not start.
+    """
+    try:
+        process = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+                                   env=settings_module.get().tool_env())
+    except OSError as exc:
+        raise ExternalError(f"{what} could not start: {exc.strerror}") from None
+    if cpus:  # before it starts its threads (after loading the model), which inherit it; not preexec_fn,
+        # which can deadlock a process that has threads of its own, as the job does
+        try:
+            os.sched_setaffinity(process.pid, cpus)
+        except OSError:
+            pass  # it exited already; its exit code says why
+    return process
+
+
+def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600,
+         process: subprocess.Popen | None = None, cpus: list[int] | None = None, stop=None
          ) -> subprocess.CompletedProcess:
-    """Runs a tool, offline and with no token in its environment; a stop request (SIGTERM) ends it at once
-    and raises Interrupted."""
+    """Runs a tool (or finishes `process`, one started ahead); a stop request (SIGTERM) ends it at once and
+    raises Interrupted, as does `stop` (a threading.Event: the caller gave up on it)."""
     import time
 
     from job import interrupt
     from job.errors import Interrupted
 
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-                                env=settings_module.get().tool_env())
-    except OSError as exc:
-        raise ExternalError(f"{what} could not start: {exc.strerror}") from None
+    proc = process or _start(cmd, what, stdin=input_text is not None, cpus=cpus)
     deadline = time.monotonic() + timeout
     pending_input = input_text
     while True:
@@ -142,29 +161,65 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
             break
         except subprocess.TimeoutExpired:
             pending_input = None  # communicate() already sent it
-            if interrupt.stop_requested() or time.monotonic() > deadline:
+            abandoned = stop is not None and stop.is_set()
+            if interrupt.stop_requested() or abandoned or time.monotonic() > deadline:
                 proc.kill()
                 proc.communicate()
-                if interrupt.stop_requested():
+                if interrupt.stop_requested() or abandoned:
                     raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
                 raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise ExternalError(f"{what} failed (exit {result.returncode}): {' | '.join(tail)}")
     return result
 
 
-def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, tokenizer_pre: str | None) -> None:
-    """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older)."""
+@contextlib.contextmanager
+def converter_process(tools: LlamaCpp):
+    """The converter started ahead of its arguments (job/convert_shim.py): it imports torch, transformers and
+    gguf-py while the job does other work, and `convert` hands it the model. Ended on leaving if unused.
+
+    Raises:
+        ExternalError: it could not start.
+    """
     # -I keeps the environment's Python settings out; a bytecode cache this process was given (-X pycache_prefix,
     # PYTHONPYCACHEPREFIX) is passed on, so the converter does not compile torch's sources again at each run.
     cache = ["-X", f"pycache_prefix={sys.pycache_prefix}"] if sys.pycache_prefix else []
-    cmd = [sys.executable, "-I", *cache, str(CONVERTER_SHIM), str(tools.prefix), tokenizer_pre or "", str(model_dir),
-           "--outfile", str(out_file), "--outtype", outtype]
+    process = _start([sys.executable, "-I", *cache, str(CONVERTER_SHIM), str(tools.prefix)], "convert_hf_to_gguf",
+                     stdin=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, tokenizer_pre: str | None,
+            process: subprocess.Popen | None = None) -> None:
+    """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older), in
+    `process` when one was started ahead and is still waiting (`converter_process`)."""
     what = f"convert_hf_to_gguf ({outtype})"
-    result = _run(cmd, what)
+    arguments = json.dumps([tokenizer_pre or "", str(model_dir), "--outfile", str(out_file), "--outtype", outtype])
+    with contextlib.ExitStack() as stack:
+        if process is None or process.poll() is not None:
+            process = stack.enter_context(converter_process(tools))
+        result = _run(process.args, what, input_text=arguments + "\n", process=process)
     _check_gguf(out_file, what, result)
+
+
+def cores_beside(keep: int) -> tuple[list[int], int] | None:
+    """The CPUs a tool may use beside this process's own work on `keep` of them, and the threads it should run
+    there (physical cores less `keep`); None when fewer than 4 CPUs are left to share."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    threads = physical_cores() - keep
+    if len(allowed) - keep < 4 or threads < 3:
+        return None
+    return allowed[keep:], threads
 
 
 def usable_cpus() -> int:
@@ -205,15 +260,17 @@ class Generation:
 
 
 def generate_many(tools: LlamaCpp, gguf_path: Path, prompts: list[str], max_tokens: int, threads: int | None = None,
-                  timeout: float = 1800) -> list[Generation]:
+                  timeout: float = 1800, cpus: list[int] | None = None, stop=None) -> list[Generation]:
     """Greedy generation for every prompt in one llama.cpp process that decodes them together (one sequence
-    each); the prompts' special tokens are parsed, no BOS is added."""
+    each); the prompts' special tokens are parsed, no BOS is added. On `cpus` alone when given; `stop` (a
+    threading.Event) ends it early, as a stop request does."""
     if not prompts:
         return []
     cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or physical_cores()),
            "--prompts", str(len(prompts))]
     stdin = "".join(f"{len(p.encode())}\n{p}" for p in prompts)
-    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=stdin, timeout=timeout).stdout
+    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=stdin, timeout=timeout, cpus=cpus,
+               stop=stop).stdout
     prompt_ids: list[list[int]] = [[] for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     pieces = [b"" for _ in prompts]

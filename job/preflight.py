@@ -35,6 +35,13 @@ def check(spec: JobSpec, stage_names: list[str], *, spec_dir: Path | None = None
             machine = machine or exc
         except DataError as exc:
             bad_row = bad_row or exc
+    if scope.machine and {"train", "evaluate"} & set(stage_names):
+        from job.backends import machine as this_machine
+
+        try:
+            this_machine.check(spec)
+        except MachineError as exc:
+            machine = machine or exc
     problems = list(dict.fromkeys(problems))  # a check several stages share reports once
     if problems:
         raise SpecError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the jobspec's inputs",

@@ -5,6 +5,7 @@ directory already holds its finished work for the same inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -142,10 +143,13 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
              settings=ctx.settings.described(), **env)
     job_started = time.perf_counter()
     enabled = {s.name for s in registry.enabled(spec)}
+    ahead = contextlib.ExitStack()
     try:
+        for stage in stages:  # the stages still to do start what they can ahead of their turn
+            if not _finished(state, stage, prints):
+                ctx.warm[stage.name] = ahead.enter_context(stage.warm_up(ctx))
         for stage in stages:
-            info = state.stages[stage.name]
-            if info.status == "done" and info.fingerprint == prints[stage.name]:
+            if _finished(state, stage, prints):
                 log.info("stage_skipped", stage=stage.name, reason="finished earlier with the same inputs")
                 continue
             if only:
@@ -170,6 +174,8 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         run_dir.save_state(state)
         raise
+    finally:
+        ahead.close()
     state.status, state.finished_at, state.error = "done", now_iso(), None
     run_dir.save_state(state)
     metrics = update_metrics(run_dir, "run", {"status": "done", "finished_at": state.finished_at,
@@ -181,6 +187,12 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
         run_dir.save_state(state)
     log.info("job_finished", run_dir=str(run_dir.root), status="done")
     return state
+
+
+def _finished(state: RunState, stage: Stage, prints) -> bool:
+    """The run directory holds this stage's finished work for the same inputs."""
+    info = state.stages[stage.name]
+    return info.status == "done" and info.fingerprint == prints[stage.name]
 
 
 def _run_stage(stage: Stage, ctx: RunContext, state: RunState) -> None:

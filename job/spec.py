@@ -398,6 +398,11 @@ class JobSpec(Section):
     name: str = Field(pattern=SAFE_NAME, description="Run name; the run directory is <output_dir>/<name>.")
     description: str = ""
     output_dir: str = Field("runs", min_length=1, description="Where run directories are made.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where the job runs. auto: the GPU when CUDA works; an NVIDIA GPU that CUDA cannot use "
+        "(a driver older than the image's CUDA needs, a container started without GPUs) stops the job with exit 4 "
+        "before any work, and so does training estimated at more than 2 hours on a machine without a GPU. cuda: a "
+        "GPU or exit 4. cpu: the CPU, even where a GPU is.")
     model: ModelSpec
     data: DataSpec | None = None
     lora: LoraSpec | None = None

@@ -22,6 +22,12 @@
 #                                       run (auto), then 50 steps with the 4-bit base kept (PEFTOPT_DEQUANTIZE_BASE=0)
 #                                       for the loss curve, then the unsloth bench (literal, planned, the base kept)
 #   bash tests/gpu_t1.sh OUT speed-hf   the whole run on the hf backend, and its bench
+#   bash tests/gpu_t1.sh OUT speed-profile  issue 37: the whole run sampled by py-spy (every thread of the job and of the
+#                                       converter, idle time included: a timeline of where the time goes), the
+#                                       unsloth import under -X importtime with and without its generated code cached
+#   bash tests/gpu_t1.sh OUT speed-37   issue 37 after its changes: the whole run (auto), its evaluation answers against
+#                                       the way they were made before (tests/gpu_eval_same.py), unsloth's import with
+#                                       the restricted trainer rewriting, then the unsloth bench
 #   bash tests/gpu_t1.sh OUT gguf       only the gguf stage's pieces on the 1B shape (tests/gpu_gguf.py): this
 #                                       tree's converter shim, then SHIM_BEFORE's (another shim) for comparison
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
@@ -53,7 +59,7 @@ python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__versio
 run() {  # NAME [overrides...]: one `peftopt run` of t1; events, metrics and the stage times kept under OUT
   local name=$1; shift
   local started=$(date +%s.%N)
-  python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  ${PROFILER:-} python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
   local code=$?
   python3 - "$out/$name.jsonl" "$started" "$name" "$code" <<'EOF' | tee -a "$out/runs.jsonl"
 import datetime, json, sys, time
@@ -109,7 +115,7 @@ EOF
 
 bench_table() {  # NAME [bench args...]
   local name=$1; shift
-  timeout 300 python3 -m job bench jobspecs/t1.json "${common[@]:2}" "$@" --json > "$out/$name.json" 2> "$out/$name.err"
+  timeout ${BENCH_TIMEOUT:-300} python3 -m job bench jobspecs/t1.json "${common[@]:2}" "$@" --json > "$out/$name.json" 2> "$out/$name.err"
   python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
     "$out/$name.json" | tee "$out/$name.md"
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
@@ -126,6 +132,28 @@ if [[ $mode == speed* ]]; then
 fi
 
 case "$mode" in
+  speed-37)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-37
+    timeout 150 python3 tests/gpu_eval_same.py "$work/runs/t1-37" jobspecs/t1.json "$out/eval-same.json" "${common[@]:2}" \
+      --set name=t1-37 --set output_dir="$work/runs" > "$out/eval-same.txt" 2>&1; tail -2 "$out/eval-same.txt"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; TIMEFORMAT="import_library (restricted), cold compile cache: %R s"
+    { time python3 -c "from job.backends import unsloth; unsloth.import_library()" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
+    cat "$out/import-times.txt"; tar czf "$OUT/o.tgz" -C "$out" .
+    bench_table bench-unsloth --steps 10 --backend unsloth
+    ;;
+  speed-profile)
+    { lscpu; nvidia-smi; free -g; df -h /tmp; } > "$out/machine.txt" 2>&1
+    pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+    for cache in cold warm; do
+      [[ $cache == cold ]] && rm -rf "$UNSLOTH_COMPILE_LOCATION"
+      TIMEFORMAT="$cache: %R s"
+      { time python3 -X importtime -c "import unsloth" 2> "$out/importtime-unsloth-$cache.txt" >/dev/null; } 2>> "$out/import-times.txt"
+    done
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"
+    PROFILER="py-spy record --subprocesses --idle --threads --rate 50 --format speedscope -o $out/t1.speedscope.json --" run t1-profile
+    gzip -f "$out/t1.speedscope.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
   speed)
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; PEFTOPT_DEQUANTIZE_BASE=0 first50 t1-kept50

@@ -30,7 +30,11 @@ class Backend(Protocol):
     def train(self, spec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict: ...
 
 
-def device() -> str:
+def device(spec) -> str:
+    """'cuda' or 'cpu' for this job: the spec's `device`, or the GPU when CUDA works (preflight refused a GPU it
+    cannot use: job/backends/machine.py)."""
+    if spec.device == "cpu":
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +69,7 @@ def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> 
     unsloth_error = None
     if device_name == "cuda":
         try:
-            importlib.import_module("unsloth")
+            load("unsloth").import_library()
         except Exception as exc:  # unsloth raises more than ImportError when its kernels cannot load
             unsloth_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if requested == "unsloth":

@@ -5,9 +5,10 @@ work, and how it runs. A plain dataclass, not a framework: adding a stage is one
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from job.rundir import RunDir
 from job.settings import Settings
@@ -24,6 +25,7 @@ class RunContext:
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     dry_run: bool = False
     restart: bool = False
+    warm: dict[str, Any] = field(default_factory=dict)  # what each stage's `warm_up` started, by stage name
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def _no_problems(spec: JobSpec, scope: CheckScope) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def _nothing_ahead(ctx: RunContext) -> Iterator[None]:
+    yield None
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -75,6 +82,10 @@ class Stage:
     artifacts: tuple[str, ...] = ()  # run-directory entries it owns: removed when it is redone
     check: Callable[[JobSpec, CheckScope], list[str]] = _no_problems  # problems found before any work
     all_ranks: bool = False  # data-parallel: every rank joins this stage (the others run only these)
+    # Work started when the job starts, so that it is ready by the stage's turn (a tool's process importing its
+    # libraries while training runs): a context manager the runner holds for the whole job, whose value the stage
+    # finds in `ctx.warm[name]`, and which ends what the stage did not use.
+    warm_up: Callable[[RunContext], ContextManager[Any]] = _nothing_ahead
 
     def inputs(self, spec: JobSpec) -> dict[str, Any]:
         """The values and file digests this stage's result depends on (upstream fingerprints aside)."""

@@ -6,10 +6,14 @@ where a GGUF that does not work is refused before it is called done.
 """
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from job import backends, llamacpp, modelsrc
+from job import backends, llamacpp, modelsrc, settings
+from job.backends import dequantize
 from job.evaluation import checks, generate, suite
 from job.log import get_logger
 from job.rundir import read_json
@@ -77,41 +81,63 @@ def run(ctx: RunContext) -> StageResult:
     results: dict[str, Any] = {}
     artifacts = []
     answered: dict[str, list[dict]] = {}
-    for target in [t for t in ORDER if t in spec.evaluate.targets]:
-        if target == "gguf":
-            tools = llamacpp.find()
-            tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
-            files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
-            for quant, info in files.items():
+    targets = [t for t in ORDER if t in spec.evaluate.targets]
+    on_gpu = [t for t in targets if t != "gguf"] if backends.device(spec) == "cuda" else []
+    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, llama.cpp kept off one
+    # core (the one this process's decode loop needs); on a CPU-only machine they take turns for the cores.
+    beside = llamacpp.cores_beside(1) if "gguf" in targets and on_gpu else None
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool:
+        gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts, beside, stop) \
+            if beside else None
+        try:
+            for target in targets:
+                if target == "gguf":
+                    continue
                 started = time.perf_counter()
-                answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts,
-                                                 spec.evaluate)
-                name = f"gguf-{quant}"
-                results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, time.perf_counter() - started)
-                answered[name] = answers
-                artifacts.append(f"eval/{name}.jsonl")
-            continue
-        started = time.perf_counter()
-        model, tokenizer = load_target(target, spec, run_dir)
-        loaded = time.perf_counter()
-        answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
-        results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
-                                  time.perf_counter() - loaded)
-        answered[target] = answers
-        artifacts.append(f"eval/{target}.jsonl")
-        del model
+                model, tokenizer = load_target(target, spec, run_dir)
+                loaded = time.perf_counter()
+                answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
+                results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
+                                          time.perf_counter() - loaded)
+                answered[target] = answers
+                artifacts.append(f"eval/{target}.jsonl")
+                del model
+            ggufs = gguf_job.result() if gguf_job else gguf_answers(spec, run_dir, prompts) if "gguf" in targets else {}
+        finally:
+            stop.set()  # a failure above ends llama.cpp's generation rather than waiting for it
+    for name, (answers, seconds) in ggufs.items():
+        results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, seconds)
+        answered[name] = answers
+        artifacts.append(f"eval/{name}.jsonl")
     if "adapter" in answered:  # how far the merged model and each GGUF answer as the adapter does
         for name, answers in answered.items():
             if name not in ("adapter", "base") and not spec.evaluate.do_sample:
                 results[name]["vs_adapter"] = suite.agreement(answered["adapter"], answers)
                 suite.annotate(run_dir, name, {"vs_adapter": results[name]["vs_adapter"]})
     if preferences_wanted(spec):
-        results["preferences"] = preference_scores(spec, run_dir, backends.device())
+        results["preferences"] = preference_scores(spec, run_dir, backends.device(spec))
         log.info("preferences_evaluated", **{part: {k: v for k, v in scores.items() if k != "beta"}
                                               for part, scores in results["preferences"].items()})
     elif heldout_wanted(spec):
-        results["heldout"] = heldout_loss(spec, run_dir, backends.device())
+        results["heldout"] = heldout_loss(spec, run_dir, backends.device(spec))
     return StageResult(artifacts=tuple(artifacts + ["eval/summary.json"]), metrics=results)
+
+
+def gguf_answers(spec: JobSpec, run_dir, prompts: list[dict], cores: tuple[list[int], int] | None = None,
+                 stop: threading.Event | None = None) -> dict[str, tuple[list[dict], float]]:
+    """Each GGUF's answers to the suite, by target name (gguf-<type>), with the seconds they took; on `cores`
+    (the CPUs llama.cpp may use, and its thread count) when given."""
+    tools = llamacpp.find()
+    tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
+    files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
+    out = {}
+    for quant, info in files.items():
+        started = time.perf_counter()
+        answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts, spec.evaluate,
+                                         cores=cores, stop=stop)
+        out[f"gguf-{quant}"] = (answers, time.perf_counter() - started)
+    return out
 
 
 def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
@@ -156,7 +182,7 @@ def load_target(target: str, spec: JobSpec, run_dir):
     runtime would without a second rounding of the activations."""
     import torch
 
-    device = backends.device()
+    device = backends.device(spec)
     if target == "merged":
         from transformers import AutoModelForCausalLM
 
@@ -164,12 +190,25 @@ def load_target(target: str, spec: JobSpec, run_dir):
         return model, _tokenizer(str(run_dir.merged_dir), spec)
     location = modelsrc.model_location(spec, run_dir)
     model = modelsrc.load_model(location, spec, device)
+    if spec.model.load_in_4bit and device == "cuda" and settings.get().dequantize_base and room_for_16bit(model):
+        # The same weight values as every 4-bit forward dequantizes to, once instead of at every decode step
+        dequantize.dequantize_base(model)
     if target == "base":
         tokenizer, _ = modelsrc.load_tokenizer(location, spec)
         return model, tokenizer
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(run_dir.adapter_dir)), _tokenizer(str(run_dir.adapter_dir), spec)
+
+
+def room_for_16bit(model) -> bool:
+    """The 4-bit base's layers fit in 16-bit within half the GPU memory free now (decoding needs little more)."""
+    import bitsandbytes as bnb
+    import torch
+
+    packed = sum(m.weight.numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    free, _ = torch.cuda.mem_get_info()
+    return packed * 2 * 2 < free / 2  # two 4-bit weights per packed byte, two bytes per 16-bit weight
 
 
 def heldout_loss(spec: JobSpec, run_dir, device: str) -> dict:

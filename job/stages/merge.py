@@ -44,7 +44,7 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
 
         try:
             quantized = AutoModelForCausalLM.from_pretrained(
-                location, device_map={"": 0} if device() == "cuda" else {"": "cpu"}, dtype=torch.bfloat16)
+                location, device_map={"": 0} if device(spec) == "cuda" else {"": "cpu"}, dtype=torch.bfloat16)
         except (OSError, ValueError) as exc:
             raise ExternalError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from None
         from transformers import AutoConfig

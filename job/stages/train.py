@@ -39,7 +39,7 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
         # unsloth must be imported before transformers to patch it; choosing here does that, and a backend
         # that cannot run here fails now rather than after data preparation (MachineError: exit 4).
         try:
-            backends.choose(spec.train.backend, backends.device(), spec.lora, spec.train.method)
+            backends.choose(spec.train.backend, backends.device(spec), spec.lora, spec.train.method)
         except SpecError as exc:
             problems.append(exc.message)
     return problems
@@ -51,7 +51,7 @@ def reads(spec: JobSpec) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
-    device = backends.device()
+    device = backends.device(spec)
     name, why = backends.choose(spec.train.backend, device, spec.lora, spec.train.method)
     log.info("backend_chosen", backend=name, why=why, device=device)
     figures = backends.load(name).train(spec, run_dir, device, fingerprint=ctx.fingerprints["train"],
