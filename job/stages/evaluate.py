@@ -6,14 +6,14 @@ where a GGUF that does not work is refused before it is called done.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from job import backends, llamacpp, modelsrc, settings
-from job.backends import dequantize
+from job import backends, llamacpp, modelsrc
 from job.evaluation import checks, generate, suite
 from job.log import get_logger
 from job.rundir import read_json
@@ -83,13 +83,14 @@ def run(ctx: RunContext) -> StageResult:
     answered: dict[str, list[dict]] = {}
     targets = [t for t in ORDER if t in spec.evaluate.targets]
     on_gpu = [t for t in targets if t != "gguf"] if backends.device(spec) == "cuda" else []
-    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, llama.cpp kept off one
-    # core (the one this process's decode loop needs); on a CPU-only machine they take turns for the cores.
+    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, this process on one core
+    # and llama.cpp on the others; on a CPU-only machine they take turns for the cores.
     beside = llamacpp.cores_beside(1) if "gguf" in targets and on_gpu else None
     stop = threading.Event()
-    with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool:
-        gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts, beside, stop) \
-            if beside else None
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool, \
+            llamacpp.pinned(beside[0]) if beside else contextlib.nullcontext():
+        gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts,
+                               beside[1:], stop) if beside else None
         try:
             for target in targets:
                 if target == "gguf":
@@ -190,25 +191,12 @@ def load_target(target: str, spec: JobSpec, run_dir):
         return model, _tokenizer(str(run_dir.merged_dir), spec)
     location = modelsrc.model_location(spec, run_dir)
     model = modelsrc.load_model(location, spec, device)
-    if spec.model.load_in_4bit and device == "cuda" and settings.get().dequantize_base and room_for_16bit(model):
-        # The same weight values as every 4-bit forward dequantizes to, once instead of at every decode step
-        dequantize.dequantize_base(model)
     if target == "base":
         tokenizer, _ = modelsrc.load_tokenizer(location, spec)
         return model, tokenizer
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(run_dir.adapter_dir)), _tokenizer(str(run_dir.adapter_dir), spec)
-
-
-def room_for_16bit(model) -> bool:
-    """The 4-bit base's layers fit in 16-bit within half the GPU memory free now (decoding needs little more)."""
-    import bitsandbytes as bnb
-    import torch
-
-    packed = sum(m.weight.numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    free, _ = torch.cuda.mem_get_info()
-    return packed * 2 * 2 < free / 2  # two 4-bit weights per packed byte, two bytes per 16-bit weight
 
 
 def heldout_loss(spec: JobSpec, run_dir, device: str) -> dict:
