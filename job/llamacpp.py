@@ -223,26 +223,18 @@ def cores_beside(keep: int) -> tuple[list[int], list[int], int] | None:
 
 
 @contextlib.contextmanager
-def pinned(cpus: list[int]):
-    """Every thread of this process on `cpus` alone for the duration, then back where it was: llama.cpp's threads
-    wait for each other at every operation, so one of them displaced by this process's work (its decode loop, the
-    GPU driver's and the libraries' threads) stalls them all. Measured on the H200: the GGUF suite took 13.1 s alone
-    and 18.0 s beside the GPU target with llama.cpp on the other 15 cores but this process not pinned."""
-    saved = {}
-    for task in os.listdir("/proc/self/task"):
-        try:
-            saved[int(task)] = os.sched_getaffinity(int(task))
-            os.sched_setaffinity(int(task), cpus)
-        except OSError:  # the thread has ended
-            continue
+def this_thread_on(cpus: list[int]):
+    """The calling thread on `cpus` alone for the duration, then back where it was. llama.cpp's threads wait for
+    each other at every operation, so one of them displaced by a busy thread of the job (a GPU decode loop) stalls
+    them all: on the H200 the GGUF suite took 13.1 s alone and 18.0 s beside the GPU target with this thread free
+    to run on llama.cpp's cores. (The whole process on one core was worse: loading the next model took 12 s
+    instead of 1.)"""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
     try:
         yield
     finally:
-        for task, cpus_before in saved.items():
-            try:
-                os.sched_setaffinity(task, cpus_before)
-            except OSError:
-                continue
+        os.sched_setaffinity(0, before)
 
 
 def usable_cpus() -> int:

@@ -163,3 +163,52 @@ def test_llama_quantize_gets_every_allowed_cpu_within_the_quota(monkeypatch):
     assert llamacpp.usable_cpus() == 1
     monkeypatch.setattr(llamacpp, "cgroup_cpu_quota", lambda: allowed + 8)
     assert llamacpp.usable_cpus() == allowed
+
+
+@pytest.mark.integration
+def test_a_converter_started_ahead_converts_when_given_its_arguments_and_an_unused_one_is_ended(tmp_path, tiny_model):
+    """The gguf stage's warm_up starts the converter when the job starts (its imports then cost nothing at the
+    stage's turn); given its arguments later it writes the same bytes as one started on the spot; one left unused
+    is ended with the job."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = tmp_path / "merged"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).save_pretrained(str(merged))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(merged))
+    tools = llamacpp.find()
+    with llamacpp.converter_process(tools) as ahead:
+        time.sleep(1.0)  # it imports while the job works
+        assert ahead.poll() is None
+        llamacpp.convert(tools, merged, tmp_path / "ahead.gguf", "bf16", "llama-bpe", process=ahead)
+        assert ahead.returncode == 0
+    llamacpp.convert(tools, merged, tmp_path / "on-the-spot.gguf", "bf16", "llama-bpe")
+    assert (tmp_path / "ahead.gguf").read_bytes() == (tmp_path / "on-the-spot.gguf").read_bytes()
+    with llamacpp.converter_process(tools) as unused:
+        pass
+    assert unused.poll() is not None  # ended, not left waiting
+
+
+def test_cores_beside_leave_this_process_its_own(monkeypatch):
+    monkeypatch.setattr(llamacpp.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(llamacpp, "physical_cores", lambda: 16)
+    assert llamacpp.cores_beside(1) == ([0], list(range(1, 16)), 15)
+    monkeypatch.setattr(llamacpp.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(llamacpp, "physical_cores", lambda: 4)
+    assert llamacpp.cores_beside(1) is None  # too few to share: the targets take turns
+
+
+def test_this_thread_on_pins_the_calling_thread_and_restores_it():
+    import threading
+
+    before = os.sched_getaffinity(0)
+    first = min(before)
+    other = []
+    with llamacpp.this_thread_on([first]):
+        assert os.sched_getaffinity(0) == {first}
+        thread = threading.Thread(target=lambda: other.append(os.sched_getaffinity(0)))
+        thread.start()
+        thread.join()
+    assert os.sched_getaffinity(0) == before

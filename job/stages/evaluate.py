@@ -83,12 +83,11 @@ def run(ctx: RunContext) -> StageResult:
     answered: dict[str, list[dict]] = {}
     targets = [t for t in ORDER if t in spec.evaluate.targets]
     on_gpu = [t for t in targets if t != "gguf"] if backends.device(spec) == "cuda" else []
-    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, this process on one core
-    # and llama.cpp on the others; on a CPU-only machine they take turns for the cores.
+    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, their decode loop on one
+    # core and llama.cpp on the others; on a CPU-only machine they take turns for the cores.
     beside = llamacpp.cores_beside(1) if "gguf" in targets and on_gpu else None
     stop = threading.Event()
-    with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool, \
-            llamacpp.pinned(beside[0]) if beside else contextlib.nullcontext():
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool:
         gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts,
                                beside[1:], stop) if beside else None
         try:
@@ -98,7 +97,8 @@ def run(ctx: RunContext) -> StageResult:
                 started = time.perf_counter()
                 model, tokenizer = load_target(target, spec, run_dir)
                 loaded = time.perf_counter()
-                answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
+                with llamacpp.this_thread_on(beside[0]) if beside else contextlib.nullcontext():
+                    answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
                 results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
                                           time.perf_counter() - loaded)
                 answered[target] = answers
