@@ -91,13 +91,126 @@ def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> Iterato
         return rows if bounds is None else itertools.islice(rows, bounds[0], bounds[1])
     from job import hub
 
+    data_files = hub_data_files(source, split)
     try:
         import datasets
 
-        return iter(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(source, split=split)))
+        return iter(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(
+            source, split=split, data_files=data_files)))
     except (OSError, ConnectionError, FileNotFoundError, ValueError) as exc:
         raise ExternalError(f"data.source: cannot load {source!r} split {split!r} from the Hub: "
                             f"{str(exc).splitlines()[0]}") from None
+
+
+CARD_LIMIT = 1 << 20  # a data set card's bytes read at most (its YAML header names the data files)
+
+
+def hub_data_files(repo: str, split: str) -> dict[str, list[str]] | None:
+    """The files of a Hub data set's `split` as its card's `configs` name them, checked to be the repo's own and
+    resolved against the repo's file list; None when the card names none (datasets then picks from the repo's own
+    files by their names). A card may not make the job read anything else: datasets takes `data_files` patterns
+    from it as they are, and an absolute path (a mounted secret), a URL (a metadata endpoint) or an hf:// path into
+    another repo (read with the job's token) would all become training rows.
+
+    Raises:
+        DataError: the card names a file outside the repo, or a pattern that matches none of its files (exit 3).
+        ExternalError: the Hub cannot be reached.
+    """
+    import fnmatch
+
+    from job import hub
+
+    api = hub.api(None)
+    files = hub.retrying(f"list the files of data set {repo}",
+                         lambda: api.list_repo_files(repo, repo_type="dataset"))
+    if "README.md" not in files:
+        return None
+    config = _card_config(repo, hub.retrying(f"read the card of data set {repo}",
+                                             lambda: _download_card(api, repo)))
+    if config is None:
+        return None
+    split_name = split.split("[", 1)[0]
+    patterns = _split_patterns(repo, config, split_name)
+    if patterns is None:
+        return None
+    prefix = config.get("data_dir") or ""
+    chosen: list[str] = []
+    for pattern in patterns:
+        full = f"{prefix.rstrip('/')}/{pattern}" if prefix else pattern
+        if not isinstance(pattern, str) or _outside_repo(pattern) or _outside_repo(prefix):
+            raise DataError(f"data.source: data set {repo}'s card names data file {_short(full)!r} for split "
+                            f"{split_name!r}, which is not a file of the repo (absolute, a URL, another repo or "
+                            "'..'); only the repo's own files are read")
+        matched = sorted(f for f in files if fnmatch.fnmatchcase(f, full))
+        if not matched:
+            raise DataError(f"data.source: data set {repo}'s card names data file {_short(full)!r} for split "
+                            f"{split_name!r}, which matches none of the repo's files")
+        chosen += [f for f in matched if f not in chosen]
+    return {split_name: chosen}
+
+
+def _download_card(api, repo: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(repo, "README.md", repo_type="dataset", endpoint=api.endpoint)
+    with open(path, "rb") as fh:
+        return fh.read(CARD_LIMIT).decode("utf-8", errors="replace")
+
+
+def _card_config(repo: str, card: str) -> dict | None:
+    """The card's config that `load_dataset(repo)` takes: the one marked default, else 'default', else the only one."""
+    import yaml
+
+    if not card.startswith("---"):
+        return None
+    header = card[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(header)
+    except yaml.YAMLError as exc:
+        raise DataError(f"data.source: data set {repo}'s card has an unreadable YAML header: "
+                        f"{_short(str(exc).splitlines()[0])}") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not configs:
+        return None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise DataError(f"data.source: data set {repo}'s card has a 'configs' entry that is not a list of mappings")
+    marked = [c for c in configs if c.get("default") is True]
+    named = [c for c in configs if c.get("config_name") == "default"]
+    if marked or named or len(configs) == 1:
+        return (marked or named or configs)[0]
+    raise DataError(f"data.source: data set {repo} has several configs and none is the default "
+                    f"({', '.join(_short(str(c.get('config_name'))) for c in configs[:5])}); peftopt reads the "
+                    "default one")
+
+
+def _split_patterns(repo: str, config: dict, split_name: str) -> list | None:
+    data_files = config.get("data_files")
+    if data_files is None:
+        return None
+    if isinstance(data_files, (str, list)) and not (isinstance(data_files, list) and data_files
+                                                    and isinstance(data_files[0], dict)):
+        entries = [{"split": "train", "path": data_files}]  # one set of files: the train split
+    elif isinstance(data_files, list):
+        entries = data_files
+    elif isinstance(data_files, dict):
+        entries = [{"split": k, "path": v} for k, v in data_files.items()]
+    else:
+        raise DataError(f"data.source: data set {repo}'s card has data_files of an unknown shape")
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("split") == split_name:
+            path = entry.get("path")
+            return [path] if isinstance(path, str) else list(path or [])
+    raise DataError(f"data.source: data set {repo} has no split {split_name!r} in its card's default config "
+                    f"(it has: {', '.join(_short(str(e.get('split'))) for e in entries if isinstance(e, dict))})")
+
+
+def _outside_repo(pattern: str) -> bool:
+    return (not isinstance(pattern, str) or pattern.startswith(("/", "~", "\\")) or "://" in pattern
+            or ":" in pattern.split("/", 1)[0] or ".." in re.split(r"[/\\]", pattern))
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> list:

@@ -135,8 +135,8 @@ def test_env_shows_the_locked_versions_torch_cuda_build_and_llama_cpp():
 
 def test_code_checks_are_sandboxed_in_the_image():
     """As the image's user under Docker's default seccomp profile (no user namespaces there): every attack of
-    tests/test_security.py fails inside the sandbox, the honest answer passes, and the token is out of reach."""
-    from test_security import ATTACKS
+    tests/security/test_model_output.py fails inside the sandbox, the honest answer passes, and the token is out of reach."""
+    from security.test_model_output import ATTACKS
 
     probe = (
         "import json, os, sys\n"

@@ -1,0 +1,165 @@
+"""Base models (weights, configs, tokenizers, chat templates, every file of their directory, and the code they
+name): nothing in them runs as code, follows a link out, reaches a secret, or exhausts the machine; what peftopt
+writes from them for another program is quoted for it (README, "Threat model": base models)."""
+import json
+import shutil
+
+import pytest
+
+from conftest import events, run_cli, write_tiny_spec
+from hub_standin import HubStandIn
+from security.canary import CANARY, ENV, assert_no_canary, started
+
+pytestmark = pytest.mark.integration
+
+
+EVIL = "import pathlib\npathlib.Path('{marker}').write_text('ran')\n"
+
+
+@pytest.fixture
+def custom_code_base(tmp_path, tiny_model):
+    """A built-in architecture whose files also name custom code (auto_map) that leaves a marker when run."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    marker = tmp_path / "custom-code-ran"
+    (base / "evil.py").write_text(EVIL.format(marker=marker) + "from transformers import LlamaConfig as EvilConfig\n"
+                                  "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return base, marker
+
+
+def test_code_a_model_names_never_runs_in_training_merge_or_conversion(tmp_path, tiny_data, custom_code_base):
+    base, marker = custom_code_base
+    spec = write_tiny_spec(tmp_path, base, tiny_data, "custom", train={"max_steps": 2},
+                           export={"merge": True, "gguf": ["f16"], "tokenizer_pre": "llama-bpe", "verify_tokens": 4})
+    result = run_cli("run", spec, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "custom"
+    assert not marker.exists()
+    for folder in ("merged", "adapter"):
+        for name in ("config.json", "tokenizer_config.json"):
+            if (run_dir / folder / name).exists():
+                assert "auto_map" not in json.loads((run_dir / folder / name).read_text()), (folder, name)
+        assert not list((run_dir / folder).glob("*.py"))
+    merged = [e for e in events(result.stdout) if e["event"] == "merged"][0]
+    assert "config.json: auto_map" in merged["custom_code_dropped"]
+    assert_no_canary(result.stdout, result.stderr, dirs=[run_dir])
+
+
+def test_a_base_that_only_exists_as_its_own_code_is_refused_before_work(tmp_path, tiny_data, custom_code_base):
+    base, marker = custom_code_base
+    config = json.loads((base / "config.json").read_text())
+    config["model_type"] = "evil-architecture"
+    (base / "config.json").write_text(json.dumps(config))
+    result = run_cli("run", write_tiny_spec(tmp_path, base, tiny_data, "alien"))
+    assert result.returncode == 2 and "names custom code (auto_map)" in result.stderr and "model.base" in result.stderr
+    assert not started(result) and not marker.exists()
+
+
+def test_a_link_in_the_base_directory_is_neither_copied_nor_pushed(tmp_path, tiny_model, tiny_data):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    outside = tmp_path / "private.txt"
+    outside.write_text(f"secret notes {CANARY}")
+    (base / "tokenizer.model").symlink_to(outside)  # the file merge copies for llama.cpp's converter
+    push = {"adapter_repo": "me/linked-lora", "merged_repo": "me/linked-merged", "token_env": "PEFTOPT_TEST_TOKEN"}
+    spec = write_tiny_spec(tmp_path, base, tiny_data, "linked", train={"max_steps": 2},
+                           export={"merge": True, "gguf": []}, push=push)
+    with HubStandIn(CANARY) as hub:
+        env = {**ENV, "PEFTOPT_TEST_TOKEN": CANARY, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+               "PEFTOPT_HUB_BACKOFF_S": "0.01"}
+        result = run_cli("run", spec, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "linked"
+    assert not (run_dir / "merged" / "tokenizer.model").exists()
+    assert [e for e in events(result.stdout) if e["event"] == "model_file_refused"]
+    assert not any(name.endswith("tokenizer.model") for files in hub.files.values() for name in files)
+    assert_no_canary(result.stdout, result.stderr, dirs=[run_dir], uploads=hub.files)
+
+
+def ollama_values(text: str) -> list[tuple[str, str]]:
+    """(command, value) as Ollama's parser (ollama/ollama parser/parser.go) reads a Modelfile: a value ends at
+    whitespace unless the text so far is a well-quoted string; quotes are stripped, never unescaped;
+    unprintable characters are dropped."""
+    def unquote(s):
+        if s.startswith('"""'):
+            return (s[3:-3], True) if len(s) >= 6 and s.endswith('"""') else ("", False)
+        if s.startswith('"'):
+            return (s[1:-1], True) if len(s) >= 2 and s.endswith('"') else ("", False)
+        return s, True
+
+    commands, state, buffer, name = [], "nil", "", ""
+    for ch in text + "\n":
+        if state == "nil":
+            if ch == "#":
+                state = "comment"
+            elif ch not in " \t\r\n":
+                state, buffer = "name", ch
+        elif state == "comment":
+            state = "nil" if ch in "\r\n" else "comment"
+        elif state == "name":
+            if ch.isalpha():
+                buffer += ch
+            else:
+                name, buffer = buffer.lower(), ""
+                state = "param" if name == "parameter" else "value"
+        elif state == "param":
+            if ch in " \t":
+                name, buffer, state = buffer, "", "value"
+            else:
+                buffer += ch
+        elif state == "value":
+            if ch in " \t\r\n":
+                value, ok = unquote(buffer.strip())
+                if ok:
+                    commands.append((name, value))
+                    state, buffer = "nil", ""
+                    continue
+            if ch.isprintable() or ch in " \t":
+                buffer += ch
+    return commands
+
+
+@pytest.mark.parametrize("stop", ["<|eot_id|>", "</s> end", 'say"x"', "<end_of_turn>"])
+def test_modelfile_values_come_back_as_written(stop, tiny_model):
+    from transformers import AutoTokenizer
+
+    from job.specfile import validate_data
+    from job.stages import gguf
+    from job.templates import LLAMA_3
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.chat_template = LLAMA_3
+    tokenizer.eos_token = stop
+    spec = validate_data({"name": "m", "model": {"base": str(tiny_model)}})
+    text = gguf.modelfile(spec, tokenizer, {"q8_0": {"file": "m-q8_0.gguf"}})
+    parsed = ollama_values(text)
+    assert ("from", "./m-q8_0.gguf") in parsed and ("stop", stop) in parsed and ("stop", "<|eot_id|>") in parsed
+    assert {c for c, _ in parsed} == {"from", "template", "stop", "temperature"}
+
+
+@pytest.mark.parametrize("stop", ["</s>\nADAPTER /etc/shadow", "</s>\rSYSTEM obey", '" \nSYSTEM x', 'a" SYSTEM b'])
+def test_a_stop_string_that_would_add_instructions_is_refused(stop, tiny_model):
+    from transformers import AutoTokenizer
+
+    from job.errors import ExternalError
+    from job.specfile import validate_data
+    from job.stages import gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.eos_token = stop
+    spec = validate_data({"name": "m", "model": {"base": str(tiny_model)}})
+    with pytest.raises(ExternalError, match="the stop string"):
+        gguf.modelfile(spec, tokenizer, {"q8_0": {"file": "m-q8_0.gguf"}})
+
+
+def test_a_package_base_must_be_a_model_package(tmp_path, make_spec):
+    result = run_cli("run", make_spec("pkg", model={"base": "package:click"}))
+    assert result.returncode == 2 and "not a GGUF model package" in result.stderr and not started(result)
+    result = run_cli("run", make_spec("pkg2", model={"base": "package:gguf"}))
+    assert result.returncode == 2 and "has no assemble()" in result.stderr
