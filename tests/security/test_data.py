@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import events, run_cli, write_tiny_spec
+from hub_standin import HubStandIn
+from security.canary import CANARY, ENV, assert_no_canary
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +61,59 @@ def test_a_row_that_breaks_the_parser_is_a_bad_row(policy, tmp_path, make_spec, 
         assert result.returncode == 0, result.stderr[-2000:]
         source = json.loads((tmp_path / "runs" / "nested-skip" / "metrics.json").read_text())["prepare"]["sources"][0]
         assert source["skipped"] == {"nested too deeply": 1}
+
+
+HOSTILE_CARD = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {path}\n---\n# rows\n"
+HONEST_ROW = {"conversations": [{"from": "human", "value": "Tell me about rain."}, {"from": "gpt", "value": "It is wet."}]}
+
+
+@pytest.mark.parametrize("target", ["absolute", "url", "other-repo", "dotdot"])
+def test_a_hub_data_set_card_cannot_make_the_job_read_anything_but_the_repos_own_files(target, tmp_path, tiny_model):
+    """A data set repo's card names its data files (`configs[].data_files`), which datasets takes as they are: a
+    mounted secret, a metadata endpoint's URL, another (private) repo read with the job's token. Served by the Hub
+    stand-in through the real datasets client: each is refused (exit 3 naming the pattern) before a byte of it is
+    read, and no row of it reaches anything written."""
+    secret_rows = tmp_path / "mounted-secret.jsonl"
+    secret_row = {"conversations": [{"from": "human", "value": f"the key is {CANARY}"}, {"from": "gpt", "value": "ok"}]}
+    secret_rows.write_text(json.dumps(secret_row) + "\n")
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret.jsonl").write_text(json.dumps(secret_row) + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text(json.dumps(HONEST_ROW) + "\n")
+    with HubStandIn(CANARY) as hub:
+        path = {"absolute": str(secret_rows), "url": f"{hub.url}/datasets/victim/private/resolve/main/secret.jsonl?.jsonl",
+                "other-repo": "hf://datasets/victim/private@main/secret.jsonl", "dotdot": "../../victim/private/secret.jsonl"}[target]
+        (repo / "README.md").write_text(HOSTILE_CARD.format(path=json.dumps(path)))
+        hub.add_dataset("someone/rows", repo)
+        hub.add_dataset("victim/private", private, private=True)
+        spec = write_tiny_spec(tmp_path, tiny_model, tmp_path / "unused.jsonl", "card", data={"source": "someone/rows"},
+                               train={"max_steps": 2})
+        result = run_cli("run", spec, env={**ENV, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
+                                           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})
+        requests = list(hub.requests)
+    assert result.returncode == 3, result.stderr[-2000:]
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: data.source: data set someone/rows's card names data file") and "not a file of the repo" in first
+    assert "Traceback" not in result.stderr
+    assert not any("victim/private" in r and "secret.jsonl" in r and "/resolve/" in r for r in requests), requests
+    assert_no_canary(result.stdout, result.stderr, dirs=[tmp_path / "runs", tmp_path / "hf-home"])
+
+
+def test_a_hub_data_set_reads_the_files_its_card_names_in_the_repo(tmp_path, tiny_model):
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "part-0.jsonl").write_text(json.dumps(HONEST_ROW) + "\n")
+    (repo / "data" / "part-1.jsonl").write_text(json.dumps(HONEST_ROW) + "\n")
+    (repo / "ignored.jsonl").write_text(json.dumps(HONEST_ROW) + "\n")
+    (repo / "README.md").write_text(HOSTILE_CARD.format(path='"data/part-*.jsonl"'))
+    with HubStandIn(CANARY) as hub:
+        hub.add_dataset("someone/parts", repo)
+        spec = write_tiny_spec(tmp_path, tiny_model, tmp_path / "unused.jsonl", "parts", data={"source": "someone/parts"},
+                               train={"max_steps": 1})
+        result = run_cli("run", spec, "--stages", "prepare", env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+                                                                  "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    [prepared] = [e for e in events(result.stdout) if e["event"] == "data_prepared"]
+    assert prepared["rows_read"] == 2
