@@ -72,3 +72,47 @@ def time_limit(seconds: float, error: Exception) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _kind(info: os.stat_result) -> str:
+    mode = info.st_mode
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
+
+def foreign_entry(directory: str | Path, *, links_within: str | Path | None = None,
+                  max_entries: int = 10_000) -> str | None:
+    """The first entry under `directory` that could lead a library reading it somewhere else, described
+    ('tokenizer.model is a link to /proc/self/environ, outside it', 'data/train.jsonl is a FIFO, not a regular
+    file'), or None when every entry is a regular file or directory. Checked without following links: a link is
+    allowed only to a regular file inside `links_within` (a Hub snapshot's links into its cached repo); without it,
+    no link is."""
+    root = Path(directory)
+    allowed = Path(links_within).resolve() if links_within is not None else None
+    count = 0
+    for folder, dirs, files in os.walk(root):  # never descends through a link
+        for name in sorted(dirs) + sorted(files):
+            count += 1
+            if count > max_entries:
+                return f"holds more than {max_entries:,} entries"
+            path = Path(folder) / name
+            relative = path.relative_to(root)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue  # gone since it was listed
+            if stat.S_ISLNK(info.st_mode):
+                if allowed is None:
+                    return f"{relative} is a symbolic link (to {os.readlink(path)})"
+                try:
+                    target = path.resolve(strict=True)
+                    target_info = os.stat(target)
+                except (OSError, RuntimeError):
+                    return f"{relative} is a broken or looping link"
+                if not target.is_relative_to(allowed):
+                    return f"{relative} is a link to {os.readlink(path)}, outside it"
+                if not stat.S_ISREG(target_info.st_mode):
+                    return f"{relative} is a link to {_kind(target_info)}, not a regular file"
+            elif not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                return f"{relative} is {_kind(info)}, not a regular file"
+    return None

@@ -78,17 +78,18 @@ def base_directory(spec: JobSpec) -> Path:
     """The local directory of the base's tokenizer (a Hub base: its cached snapshot)."""
     kind = modelsrc.source_kind(spec.model.base)
     if kind == "dir":
-        return Path(spec.model.base)
+        return Path(modelsrc.checked_model_dir(spec.model.base))
     if kind == "run":
-        return modelsrc.earlier_run(spec) / "merged"
+        return Path(modelsrc.checked_model_dir(modelsrc.earlier_run(spec) / "merged", links=False))
     if kind == "hub":
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(spec.model.base, allow_patterns=["*.json", "*.jinja"], local_files_only=True))
+            snapshot = snapshot_download(spec.model.base, allow_patterns=["*.json", "*.jinja"], local_files_only=True)
         except Exception:
             raise SpecError(f"inspect: {spec.model.base} is not in the local Hub cache; download it once "
                             "(or name a local model directory with --set model.base=DIR)") from None
+        return Path(modelsrc.checked_model_dir(snapshot))
     raise SpecError(f"inspect: a {kind} base has no tokenizer.json until prepare makes one; run "
                     "`peftopt run SPEC --stages prepare` and look at data/train.jsonl")
 

@@ -53,20 +53,42 @@ def earlier_run(spec: JobSpec) -> Path:
 
 def model_location(spec: JobSpec, run_dir: RunDir) -> str:
     """The local directory transformers loads the base from: the run's own copy of a GGUF base, a Hub model's
-    snapshot (downloaded the first time through the Hub retry helper), or the directory the spec names.
+    snapshot (downloaded the first time through the Hub retry helper), or the directory the spec names; its every
+    file checked before any library opens it (`checked_model_dir`).
 
     Raises:
         ExternalError: a Hub model could not be downloaded (exit 4).
+        DataError: a file of it is a link out of it, a FIFO or a device (exit 3).
     """
     if needs_local_copy(spec):
-        return str(run_dir.base_dir)
+        return checked_model_dir(run_dir.base_dir, links=False)
     if source_kind(spec.model.base) == "run":
-        return str(earlier_run(spec) / "merged")
+        return checked_model_dir(earlier_run(spec) / "merged", links=False)
     if source_kind(spec.model.base) == "hub":
         from job import hub
 
-        return hub.model_snapshot(spec.model.base)
-    return spec.model.base
+        return checked_model_dir(hub.model_snapshot(spec.model.base))
+    return checked_model_dir(spec.model.base)
+
+
+def checked_model_dir(directory: str | Path, *, links: bool = True) -> str:
+    """`directory`, once every file in it is a regular file of its own: transformers and peft read whatever a model
+    directory holds (every additional_chat_templates/*.jinja, processor and generation configs, through links), and
+    a link to /proc/self/environ read as a template would be saved into the adapter and pushed. Links are allowed
+    only to regular files inside it (`links`: a Hub snapshot's into its cached repo; none in what peftopt wrote).
+
+    Raises:
+        DataError: naming the first entry that is a link out, a link to something else, a FIFO, a device (exit 3).
+    """
+    from job.errors import DataError
+    from job.inputs import foreign_entry
+
+    root = Path(directory).resolve()  # the directory the spec names may itself be a link: the author's choice
+    within = (root.parent.parent if root.parent.name == "snapshots" else root) if links else None
+    problem = foreign_entry(root, links_within=within) if root.is_dir() else None
+    if problem:
+        raise DataError(f"model: {directory}: {problem}; a model's files must be its own regular files")
+    return str(directory)
 
 
 def problems(spec: JobSpec) -> list[str]:
@@ -88,6 +110,7 @@ def problems(spec: JobSpec) -> list[str]:
         if importlib.util.find_spec(dist.replace("-", "_")) is None:
             return [f"model.base: package {dist!r} has no module {dist.replace('-', '_')!r} to assemble a GGUF with"]
     if kind == "dir":
+        checked_model_dir(base)  # DataError (exit 3): preflight reports it once the spec's problems are none
         missing = [] if source_file(base, "config.json") else ["config.json"]
         if not any(source_file(base, name) for name in ("tokenizer.json", "tokenizer.model")):
             missing.append("a tokenizer (tokenizer.json or tokenizer.model)")

@@ -156,6 +156,9 @@ def choose(setting: str, tokenizer_template: str | None, model_type: str | None)
         return setting, BUILTIN[setting]
     if setting.endswith(".jinja"):
         return "file", read_template(setting)
+    if isinstance(tokenizer_template, dict):  # a base's named templates (additional_chat_templates/): its default
+        tokenizer_template = tokenizer_template.get("default") if isinstance(tokenizer_template.get("default"), str) \
+            else None
     if setting == "tokenizer" or (setting == "auto" and tokenizer_template):
         if not tokenizer_template:
             raise SpecError("model.chat_template: the tokenizer has no chat template; name one "

@@ -2,6 +2,8 @@
 name): nothing in them runs as code, follows a link out, reaches a secret, or exhausts the machine; what peftopt
 writes from them for another program is quoted for it (README, "Threat model": base models)."""
 import json
+import os
+import time
 import shutil
 
 import pytest
@@ -163,3 +165,55 @@ def test_a_package_base_must_be_a_model_package(tmp_path, make_spec):
     assert result.returncode == 2 and "not a GGUF model package" in result.stderr and not started(result)
     result = run_cli("run", make_spec("pkg2", model={"base": "package:gguf"}))
     assert result.returncode == 2 and "has no assemble()" in result.stderr
+
+
+@pytest.mark.parametrize("planted", ["additional_chat_templates/leak.jinja", "generation_config.json",
+                                     "processor_config.json", "tokenizer.model"])
+def test_a_link_anywhere_in_the_base_is_refused_before_any_library_opens_it(planted, tmp_path, tiny_model, tiny_data):
+    """transformers reads every file of a local model (each additional_chat_templates/*.jinja included) following
+    links, and the tokenizer would save what it read into adapter/ and merged/, and push would upload it: a link to
+    /proc/self/environ published the job's whole environment. Every file of the base is checked first."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / planted).parent.mkdir(parents=True, exist_ok=True)
+    (base / planted).unlink(missing_ok=True)
+    (base / planted).symlink_to("/proc/self/environ")
+    push = {"adapter_repo": "me/leaky-lora", "merged_repo": "me/leaky-merged", "token_env": "HF_TOKEN"}
+    spec = write_tiny_spec(tmp_path, base, tiny_data, "leaky", model={"chat_template": "auto"}, train={"max_steps": 2},
+                           export={"merge": True, "gguf": []}, push=push)
+    with HubStandIn(CANARY) as hub:
+        result = run_cli("run", spec, env={**ENV, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+                                           "PEFTOPT_HUB_BACKOFF_S": "0.01"}, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: model: ") and planted in first and "/proc/self/environ" in first, first
+    assert not started(result) and not hub.files
+    assert_no_canary(result.stdout, result.stderr, dirs=[tmp_path / "runs"])
+
+
+def test_a_fifo_in_the_base_is_refused_at_once(tmp_path, tiny_model, tiny_data):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    os.mkfifo(base / "preprocessor_config.json")
+    began = time.monotonic()
+    result = run_cli("run", write_tiny_spec(tmp_path, base, tiny_data, "fifo-base"), timeout=120)
+    assert result.returncode == 3 and "preprocessor_config.json is a FIFO" in result.stderr.splitlines()[0]
+    assert time.monotonic() - began < 60
+
+
+def test_only_the_chosen_chat_template_is_saved_never_the_bases_others(tmp_path, tiny_model, tiny_data):
+    """A base's named templates (additional_chat_templates/*.jinja, regular files) are loaded by transformers as a
+    dict; what the adapter and the merged model carry is the one template the spec chose."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "smuggled.jinja").write_text("{{ 'smuggled ' ~ messages[0]['content'] }}")
+    spec = write_tiny_spec(tmp_path, base, tiny_data, "one-template", model={"chat_template": "auto"},
+                           train={"max_steps": 2}, export={"merge": True, "gguf": []})
+    result = run_cli("run", spec)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for folder in ("adapter", "merged"):
+        out = tmp_path / "runs" / "one-template" / folder
+        assert not (out / "additional_chat_templates").exists(), folder
+        assert not any("smuggled" in p.read_text(errors="replace") for p in out.rglob("*") if p.suffix in (".json", ".jinja"))
+        assert (out / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
