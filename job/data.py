@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from job import shapes, templates
 from job.errors import DataError, ExternalError, SpecError
+from job.rundir import jsonl_line
 from job.shapes import BadRow
 from job.spec import LOCAL_DATA_SUFFIXES, DataSourceSpec, JobSpec
 
@@ -447,7 +448,7 @@ class Spool:
     def add(self, example) -> None:
         self.file.seek(0, 2)
         self.offsets.append(self.file.tell())
-        self.file.write(json.dumps(example, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        self.file.write(jsonl_line(example).encode())
 
     def __len__(self) -> int:
         return len(self.offsets)

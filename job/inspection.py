@@ -15,6 +15,7 @@ from typing import Any
 
 from job import data as data_module
 from job import modelsrc, preference, templates
+from job.display import for_terminal
 from job.errors import SpecError
 from job.spec import JobSpec
 
@@ -106,7 +107,8 @@ def marked(tokenizer: TextTokenizer, ids: list[int], mask: list[int], color: boo
     if run:
         out.append((trained, tokenizer.decode(run)))
     open_mark, close_mark = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
-    return "".join(f"{open_mark}{text}{close_mark}" if trained else text for trained, text in out)
+    return "".join(f"{open_mark}{for_terminal(text)}{close_mark}" if trained else for_terminal(text)
+                   for trained, text in out)
 
 
 def rows(spec: JobSpec, count: int, color: bool) -> tuple[list[str], dict]:

@@ -5,11 +5,11 @@ scores with them (`implicit_rewards`).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any, Iterable
 
 from job.errors import DataError
+from job.rundir import jsonl_line
 from job.spec import JobSpec
 
 RENDER_SECONDS = 5.0
@@ -77,7 +77,7 @@ def encode_examples(examples: Iterable[dict], tokenizer, spec: JobSpec, origin=N
         counts["rows_by_source"][source] += 1
         counts["trainable_by_source"][source] += trainable
         if sink is not None:
-            sink.write(json.dumps(example, ensure_ascii=False, separators=(",", ":")) + "\n")
+            sink.write(jsonl_line(example))
         else:
             kept.append(example)
     return kept, counts

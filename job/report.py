@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 from pathlib import Path
 from typing import Any
 
+from job.display import one_line, table_cell
 from job.errors import SpecError
-from job.rundir import atomic_write_bytes, read_json
+from job.rundir import atomic_write_bytes, read_json, read_jsonl
 
 COLUMNS = [("final_loss", "Final loss"), ("runtime_s", "Runtime (s)"), ("peak_gpu_gb", "Peak GPU (GB)"),
            ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"), ("pass_rate", "Check pass rate"),
@@ -54,7 +54,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     row.update(method=(spec.get("train") or {}).get("method", "sft"), reward_accuracy=scores.get("reward_accuracy"))
     answers = {}
     for path in sorted((run_dir / "eval").glob("*.jsonl")):
-        answers[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        answers[path.stem] = read_jsonl(path)
     row["r"] = (spec.get("lora") or {}).get("r")
     return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
             "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences}
@@ -223,13 +223,13 @@ def answers_section(runs: list[dict]) -> list[str]:
                 if (a["id"], a["prompt"]) not in prompt_order:
                     prompt_order.append((a["id"], a["prompt"]))
     for pid, prompt in prompt_order:
-        lines += [f"### {prompt}", "", "| run / target | answer | failed checks |", "|---|---|---|"]
+        lines += [f"### {one_line(prompt)}", "", "| run / target | answer | failed checks |", "|---|---|---|"]
         for run in runs:
             for target, answers in run["answers"].items():
                 for a in answers:
                     if a["id"] == pid:
                         failed = [n for n, c in a.get("checks", {}).items() if not c.get("passed")]
-                        text = a["answer"].replace("|", "\\|").replace("\n", "<br>")[:600]
+                        text = table_cell(a["answer"], 600)
                         lines.append(f"| {run['row']['run']} / {target} | {text} | {', '.join(failed) or '—'} |")
         lines.append("")
     return lines
@@ -268,7 +268,7 @@ def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Pat
 def to_html(markdown: str) -> str:
     """A small Markdown-to-HTML for what build() writes: headings, tables, images, paragraphs."""
     body, in_table = [], False
-    for line in markdown.splitlines():
+    for line in markdown.split("\n"):  # the lines build() wrote; a model's text is inside one of them (display.py)
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             if set(line) <= set("|-"):

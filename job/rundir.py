@@ -35,8 +35,8 @@ OWN_ENTRIES = {".lock", "spec.json", "state.json", "metrics.json", "events.jsonl
 # `<artifact dir>.tmp-<pid>` / `.old-<pid>` (atomic_dir), a checkpoint being written or restored.
 ARTIFACT_DIRS = ("data", "base", "adapter", "merged", "gguf", "eval", "checkpoints", "cards", "tracking")
 SCRATCH = re.compile(r"^\.[\w.-]+\.tmp-\d+(\.png)?$|^(" + "|".join(ARTIFACT_DIRS) + r")\.(tmp|old)-\d+$"
-                     r"|^\.checkpoint-\d+\.partial$|^\.restore-\d+$")
-SCRATCH_DIRS = ("", "data", "eval", "gguf", "cards", "checkpoints", "adapter", "merged", "base", "tracking")
+                     r"|^\.checkpoint-\d+\.partial$|^\.restore-\d+$|^datasets-\d+-\w+$")
+SCRATCH_DIRS = ("", "data", "eval", "gguf", "cards", "checkpoints", "adapter", "merged", "base", "tracking", ".cache")
 
 
 def now_iso() -> str:
@@ -109,11 +109,63 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+MAX_JSON_BYTES = 256 * 1024 * 1024
+
+
+def read_json(path: Path, default: Any = None, *, strict: bool = False) -> Any:
+    """A JSON file peftopt wrote (in a run directory, on a volume others may write): opened without following a
+    link and only as a regular file of bounded size. `default` when it is not there, or (unless `strict`) when
+    its content is not JSON: it is rewritten whole at the next write.
+
+    Raises:
+        RunConflict: a link, a FIFO, a device or a directory is in its place (exit 2, naming it).
+        ValueError: with `strict`, the content is not JSON.
+    """
+    import stat
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return default
+    except IsADirectoryError:
+        raise RunConflict(f"{path} is a directory where peftopt keeps a file; remove it") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise RunConflict(f"{path} is not a regular file (a FIFO or a device where peftopt keeps a file; another "
+                              "writer of this volume may have put it there): remove it")
+        data = fh.read(MAX_JSON_BYTES + 1)
+    try:
+        if len(data) > MAX_JSON_BYTES:
+            raise ValueError(f"more than {MAX_JSON_BYTES:,} bytes")
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        if strict:
+            raise ValueError(f"{path} is not JSON") from None
+        return default
+
+
+# Characters Python's str.splitlines (and many JSON Lines readers) break lines on that JSON leaves unescaped
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def jsonl_line(obj: Any) -> str:
+    """One JSON Lines record of text a model or a data set wrote: non-ASCII kept as it is, except the characters
+    other readers take for line breaks (U+2028, U+2029, U+0085), which are escaped; the line ends with a newline."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKS) + "\n"
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a JSON Lines file peftopt wrote, read as `read_json` reads (no link, regular files only),
+    split on newlines alone (a record may hold U+2028 and the like when an older peftopt wrote it)."""
+    import stat
+
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise RunConflict(f"{path} is not a regular file (another writer of this volume may have put it there): "
+                              "remove it")
+        text = fh.read().decode("utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 @contextlib.contextmanager
@@ -308,7 +360,7 @@ class RunDir:
     def load_state(self, stage_names) -> RunState:
         """Raises RunConflict when state.json is there but is not a run state peftopt wrote."""
         try:
-            data = read_json(self.state_path) or {}
+            data = read_json(self.state_path, strict=True) or {}
         except (OSError, ValueError) as exc:
             raise RunConflict(f"{self.state_path} is not a run state peftopt wrote ({type(exc).__name__}); "
                               "remove the run directory or use another name") from None
@@ -334,4 +386,47 @@ class RunDir:
         atomic_write_json(self.state_path, state.to_json())
 
     def missing_artifacts(self, stage: StageState) -> list[str]:
-        return [rel for rel in stage.artifacts if not (self.root / rel).exists()]
+        """A finished stage's artifacts that are gone, or that hold what peftopt did not write (a link, a FIFO, a
+        device, at any level): the stage is done again rather than its work read back."""
+        out = []
+        for rel in stage.artifacts:
+            path = self.root / rel
+            if not os.path.lexists(path):
+                out.append(rel)
+                continue
+            problem = self.foreign(path)
+            if problem:
+                out.append(f"{rel} ({problem})")
+        return out
+
+    def foreign(self, path: Path) -> str | None:
+        """What in `path` (a file or folder of this run directory) peftopt did not make: a link at any level from
+        the run directory down, a FIFO, a device or a socket; None when it is all regular files and folders."""
+        from job.inputs import foreign_entry
+
+        try:
+            refuse_links(self.root, path)
+        except RunConflict:
+            return "a symbolic link on its path"
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        import stat
+
+        if stat.S_ISDIR(info.st_mode):
+            return foreign_entry(path)
+        return None if stat.S_ISREG(info.st_mode) else "not a regular file"
+
+    def own(self, path: Path) -> Path:
+        """`path`, a file or folder of this run directory about to be read back or handed to a library, once it is
+        all peftopt's own (see `foreign`).
+
+        Raises:
+            RunConflict: naming what is not (exit 2).
+        """
+        problem = self.foreign(path)
+        if problem:
+            raise RunConflict(f"{path}: {problem}; peftopt reads back only its own regular files from a run "
+                              "directory (another writer of this volume may have put it there): remove it")
+        return path

@@ -6,6 +6,8 @@ fallback. A backend only loads and wraps the model (`setup`) and plans the batch
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from job.backends.plan import Plan
 from job.checkpoints import AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint
 from job.errors import ExternalError, Interrupted, RankLost
 from job.log import get_logger, json_stdout
-from job.rundir import RunDir, atomic_dir
+from job.rundir import RunDir, atomic_dir, refuse_links
 from job.spec import JobSpec
 
 log = get_logger("peftopt.train")
@@ -102,11 +104,16 @@ def load_train_dataset(run_dir: RunDir, part: str = "train"):
     import datasets
 
     path = run_dir.data_dir / f"{part}.jsonl"
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    # One cache per rank: ranks preparing the same file at once must not write the same cache files.
-    cache = run_dir.root / ".cache" / f"datasets-rank{distributed.world().rank}"
-    return datasets.Dataset.from_json(str(path), cache_dir=str(cache))
+    run_dir.own(path)
+    # A cache of this attempt and rank's own, made here (so no other writer of the volume can have put a link in
+    # its place, which datasets would write through); the next attempt's scratch cleaning removes it.
+    caches = run_dir.root / ".cache"
+    caches.mkdir(exist_ok=True)
+    refuse_links(run_dir.root, caches)
+    cache = tempfile.mkdtemp(prefix=f"datasets-{distributed.world().rank}-", dir=caches)
+    return datasets.Dataset.from_json(str(path), cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------ callbacks

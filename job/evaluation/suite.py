@@ -12,7 +12,7 @@ from typing import Any
 
 from job.errors import SpecError
 from job.evaluation import checks
-from job.rundir import atomic_write_bytes, atomic_write_json, read_json
+from job.rundir import atomic_write_bytes, atomic_write_json, jsonl_line, read_json
 from job.spec import EvaluateSpec
 
 MAX_SUITE_BYTES = 16 * 1024 * 1024  # a suite or check file is text someone wrote: more is a mistake or an attack
@@ -109,7 +109,7 @@ def record(run_dir, target: str, suite: list[dict], answers: list[dict], code_ch
         answer["checks"] = checks.run_all(answer["answer"], by_id.get(answer["id"], {}).get("checks", {}),
                                           prompt=answer["prompt"], stop_reason=answer.get("stop_reason"),
                                           code_checks=code_checks)
-    payload = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers).encode()
+    payload = "".join(jsonl_line(a) for a in answers).encode()
     atomic_write_bytes(run_dir.eval_dir / f"{target}.jsonl", payload)
     summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}
     summary["targets"][target] = checks.summarize(answers)

@@ -16,7 +16,7 @@ from typing import Any
 from job import backends, llamacpp, modelsrc
 from job.evaluation import checks, generate, suite
 from job.log import get_logger
-from job.rundir import read_json
+from job.rundir import read_json, read_jsonl
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
@@ -76,6 +76,8 @@ def code_check_mode(ctx: RunContext, prompts: list[dict]) -> str:
 
 def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
+    for made in (run_dir.adapter_dir, run_dir.merged_dir, run_dir.gguf_dir, run_dir.data_dir):
+        run_dir.own(made)  # what the targets read back: all of it the earlier stages' own
     prompts = suite.load(spec.evaluate)
     mode = code_check_mode(ctx, prompts)
     results: dict[str, Any] = {}
@@ -144,7 +146,6 @@ def gguf_answers(spec: JobSpec, run_dir, prompts: list[dict], cores: tuple[list[
 def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
     """The adapter's implicit rewards against the base (adapter off) on the held-out examples and on (at most 256
     of) the training examples: reward_accuracy, reward_margin, chosen/rejected log-probabilities."""
-    import json
 
     from peft import PeftModel
 
@@ -157,7 +158,7 @@ def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
     for part in ("eval", "train"):
         path = run_dir.data_dir / f"{part}.jsonl"
         if path.exists():
-            examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            examples = read_jsonl(run_dir.own(path))
             out["heldout" if part == "eval" else "train"] = preference.implicit_rewards(
                 model, tokenizer, examples, spec.train.beta_value(), spec.model.max_seq_length, device)
     return out
@@ -201,13 +202,12 @@ def load_target(target: str, spec: JobSpec, run_dir):
 
 def heldout_loss(spec: JobSpec, run_dir, device: str) -> dict:
     """Mean loss (and perplexity) on the held-out rows, for the base and the adapter."""
-    import json
     import math
 
     import torch
     from peft import PeftModel
 
-    rows = [json.loads(line) for line in (run_dir.data_dir / "eval.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir.own(run_dir.data_dir / "eval.jsonl"))
     location = modelsrc.model_location(spec, run_dir)
     model = PeftModel.from_pretrained(modelsrc.load_model(location, spec, device), str(run_dir.adapter_dir))
     model.eval()

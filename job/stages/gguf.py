@@ -76,6 +76,7 @@ def reads(spec: JobSpec) -> dict[str, Any]:
 def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     tools = llamacpp.find()
+    run_dir.own(run_dir.merged_dir)  # read by transformers and the converter: all of it the merge stage's own
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.merged_dir), spec.model_copy(
         update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
     evaluate = spec.evaluate or EvaluateSpec()

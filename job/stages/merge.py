@@ -76,6 +76,7 @@ def run(ctx: RunContext) -> StageResult:
     import torch
 
     spec, run_dir = ctx.spec, ctx.run_dir
+    run_dir.own(run_dir.adapter_dir)  # read back, and handed to peft: all of it the train stage's own
     location, how = merge_source(spec, run_dir)
     merged = merge(spec, run_dir, str(run_dir.adapter_dir))
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.adapter_dir), spec.model_copy(

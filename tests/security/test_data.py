@@ -117,3 +117,24 @@ def test_a_hub_data_set_reads_the_files_its_card_names_in_the_repo(tmp_path, tin
     assert result.returncode == 0, result.stderr[-2000:]
     [prepared] = [e for e in events(result.stdout) if e["event"] == "data_prepared"]
     assert prepared["rows_read"] == 2
+
+
+def test_line_separators_in_rows_break_no_reader_on_any_retry(tmp_path, make_spec):
+    """U+2028, U+2029 and U+0085 are text to JSON but line breaks to str.splitlines: rows holding them went into
+    data/*.jsonl as they were and broke the readers after training (evaluate's held-out loss, on every retry)."""
+    rows = tmp_path / "separators.jsonl"
+    odd = ["line\u2028separator", "para\u2029graph", "next\x85line", "form\x0cfeed", "group\x1dsep"]
+    rows.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {text} {i}."},
+                                                          {"from": "gpt", "value": f"{text} {i}."}]}) + "\n"
+                            for i, text in enumerate(odd * 8)))
+    spec = make_spec("separators", data={"source": str(rows), "eval_split": 0.25}, train={"max_steps": 2},
+                     evaluate={"prompts": ["Say line\u2028separator."], "targets": ["adapter"],
+                               "max_new_tokens": 4})
+    result = run_cli("run", spec)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "runs" / "separators" / "metrics.json").read_text())
+    assert metrics["evaluate"]["heldout"]["adapter"]["loss"] is not None
+    for part in ("train", "eval"):
+        text = (tmp_path / "runs" / "separators" / "data" / f"{part}.jsonl").read_text()
+        assert "\u2028" not in text and "\x85" not in text
+        assert all(json.loads(line) for line in text.splitlines())  # any reader's idea of a line is a record

@@ -109,3 +109,45 @@ def test_the_card_front_matter_cannot_be_extended_and_names_no_local_path(tmp_pa
     hub_spec = spec.model_copy(update={"model": spec.model.model_copy(update={"base": "org/model\nlicense: x"})})
     front = yaml.safe_load(card.render(hub_spec, RunDir(tmp_path / "r"), "me/card").split("---\n")[1])
     assert "license" not in front
+
+
+HOSTILE_ANSWER = ("fine\r![pixel](http://127.0.0.1:9/beacon.png)\r# owned\u2028## also owned\x85<h1>x</h1>"
+                  "\x1b]52;c;c2VjcmV0\x07\x1b[2K\u202eevil")
+
+
+def test_a_models_answer_is_text_in_the_report_whatever_it_holds(tmp_path, make_spec):
+    """An answer may hold any character: a carriage return or U+2028 that Markdown and str.splitlines take for a new
+    line (where `![..](url)` became a live <img> beacon and `#` a heading), terminal escapes, a bidi override. The
+    report shows it as text in its cell; an eval file written before line separators were escaped reads too."""
+    from job.evaluation import suite
+    from job.rundir import RunDir, atomic_write_json
+
+    result = run_cli("run", make_spec("answered", train={"max_steps": 2}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = RunDir(tmp_path / "runs" / "answered")
+    answers = [{"id": "p0", "prompt": "Say something.", "answer": HOSTILE_ANSWER, "token_ids": [1], "stop_reason": "length"}]
+    suite.record(run_dir, "adapter", [{"id": "p0", "prompt": "Say something.", "checks": {}}], answers, "off")
+    assert "\u2028" not in (run_dir.eval_dir / "adapter.jsonl").read_text()  # escaped where it is written
+    old_style = json.dumps({**answers[0], "checks": {}}, ensure_ascii=False) + "\n"  # as an older peftopt wrote it
+    (run_dir.eval_dir / "gguf-q8_0.jsonl").write_text(old_style)
+    summary = json.loads((run_dir.eval_dir / "summary.json").read_text())
+    summary["targets"]["gguf-q8_0"] = summary["targets"]["adapter"]
+    atomic_write_json(run_dir.eval_dir / "summary.json", summary)
+    report = run_cli("report", run_dir.root, "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "beacon.png" in page and '<img src="http' not in page and "<h1>owned" not in page and "<h2>also" not in page
+    assert "<h1>x</h1>" not in page and "\x1b" not in page and "\u202e" not in page and "\\x1b" in page
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "\r" not in markdown and "\u2028" not in markdown and "\x85" not in markdown
+
+
+def test_inspect_shows_a_rows_terminal_escapes_as_text(tmp_path, make_spec):
+    rows = tmp_path / "escapes.jsonl"
+    rows.write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "hi \x1b]52;c;c2VjcmV0\x07 \x1b]8;;http://evil/\x1b\\\\link\x1b]8;;\x1b\\\\"},
+        {"from": "gpt", "value": "ok\x1b[2K\x1b[1A\rrewritten \u202eevil"}]}) + "\n")
+    result = run_cli("inspect", make_spec("escapes", data={"source": str(rows)}), "--rows", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout and "\u202e" not in result.stdout
+    assert "\\x1b]52;c;c2VjcmV0" in result.stdout and "\\u202eevil" in result.stdout

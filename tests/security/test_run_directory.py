@@ -2,11 +2,14 @@
 a regular file or directory of its own, checked without following links, at every level; nothing is written
 outside it; push uploads only its own regular files (README, "Threat model": the volume)."""
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_tiny_spec
-from security.canary import CANARY, started
+from conftest import events, run_cli, write_tiny_spec
+from security.canary import CANARY, ENV, assert_no_canary, started
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +112,64 @@ def test_a_restarted_runs_result_reaches_the_experiments_log(tmp_path, make_spec
     with open(tmp_path / "runs" / "experiments_log.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r["run_name"] == "again"]
     assert [r["r"] for r in rows] == ["8", "4"]
+
+
+def _outside_untouched(outside: Path) -> None:
+    assert sorted(p.name for p in outside.rglob("*")) == ["untouched.txt"], sorted(outside.rglob("*"))
+
+
+def test_links_below_the_top_level_are_never_written_through(tmp_path, make_spec):
+    """A library cache the train stage hands to datasets (one level down), checkpoints/ and eval/ entries: another
+    writer plants links there to make the job write into a directory of its choice. The caches are made fresh per
+    attempt and every read-back is checked: no byte lands outside the run directory."""
+    outside = tmp_path / "victim"
+    outside.mkdir()
+    (outside / "untouched.txt").write_text("keep")
+    run = tmp_path / "runs" / "planted"
+    (run / ".cache").mkdir(parents=True)
+    (run / ".cache" / "datasets-rank0").symlink_to(outside)
+    (run / ".cache" / "datasets-0-fixed").symlink_to(outside)
+    (run / "state.json").write_text(json.dumps({"name": "planted", "stages": {}}))
+    result = run_cli("run", make_spec("planted", train={"max_steps": 2, "save_steps": 1}), env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _outside_untouched(outside)
+    assert_no_canary(result.stdout, result.stderr, dirs=[run])
+
+
+def test_a_fifo_or_link_in_place_of_finished_work_redoes_the_stage(tmp_path, make_spec):
+    """After prepare and train finished, another writer swaps data/train.jsonl for a FIFO (which hung the trainer,
+    then exit 1 with a traceback) and adapter/tokenizer.json for a link to the job's environment: the next run sees
+    that the stages' work is not what they wrote and does it again, within a bounded time, and nothing leaks."""
+    spec = make_spec("swapped", train={"max_steps": 2}, export={"merge": True, "gguf": []})
+    first = run_cli("run", spec, "--stages", "prepare,train")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "runs" / "swapped"
+    (run / "data" / "train.jsonl").unlink()
+    os.mkfifo(run / "data" / "train.jsonl")
+    (run / "adapter" / "tokenizer.json").unlink()
+    (run / "adapter" / "tokenizer.json").symlink_to("/proc/self/environ")
+    began = time.monotonic()
+    result = run_cli("run", spec, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - began < 240
+    redone = [e for e in events(result.stdout) if e["event"] == "artifact_missing"]
+    assert {e["stage"] for e in redone} == {"prepare", "train"}
+    assert any("train.jsonl (not a regular file" in m or "FIFO" in m for e in redone for m in e["missing"])
+    assert not (run / "data" / "train.jsonl").is_fifo() and not (run / "adapter" / "tokenizer.json").is_symlink()
+    assert_no_canary(result.stdout, result.stderr, dirs=[run])
+
+
+def test_a_link_planted_where_a_stage_reads_back_its_own_file_is_refused(tmp_path, make_spec):
+    """eval/summary.json is read and rewritten as each target is recorded: a link there to the job's environment
+    would have been read into it. Refused with exit 2 naming it, nothing leaks."""
+    spec = make_spec("summary-link", train={"max_steps": 2},
+                     evaluate={"prompts": ["Say hi."], "targets": ["adapter"], "max_new_tokens": 2})
+    first = run_cli("run", spec, "--stages", "prepare,train")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "runs" / "summary-link"
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").symlink_to("/proc/self/environ")
+    result = run_cli("run", spec, env=ENV)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "summary.json" in result.stderr.splitlines()[0] and "Traceback" not in result.stderr
+    assert_no_canary(result.stdout, result.stderr, dirs=[run])
