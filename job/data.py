@@ -320,12 +320,33 @@ def family(spec: JobSpec) -> str:
     return shapes.FAMILY[spec.train.method if spec.train else "sft"]
 
 
+MAX_ROW_DEPTH = 64  # a conversation with tool schemas is a dozen levels deep; the recursive code after it has limits
+
+
+def nesting_depth(value: Any, stop: int) -> int:
+    """How deep lists and dicts nest in `value`, counted without recursion, up to `stop` + 1."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > stop:
+                return depth
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def standardize(row: Any, fmt: str, system_prompt: str | None, kind: str = "chat", columns=None) -> Any:
     """One chat row as [{role, content}] (system first; or a text example); with `kind` pair or unpaired, the
     row's examples (job/shapes.py). Raises BadRow naming what is wrong."""
     if isinstance(row, Unparsable):
         raise BadRow(row.reason)
+    depth = nesting_depth(row, MAX_ROW_DEPTH)
+    if depth > MAX_ROW_DEPTH:
+        raise BadRow(f"nested more than {MAX_ROW_DEPTH} levels deep")
     examples = shapes.standardize(shapes.renamed(row, columns), fmt, system_prompt, kind)
+    if nesting_depth(examples, MAX_ROW_DEPTH) > MAX_ROW_DEPTH:  # JSON text inside it (tool schemas) parsed
+        raise BadRow(f"nested more than {MAX_ROW_DEPTH} levels deep")
     return examples[0] if kind == "chat" else examples
 
 

@@ -13,6 +13,16 @@ EXIT_EXTERNAL = 4
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: state is saved, retry the same command
 
 
+MAX_MESSAGE_CHARS = 2000  # a message quotes rows, fields and files others wrote: never a 20 MB line
+MAX_DETAILS = 50
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters in all)"
+
+
 class PeftoptError(Exception):
     """Base of every expected failure: printed as one line, no traceback."""
 
@@ -20,9 +30,10 @@ class PeftoptError(Exception):
     event = "job_failed"
 
     def __init__(self, message: str, *, details: list[str] | None = None):
+        message = bounded(message)
         super().__init__(message)
         self.message = message
-        self.details = list(details or [])
+        self.details = [bounded(line) for line in (details or [])[:MAX_DETAILS]]
 
 
 class SpecError(PeftoptError):

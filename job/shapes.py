@@ -16,6 +16,8 @@ or breaks its shape's rules, raises BadRow saying how (the caller names the row)
 """
 from __future__ import annotations
 
+import itertools
+
 from typing import Any
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -85,7 +87,9 @@ def renamed(row: Any, columns: dict[str, str] | None) -> Any:
 
 
 def _fields(row: dict) -> str:
-    return ", ".join(map(str, row)) or "nothing"
+    """A row's field names for a message: each cut to 40 characters, the first 12 of them."""
+    names = [name if len(name) <= 40 else name[:40] + "..." for name in map(str, itertools.islice(row, 12))]
+    return ", ".join(names) + (", ..." if len(row) > 12 else "") or "nothing"
 
 
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # an assistant turn's thinking, beside its content

@@ -138,3 +138,38 @@ def test_line_separators_in_rows_break_no_reader_on_any_retry(tmp_path, make_spe
         text = (tmp_path / "runs" / "separators" / "data" / f"{part}.jsonl").read_text()
         assert "\u2028" not in text and "\x85" not in text
         assert all(json.loads(line) for line in text.splitlines())  # any reader's idea of a line is a record
+
+
+def _nested(levels: int) -> str:
+    """A JSON schema nested `levels` objects deep, as text (json.dumps itself recurses)."""
+    return '{"type": "object", "properties": {"x": ' * (levels // 2) + '{"type": "string"}' + "}}" * (levels // 2)
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+@pytest.mark.parametrize("as_text", [False, True])
+def test_a_row_nested_deep_enough_to_parse_but_not_to_render_is_a_bad_row(policy, as_text, tmp_path, make_spec):
+    """Tool schemas 900 levels deep parse (JSON's own limit is higher) and then broke prepare with a RecursionError
+    (exit 1) even under bad_rows 'skip'; as a JSON string inside the row, too."""
+    tools = '[{"type": "function", "function": {"name": "deep", "description": "d", "parameters": ' + _nested(900) + "}}]"
+    good = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+    deep = json.dumps(good)[:-1] + ', "tools": ' + (json.dumps(tools) if as_text else tools) + "}"
+    rows = tmp_path / "deep.jsonl"
+    rows.write_text("".join(line + "\n" for line in [json.dumps(good)] * 6 + [deep] + [json.dumps(good)] * 6))
+    result = run_cli("run", make_spec(f"deep-{policy}-{as_text}", data={"source": str(rows), "bad_rows": policy},
+                                      train={"max_steps": 1}), "--stages", "prepare")
+    assert "Traceback" not in result.stderr
+    if policy == "error":
+        assert result.returncode == 3 and "row 6: nested more than 64 levels deep" in result.stderr.splitlines()[0]
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        name = f"deep-{policy}-{as_text}"
+        source = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["prepare"]["sources"][0]
+        assert source["skipped"] == {"nested more than 64 levels deep": 1}, source
+
+
+def test_a_huge_field_name_makes_a_short_error_line(tmp_path, make_spec):
+    rows = tmp_path / "wide.jsonl"
+    rows.write_text(json.dumps({"x" * 20_000_000: "value"}) + "\n")
+    result = run_cli("run", make_spec("wide", data={"source": str(rows)}), "--stages", "prepare")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert len(result.stderr) < 5000, len(result.stderr)
