@@ -124,15 +124,21 @@ def problems(spec: JobSpec) -> list[str]:
 
 def run_problems(spec: JobSpec) -> list[str]:
     """Preflight of a `run:NAME` base: that run merged its adapter (its merged model is what this run trains)."""
+    from job.errors import RunConflict
+    from job.rundir import read_json
+
     earlier = earlier_run(spec)
-    state_path = earlier / "state.json"
     try:
-        state = json.loads(state_path.read_text()) if state_path.is_file() and not state_path.is_symlink() else None
-    except ValueError:
-        state = None
-    merge = ((state or {}).get("stages") or {}).get("merge") or {}
+        state = read_json(earlier / "state.json")
+    except RunConflict as exc:
+        return [f"model.base: {spec.model.base!r}: {exc.message}"]
     if state is None:
         return [f"model.base: {spec.model.base!r}: there is no run {earlier.name!r} in {earlier.parent}"]
+    stages = state.get("stages") if isinstance(state, dict) else None
+    merge = stages.get("merge") if isinstance(stages, dict) else None
+    if not isinstance(merge, dict):
+        return [f"model.base: {spec.model.base!r}: {earlier / 'state.json'} is not the state of a peftopt run; "
+                "run that spec again, or name another run"]
     if merge.get("status") != "done" or not (earlier / "merged" / "config.json").is_file():
         return [f"model.base: {spec.model.base!r}: that run has not merged its adapter yet (its merge stage is "
                 f"{merge.get('status', 'not in its spec')}); run it to the end first"]
@@ -149,10 +155,13 @@ def source_digest(spec: JobSpec) -> Any:
     if kind == "dir":
         return model_dir_digest(base)
     if kind == "run":
+        from job.errors import RunConflict
+        from job.rundir import read_json
+
         earlier = earlier_run(spec)
         try:
-            merge_print = json.loads((earlier / "state.json").read_text())["stages"]["merge"]["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
+            merge_print = read_json(earlier / "state.json")["stages"]["merge"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError, RunConflict):
             merge_print = None
         return {"merged": model_dir_digest(earlier / "merged"), "merge_fingerprint": merge_print}
     if kind == "gguf":

@@ -173,3 +173,24 @@ def test_a_link_planted_where_a_stage_reads_back_its_own_file_is_refused(tmp_pat
     assert result.returncode == 2, result.stderr[-2000:]
     assert "summary.json" in result.stderr.splitlines()[0] and "Traceback" not in result.stderr
     assert_no_canary(result.stdout, result.stderr, dirs=[run])
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", '{"stages": []}', '{"stages": {"merge": "done"}}', "\x00\xff garbage",
+                                   "link", "fifo"])
+def test_a_malformed_state_of_an_earlier_run_is_a_clear_refusal(state, tmp_path, make_spec):
+    """`model.base: run:NAME` reads that run's state.json, which another writer may have replaced: exit 2 naming it,
+    never a crash in preflight."""
+    earlier = tmp_path / "runs" / "sft"
+    (earlier / "merged").mkdir(parents=True)
+    (earlier / "merged" / "config.json").write_text("{}")
+    path = earlier / "state.json"
+    if state == "link":
+        path.symlink_to("/proc/self/environ")
+    elif state == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(state)
+    result = run_cli("run", make_spec(f"after-{abs(hash(state))}", model={"base": "run:sft"}), env=ENV, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.base: 'run:sft'" in result.stderr.splitlines()[0] and "Traceback" not in result.stderr
+    assert_no_canary(result.stdout, result.stderr)
