@@ -162,7 +162,8 @@ class Uploader:
         return {"repo": self.repo, "synced_steps": list(self.pushed), "failures": self.failures}
 
 
-def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False) -> Path | None:
+def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False,
+            expected=None) -> Path | None:
     """Downloads the newest complete remote checkpoint of this training that loads into the checkpoints
     directory.
 
@@ -207,7 +208,7 @@ def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = Fa
             if not checkpoint_is_complete(downloaded):
                 log.warning("checkpoint_sync_incomplete", step=step, action="sizes differ from the marker; skipped")
                 continue
-            problem = load_problem(downloaded)
+            problem = load_problem(downloaded, expected)
             if problem:
                 log.warning("checkpoint_refused", step=step, why=problem, action="not restored; trying an older one")
                 continue

@@ -73,24 +73,57 @@ def marker_fingerprint(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_problem(path: Path) -> str | None:
-    """Why the Trainer could not resume from this checkpoint (a corrupt or hostile file), or None. Nothing in
-    it runs as code: tensors load with weights_only, the adapter as safetensors."""
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What a checkpoint of this training must hold: steps up to max_steps, the model's adapter tensors by name and
+    shape (None: not known here)."""
+    max_steps: int | None = None
+    adapter_shapes: dict[str, tuple[int, ...]] | None = None
+
+
+def adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors a checkpoint of `model` holds (as peft saves them), by name, with their shapes."""
+    from peft import get_peft_model_state_dict
+
+    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def load_problem(path: Path, expected: Expected | None = None) -> str | None:
+    """Why the Trainer could not resume from this checkpoint (a corrupt or hostile file), or None; everything it
+    will load is loaded here as it loads it, so that a checkpoint that passes does not crash it on every retry.
+    Nothing in it runs as code: tensors load with weights_only (the RNG states with the numpy types the Trainer
+    allows), the adapter as safetensors."""
     import torch
     from safetensors import safe_open
+    from transformers import TrainerState
+    from transformers.trainer_pt_utils import safe_globals
 
+    expected = expected or Expected()
+    step = checkpoint_step(path)
     try:
         with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as weights:
-            for key in list(weights.keys())[:1]:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+            if expected.adapter_shapes is not None and shapes != expected.adapter_shapes:
+                odd = sorted(set(shapes.items()) ^ set(expected.adapter_shapes.items()))[:1]
+                return f"its adapter is not this model's (first difference: {odd[0][0]} {odd[0][1]})"
+            for key in shapes:
                 weights.get_tensor(key)
-        for name in ("optimizer.pt", "scheduler.pt"):
+        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
             if (path / name).exists():
                 torch.load(path / name, map_location="cpu", weights_only=True)
-        state = json.loads((path / "trainer_state.json").read_text())
-        if not isinstance(state.get("global_step"), int):
-            return "trainer_state.json has no global_step"
+        with safe_globals():
+            for rng in sorted(path.glob("rng_state*.pth")):
+                torch.load(rng, map_location="cpu", weights_only=True)
+        state = TrainerState.load_from_json(str(path / "trainer_state.json"))  # as the Trainer reads it
+        if not isinstance(state.global_step, int) or state.global_step != step:
+            return f"trainer_state.json's global_step ({str(state.global_step)[:20]}) is not its step {step}"
+        if expected.max_steps is not None and step > expected.max_steps:
+            return f"its step {step} is past train.max_steps ({expected.max_steps})"
+        if not isinstance(state.log_history, list) or not all(isinstance(h, dict) for h in state.log_history):
+            return "trainer_state.json's log_history is not a list of records"
     except Exception as exc:  # any parser's error: the file is not what the Trainer wrote
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return f"{type(exc).__name__}: {first.split(' In PyTorch 2.6')[0]}"  # never torch's weights_only=False advice
     return None
 
 
@@ -105,7 +138,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def newest_complete_checkpoint(checkpoints_dir: Path, fingerprint: str | None = None) -> Path | None:
+def set_aside(path: Path, why: str) -> None:
+    """Removes a checkpoint the Trainer could not take in, saying why: the next attempt resumes from the one before."""
+    log.warning("checkpoint_refused", path=str(path), why=why, action="removed; the next attempt resumes from an "
+                "older one")
+    _remove(path)
+
+
+def newest_complete_checkpoint(checkpoints_dir: Path, fingerprint: str | None = None,
+                               expected: Expected | None = None) -> Path | None:
     """The newest checkpoint whose files are all there, of this training (`fingerprint`), that loads;
     half-written, foreign and unloadable ones are removed with a warning."""
     if checkpoints_dir.is_symlink() or not checkpoints_dir.is_dir():
@@ -120,7 +161,7 @@ def newest_complete_checkpoint(checkpoints_dir: Path, fingerprint: str | None = 
         elif fingerprint is not None and marker_fingerprint(path) != fingerprint:
             log.warning("checkpoint_refused", path=str(path), why="its marker names another training",
                         action="removed; resuming from an older one")
-        elif (problem := load_problem(path)) is not None:
+        elif (problem := load_problem(path, expected)) is not None:
             log.warning("checkpoint_refused", path=str(path), why=problem, action="removed; resuming from an older one")
         else:
             return path

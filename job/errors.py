@@ -70,6 +70,11 @@ class Interrupted(PeftoptError):
     event = "job_interrupted"
 
 
+class CheckpointRefused(Interrupted):
+    """The Trainer could not take in the checkpoint it resumed from; it was removed, and a retry resumes from the
+    one before (exit 75), so that a bad checkpoint is never a crash on every retry."""
+
+
 class RankLost(Interrupted):
     """A rank of a data-parallel run died (its process was killed, its node lost): the others cannot go on, and
     the retry resumes from the newest complete checkpoint (exit 75)."""

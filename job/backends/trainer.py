@@ -15,8 +15,9 @@ from typing import Any
 
 from job import distributed, interrupt, modelsrc, tracking
 from job.backends.plan import Plan
-from job.checkpoints import AsyncCheckpointWriter, checkpoint_step, complete_steps, newest_complete_checkpoint
-from job.errors import ExternalError, Interrupted, RankLost
+from job.checkpoints import (AsyncCheckpointWriter, Expected, adapter_shapes, checkpoint_step, complete_steps,
+                             newest_complete_checkpoint, set_aside)
+from job.errors import CheckpointRefused, ExternalError, Interrupted, RankLost
 from job.log import get_logger, json_stdout
 from job.rundir import RunDir, atomic_dir, refuse_links
 from job.spec import JobSpec
@@ -318,7 +319,8 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
     if json_stdout():  # the Trainer would print raw dicts and bars into the JSON stream
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    resume = find_resume_point(spec, run_dir, fingerprint, restart, session)
+    expected = Expected(max_steps=spec.train.max_steps, adapter_shapes=adapter_shapes(trainer.model))
+    resume = find_resume_point(spec, run_dir, fingerprint, restart, session, expected)
     if distributed.active() and trainer.args.device.type == "cpu" and trainer.args.device.index is not None:
         # accelerate names CPU ranks "cpu:N", which torch.load rejects as a map_location when the Trainer
         # reloads the optimizer on resume (transformers 5.17); the same device under its plain name.
@@ -332,7 +334,18 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
             train_loss = finished_checkpoint(trainer, resume)
             session.start_step = trainer.state.global_step
         else:
-            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics.get("train_loss")
+            try:
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            except (OSError, Interrupted):
+                raise
+            except Exception as exc:  # the Trainer failed to take the checkpoint in: never a crash on every retry
+                if resume is None or trainer.state.global_step > checkpoint_step(resume) \
+                        or (isinstance(exc, RuntimeError) and distributed.peer_lost(exc) is not None):
+                    raise
+                set_aside(resume, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                raise CheckpointRefused(f"{resume.name} could not be resumed ({type(exc).__name__}); it was removed: "
+                                        "rerun the same command to resume from the checkpoint before it") from exc
+            train_loss = result.metrics.get("train_loss")
     except OSError as exc:
         raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
     except RuntimeError as exc:
@@ -393,17 +406,18 @@ def finished_checkpoint(trainer, checkpoint: Path) -> float | None:
 
 
 def find_resume_point(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False,
-                      session: TrainingSession | None = None) -> Path | None:
-    """The checkpoint to resume from. Rank 0 decides (it may remove a torn checkpoint, or restore one from
-    the Hub when the local directory is empty) and tells the other ranks."""
+                      session: TrainingSession | None = None, expected: Expected | None = None) -> Path | None:
+    """The checkpoint to resume from: the newest of this training that holds what `expected` says and loads as the
+    Trainer loads it. Rank 0 decides (it may remove a torn or refused checkpoint, or restore one from the Hub when
+    the local directory is empty) and tells the other ranks."""
     me = distributed.world()
     resume = None
     if me.is_main:
-        resume = newest_complete_checkpoint(run_dir.checkpoints_dir, fingerprint)
+        resume = newest_complete_checkpoint(run_dir.checkpoints_dir, fingerprint, expected)
         if resume is None and spec.train.checkpoint_sync:
             from job import checkpoint_sync
 
-            resume = checkpoint_sync.restore(spec, run_dir, fingerprint, restart)
+            resume = checkpoint_sync.restore(spec, run_dir, fingerprint, restart, expected)
             if resume is not None and session is not None:
                 session.restored_step = checkpoint_step(resume)
         if resume is not None:
