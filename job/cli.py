@@ -260,6 +260,15 @@ def invoke(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # a bug: the traceback goes to the JSON log as well
         from job.log import get_logger
 
+        if type(exc).__name__ == "PanicException":  # the base's tokenizer.json failed in its regex engine (Rust)
+            from job.errors import DataError
+
+            failure = DataError(f"model: the base's tokenizer failed inside the tokenizers library "
+                                f"({str(exc).splitlines()[0][:200] if str(exc) else 'a panic'}): a regex of its "
+                                "tokenizer.json; use another base or tokenizer")
+            _fail(failure)
+            return failure.exit_code
+
         get_logger().exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_BUG)
         return EXIT_BUG
     return 0

@@ -88,7 +88,69 @@ def checked_model_dir(directory: str | Path, *, links: bool = True) -> str:
     problem = foreign_entry(root, links_within=within) if root.is_dir() else None
     if problem:
         raise DataError(f"model: {directory}: {problem}; a model's files must be its own regular files")
+    problem = weights_problem(root) if root.is_dir() else None
+    if problem:
+        raise DataError(f"model: {directory}: {problem}")
     return str(directory)
+
+
+def weights_problem(directory: Path) -> str | None:
+    """Why the weights do not make the model config.json describes (read from the safetensors headers, before
+    anything is loaded), or None. transformers fills what the weights leave out with fresh random tensors: a config
+    whose vocab_size is huge and whose embeddings are missing made it allocate 6.4 GB for a 5 MB model, and under a
+    memory limit that was exit 4 (retry) for a model that can never load."""
+    import struct
+
+    config_path = source_file(directory, "config.json")
+    files = sorted(p for p in directory.glob("*.safetensors") if source_file(directory, p.name))
+    if config_path is None or not files or config_path.stat().st_size > 1 << 20:
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        return "config.json is not JSON"
+    if not isinstance(config, dict) or "quantization_config" in config:
+        return None  # packed 4-bit tensors: their shapes are not the parameters'
+    stored = 0
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > 100 << 20:
+                    return f"{path.name} has a header of {length:,} bytes"
+                header = json.loads(fh.read(length))
+            stored += sum(_elements(info.get("shape")) for key, info in header.items()
+                          if key != "__metadata__" and isinstance(info, dict))
+        except (OSError, ValueError, struct.error, TypeError):
+            return f"{path.name} is not a safetensors file"
+    described = _described_parameters(config)
+    if described and stored < described / 2:
+        return (f"config.json describes about {described / 1e6:,.0f}M parameters but its weights hold "
+                f"{stored / 1e6:,.1f}M; transformers would make up the rest at random (a vocab_size or layer "
+                "count the weights do not have)")
+    return None
+
+
+def _elements(shape) -> int:
+    count = 1
+    for size in shape if isinstance(shape, list) else []:
+        count *= int(size)
+    return count
+
+
+def _described_parameters(config: dict) -> int | None:
+    """Parameters of a decoder config of the usual fields (None for any other shape of config)."""
+    from types import SimpleNamespace
+
+    from job.backends.plan import param_count
+
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    if not all(isinstance(config.get(k), int) and config[k] > 0 for k in needed):
+        return None
+    try:
+        return param_count(SimpleNamespace(**config))
+    except (TypeError, ZeroDivisionError, AttributeError):
+        return None
 
 
 def problems(spec: JobSpec) -> list[str]:
@@ -188,10 +250,17 @@ def load_tokenizer(location: str, spec: JobSpec):
     """Loads the tokenizer and installs the chat template the spec asks for. Returns (tokenizer, name)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from job.errors import DataError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as exc:
         raise ExternalError(f"cannot load the tokenizer of {location}: {str(exc).splitlines()[0]}") from None
+    except BaseException as exc:  # the tokenizers library's own errors (its regex engine's), and its Rust panics
+        if not tokenizer_failure(exc):
+            raise
+        raise DataError(f"model: the tokenizer of {location} does not load: {str(exc).splitlines()[0][:300]} "
+                        "(tokenizer.json)") from None
     try:
         model_type = AutoConfig.from_pretrained(location).model_type
     except (OSError, ValueError):  # an adapter directory has no config.json
@@ -201,6 +270,13 @@ def load_tokenizer(location: str, spec: JobSpec):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, name
+
+
+def tokenizer_failure(exc: BaseException) -> bool:
+    """An error of the tokenizers library (Rust) about the model's own tokenizer: its plain `Exception` (a regex
+    of tokenizer.json its engine refuses) or a PanicException (a regex that fails while matching text), which is
+    not an Exception at all."""
+    return type(exc).__name__ == "PanicException" or (type(exc) is Exception and "Onig" in str(exc))
 
 
 def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None,

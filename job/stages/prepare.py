@@ -229,7 +229,7 @@ def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, 
                                 f"template ({getattr(tokenizer, 'template_name', spec.model.chat_template)}) does not "
                                 "render tools or tool calls; use 'chatml' or a tokenizer template that does")
         rendered = [assistant_char_spans(messages, tokenizer, first + row) for row, messages in enumerate(batch)]
-        for offset, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered)):
+        for offset, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered, first_row=first)):
             index = first + offset
             raw = isinstance(batch[offset], dict) and "messages" not in batch[offset]  # their spans count
             broken = data.length_rule_broken(len(ids))
@@ -265,7 +265,19 @@ def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, 
     return encoded, counts
 
 
-def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
+def _failing(tokenizer, texts: list[str]) -> int:
+    """Which of `texts` the tokenizer fails on (the first)."""
+    for index, text in enumerate(texts):
+        try:
+            tokenizer([text], add_special_tokens=False)
+        except BaseException as exc:
+            if modelsrc.tokenizer_failure(exc):
+                return index
+            raise
+    return 0
+
+
+def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024, first_row: int = 0):
     """(ids, start offset of each token, assistant spans) per conversation, tokenized a batch at a time on
     every core. The tokenizers library reads TOKENIZERS_PARALLELISM at each call (a write for it): on for
     these calls, off again after, as unsloth and the Makefile set it, because processes forked later (the
@@ -274,7 +286,14 @@ def _tokenize(tokenizer, rendered: list[tuple[str, list]], batch: int = 1024):
     try:
         for first in range(0, len(rendered), batch):
             chunk = rendered[first:first + batch]
-            enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+            try:
+                enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+            except BaseException as exc:  # the base's tokenizer.json failing inside its own regex engine
+                if not modelsrc.tokenizer_failure(exc):
+                    raise
+                row = first_row + first + _failing(tokenizer, [text for text, _ in chunk])
+                raise DataError(f"data row {row}: the base's tokenizer fails on it ({str(exc).splitlines()[0][:200]}: "
+                                "a regex of its tokenizer.json); use another base or tokenizer") from None
             for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], chunk):
                 starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
                 yield ids, starts, spans

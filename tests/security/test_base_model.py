@@ -3,8 +3,10 @@ name): nothing in them runs as code, follows a link out, reaches a secret, or ex
 writes from them for another program is quoted for it (README, "Threat model": base models)."""
 import json
 import os
-import time
+import re
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +219,63 @@ def test_only_the_chosen_chat_template_is_saved_never_the_bases_others(tmp_path,
         assert not (out / "additional_chat_templates").exists(), folder
         assert not any("smuggled" in p.read_text(errors="replace") for p in out.rglob("*") if p.suffix in (".json", ".jinja"))
         assert (out / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
+
+
+def _with_tokenizer_regex(base: Path, where: str, pattern: str) -> None:
+    """The base's tokenizer.json with `pattern` as the regex of its pre-tokenizer (or normalizer)."""
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    if where == "normalizer":
+        tokenizer["normalizer"] = {"type": "Replace", "pattern": {"Regex": pattern}, "content": "x"}
+    else:
+        tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, tokenizer["pre_tokenizer"]]}
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("case", ["refused regex", "panics while matching"])
+def test_a_tokenizer_whose_regex_breaks_the_engine_is_exit_3(case, tmp_path, tiny_model):
+    """A tokenizer.json regex the engine refuses (a plain Exception from Rust), or one that exceeds the engine's
+    match limit on ordinary text (a Rust panic, which `except Exception` does not catch: exit 1 and 39 lines)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    if case == "refused regex":
+        _with_tokenizer_regex(base, "normalizer", "a{100001}")
+        data = None
+    else:
+        _with_tokenizer_regex(base, "pre_tokenizer", "(a+)+b")
+        data = tmp_path / "rows.jsonl"
+        rows = [{"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}] * 4
+        rows.append({"conversations": [{"from": "human", "value": "a" * 60}, {"from": "gpt", "value": "ok"}]})
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = write_tiny_spec(tmp_path, base, data or tmp_path / "unused", "regex", train={"max_steps": 1},
+                           **({} if data else {"data": {"source": str(tmp_path / "none.jsonl")}}))
+    if data is None:
+        (tmp_path / "none.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi."},
+                                                                           {"from": "gpt", "value": "Ho."}]}) + "\n")
+    result = run_cli("run", spec, env=ENV)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "tokenizer" in errors[0] and "Traceback" not in result.stderr
+    if data is not None:
+        assert re.match(r"error: data row \d: the base's tokenizer fails on it \(Onig", errors[0]), errors[0]
+    assert_no_canary(result.stdout, result.stderr)
+
+
+def test_a_config_that_outgrows_its_weights_is_refused_before_loading(tmp_path, tiny_model, tiny_data):
+    """vocab_size raised to 2 million with the embeddings left out: transformers would allocate them at random
+    (6.4 GB for a 5 MB model; under a memory limit exit 4, retried forever). Refused from the headers: exit 3."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = 2_000_000
+    (base / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "embed_tokens" not in k and "lm_head" not in k},
+              str(base / "model.safetensors"))
+    began = time.monotonic()
+    result = run_cli("run", write_tiny_spec(tmp_path, base, tiny_data, "bomb"), timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "config.json describes about" in result.stderr.splitlines()[0] and not started(result)
+    assert time.monotonic() - began < 60
