@@ -22,7 +22,7 @@ from job.spec import JobSpec
 
 class TextTokenizer:
     """The part of a transformers fast tokenizer prepare uses, over `tokenizers` alone: encode with offsets,
-    decode, special tokens, and the chat template rendered in transformers' sandboxed Jinja."""
+    decode, special tokens, and the chat template (rendered by job/render.py, as for a run)."""
 
     is_fast = True
 
@@ -52,14 +52,6 @@ class TextTokenizer:
         if config_file is not None:
             model_type = json.loads(config_file.read_text()).get("model_type")
         self.template_name, self.chat_template = templates.choose(spec.model.chat_template, own, model_type)
-
-    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **kwargs):
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        return rendered[0]
 
     def __call__(self, texts, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
         single = isinstance(texts, str)

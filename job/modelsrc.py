@@ -138,11 +138,23 @@ def _elements(shape) -> int:
     return count
 
 
+def param_count(config) -> int:
+    """Parameters of a decoder of the usual shape (attention, gated MLP, embeddings) from its config's fields: the
+    batch planner's arithmetic and the check of a config against its weights."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (heads * 2 + kv * 2)
+    per_layer = attention + 3 * hidden * inter
+    embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return layers * per_layer + embeddings
+
+
 def _described_parameters(config: dict) -> int | None:
     """Parameters of a decoder config of the usual fields (None for any other shape of config)."""
     from types import SimpleNamespace
-
-    from job.backends.plan import param_count
 
     needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     if not all(isinstance(config.get(k), int) and config[k] > 0 for k in needed):

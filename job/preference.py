@@ -12,18 +12,29 @@ from job.errors import DataError
 from job.rundir import jsonl_line
 from job.spec import JobSpec
 
-RENDER_SECONDS = 5.0
+def _rendered(tokenizer, example: dict, row: int) -> dict[str, str]:
+    """The texts trl tokenizes for one example, by the guarded renderer (job/render.py): the prompt with the
+    generation prompt ("prompt"), and the prompt followed by each answer (by the answer's key).
+
+    Raises:
+        DataError: the chat template takes longer than its time or more than its memory on this row, or fails.
+    """
+    from job import render
+
+    keys = [key for key in ("chosen", "rejected", "completion") if key in example]
+    items = [{"messages": example["prompt"], "add_generation_prompt": True}]
+    items += [{"messages": example["prompt"] + example[key]} for key in keys]
+    results = render.chat(tokenizer, items)
+    for result in results:
+        if "error" in result:
+            raise DataError(f"model.chat_template: rendering data row {row} {render.why(result)}")
+    return dict(zip(["prompt", *keys], (result["text"] for result in results)))
 
 
-def _ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-
-def completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids, the answer's ids) of one prompt and one answer."""
-    prompt_ids = _ids(tokenizer, prompt, True)
-    full = _ids(tokenizer, prompt + answer, False)
+def _answer_ids(tokenizer, prompt_text: str, full_text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, the answer's ids): the answer's tokens are those after the two renderings' common start."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     shared = 0
     while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
         shared += 1
@@ -34,16 +45,13 @@ def tokenized(example: dict, tokenizer, row: int = 0) -> dict[str, list[int]]:
     """{"prompt": ids, "chosen": ids, "rejected": ids} or {"prompt": ids, "completion": ids}.
 
     Raises:
-        DataError: the chat template took longer than RENDER_SECONDS on this row (naming it).
+        DataError: the chat template failed on this row, or outran its time or memory (naming it).
     """
-    from job.inputs import time_limit
-
+    texts = _rendered(tokenizer, example, row)
     out: dict[str, list[int]] = {}
-    with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
-                                              f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
-        for key in ("chosen", "rejected", "completion"):
-            if key in example:
-                out["prompt"], out[key] = completion_ids(tokenizer, example["prompt"], example[key])
+    for key in ("chosen", "rejected", "completion"):
+        if key in texts:
+            out["prompt"], out[key] = _answer_ids(tokenizer, texts["prompt"], texts[key])
     return out
 
 

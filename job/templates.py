@@ -183,23 +183,20 @@ def read_template(path: str) -> str:
 
 
 def file_problems(path: str) -> list[str]:
-    """Preflight: a chat-template file reads and renders a conversation with the messages in it, in time."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    from job.inputs import time_limit
+    """Preflight: a chat-template file reads and renders a conversation with the messages in it, within the
+    guarded renderer's time and memory (job/render.py)."""
+    from job import render
 
     try:
         text = read_template(path)
     except SpecError as exc:
         return [exc.message]
     sample = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    try:
-        with time_limit(5.0, TimeoutError("rendering a three-turn conversation took more than 5 s")):
-            rendered = render_jinja_template([sample], chat_template=text, add_generation_prompt=False,
-                                             bos_token="<s>", eos_token="</s>")
-    except Exception as exc:  # jinja2's syntax and runtime errors, the template's raise_exception, the time limit
-        return [f"model.chat_template: {path} does not render a conversation: {type(exc).__name__}: {exc}"]
-    rendered = rendered[0][0] if isinstance(rendered, tuple) else rendered
+    [result] = render.render(text, [{"messages": sample}], {"bos_token": "<s>", "eos_token": "</s>"})
+    if "error" in result:
+        return [f"model.chat_template: {path} does not render a conversation: rendering a three-turn conversation "
+                f"{render.why(result)}"]
+    rendered = result["text"]
     if "u" not in str(rendered) or "a" not in str(rendered):
         return [f"model.chat_template: {path} leaves the messages out of what it renders"]
     return []
@@ -213,10 +210,12 @@ def renders_tools(tokenizer) -> bool:
              {"role": "tool", "content": "peftopt_probe_result"}]
     schema = [{"type": "function", "function": {"name": "peftopt_probe_schema", "description": "d",
                                                 "parameters": {"type": "object", "properties": {}}}}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tools=schema, tokenize=False)
-    except Exception:  # the template's own refusals (raise_exception) and Jinja's errors
+    from job import render
+
+    [result] = render.chat(tokenizer, [{"messages": probe, "tools": schema}])
+    if "error" in result:  # the template's own refusals (raise_exception), Jinja's errors, its limits
         return False
+    text = result["text"]
     return all(word in text for word in ("peftopt_probe_schema", "peftopt_probe_call", "peftopt_probe_result"))
 
 

@@ -13,7 +13,7 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
      "job.tracking"},
     {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data", "job.preference"},
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
-     "job.interrupt", "job.convert_shim", "job.inputs", "job.shapes"},
+     "job.interrupt", "job.convert_shim", "job.inputs", "job.shapes", "job.render", "job.render_worker", "job.display"},
     {"job.log", "job.errors", "job.settings", "job"},
 ]
 

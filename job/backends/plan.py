@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from job.errors import SpecError
+from job.modelsrc import param_count
 
 GIB = 1024**3
 # Activation bytes per token, per hidden unit, per layer, for a LoRA step without checkpointing. unsloth:
@@ -40,18 +41,6 @@ class Plan:
     budget_gb: float
     reason: str
     dequantize_base: bool = False  # a 4-bit base is dequantized once to 16-bit after loading
-
-
-def param_count(config) -> int:
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = hidden * head_dim * (heads * 2 + kv * 2)
-    per_layer = attention + 3 * hidden * inter
-    embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return layers * per_layer + embeddings
 
 
 def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool, backend: str = "unsloth",

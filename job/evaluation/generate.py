@@ -21,11 +21,29 @@ def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
 
 
 def render(tokenizer, prompt: str, evaluate: EvaluateSpec) -> str:
-    """The prompt as the model's template writes it for an answer (`enable_thinking` passed when the spec sets it,
-    for the templates that read it)."""
+    """The prompt as the model's template writes it for an answer (see render_all)."""
+    return render_all(tokenizer, [prompt], evaluate)[0]
+
+
+def render_all(tokenizer, prompts: list[str], evaluate: EvaluateSpec) -> list[str]:
+    """The prompts as the model's template writes them for an answer, by the guarded renderer (job/render.py),
+    `enable_thinking` passed when the spec sets it, for the templates that read it.
+
+    Raises:
+        DataError: the template fails on a prompt, or outruns its time or memory (naming the prompt).
+    """
+    from job import render as renderer
+    from job.errors import DataError
+
     extra = {} if evaluate.enable_thinking is None else {"enable_thinking": evaluate.enable_thinking}
-    return tokenizer.apply_chat_template(messages_for(prompt, evaluate.system_prompt), tokenize=False,
-                                         add_generation_prompt=True, **extra)
+    items = [{"messages": messages_for(prompt, evaluate.system_prompt), "add_generation_prompt": True}
+             for prompt in prompts]
+    texts = []
+    for prompt, result in zip(prompts, renderer.chat(tokenizer, items, extra)):
+        if "error" in result:
+            raise DataError(f"model.chat_template: rendering the prompt {prompt[:60]!r} {renderer.why(result)}")
+        texts.append(result["text"])
+    return texts
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -96,8 +114,8 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
             items = suite[first:first + BATCH]
             if interrupt.stop_requested():
                 raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
-            prompts = [tokenizer(render(tokenizer, item["prompt"], evaluate), add_special_tokens=False)
-                       ["input_ids"] for item in items]
+            prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                       for text in render_all(tokenizer, [item["prompt"] for item in items], evaluate)]
             width = max(len(ids) for ids in prompts)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
@@ -134,7 +152,7 @@ def generate_gguf(tools, path: Path, tokenizer, suite: list[dict], evaluate: Eva
     the same chat template as the transformers targets (on `cores`, CPUs and thread count, when given; ended
     when `stop`, a threading.Event, is set)."""
     started = time.perf_counter()
-    texts = [render(tokenizer, item["prompt"], evaluate) for item in suite]
+    texts = render_all(tokenizer, [item["prompt"] for item in suite], evaluate)
     cpus, threads = cores if cores else (None, None)
     results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens, threads=threads, cpus=cpus,
                                      stop=stop)

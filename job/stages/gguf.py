@@ -131,7 +131,7 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
 def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], reference: list[dict],
            evaluate: EvaluateSpec) -> dict:
     """Raises ExternalError when the GGUF does not load, answers nothing, or (float types) disagrees."""
-    texts = [generate.render(tokenizer, item["prompt"], evaluate) for item in prompts]
+    texts = generate.render_all(tokenizer, [item["prompt"] for item in prompts], evaluate)
     longest = max(len(ref["token_ids"]) + (1 if ref["stop_reason"] == "end_of_turn" else 0) for ref in reference)
     results = llamacpp.generate_many(tools, path, texts, max(longest, 1))
     per_prompt, tokenizer_match, agreements = [], True, []

@@ -6,6 +6,7 @@ into labels. The base model is made local first when it is a GGUF (see modelsrc)
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -112,11 +113,20 @@ def run(ctx: RunContext) -> StageResult:
     return StageResult(artifacts=tuple(artifacts), metrics={**facts, **stats})
 
 
+@contextlib.contextmanager
+def warm_up(ctx: RunContext):
+    """The chat-template renderer (job/render.py) started while the job loads the tokenizer."""
+    from job import render
+
+    render.start()
+    yield None
+
+
 STAGE = Stage(
     name="prepare",
     doc="reads the data (local files, Hub data sets, mixtures), applies the chat template, masks all but the "
         "assistant's replies; makes a GGUF base trainable",
-    enabled=enabled, run=run, check=check, reads=reads,
+    enabled=enabled, run=run, check=check, reads=reads, warm_up=warm_up,
     fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed", "train.method"),
     artifacts=("data", "base"),
 )
@@ -147,9 +157,6 @@ def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
 # ----------------------------------------------------------------------------------------- encoding
 
 
-RENDER_SECONDS = 5.0  # a chat template (the model's own, not the spec's) gets this long per conversation
-
-
 def raw_text_spans(example: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """A text example with no chat template: BOS, the text (or the prompt and its completion), EOS so the model
     learns to stop; every character but BOS trained (a prompt's are not)."""
@@ -161,41 +168,33 @@ def raw_text_spans(example: dict, tokenizer) -> tuple[str, list[tuple[int, int]]
     return bos + prompt + completion + eos, [(start, start + len(completion) + len(eos))]
 
 
-def assistant_char_spans(messages, tokenizer, row: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """Renders the conversation and finds each assistant reply by rendering growing prefixes of it (a raw-text
-    example: `raw_text_spans`).
+def assistant_char_spans(batch: list, tokenizer, first_row: int = 0) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each conversation rendered, with each assistant reply found by rendering growing prefixes of it, by the
+    guarded renderer (job/render.py); a raw-text example: `raw_text_spans`.
 
     Raises:
-        DataError: the template takes longer than RENDER_SECONDS for this row (naming it), or hides turns.
+        DataError: the template takes longer than its time or more than its memory for a row, fails on it, or hides
+            turns (naming the row).
     """
-    from job.inputs import time_limit
+    from job import render
 
-    if isinstance(messages, dict) and "messages" not in messages:
-        return raw_text_spans(messages, tokenizer)
-    with time_limit(RENDER_SECONDS, DataError(f"model.chat_template: rendering data row {row} took more than "
-                                              f"{RENDER_SECONDS:g} s (a template that loops without end?)")):
-        return _spans(messages, tokenizer)
-
-
-def _spans(example, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    messages, tools = (example["messages"], example["tools"]) if isinstance(example, dict) else (example, None)
-
-    def render(turns, **kwargs):
-        return tokenizer.apply_chat_template(turns, tools=tools, **kwargs) if tools else \
-            tokenizer.apply_chat_template(turns, **kwargs)
-
-    full = render(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    chats = [i for i, example in enumerate(batch) if not (isinstance(example, dict) and "messages" not in example)]
+    items = [{"messages": batch[i]["messages"], "tools": batch[i]["tools"]} if isinstance(batch[i], dict)
+             else {"messages": batch[i]} for i in chats]
+    rendered = dict(zip(chats, render.chat(tokenizer, [{**item, "spans": True} for item in items])))
+    out = []
+    for index, example in enumerate(batch):
+        if index not in rendered:
+            out.append(raw_text_spans(example, tokenizer))
             continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = render(messages[: i + 1], tokenize=False)
-        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
-            raise DataError("model.chat_template: the template does not render conversations prefix by "
-                            "prefix, so assistant turns cannot be located; use a built-in template")
-        spans.append((len(before), len(through)))
-    return full, spans
+        result = rendered[index]
+        if "error" in result:
+            if result["error"] == "prefix":
+                raise DataError("model.chat_template: the template does not render conversations prefix by "
+                                "prefix, so assistant turns cannot be located; use a built-in template")
+            raise DataError(f"model.chat_template: rendering data row {first_row + index} {render.why(result)}")
+        out.append((result["text"], [tuple(span) for span in result["spans"]]))
+    return out
 
 
 def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, sink=None,
@@ -228,7 +227,7 @@ def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, 
                 raise SpecError(f"model.chat_template: data row {first + with_tools} has a tools list, and the chat "
                                 f"template ({getattr(tokenizer, 'template_name', spec.model.chat_template)}) does not "
                                 "render tools or tool calls; use 'chatml' or a tokenizer template that does")
-        rendered = [assistant_char_spans(messages, tokenizer, first + row) for row, messages in enumerate(batch)]
+        rendered = assistant_char_spans(batch, tokenizer, first)
         for offset, (ids, starts, spans) in enumerate(_tokenize(tokenizer, rendered, first_row=first)):
             index = first + offset
             raw = isinstance(batch[offset], dict) and "messages" not in batch[offset]  # their spans count
