@@ -177,7 +177,6 @@ def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = Fa
     def fetch(name: str, into: Path) -> Path:
         return Path(hub.retrying(f"download {name}", lambda: api.hf_hub_download(repo, name, local_dir=into)))
 
-    expected = fingerprint
     for step in sorted(steps, reverse=True):
         names = steps[step]
         marker_name = f"{where}/checkpoint-{step}/{MARKER}"
@@ -192,11 +191,11 @@ def restore(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = Fa
         scratch.mkdir(parents=True)
         try:
             found = (read_json(fetch(marker_name, scratch)) or {}).get("train_fingerprint")
-            if found != expected:
+            if found != fingerprint:
                 if not restart:
                     raise RunConflict(
                         f"train.checkpoint_sync: {repo}/{where} holds checkpoints of a different training "
-                        f"spec (fingerprint {found}, this spec {expected}); pass --restart to train from scratch "
+                        f"spec (fingerprint {found}, this spec {fingerprint}); pass --restart to train from scratch "
                         "and replace them, or set train.checkpoint_sync.path_in_repo")
                 log.warning("checkpoint_sync_foreign", step=step, action="ignored (--restart)")
                 return None

@@ -65,7 +65,7 @@ def test_a_base_that_only_exists_as_its_own_code_is_refused_before_work(tmp_path
     assert not started(result) and not marker.exists()
 
 
-def test_a_link_in_the_base_directory_is_neither_copied_nor_pushed(tmp_path, tiny_model, tiny_data):
+def test_a_link_in_the_base_directory_to_a_private_file_is_refused_and_nothing_pushed(tmp_path, tiny_model, tiny_data):
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
     outside = tmp_path / "private.txt"
@@ -78,12 +78,10 @@ def test_a_link_in_the_base_directory_is_neither_copied_nor_pushed(tmp_path, tin
         env = {**ENV, "PEFTOPT_TEST_TOKEN": CANARY, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
                "PEFTOPT_HUB_BACKOFF_S": "0.01"}
         result = run_cli("run", spec, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = tmp_path / "runs" / "linked"
-    assert not (run_dir / "merged" / "tokenizer.model").exists()
-    assert [e for e in events(result.stdout) if e["event"] == "model_file_refused"]
-    assert not any(name.endswith("tokenizer.model") for files in hub.files.values() for name in files)
-    assert_no_canary(result.stdout, result.stderr, dirs=[run_dir], uploads=hub.files)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "tokenizer.model is a link to" in result.stderr.splitlines()[0] and not started(result)
+    assert not hub.files
+    assert_no_canary(result.stdout, result.stderr, dirs=[tmp_path / "runs"], uploads=hub.files)
 
 
 def ollama_values(text: str) -> list[tuple[str, str]]:
