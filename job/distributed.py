@@ -8,6 +8,7 @@ is long enough for a model download or a GGUF export, and they leave with rank 0
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,18 +62,39 @@ def init(settings=None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(me.local_rank)
     if not dist.is_initialized():
+        store = _own_store(settings) if settings.rendezvous_fd is not None else None  # else the launcher's (env://)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                device_id=torch.device("cuda", me.local_rank) if torch.cuda.is_available() else None)
+                                device_id=torch.device("cuda", me.local_rank) if torch.cuda.is_available() else None,
+                                **({"store": store, "rank": me.rank, "world_size": me.size} if store else {}))
     _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=settings.rank_wait_s))
 
 
-def send(order: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0 sends `order` to every rank; every rank returns it (the others block until it comes)."""
+def _own_store(settings):
+    """The rendezvous store of a `--nproc` launch: rank 0 serves it on the socket the launcher bound to the loopback
+    address and handed it (torch's TCPStore binds every interface unless given one), the other ranks connect."""
     import torch.distributed as dist
 
-    box = [order if world().is_main else None]
-    dist.broadcast_object_list(box, src=0, group=_control)
-    return box[0]
+    me, timeout = world(settings), timedelta(seconds=settings.rank_wait_s)
+    if settings.rendezvous_fd < 0:
+        return dist.TCPStore(settings.master_addr, settings.master_port, me.size, False, timeout)
+    return dist.TCPStore(settings.master_addr, settings.master_port, me.size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=settings.rendezvous_fd)
+
+
+def send(order: dict[str, Any] | None) -> dict[str, Any]:
+    """Rank 0 sends `order` to every rank; every rank returns it (the others block until it comes). Orders travel as
+    JSON, never as pickles: what a rank receives is data."""
+    import torch
+    import torch.distributed as dist
+
+    main = world().is_main
+    payload = json.dumps(order).encode() if main else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=_control)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if main else \
+        torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=_control)
+    return order if main else json.loads(bytes(data.tolist()).decode())
 
 
 def vote(stop: bool, tokens: float) -> tuple[bool, float]:
@@ -213,12 +235,6 @@ def visible_gpus() -> int:
     return len(_listed_gpus())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code.
 
@@ -227,11 +243,20 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     passed to every rank (each saves and exits 75) and one rank's failure stops the others, so no rank waits
     forever for a dead peer.
     """
-    env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv],
-                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0"))
-             for rank in range(nproc)]
+    # Every rank on this machine: the rendezvous, gloo's and NCCL's sockets on loopback alone (the interface names
+    # are writes for gloo and NCCL, which read them), unless the operator named an interface.
+    current = settings_module.get().child_env()
+    sockets = {name: "lo" for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if name not in current}
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=str(listening.getsockname()[1]), **sockets)
+    with listening:
+        procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv], pass_fds=(listening.fileno(),) if rank == 0
+                                  else (), env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0",
+                                                    PEFTOPT_RENDEZVOUS_FD=str(listening.fileno() if rank == 0 else -1)))
+                 for rank in range(nproc)]
     signalled = {"at": None}
 
     def forward(signum, _frame):

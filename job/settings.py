@@ -76,6 +76,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _rendezvous_fd(text: str) -> int:
+    value = int(text.strip()) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < -1:
+        raise ValueError("a file descriptor, or -1")
+    return value
+
+
 def _index(text: str) -> int:
     return _int(0)(text)
 
@@ -117,6 +124,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RANK", "rank", "0", _int(0), "set by the launcher: this process's rank"),
     Variable("WORLD_SIZE", "world_size", "1", _int(1), "set by the launcher: how many ranks"),
     Variable("LOCAL_RANK", "local_rank", "0", _int(0), "set by the launcher: the rank on this machine"),
+    Variable("MASTER_ADDR", "master_addr", None, _text, "set by the launcher: rank 0's rendezvous address"),
+    Variable("MASTER_PORT", "master_port", None, _int(1), "set by the launcher: rank 0's rendezvous port"),
+    Variable("PEFTOPT_RENDEZVOUS_FD", "rendezvous_fd", None, _rendezvous_fd,
+             "set by `--nproc`'s launcher: rank 0's listening socket on loopback (its other ranks: -1)"),
     Variable("CUDA_VISIBLE_DEVICES", "cuda_visible_devices", None, _text, "the GPUs this process may use"),
     Variable("UNSLOTH_TORCH_VARLEN", "unsloth_torch_varlen", "1", _switch,
              "0: unsloth's per-segment sdpa for packed rows instead of the varlen kernel"),
@@ -157,6 +168,9 @@ class Settings:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rendezvous_fd: int | None = None
     cuda_visible_devices: str | None = None
     unsloth_torch_varlen: bool = True
     unsloth_block_compile: bool = False
