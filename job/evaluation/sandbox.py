@@ -24,7 +24,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-ISOLATION_UNAVAILABLE = 3  # the harness's exit code when no filter could be installed
 MEMORY_BYTES = 1 << 30
 OUTPUT_BYTES = 1 << 20
 
@@ -75,12 +74,16 @@ def install_filter():
         return f"seccomp filter refused (errno {ctypes.get_errno()})"
     return None
 
+# The first line of stdout is the harness's own, written before a line of the answer runs: what isolation it has.
+# Everything after it the answer's code could have written.
 if mode == "sandboxed":
     problem = install_filter()
     if problem:
-        print(json.dumps({"isolation": "unavailable", "why": problem}))
+        print(json.dumps({"isolation": "unavailable", "why": problem[:200]}))
         sys.stdout.flush()
         os._exit(3)
+print(json.dumps({"isolation": "filtered" if mode == "sandboxed" else "limits only"}))
+sys.stdout.flush()
 ns = {"__name__": "answer"}
 result = {"function": None, "error": None}
 try:
@@ -150,17 +153,46 @@ def run_function_cases(code: str, cases: list, *, timeout_s: float, mode: str, t
             lines = out.read(OUTPUT_BYTES + 1).decode("utf-8", errors="replace").strip().splitlines()
             err.seek(0)
             stderr = err.read(4096).decode("utf-8", errors="replace").strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        result = None
-    if proc.returncode == ISOLATION_UNAVAILABLE and isinstance(result, dict) and result.get("isolation"):
-        return Outcome(None, None, False, skipped=f"no isolation available here ({result.get('why')})")
-    if not isinstance(result, dict) or proc.returncode != 0:
+    status, result = _line(lines[0] if lines else ""), _line(lines[-1] if len(lines) > 1 else "")
+    if status.get("isolation") == "unavailable":  # the harness's first line: no answer code ran
+        return Outcome(None, None, False, skipped=f"no isolation available here ({str(status.get('why'))[:200]})")
+    if status.get("isolation") not in ("filtered", "limits only") or proc.returncode != 0 or not result:
         why = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0 \
-            else (stderr[-1] if stderr else f"exit {proc.returncode}")
+            else (stderr[-1][:200] if stderr else f"exit {proc.returncode}")
         return Outcome(None, f"the code did not finish ({why})", mode == "sandboxed")
-    return Outcome(result.get("function"), result.get("error"), mode == "sandboxed")
+    # The result line is the answer's to forge (it runs in that interpreter): only a function the code really
+    # defines is taken, and the error as a short string.
+    function = result.get("function")
+    error = result.get("error")
+    return Outcome(function if function in defined_functions(code) else None,
+                   error[:300] if isinstance(error, str) else None, mode == "sandboxed")
+
+
+def _line(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def defined_functions(code: str) -> set[str]:
+    """The names `code` binds at its top level to functions it may define (`def`, or a name assigned, such as a
+    lambda), read by parsing it (nothing runs)."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

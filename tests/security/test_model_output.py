@@ -151,3 +151,27 @@ def test_inspect_shows_a_rows_terminal_escapes_as_text(tmp_path, make_spec):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout and "\u202e" not in result.stdout
     assert "\\x1b]52;c;c2VjcmV0" in result.stdout and "\\u202eevil" in result.stdout
+
+
+FORGERIES = {
+    "claims no isolation": "import json, os, sys\nsys.stdout.write(json.dumps({'isolation': 'unavailable', 'why': "
+                           "'forged'}) + '\\n')\nsys.stdout.flush()\nos._exit(3)\n",
+    "claims a megabyte function": "import json, os, sys\ndef f(s):\n    return s\nsys.stdout.write('\\n' + json.dumps("
+                                  "{'function': 'x' * 1000000, 'error': 'e' * 1000000}) + '\\n')\nsys.stdout.flush()\n"
+                                  "os._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_an_answer_cannot_forge_how_its_check_ran(forgery):
+    """An answer's code runs in the interpreter that checks it, so it can print what it likes: it could make its
+    check read 'skipped: no isolation available', or put a megabyte of its own JSON into the result's function
+    field, which flows into the report. The isolation line is the harness's own, written before the answer runs,
+    and only a function the code defines is taken."""
+    from job import settings
+    from job.evaluation import checks
+
+    result = checks.python_function(f"```python\n{FORGERIES[forgery]}```", cases=[["ab", "ba"]], timeout_s=5,
+                                    code_checks="sandboxed", tool_env=settings.get().tool_env())
+    assert result["passed"] is False and "skipped" not in result, result
+    assert len(json.dumps(result)) < 1000, len(json.dumps(result))
