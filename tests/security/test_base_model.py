@@ -1,6 +1,6 @@
 """Base models (weights, configs, tokenizers, chat templates, every file of their directory, and the code they
 name): nothing in them runs as code, follows a link out, reaches a secret, or exhausts the machine; what peftopt
-writes from them for another program is quoted for it (README, "Threat model": base models)."""
+writes from them for another program is quoted for it (docs/security.md: base models)."""
 import json
 import os
 import re

@@ -1,6 +1,6 @@
 """Checkpoints (in the run directory, or restored from the Hub through train.checkpoint_sync): everything the trainer
 will load is checked as it loads it; one that still fails is set aside and the run falls back to the one before,
-never a crash on every retry (README, "Threat model": checkpoints)."""
+never a crash on every retry (docs/security.md: checkpoints)."""
 import json
 import os
 import shutil

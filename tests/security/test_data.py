@@ -1,6 +1,6 @@
 """Data sets (local files and Hub data sets, and every row in them): read only from where the spec says, as
 regular files of bounded size, each row bounded in size and depth; a bad row is exit 3 naming it, or skipped and
-counted (README, "Threat model": data sets)."""
+counted (docs/security.md: data sets)."""
 import json
 import os
 import time

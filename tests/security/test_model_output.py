@@ -1,5 +1,5 @@
 """What models and tools write (answers, the code in them, tool output): the code runs only in the sandbox; answers
-are data wherever they are shown (report, inspect) or written (cards) (README, "Threat model": model output)."""
+are data wherever they are shown (report, inspect) or written (cards) (docs/security.md: model output)."""
 import json
 import os
 import time

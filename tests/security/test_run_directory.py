@@ -1,6 +1,6 @@
 """The run directory and the other writers of a shared volume: every path peftopt hands a library or reads back is
 a regular file or directory of its own, checked without following links, at every level; nothing is written
-outside it; push uploads only its own regular files (README, "Threat model": the volume)."""
+outside it; push uploads only its own regular files (docs/security.md: the volume)."""
 import json
 import os
 import time

@@ -1,5 +1,5 @@
 """Secrets (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, every token_env the spec names): taken only from the environment,
-masked everywhere peftopt writes, never given to a tool (README, "Threat model": secrets)."""
+masked everywhere peftopt writes, never given to a tool (docs/security.md: secrets)."""
 import shutil
 import stat
 
