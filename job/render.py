@@ -25,7 +25,7 @@ from job.errors import Interrupted
 
 WORKER = Path(__file__).resolve().parent / "render_worker.py"
 SECONDS = 5.0  # per conversation
-MEMORY = 2 << 30  # the worker's address space, its imports included (about 0.5 GiB)
+MEMORY = 2 << 30  # address space the worker may map on top of its imports' (about 0.2 GiB)
 BATCH = 256  # conversations per request
 
 

@@ -4,6 +4,7 @@ a memory limit, so that a template that loops or builds a huge string costs one 
 of the job its time or its machine. It imports nothing of peftopt (it runs as a script, with -I).
 
     python -I job/render_worker.py MEMORY_BYTES SECONDS      # JSON requests on stdin, one JSON answer line each
+                                                             # (MEMORY_BYTES on top of what its imports mapped)
 
 A request: {"template": str, "kwargs": {...}, "items": [{"messages": [...], "tools": [...]?, "add_generation_prompt":
 bool?, "spans": bool?}]}. An answer: {"results": [{"text": str, "spans": [[start, end], ...]?} | {"error": kind,
@@ -49,12 +50,25 @@ def handle(template, kwargs, item):
     return {"text": full, "spans": spans}
 
 
+def _address_space() -> int:
+    """The bytes of address space this process has mapped (0 where /proc cannot tell)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def main() -> None:
     memory, seconds = int(sys.argv[1]), float(sys.argv[2])
     from transformers.utils.chat_template_utils import render_jinja_template  # noqa: F401  (imported before the limit)
 
+    limit = _address_space() + memory  # on top of what the imports mapped, whatever this interpreter's libraries are
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (memory if hard == resource.RLIM_INFINITY else min(memory, hard), hard))
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     signal.signal(signal.SIGALRM, _expire)
     for line in sys.stdin:
         request = json.loads(line)
