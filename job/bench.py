@@ -117,7 +117,7 @@ def worker(args: dict) -> dict:
     return {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round((t1 - t0) / args["steps"], 4),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
             "mfu": round(flops / (peak * 1e12), 4) if peak else None, "achieved_tflops": round(flops / 1e12, 1),
-            "gpu": gpu, **info}
+            "gpu": gpu, "batch_workers": trainer.args.dataloader_num_workers, **info}
 
 
 def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
@@ -163,6 +163,11 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
     for label, (backend, chosen) in list(settings.items()):  # what dequantizing a 4-bit base once buys
         if chosen.dequantize_base:
             settings[f"{label}, 4-bit base kept"] = (backend, backends.load(backend).plan(spec, config, "cuda", kept))
+    in_loop = {}  # what collating batches in a worker process buys (settings.batch_workers_on)
+    if current.batch_workers_on("cuda"):
+        label = "peftopt auto: unsloth"
+        in_loop[f"{label}, batches collated in the training loop"] = settings[label]
+    settings.update(in_loop)
     if spec.train.method != "sft":  # the preference methods train on the hf backend (backends.choose)
         settings = {label: setting for label, setting in settings.items() if setting[0] == "hf"}
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
@@ -180,8 +185,9 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
         for label, (backend, chosen) in settings.items():
             args = {"spec": timed.model_dump(mode="json"), "backend": backend, "plan": asdict(chosen),
                     "steps": steps, "data": data}
+            env = current.child_env(**({"PEFTOPT_BATCH_WORKERS": "0"} if label in in_loop else {}))
             proc = subprocess.run([sys.executable, "-m", "job.bench", "--worker", json.dumps(args)],
-                                  capture_output=True, text=True, timeout=1800)
+                                  capture_output=True, text=True, timeout=1800, env=env)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
             shape = {"backend": backend, "micro_batch": chosen.micro_batch, "accumulation": chosen.accumulation,
                      "gradient_checkpointing": chosen.gradient_checkpointing, "estimated_gb": chosen.estimated_gb or None}

@@ -72,6 +72,13 @@ def _nproc(text: str) -> str:
     return value
 
 
+def _workers(text: str) -> str:
+    value = text.strip().lower()
+    if value != "auto" and not value.isdigit():
+        raise ValueError("a number >= 0 or 'auto'")
+    return value
+
+
 def _text(text: str) -> str:
     return text
 
@@ -106,6 +113,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_LIGER", "liger", "1", _switch, "0 keeps Liger's kernels off in the hf backend"),
     Variable("PEFTOPT_DEQUANTIZE_BASE", "dequantize_base", "1", _switch,
              "0 keeps a 4-bit base in 4-bit while training even where the planner has memory to dequantize it once"),
+    Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
+             "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
+             "training process)"),
     Variable("PEFTOPT_RANK_WAIT_S", "rank_wait_s", "21600", _float(1),
              "how long a waiting rank trusts rank 0 to send its next order"),
     Variable("PEFTOPT_HUB_RETRIES", "hub_retries", "5", _int(1), "tries of each Hub call"),
@@ -155,6 +165,7 @@ class Settings:
     nproc: str = "1"
     liger: bool = True
     dequantize_base: bool = True
+    batch_workers: str = "auto"
     rank_wait_s: float = 21600.0
     hub_retries: int = 5
     hub_backoff_s: float = 2.0
@@ -213,6 +224,13 @@ class Settings:
 
     def home_cache(self) -> Path:
         return Path(self.hf_home) if self.hf_home else Path.home() / ".cache" / "huggingface"
+
+    def batch_workers_on(self, device: str) -> int:
+        """Processes collating training batches ahead of the step: on CUDA one keeps the next batch ready while
+        the GPU works (collating in the loop left the GPU idle for it at every step); on CPU the cores train."""
+        if self.batch_workers == "auto":
+            return 1 if device == "cuda" else 0
+        return int(self.batch_workers)
 
     def described(self) -> dict[str, Any]:
         """What `job_started` logs: every variable that is set, secrets as 'set'."""

@@ -139,7 +139,7 @@ case "$mode" in
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; TIMEFORMAT="import_library (restricted), cold compile cache: %R s"
     { time python3 -c "from job.backends import unsloth; unsloth.import_library()" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
     cat "$out/import-times.txt"; tar czf "$OUT/o.tgz" -C "$out" .
-    bench_table bench-unsloth --steps 10 --backend unsloth
+    bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
   speed-profile)
     { lscpu; nvidia-smi; free -g; df -h /tmp; } > "$out/machine.txt" 2>&1

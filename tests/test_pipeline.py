@@ -158,6 +158,21 @@ def test_training_lowers_the_loss_on_a_repeated_batch(tmp_path, make_spec):
     assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]
 
 
+def test_batches_collated_in_a_worker_process_train_and_count_as_in_the_loop(tmp_path, make_spec):
+    """PEFTOPT_BATCH_WORKERS (1 on CUDA): the same losses, and the same tokens counted, with the batches made in
+    a worker process as in the training loop, and nothing of the count reaches the model."""
+    figures = {}
+    for workers in ("0", "1"):
+        spec = make_spec(f"workers{workers}", train={"max_steps": 4, "save_steps": 4, "packing": True})
+        result = run_cli("run", str(spec), "--stages", "prepare,train", env={"PEFTOPT_BATCH_WORKERS": workers})
+        assert result.returncode == 0, result.stderr[-3000:]
+        train = json.loads((tmp_path / "runs" / f"workers{workers}" / "metrics.json").read_text())["train"]
+        assert train["batch_workers"] == int(workers)
+        figures[workers] = ([round(p["loss"], 5) for p in train["loss_curve"]], train["session_tokens"])
+    assert figures["0"][1] > 0
+    assert figures["1"] == figures["0"]
+
+
 def test_changed_spec_is_refused_unless_restart(tmp_path, make_spec):
     spec = make_spec("change", train={"max_steps": 4})
     assert run_cli("run", str(spec)).returncode == 0

@@ -11,9 +11,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any
 
 from job import distributed, interrupt, modelsrc, tracking
+from job import settings as settings_module
 from job.backends.plan import Plan
 from job.checkpoints import (AsyncCheckpointWriter, Expected, adapter_shapes, checkpoint_step, complete_steps,
                              newest_complete_checkpoint, set_aside)
@@ -74,8 +76,10 @@ def choose_optimizer(requested: str, device: str) -> str:
 
 
 def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
-                   trainer_checkpointing: bool = True, tracking: dict | None = None, **extra):
-    """The trl config of the spec's method (job/backends/methods.py), from the spec and the batch plan."""
+                   trainer_checkpointing: bool = True, tracking: dict | None = None, batch_workers: int = 0,
+                   **extra):
+    """The trl config of the spec's method (job/backends/methods.py), from the spec and the batch plan.
+    `batch_workers` processes collate batches ahead of the step (settings.batch_workers_on)."""
     import torch
 
     from job.backends import methods
@@ -92,7 +96,11 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         save_steps=train.save_steps, save_total_limit=train.save_total_limit,
         max_length=spec.model.max_seq_length, use_cpu=device == "cpu", **(tracking or {"report_to": "none"}),
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
-        dataloader_num_workers=0, disable_tqdm=json_stdout(),
+        dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
+        dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=json_stdout(),
+        # The filter swaps a NaN or infinite loss for the mean of earlier ones in the log, hiding a diverged run,
+        # and reads the loss back from the GPU after every micro-batch to do it, which stalls the queue.
+        logging_nan_inf_filter=False,
         # unsloth checkpoints (and offloads) inside its own layers; the Trainer's must stay off there
         gradient_checkpointing=plan.gradient_checkpointing == "on" and trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -175,22 +183,46 @@ def _callbacks():
     return Progress, StopOnSignal
 
 
+TOKENS_KEY = "peftopt_tokens"
+
+
 def count_tokens(trainer, progress) -> None:
     """Counts the tokens of every batch the trainer draws (real tokens: padding excluded; both sequences of a
     preference pair). Neither trl's `num_tokens` (reset on resume) nor unsloth (which does not log it) can be
-    relied on for this."""
+    relied on for this. The collator counts on the CPU, where the batch is made (in a batch worker when there
+    is one: counting it on the GPU would wait for the GPU), and the count travels in the batch, as a plain
+    number, to the training loop, which takes it out before the model sees the batch."""
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
         masks = [v for k, v in batch.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
         if masks:
-            progress.tokens += float(sum(m.sum() for m in masks))
+            batch[TOKENS_KEY] = int(sum(int(m.sum()) for m in masks))
         else:
-            progress.tokens += float(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids")))
+            batch[TOKENS_KEY] = int(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids")))
         return batch
 
+    class Counted:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = next(self.batches)
+            if isinstance(batch, MutableMapping):
+                progress.tokens += batch.pop(TOKENS_KEY, 0)
+            return batch
+
+    draw = trainer.get_batch_samples
+
+    def get_batch_samples(epoch_iterator, num_batches, device):
+        return draw(Counted(epoch_iterator), num_batches, device)
+
     trainer.data_collator = counting
+    trainer.get_batch_samples = get_batch_samples
 
 
 def separate_embedding_learning_rate(trainer, learning_rate: float) -> None:
@@ -260,8 +292,9 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     tracked = run_dir is not None and tracking.trackers(spec)
     if tracked:
         callbacks.append(tracking.spec_callback(spec, run_dir))
+    workers = (settings or settings_module.get()).batch_workers_on(device)
     config = trainer_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
-                            trainer_checkpointing=trainer_checkpointing,
+                            trainer_checkpointing=trainer_checkpointing, batch_workers=workers,
                             tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
@@ -295,11 +328,13 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: 
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
+             batch_workers=trainer.args.dataloader_num_workers,
              trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), **info)
     figures = run_trainer(trainer, spec, run_dir, tokenizer, session, fingerprint, restart)
     figures.update(backend=backend.NAME, device=device, micro_batch=chosen.micro_batch,
                    accumulation=chosen.accumulation, gradient_checkpointing=chosen.gradient_checkpointing,
-                   plan_estimated_gb=chosen.estimated_gb or None, plan_budget_gb=chosen.budget_gb or None, **info)
+                   batch_workers=trainer.args.dataloader_num_workers, plan_estimated_gb=chosen.estimated_gb or None,
+                   plan_budget_gb=chosen.budget_gb or None, **info)
     if device == "cuda":
         peak = torch.cuda.max_memory_reserved()
         figures.update(peak_gpu_gb=round(peak / 1024**3, 3), lora_gpu_gb=round((peak - loaded_reserved) / 1024**3, 3))
