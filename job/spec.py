@@ -334,11 +334,33 @@ class TrainSpec(Section):
         return self.beta if self.beta is not None else DEFAULT_BETA[self.method]
 
 
+class FromDataSpec(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096, populate_by_name=True)
+    rows: int | None = Field(None, ge=1, le=10_000, description="Hold this many training rows out as questions.")
+    fraction: float | None = Field(None, gt=0, lt=1, description="Or this share of the training rows.")
+    seed: int = Field(0, ge=0, description="Which rows are held out.")
+    assert_: list[dict[str, Any]] = Field(
+        [{"type": "chrf", "threshold": 60}], alias="assert", min_length=1,
+        description="The checks of every held-out row, against its own last assistant reply (the reference) "
+        "unless a check gives a value; default: chrF >= 60.")
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.rows is None) == (self.fraction is None):
+            raise ValueError("give either rows (a count) or fraction (a share of the training rows)")
+        return self
+
+
 class EvaluateSpec(Section):
-    prompts: str | list[str] = Field(
-        "prompts/seed10.json",
-        description="A prompt suite file (relative to the jobspec) or a list of prompts.",
+    prompts: str | list[str | dict[str, Any]] | None = Field(
+        None,
+        description="The questions: a suite file (JSON or JSONL, relative to the jobspec) or a list of prompts or "
+        'suite items ({"id"?, "prompt" | "messages", "assert"?: [{"type", "value"?, ...}], "reference"?}); '
+        "`peftopt checks` lists the check types.",
     )
+    from_data: FromDataSpec | None = Field(
+        None, description="A suite made from the training data: rows held out of training (seeded), each asked "
+        "up to its last assistant reply and checked against it.")
     num_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts.")
     max_new_tokens: int = Field(256, ge=1, le=32768)
     targets: list[Literal["base", "adapter", "merged", "gguf"]] = Field(["adapter"], min_length=1)
@@ -354,6 +376,12 @@ class EvaluateSpec(Section):
     temperature: float = Field(0.7, gt=0, le=5)
     top_p: float = Field(0.9, gt=0, le=1)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_prompts(self):
+        if isinstance(self.prompts, list) and not self.prompts:
+            raise ValueError("prompts: the list is empty")
+        return self
 
 
 class ExportSpec(Section):
@@ -439,6 +467,13 @@ class JobSpec(Section):
             problems.append("evaluate.targets: 'merged' needs export.merge = true")
         if "gguf" in targets and not (self.export and self.export.gguf):
             problems.append("evaluate.targets: 'gguf' needs export.gguf")
+        if self.evaluate and self.evaluate.prompts is None and self.evaluate.from_data is None:
+            problems.append("evaluate: name the questions: prompts (a list, or a suite file such as "
+                            "prompts/seed10.json) or from_data (rows held out of the training data)")
+        if self.evaluate and self.evaluate.from_data is not None and not (
+                self.train and self.data and not self.train.preference()):
+            problems.append("evaluate.from_data: holds rows out of supervised training data; needs the data and "
+                            "train sections with train.method 'sft'")
         if self.push:
             if (self.push.adapter_repo or self.push.merged_repo) and not self.train:
                 problems.append("push: an adapter or merged repo needs a train section")

@@ -66,7 +66,7 @@ def test_max_ingredients():
 
 
 def test_summary_counts_leaks_and_pass_rate():
-    answers = [{"answer": a, "checks": checks.run_all(a, {}, prompt="p", stop_reason="end_of_turn")}
+    answers = [{"answer": a, **checks.run_all(a, {}, prompt="p", stop_reason="end_of_turn")}
                for a in ("Fine.", NOTEBOOK_LEAK)]
     summary = checks.summarize(answers)
     assert summary["leaking_answers"] == 1 and summary["checks"]["leakage"] == 0.5
@@ -75,3 +75,98 @@ def test_summary_counts_leaks_and_pass_rate():
 def test_max_ingredients_without_a_heading_takes_the_first_list():
     assert checks.max_ingredients("1. Olive oil\n2. Garlic\n3. Pasta\n\nBoil and mix.", limit=5)["count"] == 3
     assert not checks.max_ingredients("- a\n- b\n- c\n- d\n- e\n- f", limit=5)["passed"]
+
+
+# ------------------------------------------------------------------------------------------- declared checks
+import pytest  # noqa: E402
+
+SCHEMA = {"type": "object", "required": ["minutes"], "properties": {"minutes": {"type": "integer"}}}
+# (check, answer it passes, answer it fails, what the failure's reason names)
+CATALOG = [
+    ({"type": "equals", "value": "180 minutes"}, " 180 minutes\n", "300 minutes", "expected '180 minutes'"),
+    ({"type": "contains", "value": "180"}, "It is 180 minutes.", "It is 300 minutes.", "'180'"),
+    ({"type": "icontains", "value": "MINUTES"}, "180 minutes", "3 hours", "any case"),
+    ({"type": "contains-any", "value": ["180", "one hundred eighty"]}, "one hundred eighty", "300", "one of"),
+    ({"type": "contains-all", "value": ["180", "minutes"]}, "180 minutes", "180 mins", 'missing ["minutes"]'),
+    ({"type": "not-contains", "value": "300"}, "180 minutes", "300 minutes", "expected no match"),
+    ({"type": "starts-with", "value": "180"}, "180 minutes", "It is 180", "start with '180'"),
+    ({"type": "regex", "value": r"^\d+ minutes$"}, "180 minutes", "180 minutes!", "no match for"),
+    ({"type": "is-json"}, '```json\n{"minutes": 180}\n```', "minutes: 180", "expected JSON"),
+    ({"type": "is-json", "value": SCHEMA}, '{"minutes": 180}', '{"minutes": "180"}', "at 'minutes'"),
+    ({"type": "number", "value": 180}, "3 hours is 180 minutes.", "3 hours is 300 minutes.", "expected 180, found 300"),
+    ({"type": "number", "value": 1000, "tolerance": "1%"}, "about 1,005 grams", "about 1,020 grams", "± 10"),
+    ({"type": "number", "value": 0.5, "tolerance": 0.01}, "0.505", "0.52", "expected 0.5 ± 0.01"),
+    ({"type": "chrf", "value": "Kaffet är för varmt.", "threshold": 60}, "Kaffet är för varmt.", "Teet är kallt.",
+     "chrF"),
+    ({"type": "levenshtein", "value": "180 minutes", "threshold": 2}, "180 minute", "three hours", "edit distance"),
+]
+
+
+@pytest.mark.parametrize("declared,good,bad,reason", CATALOG, ids=[c[0]["type"] for c in CATALOG])
+def test_every_check_type_passes_and_fails_on_known_answers_with_a_one_line_reason(declared, good, bad, reason):
+    assert checks.assertion_problem(declared, None) is None
+    assert checks.run_assertion(declared, good)["passed"] is True
+    failed = checks.run_assertion(declared, bad)
+    assert failed["passed"] is False and reason in failed["reason"] and "\n" not in failed["reason"]
+
+
+def test_a_check_without_a_value_takes_the_items_reference():
+    item = {"reference": "180 minutes", "assert": [{"type": "equals"}, {"type": "chrf"}]}
+    assert checks.run_all("180 minutes", item, stop_reason="end_of_turn")["passed"] is True
+    assert checks.run_all("300 minutes", item, stop_reason="end_of_turn")["passed"] is False
+
+
+def test_the_python_check_runs_the_answers_function_in_the_sandbox():
+    declared = {"type": "python", "value": [["ab", "ba"], ["", ""]]}
+    good = "```python\ndef rev(s):\n    return s[::-1]\n```"
+    bad = "```python\ndef rev(s):\n    return s\n```"
+    result = checks.run_assertion(declared, good)
+    if result["passed"] is None:
+        pytest.skip(result.get("skipped"))
+    assert result["passed"] is True and checks.run_assertion(declared, bad)["passed"] is False
+
+
+@pytest.mark.parametrize("declared,problem", [
+    ({"type": "same-as", "value": "x"}, "unknown type 'same-as'"),
+    ({"type": "contains"}, "needs a 'value'"),
+    ({"type": "contains", "value": "x", "treshold": 1}, "unknown option(s) treshold"),
+    ({"type": "contains-any", "value": "x"}, "non-empty list of strings"),
+    ({"type": "number", "value": "many"}, "no number in the value"),
+    ({"type": "is-json", "value": {"type": 12}}, "SchemaError"),
+    ({"type": "python", "value": "print(1)"}, "[input, expected] cases"),
+    ("contains", 'a check is {"type"'),
+])
+def test_a_malformed_check_is_named_before_any_work(declared, problem):
+    assert problem in checks.assertion_problem(declared, None)
+
+
+def run(answer: str, item: dict, stop_reason: str = "end_of_turn") -> dict:
+    return {"id": item["id"], "answer": answer, **checks.run_all(answer, item, prompt="q", stop_reason=stop_reason)}
+
+
+def test_zero_right_of_three_is_zero_of_three_whatever_the_sanity_checks_say():
+    items = [{"id": f"q{i}", "reference": f"{60 * i} minutes", "assert": [{"type": "number"}]} for i in (1, 2, 3)]
+    summary = checks.summarize([run("300 minutes", item) for item in items])
+    assert (summary["checked"], summary["passed"], summary["pass_rate"]) == (3, 0, 0.0)
+    assert summary["sanity"] == {"leakage": 0, "degenerate": 0}
+    assert summary["pass_rate_interval"][0] == 0.0 and 0.4 < summary["pass_rate_interval"][1] < 0.6
+    right = checks.summarize([run(f"{60 * i} minutes", item) for i, item in zip((1, 2, 3), items)])
+    assert (right["passed"], right["pass_rate"]) == (3, 1.0)
+
+
+def test_a_sanity_check_fails_a_prompt_only_when_it_fires():
+    item = {"id": "q", "assert": [{"type": "contains", "value": "180"}]}
+    cut_off = run("180 minutes and then 180 minutes", item, stop_reason="length")
+    assert cut_off["passed"] is False and any("degenerate: truncated" in f for f in cut_off["failed"])
+    unchecked = checks.summarize([run("Hello.", {"id": "u"}), run("180", item)])
+    assert (unchecked["prompts"], unchecked["checked"], unchecked["passed"]) == (2, 1, 1)
+
+
+def test_paired_comparison_counts_fixed_and_broken_with_an_exact_mcnemar_test():
+    items = [{"id": f"q{i}", "assert": [{"type": "contains", "value": "yes"}]} for i in range(12)]
+    base = [run("yes" if i < 2 else "no", item) for i, item in enumerate(items)]
+    adapter = [run("no" if i == 0 else "yes", item) for i, item in enumerate(items)]
+    result = checks.paired(base, adapter)
+    assert (result["fixed"], result["broken"], result["both_passed"], result["both_failed"]) == (10, 1, 1, 0)
+    assert result["p_value"] == round(2 * (1 + 11) / 2 ** 11, 6)  # P(X <= 1), X ~ Bin(11, 1/2), two-sided
+    assert checks.paired(base, base)["p_value"] == 1.0

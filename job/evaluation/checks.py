@@ -1,12 +1,18 @@
-"""Automatic checks on an answer. Each check is a small function `(answer, **params) -> dict` with at
-least `passed: bool`; a prompt's `checks` object in its suite names which apply and with what params.
-`leakage` and `degenerate` apply to every answer.
+"""Automatic checks on an answer.
 
-    python -m job.evaluation.checks   # prints the registered checks
+Declared checks (`ASSERTIONS`) use promptfoo's assertion names: a suite item's `"assert": [{"type": ...,
+"value": ...}, ...]`, each a function `(answer, value, item, **options) -> dict` with `passed` and, on a failure,
+a one-line `reason` (what was expected, what was found). Any string type takes a `not-` prefix. Where `value`
+is left out, the item's `reference` answer is used. The seed's named checks (`CHECKS`: a prompt's `checks`
+object) stay; `leakage` and `degenerate` (`ALWAYS`) look at every answer and fail a prompt only when they fire.
+
+    python -m job.evaluation.checks   # prints the catalog
 """
 from __future__ import annotations
 
 import inspect
+import json
+import math
 import re
 from typing import Any, Callable
 
@@ -118,6 +124,213 @@ def max_ingredients(answer: str, limit: int = 5, **_) -> dict:
     return {"passed": 0 < count <= limit, "count": count, "limit": limit}
 
 
+# ------------------------------------------------------------------ declared checks (promptfoo's names)
+
+
+def _shown(text: Any, limit: int = 60) -> str:
+    if not isinstance(text, str):
+        shown = json.dumps(text, ensure_ascii=False)
+        return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _result(passed: bool, reason: str, **figures) -> dict:
+    return {"passed": passed, **figures, **({} if passed else {"reason": reason})}
+
+
+def _text_value(value: Any, kind: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{kind}: 'value' is a string")
+    return value
+
+
+def _texts_value(value: Any, kind: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{kind}: 'value' is a non-empty list of strings")
+    return value
+
+
+def assert_equals(answer: str, value: Any, **_) -> dict:
+    """the answer (trimmed) is exactly `value`"""
+    want = _text_value(value, "equals").strip()
+    return _result(answer.strip() == want, f"expected {_shown(want)}, found {_shown(answer.strip())}")
+
+
+def assert_contains(answer: str, value: Any, **_) -> dict:
+    """`value` appears in the answer"""
+    want = _text_value(value, "contains")
+    return _result(want in answer, f"expected {_shown(want)} in the answer, found {_shown(answer)}")
+
+
+def assert_icontains(answer: str, value: Any, **_) -> dict:
+    """`value` appears in the answer, ignoring case"""
+    want = _text_value(value, "icontains")
+    return _result(want.lower() in answer.lower(), f"expected {_shown(want)} (any case), found {_shown(answer)}")
+
+
+def assert_contains_any(answer: str, value: Any, **_) -> dict:
+    """at least one of the strings in `value` appears in the answer"""
+    wants = _texts_value(value, "contains-any")
+    return _result(any(w in answer for w in wants), f"expected one of {_shown(wants)}, found {_shown(answer)}")
+
+
+def assert_contains_all(answer: str, value: Any, **_) -> dict:
+    """every string in `value` appears in the answer"""
+    missing = [w for w in _texts_value(value, "contains-all") if w not in answer]
+    return _result(not missing, f"missing {_shown(missing)} in {_shown(answer)}")
+
+
+def assert_starts_with(answer: str, value: Any, **_) -> dict:
+    """the answer (trimmed) starts with `value`"""
+    want = _text_value(value, "starts-with")
+    return _result(answer.strip().startswith(want), f"expected it to start with {_shown(want)}, found {_shown(answer)}")
+
+
+def assert_regex(answer: str, value: Any, **_) -> dict:
+    """the regular expression `value` matches somewhere in the answer"""
+    pattern = _text_value(value, "regex")
+    return _result(re.search(pattern, answer) is not None, f"no match for /{pattern}/ in {_shown(answer)}")
+
+
+def _json_text(answer: str) -> str:
+    fenced = re.fullmatch(r"\s*```(?:json)?\s*\n(.*?)```\s*", answer, re.S)
+    return fenced.group(1) if fenced else answer
+
+
+def assert_is_json(answer: str, value: Any = None, **_) -> dict:
+    """the answer (or its one ```json block) parses as JSON; `value`, when given, is a JSON Schema it must meet"""
+    if value is not None:
+        import jsonschema
+
+        jsonschema.Draft202012Validator.check_schema(value)
+    try:
+        parsed = json.loads(_json_text(answer))
+    except ValueError as exc:
+        return _result(False, f"expected JSON, found {_shown(answer)} ({str(exc).split(':')[0]})")
+    if value is None:
+        return _result(True, "")
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(value).iter_errors(parsed))
+    where = "/".join(str(p) for p in error.absolute_path) if error else ""
+    return _result(error is None, f"JSON does not meet the schema at '{where or '/'}': {error.message if error else ''}"[:300])
+
+
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def assert_number(answer: str, value: Any, tolerance: float | str = 0, **_) -> dict:
+    """the answer's last number equals `value` (or the last number of a text, such as the reference) within
+    `tolerance` (absolute, or relative as "1%")"""
+    if isinstance(value, str):  # a reference answer: its last number
+        numbers = NUMBER.findall(value)
+        if not numbers:
+            raise ValueError(f"number: no number in the value {_shown(value)}")
+        value = float(numbers[-1].replace(",", ""))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError("number: 'value' is a number (or a text with one)")
+    found = NUMBER.findall(answer)
+    if not found:
+        return _result(False, f"expected {value:g}, found no number in {_shown(answer)}")
+    got = float(found[-1].replace(",", ""))
+    if isinstance(tolerance, str) and tolerance.strip().endswith("%"):
+        allowed = abs(value) * float(tolerance.strip()[:-1]) / 100
+    else:
+        allowed = float(tolerance)
+    within = f" ± {allowed:g}" if allowed else ""
+    return _result(abs(got - value) <= allowed, f"expected {value:g}{within}, found {got:g}", number=got)
+
+
+def assert_chrf(answer: str, value: Any, threshold: float = 60.0, **_) -> dict:
+    """chrF (0-100) of the answer against `value` is at least `threshold` (default 60)"""
+    from sacrebleu.metrics import CHRF
+
+    reference = _text_value(value, "chrf")
+    score = CHRF().sentence_score(answer.strip(), [reference]).score
+    return _result(score >= threshold, f"chrF {score:.1f} < {threshold:g} against {_shown(reference)}, found "
+                   f"{_shown(answer)}", score=round(score, 2))
+
+
+def levenshtein_distance(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def assert_levenshtein(answer: str, value: Any, threshold: int = 5, **_) -> dict:
+    """the edit distance from the answer (trimmed) to `value` is at most `threshold` (default 5)"""
+    want = _text_value(value, "levenshtein")
+    distance = levenshtein_distance(answer.strip()[: 4 * len(want) + 64], want)
+    return _result(distance <= threshold, f"edit distance {distance} > {threshold} from {_shown(want)}, found "
+                   f"{_shown(answer)}", distance=distance)
+
+
+def assert_python(answer: str, value: Any, timeout_s: float = 5.0, code_checks: str = "sandboxed", **_) -> dict:
+    """a function in the answer's Python code maps each input of `value` ([[input, expected], ...]) to its
+    expected output, run in the sandbox"""
+    if not isinstance(value, list) or not all(isinstance(c, list) and len(c) == 2 for c in value):
+        raise ValueError("python: 'value' is a list of [input, expected] cases")
+    return python_function(answer, value, timeout_s=timeout_s, code_checks=code_checks)
+
+
+ASSERTIONS: dict[str, Callable[..., dict]] = {
+    "equals": assert_equals, "contains": assert_contains, "icontains": assert_icontains,
+    "contains-any": assert_contains_any, "contains-all": assert_contains_all, "starts-with": assert_starts_with,
+    "regex": assert_regex, "is-json": assert_is_json, "number": assert_number, "chrf": assert_chrf,
+    "levenshtein": assert_levenshtein, "python": assert_python,
+}
+NEGATABLE = ("equals", "contains", "icontains", "contains-any", "contains-all", "starts-with", "regex", "is-json")
+VALUE_OPTIONAL = ("is-json",)  # every other type takes `value`, or the item's `reference`
+
+
+def assertion_problem(declared: Any, reference: str | None) -> str | None:
+    """Why `declared` is not a check this catalog can run (its type, value or options), or None."""
+    if not isinstance(declared, dict) or not isinstance(declared.get("type"), str):
+        return 'a check is {"type": ..., "value": ...} (see `peftopt checks`)'
+    kind = declared["type"]
+    base = kind[4:] if kind.startswith("not-") and kind[4:] in NEGATABLE else kind
+    if base not in ASSERTIONS:
+        return f"unknown type {kind!r} (known: {', '.join(ASSERTIONS)}; not-<type> for {', '.join(NEGATABLE)})"
+    signature = inspect.signature(ASSERTIONS[base])
+    options = [k for k in signature.parameters if k not in ("answer", "value", "code_checks", "_")]
+    unknown = [k for k in declared if k not in ("type", "value", *options)]
+    if unknown:
+        return f"{kind}: unknown option(s) {', '.join(unknown)} (takes: value{', ' if options else ''}{', '.join(options)})"
+    if "value" not in declared and reference is None and base not in VALUE_OPTIONAL:
+        return f"{kind}: needs a 'value' (or the item's 'reference')"
+    try:  # the value's shape, tried on an empty answer
+        run_assertion({**declared, "value": declared.get("value", reference)}, "", code_checks="off")
+    except (ValueError, TypeError, re.error) as exc:
+        return str(exc)
+    except Exception as exc:  # a schema that is not one (jsonschema's SchemaError) and the like
+        return f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+def run_assertion(declared: dict, answer: str, *, reference: str | None = None,
+                  code_checks: str = "sandboxed") -> dict:
+    kind = declared["type"]
+    negated = kind.startswith("not-") and kind[4:] in NEGATABLE
+    base = kind[4:] if negated else kind
+    options = {k: v for k, v in declared.items() if k not in ("type", "value")}
+    value = declared.get("value", reference)
+    extra = {"code_checks": code_checks} if base == "python" else {}
+    result = ASSERTIONS[base](answer, value, **options, **extra)
+    if negated and result["passed"] is not None:
+        passed = not result["passed"]
+        result = {k: v for k, v in result.items() if k != "reason"}
+        result.update(passed=passed, **({} if passed else {"reason": f"expected no match for {kind[4:]} "
+                                                                    f"{_shown(value)}, found {_shown(answer)}"}))
+    return {"type": kind, **result}
+
+
 CHECKS: dict[str, Callable[..., dict]] = {
     "leakage": leakage, "degenerate": degenerate, "chrf": chrf, "python_function": python_function,
     "list_items": list_items, "max_ingredients": max_ingredients,
@@ -144,38 +357,106 @@ def settings_problem(name: str, settings: Any) -> str | None:
     return None
 
 
-def run_all(answer: str, configured: dict[str, dict], *, prompt: str = "", stop_reason: str | None = None,
+def run_all(answer: str, item: dict, *, prompt: str = "", stop_reason: str | None = None,
             code_checks: str = "sandboxed") -> dict:
-    results = {name: CHECKS[name](answer, prompt=prompt, stop_reason=stop_reason) for name in ALWAYS}
-    for name, params in configured.items():
+    """Every check of a suite item on one answer: {"checks": {name: result} (the sanity checks and the seed's
+    named checks), "assert": [result, ...] (the declared checks), "passed": True/False, or None when the item
+    declares no check, "failed": [one-line reasons]}. A prompt passes when every declared check passes (a check
+    that could not run here is left out) and neither sanity check fires."""
+    named = {name: CHECKS[name](answer, prompt=prompt, stop_reason=stop_reason) for name in ALWAYS}
+    for name, params in (item.get("checks") or {}).items():
         if name not in CHECKS:
-            results[name] = {"passed": False, "reason": f"unknown check {name!r}"}
+            named[name] = {"passed": False, "reason": f"unknown check {name!r}"}
             continue
         extra = {"code_checks": code_checks} if name in CODE_CHECKS else {}
-        results[name] = CHECKS[name](answer, **(params or {}), **extra)
-    return results
+        named[name] = CHECKS[name](answer, **(params or {}), **extra)
+    declared = [run_assertion(d, answer, reference=item.get("reference"), code_checks=code_checks)
+                for d in item.get("assert") or []]
+    results = [r for n, r in named.items() if n not in ALWAYS] + declared
+    ran = [r for r in results if r.get("passed") is not None]
+    failed = [f"{r.get('type', n)}: {r.get('reason') or 'failed'}" for n, r in
+              [(n, r) for n, r in named.items() if n not in ALWAYS] + [(r["type"], r) for r in declared]
+              if r.get("passed") is False]
+    fired = [f"{name}: {', '.join(named[name].get('found') or named[name].get('problems') or [])}"
+             for name in ALWAYS if not named[name]["passed"]]
+    passed = None if not ran else not failed and not fired
+    return {"checks": named, "assert": declared, "passed": passed, "failed": failed + (fired if ran else [])}
+
+
+def wilson_interval(passed: int, total: int, z: float = 1.96) -> list[float] | None:
+    """The 95% Wilson score interval of a pass rate (sound at 0/n and n/n, where the normal one is not)."""
+    if not total:
+        return None
+    p = passed / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def mcnemar_exact(fixed: int, broken: int) -> float:
+    """Two-sided exact McNemar p-value: under no difference, a prompt that changed is fixed or broken with even
+    odds, so min(fixed, broken) is binomial(fixed + broken, 1/2)."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n
+    return round(min(1.0, 2 * tail), 6)
+
+
+def paired(base: list[dict], other: list[dict]) -> dict:
+    """Base against another target on the prompts both checked: fixed (base failed, the other passed), broken
+    (the reverse), and whether the difference is more than chance (exact McNemar test)."""
+    verdicts = {a["id"]: a.get("passed") for a in base}
+    pairs = [(verdicts[a["id"]], a.get("passed")) for a in other
+             if verdicts.get(a["id"]) is not None and a.get("passed") is not None]
+    fixed = sum(1 for b, o in pairs if not b and o)
+    broken = sum(1 for b, o in pairs if b and not o)
+    return {"prompts": len(pairs), "fixed": fixed, "broken": broken,
+            "both_passed": sum(1 for b, o in pairs if b and o), "both_failed": sum(1 for b, o in pairs if not b and not o),
+            "p_value": mcnemar_exact(fixed, broken), "test": "exact McNemar (two-sided)"}
 
 
 def summarize(answers: list[dict]) -> dict:
+    """A target's figures: prompts passed of the prompts with declared checks (and its 95% interval), how often
+    each sanity check fired, and each check's own pass rate."""
     per_check: dict[str, list[bool]] = {}
     skipped: dict[str, str] = {}
     for answer in answers:
-        for name, result in answer.get("checks", {}).items():
+        results = list(answer.get("checks", {}).items()) + [(r["type"], r) for r in answer.get("assert", [])]
+        for name, result in results:
             if result.get("passed") is None:  # not run (no isolation, or code checks off): not a failure
                 skipped[name] = result.get("skipped", "not run")
                 continue
             per_check.setdefault(name, []).append(bool(result["passed"]))
-    scores = {name: round(sum(v) / len(v), 4) for name, v in per_check.items()}
-    all_results = [ok for v in per_check.values() for ok in v]
+    checked = [a for a in answers if a.get("passed") is not None]
+    passed = sum(1 for a in checked if a["passed"])
     chrf_scores = [a["checks"]["chrf"]["score"] for a in answers if "chrf" in a.get("checks", {})]
     return {
-        "prompts": len(answers), "pass_rate": round(sum(all_results) / len(all_results), 4) if all_results else None,
-        "checks": scores, "leaking_answers": sum(not a["checks"]["leakage"]["passed"] for a in answers if "checks" in a),
+        "prompts": len(answers), "checked": len(checked), "passed": passed,
+        "pass_rate": round(passed / len(checked), 4) if checked else None,
+        "pass_rate_interval": wilson_interval(passed, len(checked)),
+        "sanity": {name: sum(1 for a in answers if not a.get("checks", {}).get(name, {"passed": True})["passed"])
+                   for name in ALWAYS},
+        "checks": {name: round(sum(v) / len(v), 4) for name, v in per_check.items()},
+        "leaking_answers": sum(not a["checks"]["leakage"]["passed"] for a in answers if "checks" in a),
         "chrf": chrf_scores[0] if len(chrf_scores) == 1 else chrf_scores or None,
         **({"skipped_checks": skipped} if skipped else {}),
     }
 
 
+def catalog() -> str:
+    lines = ["Declared checks (a suite item's \"assert\": [{\"type\": ..., \"value\": ...}]; value defaults to "
+             "the item's reference):"]
+    for name, fn in ASSERTIONS.items():
+        options = [k for k in inspect.signature(fn).parameters if k not in ("answer", "value", "code_checks", "_")]
+        extra = f" (options: {', '.join(options)})" if options else ""
+        lines.append(f"  {name}: {' '.join(fn.__doc__.split())}{extra}")
+    lines.append(f"  not-<type>: the opposite, for {', '.join(NEGATABLE)}")
+    lines.append("Named checks (a prompt's \"checks\": {name: settings}):")
+    for name, fn in CHECKS.items():
+        lines.append(f"  {name}: {fn.__doc__.strip().splitlines()[0]}{' (every answer)' if name in ALWAYS else ''}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for check_name, fn in CHECKS.items():
-        print(f"{check_name}: {fn.__doc__.strip().splitlines()[0]}")
+    print(catalog())

@@ -15,9 +15,18 @@ from job import llamacpp, templates
 from job.spec import EvaluateSpec
 
 
-def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}]
+def messages_for(prompt: str | list[dict], system_prompt: str | None) -> list[dict]:
+    """A prompt (or a suite item's conversation) as the messages the template renders, with the spec's system
+    prompt first unless the conversation has its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def asked(items: list[dict]) -> list[str | list[dict]]:
+    """What each suite item asks: its conversation, or its prompt as one user message."""
+    return [item.get("messages") or item["prompt"] for item in items]
 
 
 def render(tokenizer, prompt: str, evaluate: EvaluateSpec) -> str:
@@ -25,7 +34,7 @@ def render(tokenizer, prompt: str, evaluate: EvaluateSpec) -> str:
     return render_all(tokenizer, [prompt], evaluate)[0]
 
 
-def render_all(tokenizer, prompts: list[str], evaluate: EvaluateSpec) -> list[str]:
+def render_all(tokenizer, prompts: list[str | list[dict]], evaluate: EvaluateSpec) -> list[str]:
     """The prompts as the model's template writes them for an answer, by the guarded renderer (job/render.py),
     `enable_thinking` passed when the spec sets it, for the templates that read it.
 
@@ -41,7 +50,8 @@ def render_all(tokenizer, prompts: list[str], evaluate: EvaluateSpec) -> list[st
     texts = []
     for prompt, result in zip(prompts, renderer.chat(tokenizer, items, extra)):
         if "error" in result:
-            raise DataError(f"model.chat_template: rendering the prompt {prompt[:60]!r} {renderer.why(result)}")
+            shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            raise DataError(f"model.chat_template: rendering the prompt {shown[:60]!r} {renderer.why(result)}")
         texts.append(result["text"])
     return texts
 
@@ -115,7 +125,7 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
             if interrupt.stop_requested():
                 raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
             prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
-                       for text in render_all(tokenizer, [item["prompt"] for item in items], evaluate)]
+                       for text in render_all(tokenizer, asked(items), evaluate)]
             width = max(len(ids) for ids in prompts)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
@@ -152,7 +162,7 @@ def generate_gguf(tools, path: Path, tokenizer, suite: list[dict], evaluate: Eva
     the same chat template as the transformers targets (on `cores`, CPUs and thread count, when given; ended
     when `stop`, a threading.Event, is set)."""
     started = time.perf_counter()
-    texts = render_all(tokenizer, [item["prompt"] for item in suite], evaluate)
+    texts = render_all(tokenizer, asked(suite), evaluate)
     cpus, threads = cores if cores else (None, None)
     results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens, threads=threads, cpus=cpus,
                                      stop=stop)

@@ -1,8 +1,9 @@
-"""Prompt suites: reading one (a JSON file of prompts with their checks, where a check's settings may be a
-separate JSON file beside the suite), checking it before any work, and writing a target's answers
-(`eval/<target>.jsonl`) and `eval/summary.json`.
+"""Prompt suites: reading one (a JSON or JSONL file of items, each a prompt or a conversation with its declared
+checks and expected answer; the seed's named checks may keep their settings in a JSON file beside the suite),
+checking it before any work, and writing a target's answers (`eval/<target>.jsonl`) and `eval/summary.json`.
 
-    {"prompts": [{"id": "reverse", "prompt": "Write ...", "checks": {"python_function": "checks/reverse.json"}}]}
+    {"id": "minutes", "prompt": "How many minutes is 3 hours?", "reference": "180 minutes",
+     "assert": [{"type": "number", "value": 180}, {"type": "icontains", "value": "minutes"}]}
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ MAX_SUITE_BYTES = 16 * 1024 * 1024  # a suite or check file is text someone wrot
 MAX_PROMPTS = 10_000
 
 
+ITEM_SHAPE = ('{"id"?: text, "prompt": text | "messages": [{"role", "content"}, ...], "assert"?: [{"type", '
+              '"value"?, ...}], "reference"?: text, "checks"?: {name: settings}}')
+
+
 def read_small_json(path: Path, what: str) -> Any:
     """A regular file of at most MAX_SUITE_BYTES, parsed as JSON. Raises SpecError naming `what` and the file."""
     from job.inputs import read_regular_file
@@ -30,18 +35,43 @@ def read_small_json(path: Path, what: str) -> Any:
         raise SpecError(f"{what}: cannot read {path}: {exc}") from None
 
 
+def read_suite_file(path: Path) -> list:
+    """The items of a suite file: JSON (a list, or an object with a "prompts" list) or JSONL (an item a line)."""
+    from job.inputs import read_regular_file
+
+    if path.suffix.lower() != ".jsonl":
+        data = read_small_json(path, "evaluate.prompts")
+        raw = data.get("prompts") if isinstance(data, dict) else data
+        if not isinstance(raw, list) or not raw:
+            raise SpecError(f"evaluate.prompts: {path} holds no 'prompts' list (a JSON suite is a list of items, or "
+                            f"{{\"prompts\": [...]}}; an item is {ITEM_SHAPE})")
+        return raw
+    text = read_regular_file(path, MAX_SUITE_BYTES, "evaluate.prompts")
+    items = []
+    for number, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except (ValueError, RecursionError) as exc:
+            raise SpecError(f"evaluate.prompts: {path} line {number} is not JSON ({str(exc).split(':')[0]}); each "
+                            f"line is one item: {ITEM_SHAPE}") from None
+    if not items:
+        raise SpecError(f"evaluate.prompts: {path} holds no items (one a line: {ITEM_SHAPE})")
+    return items
+
+
 def check_files(evaluate: EvaluateSpec) -> list[Path]:
     """The suite file and the check files it names (what its content digest covers)."""
-    if isinstance(evaluate.prompts, list):
+    if not isinstance(evaluate.prompts, str):
         return []
     path = Path(evaluate.prompts)
     found = [path]
     try:
-        data = read_small_json(path, "evaluate.prompts")
+        raw = read_suite_file(path)
     except SpecError:
         return found
-    raw = data.get("prompts") if isinstance(data, dict) else data
-    for item in raw if isinstance(raw, list) else []:
+    for item in raw:
         for settings in (item.get("checks") or {}).values() if isinstance(item, dict) and \
                 isinstance(item.get("checks"), dict) else ():
             if isinstance(settings, str):
@@ -49,38 +79,86 @@ def check_files(evaluate: EvaluateSpec) -> list[Path]:
     return found
 
 
-def load(evaluate: EvaluateSpec) -> list[dict[str, Any]]:
-    """Prompts as [{id, prompt, checks}], each check's settings read from its file when it names one.
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' is a non-empty list of {\"role\", \"content\"}"
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or \
+                message.get("role") not in ("system", "user", "assistant"):
+            return "each message is {\"role\": system|user|assistant, \"content\": text}"
+    if messages[-1]["role"] != "user":
+        return "the last message is the user's (the model answers it)"
+    return None
+
+
+def item_from(raw: Any, where: str, base: Path | None = None) -> dict[str, Any]:
+    """One suite item as the stages use it: {id, prompt (the text shown and checked for echoes), messages
+    (None: the prompt as one user message), assert, reference, checks}.
+
+    Raises:
+        SpecError: the item is not of the suite's shape, saying which part and what is expected.
+    """
+    if isinstance(raw, str):
+        raw = {"prompt": raw}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: an item is {ITEM_SHAPE}")
+    unknown = [k for k in raw if k not in ("id", "prompt", "messages", "assert", "reference", "checks", "description")]
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; an item is {ITEM_SHAPE}")
+    messages = raw.get("messages")
+    if messages is not None:
+        problem = _messages_problem(messages)
+        if problem:
+            raise SpecError(f"{where}: {problem}")
+        prompt = messages[-1]["content"]
+    elif isinstance(raw.get("prompt"), str):
+        prompt = raw["prompt"]
+    else:
+        raise SpecError(f"{where}: has no 'prompt' text (or 'messages'); an item is {ITEM_SHAPE}")
+    reference = raw.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise SpecError(f"{where}: 'reference' is the expected answer's text")
+    declared = raw.get("assert", [])
+    if not isinstance(declared, list):
+        raise SpecError(f"{where}: 'assert' is a list of checks, each {{\"type\": ..., \"value\": ...}}")
+    configured = raw.get("checks", {})
+    if not isinstance(configured, dict):
+        raise SpecError(f"{where}: 'checks' is an object of named checks")
+    resolved = {}
+    for name, settings in configured.items():
+        if isinstance(settings, str) and base is not None:  # a check file beside the suite
+            settings = read_small_json(base / settings, f"{where} check {name!r}")
+        resolved[name] = settings
+    return {"id": str(raw.get("id", "")), "prompt": prompt, "messages": messages, "assert": declared,
+            "reference": reference, "checks": resolved}
+
+
+def load(evaluate: EvaluateSpec, run_dir=None) -> list[dict[str, Any]]:
+    """The suite's items (see item_from): the spec's prompts or suite file, then the rows `evaluate.from_data`
+    held out of the training data (prepare's `data/suite.jsonl`, when a run directory is given).
 
     Raises:
         SpecError: the suite (or a check file it names) is unreadable or malformed, naming it.
     """
+    items = []
     if isinstance(evaluate.prompts, list):
-        items = [{"id": f"p{i}", "prompt": p, "checks": {}} for i, p in enumerate(evaluate.prompts)]
-    else:
+        items = [item_from(p, f"evaluate.prompts[{i}]") | {"id": f"p{i}"} if isinstance(p, str)
+                 else item_from(p, f"evaluate.prompts[{i}]") for i, p in enumerate(evaluate.prompts)]
+    elif evaluate.prompts is not None:
         path = Path(evaluate.prompts)
-        data = read_small_json(path, "evaluate.prompts")
-        raw = data.get("prompts") if isinstance(data, dict) else data
-        if not isinstance(raw, list) or not raw:
-            raise SpecError(f"evaluate.prompts: {path} holds no 'prompts' list")
+        raw = read_suite_file(path)
         if len(raw) > MAX_PROMPTS:
             raise SpecError(f"evaluate.prompts: {path} holds {len(raw)} prompts; at most {MAX_PROMPTS}")
-        items = []
-        for i, item in enumerate(raw):
-            if isinstance(item, str):
-                item = {"prompt": item}
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise SpecError(f"evaluate.prompts: {path} prompt {i} has no 'prompt' text")
-            configured = item.get("checks", {})
-            if not isinstance(configured, dict):
-                raise SpecError(f"evaluate.prompts: {path} prompt {i}: 'checks' is not an object")
-            resolved = {}
-            for name, settings in configured.items():
-                if isinstance(settings, str):  # a check file beside the suite
-                    settings = read_small_json(path.parent / settings, f"evaluate.prompts: prompt {i} check {name!r}")
-                resolved[name] = settings
-            items.append({"id": str(item.get("id", f"p{i}")), "prompt": item["prompt"], "checks": resolved})
-    return items[: evaluate.num_prompts] if evaluate.num_prompts else items
+        items = [item_from(item, f"evaluate.prompts: {path.name} item {i}", path.parent) for i, item in enumerate(raw)]
+    for i, item in enumerate(items):
+        item["id"] = item["id"] or f"p{i}"
+    items = items[: evaluate.num_prompts] if evaluate.num_prompts else items
+    if run_dir is not None and evaluate.from_data is not None:
+        from job.rundir import read_jsonl
+
+        held = read_jsonl(run_dir.own(run_dir.data_dir / "suite.jsonl"))
+        items += [item_from(row, f"data/suite.jsonl row {i}") for i, row in enumerate(held)]
+    return items
 
 
 def problems(evaluate: EvaluateSpec) -> list[str]:
@@ -99,16 +177,27 @@ def problems(evaluate: EvaluateSpec) -> list[str]:
             problem = checks.settings_problem(name, settings)
             if problem:
                 found.append(f"evaluate.prompts: prompt {item['id']}: check {name!r} settings {settings!r}: {problem}")
-    return found
+        for k, declared in enumerate(item["assert"]):
+            problem = checks.assertion_problem(declared, item["reference"])
+            if problem:
+                found.append(f"evaluate.prompts: prompt {item['id']}: assert[{k}]: {problem}")
+    if evaluate.from_data is not None:
+        for k, declared in enumerate(evaluate.from_data.assert_):
+            problem = checks.assertion_problem(declared, "reference")
+            if problem:
+                found.append(f"evaluate.from_data.assert[{k}]: {problem}")
+    return found[:50]
 
 
 def record(run_dir, target: str, suite: list[dict], answers: list[dict], code_checks: str) -> dict:
     """Checks the answers, writes `eval/<target>.jsonl` and the target's line of `eval/summary.json`."""
     by_id = {item["id"]: item for item in suite}
     for answer in answers:
-        answer["checks"] = checks.run_all(answer["answer"], by_id.get(answer["id"], {}).get("checks", {}),
-                                          prompt=answer["prompt"], stop_reason=answer.get("stop_reason"),
-                                          code_checks=code_checks)
+        item = by_id.get(answer["id"], {})
+        answer.update(checks.run_all(answer["answer"], item, prompt=answer["prompt"],
+                                     stop_reason=answer.get("stop_reason"), code_checks=code_checks))
+        if item.get("reference") is not None:
+            answer["reference"] = item["reference"]
     payload = "".join(jsonl_line(a) for a in answers).encode()
     atomic_write_bytes(run_dir.eval_dir / f"{target}.jsonl", payload)
     summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}

@@ -28,6 +28,8 @@ ORDER = ("base", "adapter", "merged", "gguf")
 
 def needs(spec: JobSpec) -> tuple[str, ...]:
     wanted = {stage for target in spec.evaluate.targets for stage in TARGET_NEEDS[target]}
+    if spec.evaluate.from_data is not None:
+        wanted.add("prepare")  # its data/suite.jsonl
     if heldout_wanted(spec) or preferences_wanted(spec):
         wanted |= {"prepare", "train"}
     return tuple(s for s in ("prepare", "train", "merge", "gguf") if s in wanted)
@@ -51,7 +53,7 @@ def reads(spec: JobSpec) -> dict[str, Any]:
 
 def check(spec: JobSpec, scope: CheckScope) -> list[str]:
     problems = modelsrc.problems(spec) if scope.machine else []
-    if isinstance(spec.evaluate.prompts, list) or scope.covers(spec.evaluate.prompts):
+    if not isinstance(spec.evaluate.prompts, str) or scope.covers(spec.evaluate.prompts):
         problems += suite.problems(spec.evaluate)
     return problems
 
@@ -78,7 +80,7 @@ def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     for made in (run_dir.adapter_dir, run_dir.merged_dir, run_dir.gguf_dir, run_dir.data_dir):
         run_dir.own(made)  # what the targets read back: all of it the earlier stages' own
-    prompts = suite.load(spec.evaluate)
+    prompts = suite.load(spec.evaluate, run_dir)
     mode = code_check_mode(ctx, prompts)
     results: dict[str, Any] = {}
     artifacts = []
@@ -113,6 +115,11 @@ def run(ctx: RunContext) -> StageResult:
         results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, seconds)
         answered[name] = answers
         artifacts.append(f"eval/{name}.jsonl")
+    if "base" in answered:  # each target against the base, prompt by prompt
+        for name, answers in answered.items():
+            if name != "base":
+                results[name]["vs_base"] = checks.paired(answered["base"], answers)
+                suite.annotate(run_dir, name, {"vs_base": results[name]["vs_base"]})
     if "adapter" in answered:  # how far the merged model and each GGUF answer as the adapter does
         for name, answers in answered.items():
             if name not in ("adapter", "base") and not spec.evaluate.do_sample:

@@ -37,12 +37,16 @@ def plan(types: list[str], merged_dtype: str = "bfloat16") -> tuple[str, dict[st
     return master, {t: ("convert" if t == master else "quantize") for t in types}
 
 
+# What a GGUF answers to prove it works when the spec names no prompts of its own.
+VERIFY_PROMPTS = ("Say hello.", "Tell me one thing about coffee.", "What is two plus two?", "Name a colour.")
+
+
 def verification_prompts(spec: JobSpec) -> list[dict]:
     """The prompts every GGUF answers to prove it works: the suite's first `export.verify_prompts`."""
-    evaluate = spec.evaluate or EvaluateSpec()
-    if spec.evaluate or Path(evaluate.prompts).exists():
-        return suite.load(evaluate)[: spec.export.verify_prompts]
-    return [{"id": "p0", "prompt": "Say hello.", "checks": {}}]
+    if spec.evaluate and spec.evaluate.prompts is not None:
+        return suite.load(spec.evaluate)[: spec.export.verify_prompts]
+    return [suite.item_from(prompt, "verification prompt") | {"id": f"p{i}"}
+            for i, prompt in enumerate(VERIFY_PROMPTS[: spec.export.verify_prompts])]
 
 
 def check(spec: JobSpec, scope: CheckScope) -> list[str]:
@@ -131,7 +135,7 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
 def verify(tools, path: Path, quant: str, tokenizer, prompts: list[dict], reference: list[dict],
            evaluate: EvaluateSpec) -> dict:
     """Raises ExternalError when the GGUF does not load, answers nothing, or (float types) disagrees."""
-    texts = generate.render_all(tokenizer, [item["prompt"] for item in prompts], evaluate)
+    texts = generate.render_all(tokenizer, generate.asked(prompts), evaluate)
     longest = max(len(ref["token_ids"]) + (1 if ref["stop_reason"] == "end_of_turn" else 0) for ref in reference)
     results = llamacpp.generate_many(tools, path, texts, max(longest, 1))
     per_prompt, tokenizer_match, agreements = [], True, []

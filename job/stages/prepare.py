@@ -21,7 +21,7 @@ from job import modelsrc, preference, templates
 from job.errors import DataError, SpecError
 from job.fingerprint import file_digest
 from job.log import get_logger
-from job.rundir import atomic_dir
+from job.rundir import atomic_dir, jsonl_line
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
@@ -82,6 +82,7 @@ def run(ctx: RunContext) -> StageResult:
         rows_by_source[0] = itertools.islice(rows_by_source[0], data.num_samples)
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
     parts = split_rows(chosen, origin, spec)
+    asked = hold_out_questions(parts, spec)
     family = conversations_in.family(spec)
     encode = encode_rows if family == "chat" else preference.encode_examples
     stats: dict[str, Any] = {"rows_read": sum(f["rows_read"] for f in per_source), "chat_template": template_name,
@@ -105,9 +106,14 @@ def run(ctx: RunContext) -> StageResult:
                     figures.update(train_rows=counts["rows_by_source"][index],
                                    trainable_tokens=counts["trainable_by_source"][index])
         stats["sources"] = per_source
+        if asked is not None:
+            with open(out / "suite.jsonl", "w", encoding="utf-8") as sink:
+                sink.writelines(jsonl_line(item) for item in asked[0])
+            stats["suite"] = {"rows": len(asked[0]), "not_askable": asked[1]}
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("data_prepared", **{k: v for k, v in stats.items() if k not in ("chat_template", "examples")})
-    artifacts = ["data/train.jsonl"] + (["data/eval.jsonl"] if "eval" in stats else [])
+    artifacts = ["data/train.jsonl"] + (["data/eval.jsonl"] if "eval" in stats else []) + \
+        (["data/suite.jsonl"] if asked is not None else [])
     if modelsrc.needs_local_copy(spec):
         artifacts.append("base")
     return StageResult(artifacts=tuple(artifacts), metrics={**facts, **stats})
@@ -127,7 +133,8 @@ STAGE = Stage(
     doc="reads the data (local files, Hub data sets, mixtures), applies the chat template, masks all but the "
         "assistant's replies; makes a GGUF base trainable",
     enabled=enabled, run=run, check=check, reads=reads, warm_up=warm_up,
-    fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed", "train.method"),
+    fields=("model.base", "model.chat_template", "model.max_seq_length", "data", "train.seed", "train.method",
+            "evaluate.from_data"),
     artifacts=("data", "base"),
 )
 
@@ -152,6 +159,39 @@ def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
     rows, _, _ = conversations_in.mixture(held_out, [conversations_in.iter_rows(
         source.source, eval_split, conversations_in.max_line_chars(spec))])
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
+
+
+def hold_out_questions(parts: dict, spec: JobSpec) -> tuple[list[dict], int] | None:
+    """`evaluate.from_data`: a seeded choice of training rows taken out of `parts["train"]` (in place) and made
+    into suite items: the conversation up to its last assistant reply is asked, that reply is the reference.
+    Returns (items, rows chosen that could not be asked: no user turn before a text reply), or None."""
+    wanted = spec.evaluate.from_data if spec.evaluate else None
+    if wanted is None:
+        return None
+    rows, origin = parts["train"]
+    count = wanted.rows if wanted.rows is not None else max(1, int(len(rows) * wanted.fraction))
+    if count >= len(rows):
+        raise DataError(f"evaluate.from_data: holding {count} rows out leaves none of the {len(rows)} training "
+                        "rows to train on")
+    order = list(range(len(rows)))
+    random.Random(wanted.seed).shuffle(order)
+    held = sorted(order[:count])
+    items, not_askable = [], 0
+    for index in held:
+        messages = rows[index]
+        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant" or \
+                messages[-2].get("role") != "user" or not all(isinstance(m.get("content"), str) and m.get("role") in
+                                                              ("system", "user", "assistant") for m in messages):
+            not_askable += 1
+            continue
+        items.append({"id": f"row{index}", "messages": messages[:-1], "reference": messages[-1]["content"],
+                      "assert": wanted.assert_})
+    if not items:
+        raise DataError("evaluate.from_data: none of the rows held out ends in a user turn answered by an assistant "
+                        "text reply, so there is nothing to ask")
+    keep = sorted(set(range(len(rows))) - set(held))
+    parts["train"] = (rows.subset(keep), [origin[i] for i in keep])
+    return items, not_askable
 
 
 # ----------------------------------------------------------------------------------------- encoding
