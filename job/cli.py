@@ -171,6 +171,14 @@ def inspect(spec_file, rows, overrides) -> None:
 
 
 @cli.command()
+def checks() -> None:
+    """List the answer checks a prompt suite can declare (`"assert": [{"type": ..., "value": ...}]`)."""
+    from job.evaluation.checks import catalog
+
+    click.echo(catalog())
+
+
+@cli.command()
 def schema() -> None:
     """Print the jobspec's JSON Schema."""
     from job.spec import json_schema
@@ -196,13 +204,14 @@ def env(as_json) -> None:
 
 
 @cli.command()
-@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, type=click.Path())
 @click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False),
               help="Where report.md, report.html and plots/ go.")
 @click.option("--baseline", help="Run name that changes are measured against (default: the first).")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also read rows from an experiments_log.csv.")
 def report(run_dirs, out_dir, baseline, log_file) -> None:
-    """Compare runs: metrics table against a baseline, answers side by side, PNG plots."""
+    """Compare runs (run directories, or an output directory of runs): metrics against a baseline, each
+    target's prompts passed against the base, answers beside what was expected, PNG plots."""
     from pathlib import Path
 
     from job.report import build

@@ -1,7 +1,9 @@
-"""`peftopt report`: compare runs (the seed notebook's tables, built from run directories or from
-experiments_log.csv), answers side by side, and PNG plots. Writes report.md, report.html and plots/.
+"""`peftopt report`: compare runs (built from run directories, an output directory of runs, or
+experiments_log.csv): each target's prompts passed against the base, answers beside what was expected and why a
+check failed, and PNG plots. Writes report.md, report.html and plots/.
 
     python -m job report runs/t1 runs/t2 --out runs/report
+    python -m job report runs --out runs/report
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from job.display import one_line, table_cell
 from job.errors import SpecError
 from job.rundir import atomic_write_bytes, read_json, read_jsonl
 
-COLUMNS = [("final_loss", "Final loss"), ("runtime_s", "Runtime (s)"), ("peak_gpu_gb", "Peak GPU (GB)"),
-           ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"), ("pass_rate", "Check pass rate"),
-           ("leaking_answers", "Leaking answers"), ("chrf", "Swedish chrF"),
+COLUMNS = [("final_loss", "Final loss"), ("heldout_loss", "Held-out loss"), ("runtime_s", "Runtime (s)"),
+           ("peak_gpu_gb", "Peak GPU (GB)"), ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"),
+           ("pass_rate", "Prompts passed"), ("leaking_answers", "Leaking answers"),
            ("reward_accuracy", "Reward accuracy (held out)")]
 TARGET_ORDER = ("adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-bf16", "gguf-q4_k_m", "base")
 
@@ -45,10 +47,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     row = {"run": spec.get("name", run_dir.name), "target": target,
            **{k: train.get(k) for k in ("final_loss", "runtime_s", "peak_gpu_gb", "lora_gpu_gb", "tokens_per_s")}}
     if target:
-        chrf = summary[target].get("chrf")
         row.update(pass_rate=summary[target].get("pass_rate"), leaking_answers=summary[target].get("leaking_answers"),
-                   chrf=chrf if not isinstance(chrf, list) else (chrf[0] if chrf else None),
                    checks=summary[target].get("checks", {}))
+    heldout = (metrics.get("evaluate") or {}).get("heldout") or {}
+    row["heldout_loss"] = (heldout.get("adapter") or {}).get("loss")
     preferences = (metrics.get("evaluate") or {}).get("preferences") or {}
     scores = preferences.get("heldout") or preferences.get("train") or {}
     row.update(method=(spec.get("train") or {}).get("method", "sft"), reward_accuracy=scores.get("reward_accuracy"))
@@ -57,7 +59,62 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         answers[path.stem] = read_jsonl(path)
     row["r"] = (spec.get("lora") or {}).get("r")
     return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
-            "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences}
+            "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences,
+            "heldout": heldout}
+
+
+def run_directories(paths: list[Path]) -> list[Path]:
+    """The run directories among `paths`: each one itself, or, for an output directory, the runs in it (what
+    `peftopt report runs/` and `peftopt report runs/*` mean); files beside the runs (experiments_log.csv) are
+    passed over."""
+    found = []
+    for path in paths:
+        if (path / "metrics.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+    return found
+
+
+def passed_cell(summary: dict) -> str:
+    """"2/3 (0.21-0.94)": prompts passed of the prompts with declared checks, with the 95% interval."""
+    if not summary.get("checked"):
+        return "no declared checks"
+    low, high = summary.get("pass_rate_interval") or (None, None)
+    return f"{summary['passed']}/{summary['checked']}" + (f" ({low:.2f}-{high:.2f})" if low is not None else "")
+
+
+def versus_cell(summary: dict) -> str:
+    paired = summary.get("vs_base")
+    if not paired or not paired.get("prompts"):
+        return ""
+    return f"+{paired['fixed']} fixed, -{paired['broken']} broken (p = {paired['p_value']:.3g})"
+
+
+def targets_section(run: dict) -> list[str]:
+    """Each target of one run: prompts passed with their interval, the sanity checks on their own, the paired
+    comparison with the base, the held-out loss, and each check's pass rate."""
+    summary, heldout = run["summary"], run["heldout"]
+    rows = []
+    for target, s in sorted(summary.items(), key=lambda kv: _target_rank(kv[0])):
+        sanity = s.get("sanity") or {}
+        loss = (heldout.get(target) or {}).get("loss")
+        rows.append([target, passed_cell(s), str(sanity.get("leakage", s.get("leaking_answers", ""))),
+                     str(sanity.get("degenerate", "")), versus_cell(s), _fmt(loss) if loss is not None else "",
+                     ", ".join(f"{k} {v:.2f}" for k, v in s.get("checks", {}).items()
+                               if k not in ("leakage", "degenerate"))])
+    heads = ["target", "prompts passed (95% interval)", "leakage fired", "degenerate fired", "against the base",
+             "held-out loss", "each check's pass rate"]
+    keep = [i for i in range(len(heads)) if i < 2 or any(r[i] for r in rows)]  # columns some target has
+    lines = [f"### Targets of {run['row']['run']}", "", "| " + " | ".join(heads[i] for i in keep) + " |",
+             "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows]
+    notes = ["", "A prompt passes when every check it declares passes and neither sanity check (leakage, "
+             "degenerate) fires; prompts without declared checks are not counted."]
+    if any(s.get("vs_base") for s in summary.values()):
+        notes.append("Against the base: prompts the base failed and the target passed (fixed) or the reverse "
+                     "(broken); p is the exact McNemar test's, small when the difference is more than chance.")
+    return lines + notes + [""]
 
 
 def divergence_note(summary: dict) -> list[str]:
@@ -135,10 +192,11 @@ def _delta(value, base) -> str:
 
 def metrics_table(rows: list[dict], baseline: str | None) -> list[str]:
     base = next((r for r in rows if r["run"] == baseline), rows[0] if rows else None)
-    lines = ["| Run | r | " + " | ".join(label for _, label in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    columns = [(k, label) for k, label in COLUMNS if any(_num(r.get(k)) is not None for r in rows)]
+    lines = ["| Run | r | " + " | ".join(label for _, label in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_fmt(row.get(k)) + ("" if row is base else _delta(row.get(k), base.get(k))) for k, _ in COLUMNS]
+        cells = [_fmt(row.get(k)) + ("" if row is base else _delta(row.get(k), base.get(k))) for k, _ in columns]
         lines.append(f"| {row['run']}{' (baseline)' if row is base else ''} | {row.get('r') or '—'} | "
                      + " | ".join(cells) + " |")
     return lines
@@ -223,38 +281,52 @@ def answers_section(runs: list[dict]) -> list[str]:
                 if (a["id"], a["prompt"]) not in prompt_order:
                     prompt_order.append((a["id"], a["prompt"]))
     for pid, prompt in prompt_order:
-        lines += [f"### {one_line(prompt)}", "", "| run / target | answer | failed checks |", "|---|---|---|"]
+        lines += [f"### {one_line(prompt)}", ""]
+        expected = next((a for run in runs for answers in run["answers"].values() for a in answers
+                         if a["id"] == pid), {})
+        if expected.get("reference") is not None:
+            lines += [f"Expected: {one_line(expected['reference'])}", ""]
+        declared = [c["type"] + (f" {one_line(str(c['value']))}" if "value" in c else "")
+                    for c in expected.get("declared", [])]
+        if declared:
+            lines += [f"Checks: {'; '.join(declared)}", ""]
+        lines += ["| run / target | answer | passed | why not |", "|---|---|---|---|"]
         for run in runs:
             for target, answers in run["answers"].items():
                 for a in answers:
                     if a["id"] == pid:
-                        failed = [n for n, c in a.get("checks", {}).items() if not c.get("passed")]
+                        if "failed" in a:  # declared checks (and the sanity checks when they fire)
+                            verdict = {True: "yes", False: "no", None: "—"}[a.get("passed")]
+                            why = [table_cell(reason, 200) for reason in a["failed"]]
+                        else:  # a run of an earlier version: its named checks
+                            verdict = "—"
+                            why = [n for n, c in a.get("checks", {}).items() if not c.get("passed")]
                         text = table_cell(a["answer"], 600)
-                        lines.append(f"| {run['row']['run']} / {target} | {text} | {', '.join(failed) or '—'} |")
+                        lines.append(f"| {run['row']['run']} / {target} | {text} | {verdict} | "
+                                     f"{'<br>'.join(why) or '—'} |")
         lines.append("")
     return lines
 
 
 def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Path | None = None) -> Path:
-    runs = [load_run(Path(d)) for d in run_dirs]
+    given = [Path(d) for d in run_dirs]
+    found = run_directories(given)
+    if given and not found:
+        raise SpecError(f"report: not a run directory, nor a directory of runs (none has metrics.json): {', '.join(map(str, given))}")
+    runs = [load_run(d) for d in found]
     rows = [r["row"] for r in runs] + (load_log(log) if log else [])
     if not rows:
         raise SpecError("report: give run directories and/or --log experiments_log.csv")
     out.mkdir(parents=True, exist_ok=True)
     md = ["# peftopt report", "", "## Metrics", "",
-          "Changes are against the baseline run. Check scores are for each run's main target "
-          "(adapter, else merged, GGUF or base).", "", *metrics_table(rows, baseline), ""]
+          "Changes are against the baseline run. Prompts passed is the share of prompts with declared checks "
+          "that passed, for each run's main target (adapter, else merged, GGUF or base).", "", *metrics_table(rows, baseline), ""]
     if runs:
         images = plots(runs if runs else [], out)
         md += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
         for run in runs:
             if run["summary"]:
-                md += [f"### Targets of {run['row']['run']}", "", "| target | pass rate | leaking | checks |",
-                       "|---|---|---|---|"]
-                md += [f"| {t} | {_fmt(s.get('pass_rate'))} | {s.get('leaking_answers')} | "
-                       + ", ".join(f"{k} {v:.2f}" for k, v in s.get("checks", {}).items()) + " |"
-                       for t, s in run["summary"].items()]
-                md.append("")
+                md += targets_section(run)
                 md += divergence_note(run["summary"])
         md += sources_section(runs)
         md += preferences_section(runs)

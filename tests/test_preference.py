@@ -73,6 +73,23 @@ def test_each_method_trains_from_every_shape_and_ranks_the_chosen_answers_higher
     assert finished["method"] == method
 
 
+def test_rows_held_out_are_scored_without_an_evaluate_section(tmp_path, tiny_model):
+    """With data.eval_split, the held-out reward accuracy and margin are the run's own figures, whether or not the
+    spec asks for answers to a suite."""
+    data = write_rows(tmp_path / "prefs.jsonl", PAIRS)
+    spec = write_tiny_spec(tmp_path, tiny_model, data, "heldout-dpo", evaluate=None,
+                           data={"eval_split": 0.45},
+                           train={"method": "dpo", "max_steps": 4, "learning_rate": 5e-3, "save_steps": 4})
+    result = run_cli("run", spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [e["stage"] for e in events(result.stdout) if e["event"] == "stage_started"] == \
+        ["prepare", "train", "evaluate"]
+    scores = json.loads((tmp_path / "runs" / "heldout-dpo" / "metrics.json").read_text())["evaluate"]["preferences"]
+    assert scores["heldout"]["examples"] == 1 and 0 <= scores["heldout"]["reward_accuracy"] <= 1
+    assert "reward_margin" in scores["heldout"]
+    assert not (tmp_path / "runs" / "heldout-dpo" / "eval" / "summary.json").exists()
+
+
 def test_a_dpo_adapter_merges_and_exports_as_an_sft_one_does(tmp_path, tiny_model):
     import torch
     from peft import PeftModel

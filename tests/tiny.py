@@ -156,6 +156,44 @@ def make_model(out_dir: Path, seed: int = 0, family: str = "llama") -> Path:
     return out_dir
 
 
+def make_answering_model(out_dir: Path, answer: str) -> Path:
+    """A tiny Llama whose greedy answer to any prompt is `answer`, then <|eot_id|>: its attention and MLP write
+    nothing (o_proj and down_proj are zero), so each position sees only its own token's embedding, and the
+    output head maps the generation prompt's last token to the answer's first, each answer token to the next.
+    The answer's tokens must all differ (the model knows the token it is on, not where it is)."""
+    import torch
+    import transformers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(out_dir)
+    opening = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                            tokenize=False)
+    chain = [tokenizer(opening, add_special_tokens=False)["input_ids"][-1]]
+    chain += tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"{answer!r}: a token repeats in {chain}")
+    hidden = 64
+    if len(chain) > hidden:
+        raise ValueError(f"{answer!r}: more than {hidden - 1} tokens")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=False,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for i, (token, following) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[following, i] = 4.0
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
 def write_data(path: Path, n: int = 48) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in conversations(n)))
     return path

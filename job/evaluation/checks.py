@@ -287,11 +287,12 @@ ASSERTIONS: dict[str, Callable[..., dict]] = {
     "levenshtein": assert_levenshtein, "python": assert_python,
 }
 NEGATABLE = ("equals", "contains", "icontains", "contains-any", "contains-all", "starts-with", "regex", "is-json")
-VALUE_OPTIONAL = ("is-json",)  # every other type takes `value`, or the item's `reference`
+VALUE_OPTIONAL = ("is-json",)  # every other type takes `value`, or else the item's `reference`
 
 
-def assertion_problem(declared: Any, reference: str | None) -> str | None:
-    """Why `declared` is not a check this catalog can run (its type, value or options), or None."""
+def assertion_problem(declared: Any, reference: str | None, each_row: bool = False) -> str | None:
+    """Why `declared` is not a check this catalog can run (its type, value or options), or None. With
+    `each_row` (evaluate.from_data) a check without a value takes each row's reference, which is not known yet."""
     if not isinstance(declared, dict) or not isinstance(declared.get("type"), str):
         return 'a check is {"type": ..., "value": ...} (see `peftopt checks`)'
     kind = declared["type"]
@@ -303,10 +304,12 @@ def assertion_problem(declared: Any, reference: str | None) -> str | None:
     unknown = [k for k in declared if k not in ("type", "value", *options)]
     if unknown:
         return f"{kind}: unknown option(s) {', '.join(unknown)} (takes: value{', ' if options else ''}{', '.join(options)})"
-    if "value" not in declared and reference is None and base not in VALUE_OPTIONAL:
+    if "value" not in declared and reference is None and base not in VALUE_OPTIONAL and not each_row:
         return f"{kind}: needs a 'value' (or the item's 'reference')"
+    if each_row and "value" not in declared and base not in VALUE_OPTIONAL:
+        return None
     try:  # the value's shape, tried on an empty answer
-        run_assertion({**declared, "value": declared.get("value", reference)}, "", code_checks="off")
+        _assertion(declared, "", reference=reference, code_checks="off")
     except (ValueError, TypeError, re.error) as exc:
         return str(exc)
     except Exception as exc:  # a schema that is not one (jsonschema's SchemaError) and the like
@@ -316,11 +319,20 @@ def assertion_problem(declared: Any, reference: str | None) -> str | None:
 
 def run_assertion(declared: dict, answer: str, *, reference: str | None = None,
                   code_checks: str = "sandboxed") -> dict:
+    """One declared check's result; a value it cannot use (a reference without a number, for `number`) is a
+    failure saying so."""
+    try:
+        return _assertion(declared, answer, reference=reference, code_checks=code_checks)
+    except (ValueError, TypeError, re.error) as exc:
+        return {"type": declared.get("type"), "passed": False, "reason": str(exc).splitlines()[0][:300]}
+
+
+def _assertion(declared: dict, answer: str, *, reference: str | None, code_checks: str) -> dict:
     kind = declared["type"]
     negated = kind.startswith("not-") and kind[4:] in NEGATABLE
     base = kind[4:] if negated else kind
     options = {k: v for k, v in declared.items() if k not in ("type", "value")}
-    value = declared.get("value", reference)
+    value = declared.get("value", None if base in VALUE_OPTIONAL else reference)
     extra = {"code_checks": code_checks} if base == "python" else {}
     result = ASSERTIONS[base](answer, value, **options, **extra)
     if negated and result["passed"] is not None:

@@ -183,7 +183,7 @@ def problems(evaluate: EvaluateSpec) -> list[str]:
                 found.append(f"evaluate.prompts: prompt {item['id']}: assert[{k}]: {problem}")
     if evaluate.from_data is not None:
         for k, declared in enumerate(evaluate.from_data.assert_):
-            problem = checks.assertion_problem(declared, "reference")
+            problem = checks.assertion_problem(declared, None, each_row=True)
             if problem:
                 found.append(f"evaluate.from_data.assert[{k}]: {problem}")
     return found[:50]
@@ -198,6 +198,8 @@ def record(run_dir, target: str, suite: list[dict], answers: list[dict], code_ch
                                      stop_reason=answer.get("stop_reason"), code_checks=code_checks))
         if item.get("reference") is not None:
             answer["reference"] = item["reference"]
+        if item.get("assert"):
+            answer["declared"] = item["assert"]
     payload = "".join(jsonl_line(a) for a in answers).encode()
     atomic_write_bytes(run_dir.eval_dir / f"{target}.jsonl", payload)
     summary = read_json(run_dir.eval_dir / "summary.json") or {"targets": {}}

@@ -26,33 +26,54 @@ TARGET_NEEDS = {"base": ("prepare",), "adapter": ("prepare", "train"), "merged":
 ORDER = ("base", "adapter", "merged", "gguf")
 
 
+def enabled(spec: JobSpec) -> bool:
+    """With an evaluate section; and without one whenever training holds rows out (their loss, or a preference
+    method's rewards, are the run's own figures of how well it learned)."""
+    return spec.evaluate is not None or holds_rows_out(spec)
+
+
+def holds_rows_out(spec: JobSpec) -> bool:
+    return bool(spec.train and spec.data and spec.data.eval_split is not None)
+
+
+def _adapter_scored(spec: JobSpec) -> bool:
+    return spec.evaluate is None or "adapter" in spec.evaluate.targets
+
+
 def needs(spec: JobSpec) -> tuple[str, ...]:
-    wanted = {stage for target in spec.evaluate.targets for stage in TARGET_NEEDS[target]}
-    if spec.evaluate.from_data is not None:
+    targets = spec.evaluate.targets if spec.evaluate else []
+    wanted = {stage for target in targets for stage in TARGET_NEEDS[target]}
+    if spec.evaluate and spec.evaluate.from_data is not None:
         wanted.add("prepare")  # its data/suite.jsonl
     if heldout_wanted(spec) or preferences_wanted(spec):
         wanted |= {"prepare", "train"}
+    if heldout_wanted(spec) and "merged" in targets:
+        wanted.add("merge")
     return tuple(s for s in ("prepare", "train", "merge", "gguf") if s in wanted)
 
 
 def heldout_wanted(spec: JobSpec) -> bool:
-    return bool(spec.data and spec.data.eval_split is not None and "adapter" in spec.evaluate.targets)
+    return holds_rows_out(spec) and _adapter_scored(spec)
 
 
 def preferences_wanted(spec: JobSpec) -> bool:
-    return bool(spec.train and spec.train.preference() and "adapter" in spec.evaluate.targets)
+    if not (spec.train and spec.train.preference()):
+        return False
+    return holds_rows_out(spec) if spec.evaluate is None else "adapter" in spec.evaluate.targets
 
 
 def reads(spec: JobSpec) -> dict[str, Any]:
     """The suite file and its check files, by content."""
     from job.fingerprint import file_digest
 
-    return {str(path.name): file_digest(path) for path in suite.check_files(spec.evaluate)} | \
-        {"base": modelsrc.source_digest(spec)}
+    files = suite.check_files(spec.evaluate) if spec.evaluate else []
+    return {str(path.name): file_digest(path) for path in files} | {"base": modelsrc.source_digest(spec)}
 
 
 def check(spec: JobSpec, scope: CheckScope) -> list[str]:
     problems = modelsrc.problems(spec) if scope.machine else []
+    if spec.evaluate is None:
+        return problems
     if not isinstance(spec.evaluate.prompts, str) or scope.covers(spec.evaluate.prompts):
         problems += suite.problems(spec.evaluate)
     return problems
@@ -80,6 +101,20 @@ def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     for made in (run_dir.adapter_dir, run_dir.merged_dir, run_dir.gguf_dir, run_dir.data_dir):
         run_dir.own(made)  # what the targets read back: all of it the earlier stages' own
+    results, artifacts = answer_suite(ctx) if spec.evaluate else ({}, [])
+    if preferences_wanted(spec):
+        results["preferences"] = preference_scores(spec, run_dir, backends.device(spec))
+        log.info("preferences_evaluated", **{part: {k: v for k, v in scores.items() if k != "beta"}
+                                              for part, scores in results["preferences"].items()})
+    elif heldout_wanted(spec):
+        results["heldout"] = heldout_loss(spec, run_dir, backends.device(spec))
+        log.info("heldout_evaluated", **results["heldout"])
+    return StageResult(artifacts=tuple(artifacts), metrics=results)
+
+
+def answer_suite(ctx: RunContext) -> tuple[dict[str, Any], list[str]]:
+    """Every target's answers to the suite, checked: (figures by target, artifacts written)."""
+    spec, run_dir = ctx.spec, ctx.run_dir
     prompts = suite.load(spec.evaluate, run_dir)
     mode = code_check_mode(ctx, prompts)
     results: dict[str, Any] = {}
@@ -125,13 +160,7 @@ def run(ctx: RunContext) -> StageResult:
             if name not in ("adapter", "base") and not spec.evaluate.do_sample:
                 results[name]["vs_adapter"] = suite.agreement(answered["adapter"], answers)
                 suite.annotate(run_dir, name, {"vs_adapter": results[name]["vs_adapter"]})
-    if preferences_wanted(spec):
-        results["preferences"] = preference_scores(spec, run_dir, backends.device(spec))
-        log.info("preferences_evaluated", **{part: {k: v for k, v in scores.items() if k != "beta"}
-                                              for part, scores in results["preferences"].items()})
-    elif heldout_wanted(spec):
-        results["heldout"] = heldout_loss(spec, run_dir, backends.device(spec))
-    return StageResult(artifacts=tuple(artifacts + ["eval/summary.json"]), metrics=results)
+    return results, artifacts + ["eval/summary.json"]
 
 
 def gguf_answers(spec: JobSpec, run_dir, prompts: list[dict], cores: tuple[list[int], int] | None = None,
@@ -208,40 +237,51 @@ def load_target(target: str, spec: JobSpec, run_dir):
 
 
 def heldout_loss(spec: JobSpec, run_dir, device: str) -> dict:
-    """Mean loss (and perplexity) on the held-out rows, for the base and the adapter."""
-    import math
-
-    import torch
+    """Mean loss, perplexity and tokens scored on the held-out rows, for the adapter, the base (the adapter
+    off) and, when the spec evaluates it, the merged model."""
     from peft import PeftModel
 
     rows = read_jsonl(run_dir.own(run_dir.data_dir / "eval.jsonl"))
     location = modelsrc.model_location(spec, run_dir)
     model = PeftModel.from_pretrained(modelsrc.load_model(location, spec, device), str(run_dir.adapter_dir))
-    model.eval()
-    out = {}
-    for label, context in (("adapter", torch.inference_mode), ("base", model.disable_adapter)):
-        total, count = 0.0, 0
-        with context(), torch.inference_mode():
-            for row in rows:
-                ids = torch.tensor([row["input_ids"]], device=device)
-                labels = ids.clone()
-                if "assistant_masks" in row:
-                    labels[0, torch.tensor(row["assistant_masks"]) == 0] = -100
-                n = int((labels[0, 1:] != -100).sum())
-                if n:
-                    total += float(model(input_ids=ids, labels=labels).loss) * n
-                    count += n
-        loss = total / count if count else None
-        out[label] = {"loss": round(loss, 5) if loss is not None else None,
-                      "perplexity": round(math.exp(loss), 3) if loss is not None else None}
+    out = {"adapter": _mean_loss(model, rows, device)}
+    with model.disable_adapter():
+        out["base"] = _mean_loss(model, rows, device)
+    del model
+    if spec.evaluate and "merged" in spec.evaluate.targets:
+        merged, _ = load_target("merged", spec, run_dir)
+        out["merged"] = _mean_loss(merged, rows, device)
     return out
+
+
+def _mean_loss(model, rows: list[dict], device: str) -> dict:
+    """The model's mean loss over the rows' trained tokens (the assistant's, where the rows mark them)."""
+    import math
+
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]], device=device)
+            labels = ids.clone()
+            if "assistant_masks" in row:
+                labels[0, torch.tensor(row["assistant_masks"]) == 0] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            if n:
+                total += float(model(input_ids=ids, labels=labels).loss) * n
+                count += n
+    loss = total / count if count else None
+    return {"loss": round(loss, 5) if loss is not None else None,
+            "perplexity": round(math.exp(loss), 3) if loss is not None else None, "tokens": count}
 
 
 STAGE = Stage(
     name="evaluate",
     doc="answers the prompt suite with every target (base, adapter, merged, each GGUF) and checks the answers; "
         "held-out loss when the spec holds rows out",
-    enabled=lambda spec: spec.evaluate is not None,
+    enabled=enabled,
     run=run, check=check, reads=reads, needs=needs,
     fields=("evaluate", "model.base", "model.chat_template", "model.load_in_4bit", "model.dtype"),
     artifacts=("eval",),
