@@ -27,9 +27,12 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_NO_CAC
     UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 ARG TORCH_INDEX_URL=
-COPY requirements.lock docker/install-locked.sh /tmp/lock/
+COPY requirements.lock docker/requirements-harness.lock docker/install-locked.sh /tmp/lock/
+# lm-evaluation-harness (evaluate.harness) lives apart, in /opt/harness: only its child process has it on its path,
+# so the job's own imports never pick up scikit-learn and the rest.
 RUN python3 -m venv /opt/venv \
  && sh /tmp/lock/install-locked.sh /tmp/lock/requirements.lock "${TORCH_INDEX_URL}" \
+ && pip install --no-cache-dir --no-deps --require-hashes --target /opt/harness -r /tmp/lock/requirements-harness.lock \
  && rm -rf /tmp/lock
 COPY --from=llama-cpp /opt/llama.cpp /opt/llama.cpp
 COPY docker/entrypoint.sh /usr/local/bin/peftopt-entrypoint

@@ -60,7 +60,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     row["r"] = (spec.get("lora") or {}).get("r")
     return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
             "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences,
-            "heldout": heldout}
+            "heldout": heldout, "harness": (metrics.get("evaluate") or {}).get("harness") or {}}
 
 
 def run_directories(paths: list[Path]) -> list[Path]:
@@ -152,6 +152,27 @@ def preferences_section(runs: list[dict]) -> list[str]:
                              f"({_fmt(s.get('reference_logps_desirable'))}) | {_fmt(s.get('logps_undesirable'))} "
                              f"({_fmt(s.get('reference_logps_undesirable'))}) |")
     return lines + [""] if len(lines) > 3 else []
+
+
+def harness_section(runs: list[dict]) -> list[str]:
+    """lm-evaluation-harness: each task's metrics for the base and the adapter, with their standard errors."""
+    lines = ["## Benchmarks (lm-evaluation-harness)", "", "| run | task | metric | base | adapter | adapter - base |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        base, adapter = run["harness"].get("base", {}), run["harness"].get("adapter", {})
+        for task in adapter:
+            for metric, value in adapter[task].items():
+                if metric.endswith("_stderr") or metric == "examples" or not isinstance(value, (int, float)):
+                    continue
+                before = base.get(task, {}).get(metric)
+
+                def shown(figures, value):
+                    error = figures.get(f"{metric}_stderr")
+                    return _fmt(value) + (f" ± {_fmt(error)}" if isinstance(error, (int, float)) else "")
+                lines.append(f"| {run['row']['run']} | {task} | {metric} | {shown(base.get(task, {}), before)} | "
+                             f"{shown(adapter[task], value)} | "
+                             f"{_fmt(value - before) if isinstance(before, (int, float)) else '—'} |")
+    return lines + ["", "± is the harness's standard error of each score."] + [""] if len(lines) > 4 else []
 
 
 def sources_section(runs: list[dict]) -> list[str]:
@@ -330,6 +351,7 @@ def build(run_dirs: list[Path], out: Path, baseline: str | None = None, log: Pat
                 md += divergence_note(run["summary"])
         md += sources_section(runs)
         md += preferences_section(runs)
+        md += harness_section(runs)
         md += answers_section(runs)
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode())

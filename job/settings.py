@@ -116,6 +116,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
              "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
              "training process)"),
+    Variable("PEFTOPT_HARNESS_DIR", "harness_dir", None, _text,
+             "where lm-evaluation-harness is installed apart from the job's packages (unset: /opt/harness when "
+             "it exists, as in the image; else the job's own environment)"),
     Variable("PEFTOPT_RANK_WAIT_S", "rank_wait_s", "21600", _float(1),
              "how long a waiting rank trusts rank 0 to send its next order"),
     Variable("PEFTOPT_HUB_RETRIES", "hub_retries", "5", _int(1), "tries of each Hub call"),
@@ -166,6 +169,7 @@ class Settings:
     liger: bool = True
     dequantize_base: bool = True
     batch_workers: str = "auto"
+    harness_dir: str | None = None
     rank_wait_s: float = 21600.0
     hub_retries: int = 5
     hub_backoff_s: float = 2.0
@@ -231,6 +235,19 @@ class Settings:
         if self.batch_workers == "auto":
             return 1 if device == "cuda" else 0
         return int(self.batch_workers)
+
+    def harness_path(self) -> str | None:
+        """The directory the harness's child process adds to its path (None: the job's environment has it)."""
+        if self.harness_dir is not None:
+            return self.harness_dir or None
+        return "/opt/harness" if os.path.isdir("/opt/harness") else None
+
+    def harness_env(self) -> dict[str, str]:
+        """The environment of lm-evaluation-harness's child process: the job's, with the harness's directory first
+        on its path."""
+        path = self.harness_path()
+        paths = [p for p in (path, os.environ.get("PYTHONPATH", "")) if p]
+        return self.child_env(**({"PYTHONPATH": os.pathsep.join(paths)} if path else {}), TOKENIZERS_PARALLELISM="false")
 
     def described(self) -> dict[str, Any]:
         """What `job_started` logs: every variable that is set, secrets as 'set'."""

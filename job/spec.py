@@ -351,6 +351,16 @@ class FromDataSpec(Section):
         return self
 
 
+class HarnessSpec(Section):
+    tasks: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, description="lm-evaluation-harness task (or group) names, the harness's own or ones defined "
+        "by the YAML files under include_path.")
+    limit: int | None = Field(None, ge=1, description="At most this many examples of each task (unset: all).")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples (unset: each task's own).")
+    include_path: str | None = Field(None, description="A directory of task YAML files (relative to the jobspec).")
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
 class EvaluateSpec(Section):
     prompts: str | list[str | dict[str, Any]] | None = Field(
         None,
@@ -358,6 +368,9 @@ class EvaluateSpec(Section):
         'suite items ({"id"?, "prompt" | "messages", "assert"?: [{"type", "value"?, ...}], "reference"?}); '
         "`peftopt checks` lists the check types.",
     )
+    harness: HarnessSpec | None = Field(
+        None, description="Standard benchmarks through EleutherAI's lm-evaluation-harness, for the base and the "
+        "adapter with the same settings: each task's scores and standard errors in metrics.json and the report.")
     from_data: FromDataSpec | None = Field(
         None, description="A suite made from the training data: rows held out of training (seeded), each asked "
         "up to its last assistant reply and checked against it.")
@@ -467,9 +480,13 @@ class JobSpec(Section):
             problems.append("evaluate.targets: 'merged' needs export.merge = true")
         if "gguf" in targets and not (self.export and self.export.gguf):
             problems.append("evaluate.targets: 'gguf' needs export.gguf")
-        if self.evaluate and self.evaluate.prompts is None and self.evaluate.from_data is None:
+        if self.evaluate and self.evaluate.harness and not self.train:
+            problems.append("evaluate.harness: scores the base against the adapter; needs a train section")
+        if self.evaluate and self.evaluate.prompts is None and self.evaluate.from_data is None \
+                and self.evaluate.harness is None:
             problems.append("evaluate: name the questions: prompts (a list, or a suite file such as "
-                            "prompts/seed10.json) or from_data (rows held out of the training data)")
+                            "prompts/seed10.json), from_data (rows held out of the training data) or harness "
+                            "(benchmark tasks)")
         if self.evaluate and self.evaluate.from_data is not None and not (
                 self.train and self.data and not self.train.preference()):
             problems.append("evaluate.from_data: holds rows out of supervised training data; needs the data and "

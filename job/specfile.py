@@ -211,9 +211,14 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     elif spec.data:
         updates["data"] = spec.data.model_copy(update={"sources": [
             s.model_copy(update={"source": _resolve(s.source, base_dir)}) for s in spec.data.sources]})
-    if spec.evaluate and isinstance(spec.evaluate.prompts, str):
-        updates["evaluate"] = spec.evaluate.model_copy(
-            update={"prompts": str((base_dir / spec.evaluate.prompts).resolve())})
+    if spec.evaluate:
+        evaluate = {}
+        if isinstance(spec.evaluate.prompts, str):
+            evaluate["prompts"] = str((base_dir / spec.evaluate.prompts).resolve())
+        if spec.evaluate.harness and spec.evaluate.harness.include_path:
+            evaluate["harness"] = spec.evaluate.harness.model_copy(
+                update={"include_path": str((base_dir / spec.evaluate.harness.include_path).resolve())})
+        updates["evaluate"] = spec.evaluate.model_copy(update=evaluate)
     return spec.model_copy(update=updates)
 
 

@@ -9,6 +9,8 @@ import pytest
 import tiny
 from conftest import events, run_cli, write_tiny_spec
 
+ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = pytest.mark.integration
 
 
@@ -110,32 +112,83 @@ def test_a_suite_item_of_the_wrong_shape_says_what_shape_is_expected(tmp_path, a
 
 
 def test_rows_held_out_by_from_data_are_asked_and_never_trained_on(tmp_path, tiny_model):
-    data = tmp_path / "conversions.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"How many minutes is {h} hours?"},
-        {"role": "assistant", "content": f"{60 * h} minutes"}]}) + "\n" for h in range(1, 41)))
+    """evaluate.from_data on the demo's data: the held-out conversations are asked, checked against their own
+    replies, reported per target, and none of them is in data/train.jsonl."""
+    data = ROOT / "jobspecs" / "data" / "chat-demo.jsonl"
     spec = write_tiny_spec(tmp_path, tiny_model, data, "held", train={"max_steps": 2, "save_steps": 2},
-                           evaluate={"from_data": {"rows": 5, "seed": 1, "assert": [{"type": "number"}]},
-                                     "max_new_tokens": 8, "targets": ["base", "adapter"]})
+                           data={"format": "sharegpt"},
+                           evaluate={"from_data": {"rows": 10, "seed": 1}, "max_new_tokens": 8,
+                                     "targets": ["base", "adapter"]})
     result = run_cli("run", spec, "--stages", "prepare,train,evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "held"
     held = [json.loads(line) for line in (run_dir / "data" / "suite.jsonl").read_text().splitlines()]
-    assert len(held) == 5 and all(item["assert"] == [{"type": "number"}] for item in held)
-    questions = {item["messages"][-1]["content"] for item in held}
+    assert len(held) == 10 and all(item["assert"] == [{"type": "chrf", "threshold": 60}] for item in held)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
     trained = [tokenizer.decode(json.loads(line)["input_ids"])
                for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
-    assert sum(text.count("How many minutes is") for text in trained) == 35
-    assert not [q for q in questions if any(q in text for text in trained)]
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())["targets"]
-    assert summary["base"]["checked"] == 5 and summary["adapter"]["checked"] == 5
-    assert summary["adapter"]["vs_base"]["prompts"] == 5
+    for item in held:
+        question, answer = item["messages"][-1]["content"], item["reference"]
+        assert not [text for text in trained if question in text and answer in text], question
     log = {e["event"]: e for e in events(result.stdout)}
-    assert log["data_prepared"]["suite"] == {"rows": 5, "not_askable": 0}
+    assert log["data_prepared"]["suite"] == {"rows": 10, "not_askable": 0}
+    assert log["data_prepared"]["train"]["rows"] == log["data_prepared"]["rows_read"] - 10 - \
+        log["data_prepared"]["sources"][0]["duplicates_dropped"]
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())["targets"]
+    assert summary["base"]["checked"] == 10 and summary["adapter"]["checked"] == 10
+    assert summary["adapter"]["vs_base"]["prompts"] == 10
     report = tmp_path / "report"
     assert run_cli("report", run_dir, "--out", report).returncode == 0
     text = (report / "report.md").read_text()
-    assert "| adapter | " in text and "/5 (" in text and "Expected: " in text
+    assert text.count("/10 (") == 2 and "| adapter | " in text and "| base | " in text
+
+
+MINUTES_TASK = """task: minutes
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_the_harness_scores_base_and_adapter_on_a_local_task_offline(tmp_path, tiny_model, tiny_data):
+    """lm-evaluation-harness with a task of its own YAML format over a local data file: both targets scored with
+    the same settings, scores and standard errors in metrics.json and the report; an unknown task is refused
+    before training."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = tmp_path / "minutes.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"How many minutes is {h} hours?", "answer": 0,
+                                        "choices": [f"{60 * h} minutes", f"{60 * h + 30} minutes", f"{h} minutes"]})
+                            + "\n" for h in range(1, 7)))
+    (tasks / "minutes.yaml").write_text(MINUTES_TASK.format(data=rows))
+    spec = write_tiny_spec(tmp_path, tiny_model, tiny_data, "bench", train={"max_steps": 2, "save_steps": 2},
+                           evaluate={"harness": {"tasks": ["minutes"], "limit": 6, "include_path": "tasks",
+                                                 "batch_size": 4}, "targets": ["adapter"]})
+    bad = json.loads(spec.read_text())
+    bad["evaluate"]["harness"]["tasks"] = ["minutes", "no_such_task"]
+    (tmp_path / "bad.json").write_text(json.dumps({**bad, "name": "bad"}))
+    refused = run_cli("run", tmp_path / "bad.json")
+    assert refused.returncode == 2 and "unknown task 'no_such_task'" in refused.stderr
+    assert not (tmp_path / "runs" / "bad" / "adapter").exists()
+    result = run_cli("run", spec, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "bench"
+    scores = json.loads((run_dir / "metrics.json").read_text())["evaluate"]["harness"]
+    for target in ("base", "adapter"):
+        minutes = scores[target]["minutes"]
+        assert 0 <= minutes["acc"] <= 1 and minutes["acc_stderr"] >= 0 and minutes["examples"] == 6
+    assert [e["target"] for e in events(result.stdout) if e["event"] == "harness_scored"] == ["base", "adapter"]
+    assert run_cli("report", run_dir, "--out", tmp_path / "report").returncode == 0
+    assert "| bench | minutes | acc | " in (tmp_path / "report" / "report.md").read_text()

@@ -116,6 +116,16 @@ def test_help_answers_without_importing_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_harness_is_installed_apart_and_reached_by_its_child_process_only():
+    probe = "import importlib.util as u; print(u.find_spec('sklearn') is None, u.find_spec('lm_eval') is None)"
+    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-c", probe)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], result.stderr
+    listing = ("from job import harness, settings\n"
+               "print(harness._child('tasks', {'tasks': ['arc_easy', 'no_such_task']}, settings.get(), 'listing'))")
+    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-c", listing)
+    assert result.returncode == 0 and "'unknown': ['no_such_task']" in result.stdout, result.stderr[-2000:]
+
+
 def test_env_shows_the_locked_versions_torch_cuda_build_and_llama_cpp():
     result = docker("run", "--rm", IMAGE, "env", "--json")
     assert result.returncode == 0, result.stderr

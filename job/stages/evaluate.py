@@ -45,6 +45,8 @@ def needs(spec: JobSpec) -> tuple[str, ...]:
     wanted = {stage for target in targets for stage in TARGET_NEEDS[target]}
     if spec.evaluate and spec.evaluate.from_data is not None:
         wanted.add("prepare")  # its data/suite.jsonl
+    if spec.evaluate and spec.evaluate.harness is not None:
+        wanted |= {"prepare", "train"}  # the base as the job reads it, and the adapter
     if heldout_wanted(spec) or preferences_wanted(spec):
         wanted |= {"prepare", "train"}
     if heldout_wanted(spec) and "merged" in targets:
@@ -74,6 +76,10 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
     problems = modelsrc.problems(spec) if scope.machine else []
     if spec.evaluate is None:
         return problems
+    if spec.evaluate.harness is not None and scope.machine:
+        from job import harness, settings
+
+        problems += harness.problems(spec.evaluate.harness, settings.get())
     if not isinstance(spec.evaluate.prompts, str) or scope.covers(spec.evaluate.prompts):
         problems += suite.problems(spec.evaluate)
     return problems
@@ -109,7 +115,23 @@ def run(ctx: RunContext) -> StageResult:
     elif heldout_wanted(spec):
         results["heldout"] = heldout_loss(spec, run_dir, backends.device(spec))
         log.info("heldout_evaluated", **results["heldout"])
+    if spec.evaluate and spec.evaluate.harness is not None:
+        from job import harness
+
+        _release_gpu_memory()
+        results["harness"] = harness.score(spec, run_dir, backends.device(spec), ctx.settings)
     return StageResult(artifacts=tuple(artifacts), metrics=results)
+
+
+def _release_gpu_memory() -> None:
+    """What this process's allocator keeps cached goes back to the GPU before a child process needs it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def answer_suite(ctx: RunContext) -> tuple[dict[str, Any], list[str]]:
