@@ -353,6 +353,29 @@ def standardize(row: Any, fmt: str, system_prompt: str | None, kind: str = "chat
 FIRST_ROWS = 200  # rows of a data file parsed before any work; the rest are checked by prepare
 
 
+UNREAD = "unread column "
+
+
+def unused_message(names: list[str], row: dict, source: DataSourceSpec) -> str:
+    """One line: the columns no field of the row's shape reads, what each may have meant, and the fixes."""
+    shape = shapes.detect(row) or "chat"
+    named = ", ".join(f"{name!r}" + (f" (did you mean {guess!r}?)" if (guess := shapes.meant(name, shapes.READS[shape]))
+                                     else "") for name in names[:10])
+    return (f"column(s) {named} of {source.source} are read by no field of {shapes.NOUNS[shape][0]} "
+            f"({', '.join(shapes.READS[shape])}); map a misnamed one with data.columns (e.g. "
+            f"{{\"{shapes.meant(names[0], shapes.READS[shape]) or shapes.READS[shape][0]}\": \"{names[0]}\"}}), "
+            "or set data.unused_columns to 'warn' to train without them")
+
+
+def warn_unused(source: DataSourceSpec, unread: dict[str, int]) -> None:
+    from job.log import get_logger
+
+    get_logger("peftopt.prepare").warning(
+        "data_columns_unused", source=source.source, rows_by_column=unread,
+        meant={name: guess for name in unread if (guess := shapes.meant(name))},
+        fix="map a misnamed column with data.columns; data.unused_columns 'error' refuses such data")
+
+
 def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
     """Preflight: the file reads and its first rows are conversations (unless bad rows may be skipped).
 
@@ -362,6 +385,20 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
     rows = list(itertools.islice(iter_local(Path(source.source), max_line_chars(spec)), FIRST_ROWS))
     if not rows:
         raise DataError(f"{where}: {source.source} holds no rows")
+    unread: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        renamed = shapes.renamed(row, source.columns)
+        shape = shapes.detect(renamed) if isinstance(renamed, dict) else None
+        if shape is None:
+            continue
+        names = shapes.unread(renamed, shape)
+        if names and spec.data.unused_columns == "error":
+            raise DataError(f"{'data' if where == 'data.source' else where} row {index}: "
+                            f"{unused_message(names, renamed, source)}")
+        for name in names:
+            unread[name] = unread.get(name, 0) + 1
+    if unread:
+        warn_unused(source, unread)
     if spec.data.bad_rows == "skip":
         return
     kind = family(spec)
@@ -375,8 +412,10 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
             if found is not None and (found not in shapes.TAKES[kind] or (named and found != named)):
                 wrong_kind.append((index, exc))
                 continue
-            raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}; "
-                            "set data.bad_rows='skip' to drop such rows)") from None
+            renamed = shapes.renamed(row, source.columns)
+            hint = shapes.columns_hint(renamed) if isinstance(renamed, dict) and found is None else ""
+            raise DataError(f"{'data' if where == 'data.source' else where} row {index}: {exc} (in {source.source}"
+                            f"{hint}; set data.bad_rows='skip' to drop such rows)") from None
     if wrong_kind and len(wrong_kind) == len(rows):  # the whole file is of another kind
         found = shapes.detect(shapes.renamed(rows[0], source.columns))
         named = shapes.FORMATS.get(source.format)
@@ -521,9 +560,20 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: Itera
                                    source.columns)
         except BadRow as exc:
             if spec.data.bad_rows == "error":
-                raise DataError(f"{where} {number}: {exc} (set data.bad_rows='skip' to drop such rows)") from None
+                renamed = shapes.renamed(row, source.columns)
+                hint = shapes.columns_hint(renamed) if isinstance(renamed, dict) and shapes.detect(renamed) is None \
+                    else ""
+                raise DataError(f"{where} {number}: {exc}{hint} (set data.bad_rows='skip' to drop such rows)") \
+                    from None
             counts[skip_reason(exc)] += 1
             continue
+        renamed = shapes.renamed(row, source.columns)
+        unread = shapes.unread(renamed, shapes.detect(renamed) or "chat")
+        if unread:
+            if spec.data.unused_columns == "error":
+                raise DataError(f"{where} {number}: {unused_message(unread, renamed, source)}")
+            for name in unread:
+                counts[UNREAD + name] += 1
         for example in [examples] if kind == "chat" else examples:
             if spec.data.thinking == "drop":
                 example = without_thinking(example)
@@ -569,10 +619,15 @@ def mixture(spec: JobSpec, rows_by_source: list[Iterable] | None = None) -> tupl
             seen.add(key)
             spool.add(example)
         spools.append(spool)
-        kept = Counter({k: counts[k] for k in ("duplicate", "chars_capped", "rows_read")})
+        unread = {k[len(UNREAD):]: v for k, v in counts.items() if k.startswith(UNREAD)}
+        kept = Counter({k: counts[k] for k in ("duplicate", "chars_capped", "rows_read")}) + \
+            Counter({UNREAD + k: v for k, v in unread.items()})
         figures.append({"source": source.source, "split": source.split, "rows_read": counts["rows_read"],
                         "skipped": dict(counts - kept), "duplicates_dropped": counts["duplicate"],
                         "chars_capped": counts["chars_capped"]})
+        if unread:
+            figures[-1]["unused_columns"] = unread
+            warn_unused(source, unread)
     seen.clear()
     weights = {i: s.weight for i, s in enumerate(sources) if s.weight is not None}
     origin, position = array("i"), array("q")

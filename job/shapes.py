@@ -17,7 +17,7 @@ or breaks its shape's rules, raises BadRow saying how (the caller names the row)
 from __future__ import annotations
 
 import itertools
-
+import json
 from typing import Any
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -38,6 +38,39 @@ EXPECTED = {"chat": "a conversation ('conversations' or 'messages')",
             "alpaca": "an alpaca row (instruction, optional input, output)",
             "prompt_completion": "a prompt/completion row (prompt, completion)",
             "text": "a text row (text)"}
+
+
+# The fields each shape reads; any other column of a row is left unread (`unread`).
+READS = {"chat": ("conversations", "messages", "tools"),
+         "pair": ("prompt", "chosen", "rejected", "input", "preferred_output", "non_preferred_output"),
+         "unpaired": ("prompt", "completion", "label"), "alpaca": ("instruction", "input", "output", "system"),
+         "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+ALL_FIELDS = tuple(dict.fromkeys(f for fields in READS.values() for f in fields))
+
+
+def unread(row: Any, shape: str) -> list[str]:
+    """The columns of a row (as renamed by data.columns) that no field of `shape` reads."""
+    if not isinstance(row, dict):
+        return []
+    return [str(name) for name in row if name not in READS[shape]]
+
+
+def meant(name: str, fields: tuple[str, ...] = ALL_FIELDS) -> str | None:
+    """The field a misspelt column name most likely meant ('inptu' -> 'input'), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def columns_hint(row: Any) -> str:
+    """For a row that fits no shape: which of its columns may be a field under another name, as data.columns."""
+    if not isinstance(row, dict):
+        return ""
+    guesses = {field: str(name) for name in row if str(name) not in ALL_FIELDS and (field := meant(str(name)))}
+    if guesses:
+        return f"; a column under another name is mapped with data.columns, e.g. {json.dumps(guesses)}"
+    return "; a column under another name is mapped with data.columns ({\"<field>\": \"<your column>\"})"
 
 
 class BadRow(ValueError):

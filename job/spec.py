@@ -170,6 +170,10 @@ class DataSpec(Section):
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first malformed row, naming it; skip: drop and count them."
     )
+    unused_columns: Literal["warn", "error"] = Field(
+        "warn", description="A column that no field of the row's shape reads (a misnamed 'inptu' in an alpaca "
+        "file): warn names it per source at validate and prepare, with the field it may have meant; error refuses "
+        "the data (exit 3). Map such a column with data.columns.")
     min_tokens: int | None = Field(None, ge=1, description="Drop conversations shorter than this (counted).")
     max_tokens: int | None = Field(None, ge=1, description="Drop conversations longer than this, instead of "
                                    "truncating them to model.max_seq_length (counted).")

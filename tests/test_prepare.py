@@ -166,3 +166,30 @@ def test_two_source_mixture_trains_with_per_source_counts_and_no_duplicates(make
     assert report.returncode == 0, report.stderr
     rows = [line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| mix1 |")]
     assert len(rows) == 2 and f"| {b['train_rows']} | {b['trainable_tokens']} |" in rows[1]
+
+
+def test_a_column_no_field_reads_is_named_at_validate_and_prepare_and_refused_under_error(tmp_path, tiny_model):
+    """A misnamed optional column (alpaca's 'input' as 'inptu') would train on the instruction alone: it is named
+    with the field it may have meant, counted per source by prepare, and refused under data.unused_columns 'error';
+    a misnamed required column's error suggests data.columns."""
+    from conftest import events, write_tiny_spec
+
+    rows = tmp_path / "plurals.csv"
+    rows.write_text("instruction,inptu,output\n" + "".join(
+        f"Give the plural of the word.,{w},{p}\n" for w, p in [("goose", "geese"), ("mouse", "mice"), ("cat", "cats")]))
+    spec = write_tiny_spec(tmp_path, tiny_model, rows, "plurals", train={"max_steps": 1, "packing": False})
+    checked = run_cli("validate", spec)
+    assert checked.returncode == 0, checked.stderr
+    warned = [e for e in events(checked.stdout + checked.stderr) if e["event"] == "data_columns_unused"]
+    assert warned and warned[0]["rows_by_column"] == {"inptu": 3} and warned[0]["meant"] == {"inptu": "input"}
+    prepared = run_cli("run", spec, "--stages", "prepare")
+    assert prepared.returncode == 0, prepared.stderr
+    stats = next(e for e in events(prepared.stdout) if e["event"] == "data_prepared")
+    assert stats["sources"][0]["unused_columns"] == {"inptu": 3} and stats["sources"][0]["skipped"] == {}
+    strict = run_cli("validate", spec, "--set", "data.unused_columns=error")
+    assert strict.returncode == 3 and "'inptu' (did you mean 'input'?)" in strict.stderr
+    assert '{"input": "inptu"}' in strict.stderr
+    rows.write_text(rows.read_text().replace("instruction,", "instrction,", 1))
+    misnamed = run_cli("validate", spec)
+    assert misnamed.returncode == 3 and '"instruction": "instrction"' in misnamed.stderr
+    assert "data.columns" in misnamed.stderr
