@@ -16,9 +16,9 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH
 
 
 def _fail(exc: PeftoptError) -> None:
-    from job.log import get_logger, mask_text
+    from job.log import log_failure, mask_text
 
-    get_logger().error(exc.event, error=exc.message, details=exc.details or None, exit_code=exc.exit_code)
+    log_failure(exc)
     click.echo(mask_text(f"error: {exc.message}"), err=True)
     for line in exc.details:
         click.echo(mask_text(f"  {line}"), err=True)

@@ -264,5 +264,14 @@ def detach_events_file() -> None:
         _file_handler = None
 
 
+def log_failure(exc) -> None:
+    """A PeftoptError's event (job_failed, job_interrupted, ...), once: the runner logs it while the run's events
+    file is still attached, and the CLI edge, which prints the error line, does not log it again."""
+    if getattr(exc, "logged", False):
+        return
+    get_logger().error(exc.event, error=exc.message, details=exc.details or None, exit_code=exc.exit_code)
+    exc.logged = True
+
+
 def get_logger(name: str = "peftopt"):
     return structlog.get_logger(name)

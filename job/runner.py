@@ -13,7 +13,7 @@ import structlog
 
 from job import distributed, interrupt, preflight, stages as registry, tracking
 from job.errors import ExternalError, Interrupted, PeftoptError, RunConflict, SpecError, disk_error
-from job.log import attach_events_file, detach_events_file, get_logger
+from job.log import attach_events_file, detach_events_file, get_logger, log_failure
 from job.metrics import append_experiment_row, hardware, package_versions, update_metrics
 from job.rundir import RunDir, RunState, StageState, atomic_write_json, now_iso, read_json
 from job.settings import Settings
@@ -120,6 +120,9 @@ def run_job(spec: JobSpec, settings: Settings, *, output_dir: str | None = None,
                     attach_events_file(events)
                     try:
                         state = _run_locked(ctx, stages, only)
+                    except PeftoptError as exc:  # its event belongs in events.jsonl too
+                        log_failure(exc)
+                        raise
                     finally:
                         detach_events_file()
         except BaseException as exc:

@@ -205,6 +205,8 @@ def test_sigterm_exits_75_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp
     run_dir = tmp_path / "runs" / "stopped"
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "interrupted" and state["stages"]["train"]["status"] == "interrupted"
+    recorded = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["exit_code"] for e in recorded if e["event"] == "job_interrupted"] == [75]  # in the run's own log
     assert not (run_dir / "adapter").exists()
     saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
     assert saved and signalled_at <= saved[-1] < 40
