@@ -189,7 +189,8 @@ def configure(json_output: bool | None = None, level: str | None = None, setting
     for handler in list(root.handlers):
         if getattr(handler, "_peftopt", False):
             root.removeHandler(handler)
-    stdout_handler = logging.StreamHandler(sys.stdout)
+    stdout_handler = _AboveTheBar(sys.stdout) if not json_output else logging.StreamHandler(sys.stdout)
+    stdout_handler.addFilter(_ShownByTheBar())
     stdout_handler.setFormatter(_formatter(json_output))
     stdout_handler._peftopt = True  # type: ignore[attr-defined]
     root.addHandler(stdout_handler)
@@ -203,6 +204,20 @@ def configure(json_output: bool | None = None, level: str | None = None, setting
     for name, library in _LOGGING_MODULES.items():  # already imported (a test, or an embedding program)
         if name in sys.modules:
             _route(library, sys.modules[name])
+
+
+class _AboveTheBar(logging.StreamHandler):
+    """The console handler: while the training bar is up, a line is written above it (tqdm.write), not into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _bar_up:
+            return super().emit(record)
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging does: a failed write never stops the job
+            self.handleError(record)
 
 
 def keep_stdout_for_events() -> None:
@@ -262,6 +277,51 @@ def detach_events_file() -> None:
         _file_handler.flush()
         _file_handler.stream.close()
         _file_handler = None
+
+
+class _ShownByTheBar(logging.Filter):
+    """On a terminal, while the training bar is up, its `train_progress` events are what the bar shows: they
+    reach the events file, not the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = record.msg.get("event") if isinstance(record.msg, dict) else None
+        return not (_bar_up and event == "train_progress")
+
+
+_bar_up = False
+
+
+class TrainingBar:
+    """The terminal's training display (tqdm): one line updated in place, step/max, loss, learning rate,
+    tokens/s and the time left from recent steps; other events print above it. Only when stdout is a terminal."""
+
+    def __init__(self, total: int, done: int):
+        import shutil
+
+        from tqdm import tqdm
+
+        global _bar_up
+        width = shutil.get_terminal_size((100, 24)).columns  # a terminal that reports no size gets 100
+        self.bar = tqdm(total=total, initial=done, unit="step", ncols=width or 100, smoothing=0.1,
+                        file=sys.stdout, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} "
+                        "{postfix}", desc="train")
+        self.done = done
+        _bar_up = True
+
+    def update(self, step: int, loss: float, learning_rate: float | None, tokens_per_s: float) -> None:
+        self.bar.set_postfix_str(f"loss {loss:.4f}" + (f", lr {learning_rate:.2e}" if learning_rate else "")
+                                 + f", {tokens_per_s:,.0f} tok/s", refresh=False)
+        self.bar.update(max(step - self.done, 0))
+        self.done = step
+
+    def close(self) -> None:
+        global _bar_up
+        _bar_up = False
+        self.bar.close()
+
+
+def training_bar(total: int, done: int) -> TrainingBar | None:
+    return None if _json_stdout else TrainingBar(total, done)
 
 
 def log_failure(exc) -> None:

@@ -20,7 +20,7 @@ from job.backends.plan import Plan
 from job.checkpoints import (AsyncCheckpointWriter, Expected, adapter_shapes, checkpoint_step, complete_steps,
                              newest_complete_checkpoint, set_aside)
 from job.errors import CheckpointRefused, ExternalError, Interrupted, RankLost
-from job.log import get_logger, json_stdout
+from job.log import get_logger, training_bar
 from job.rundir import RunDir, atomic_dir, refuse_links
 from job.spec import JobSpec
 
@@ -97,7 +97,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         max_length=spec.model.max_seq_length, use_cpu=device == "cpu", **(tracking or {"report_to": "none"}),
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
-        dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=json_stdout(),
+        dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=True,  # our own bar (job/log.py)
         # The filter swaps a NaN or infinite loss for the mean of earlier ones in the log, hiding a diverged run,
         # and reads the loss back from the GPU after every micro-batch to do it, which stalls the queue.
         logging_nan_inf_filter=False,
@@ -143,6 +143,12 @@ def _callbacks():
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.first_step = time.perf_counter(), state.global_step
+            self.bar = training_bar(state.max_steps, state.global_step) if distributed.world().is_main else None
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if getattr(self, "bar", None) is not None:
+                self.bar.close()
+                self.bar = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -153,7 +159,15 @@ def _callbacks():
             log.info("train_progress", step=state.global_step, max_steps=state.max_steps,
                      loss=round(logs["loss"], 6), learning_rate=logs.get("learning_rate"),
                      tokens=int(self.all_tokens), tokens_per_s=round(self.all_tokens / elapsed, 1),
-                     eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1))
+                     eta_s=round(self.recent_step_s(elapsed / done) * (state.max_steps - state.global_step), 1))
+            if getattr(self, "bar", None) is not None:
+                self.bar.update(state.global_step, logs["loss"], logs.get("learning_rate"), self.all_tokens / elapsed)
+
+        def recent_step_s(self, fallback: float) -> float:
+            """Seconds per step over the last 20 steps: the first steps (compiling, warming up) would make the time
+            left too long for the rest of the run."""
+            recent = self.clock[-21:]
+            return (recent[-1][0] - recent[0][0]) / (len(recent) - 1) if len(recent) > 2 else fallback
 
         def steady_tokens_per_s(self) -> float | None:
             """Tokens/s over this session's steps after the first STEADY_SKIP: what `peftopt bench` times."""
@@ -351,9 +365,9 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    if json_stdout():  # the Trainer would print raw dicts and bars into the JSON stream
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    # The Trainer would print raw dicts (and its bar) beside our events and our terminal bar.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     expected = Expected(max_steps=spec.train.max_steps, adapter_shapes=adapter_shapes(trainer.model))
     resume = find_resume_point(spec, run_dir, fingerprint, restart, session, expected)
     if distributed.active() and trainer.args.device.type == "cpu" and trainer.args.device.index is not None:
