@@ -18,7 +18,7 @@ from job.rundir import atomic_write_bytes, read_json, read_jsonl
 
 COLUMNS = [("final_loss", "Final loss"), ("heldout_loss", "Held-out loss"), ("runtime_s", "Runtime (s)"),
            ("peak_gpu_gb", "Peak GPU (GB)"), ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"),
-           ("pass_rate", "Prompts passed"), ("leaking_answers", "Leaking answers"),
+           ("pass_rate", "Prompts passed (share)"), ("leaking_answers", "Leaking answers"),
            ("reward_accuracy", "Reward accuracy (held out)")]
 TARGET_ORDER = ("adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-bf16", "gguf-q4_k_m", "base")
 
@@ -151,7 +151,7 @@ def preferences_section(runs: list[dict]) -> list[str]:
                              f"{_fmt(s['reward_accuracy'])} | | {_fmt(s.get('logps_desirable'))} "
                              f"({_fmt(s.get('reference_logps_desirable'))}) | {_fmt(s.get('logps_undesirable'))} "
                              f"({_fmt(s.get('reference_logps_undesirable'))}) |")
-    return lines + [""] if len(lines) > 3 else []
+    return lines + [""] if len(lines) > 4 else []
 
 
 def harness_section(runs: list[dict]) -> list[str]:
@@ -185,7 +185,7 @@ def sources_section(runs: list[dict]) -> list[str]:
                          f"{source.get('rows_used')} | {source.get('duplicates_dropped', 0)} | "
                          f"{sum(source.get('skipped', {}).values())} | {source.get('train_rows')} | "
                          f"{source.get('trainable_tokens')} |")
-    return lines + [""] if len(lines) > 2 else []
+    return lines + [""] if len(lines) > 4 else []
 
 
 def load_log(path: Path) -> list[dict]:

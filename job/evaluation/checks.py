@@ -373,7 +373,7 @@ def run_all(answer: str, item: dict, *, prompt: str = "", stop_reason: str | Non
             code_checks: str = "sandboxed") -> dict:
     """Every check of a suite item on one answer: {"checks": {name: result} (the sanity checks and the seed's
     named checks), "assert": [result, ...] (the declared checks), "passed": True/False, or None when the item
-    declares no check, "failed": [one-line reasons]}. A prompt passes when every declared check passes (a check
+    declares no check, "failed": [one-line reasons, the sanity checks' when they fire]}. A prompt passes when every declared check passes (a check
     that could not run here is left out) and neither sanity check fires."""
     named = {name: CHECKS[name](answer, prompt=prompt, stop_reason=stop_reason) for name in ALWAYS}
     for name, params in (item.get("checks") or {}).items():
@@ -386,13 +386,19 @@ def run_all(answer: str, item: dict, *, prompt: str = "", stop_reason: str | Non
                 for d in item.get("assert") or []]
     results = [r for n, r in named.items() if n not in ALWAYS] + declared
     ran = [r for r in results if r.get("passed") is not None]
-    failed = [f"{r.get('type', n)}: {r.get('reason') or 'failed'}" for n, r in
+    failed = [f"{r.get('type', n)}: {r.get('reason') or _figures(r)}" for n, r in
               [(n, r) for n, r in named.items() if n not in ALWAYS] + [(r["type"], r) for r in declared]
               if r.get("passed") is False]
     fired = [f"{name}: {', '.join(named[name].get('found') or named[name].get('problems') or [])}"
              for name in ALWAYS if not named[name]["passed"]]
     passed = None if not ran else not failed and not fired
-    return {"checks": named, "assert": declared, "passed": passed, "failed": failed + (fired if ran else [])}
+    return {"checks": named, "assert": declared, "passed": passed, "failed": failed + fired}
+
+
+def _figures(result: dict) -> str:
+    """A named check's failure in one line, from what it found (count=5, expected=3)."""
+    shown = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in result.items() if k != "passed")
+    return shown[:200] or "failed"
 
 
 def wilson_interval(passed: int, total: int, z: float = 1.96) -> list[float] | None:
