@@ -9,7 +9,7 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
     {"job.__main__", "job.cli"},
     {"job.runner", "job.preflight", "job.bench", "job.report", "job.inspection"},
     {"job.stages"},
-    {"job.backends", "job.evaluation", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile",
+    {"job.backends", "job.evaluation", "job.harness", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile",
      "job.tracking"},
     {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data", "job.preference"},
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
