@@ -91,6 +91,29 @@ def test_every_check_type_on_a_known_answer(tmp_path, answers_180):
         assert all("\n" not in reason for reason in answer.get("failed", []))
 
 
+def test_targets_are_compared_with_the_base_prompt_by_prompt(tmp_path, answers_180):
+    """The paired comparison on real targets whose answers are known: the merged model of an adapter trained at a
+    learning rate too small to move a weight answers as the base does, so nothing is fixed or broken, the prompts
+    both pass and both fail are counted, and the exact McNemar test finds no difference (p = 1)."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"How many minutes is {h} hours?"},
+                                                     {"role": "assistant", "content": f"{60 * h} minutes"}]}) + "\n"
+                            for h in range(1, 9)))
+    suite = [{"id": f"{h}h", "prompt": f"How many minutes is {h} hours?", "reference": f"{60 * h} minutes",
+              "assert": [{"type": "number"}]} for h in (1, 2, 3)]
+    (tmp_path / "suite.jsonl").write_text("".join(json.dumps(item) + "\n" for item in suite))
+    spec = write_tiny_spec(tmp_path, answers_180, data, "paired",
+                           train={"max_steps": 1, "save_steps": 1, "learning_rate": 1e-12, "packing": False},
+                           evaluate={"prompts": "suite.jsonl", "max_new_tokens": 16, "targets": ["base", "merged"]},
+                           export={"merge": True})
+    result = run_cli("run", spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "paired" / "eval" / "summary.json").read_text())["targets"]
+    assert (summary["base"]["passed"], summary["merged"]["passed"]) == (1, 1)  # 3 hours: 180 minutes
+    assert summary["merged"]["vs_base"] == {"prompts": 3, "fixed": 0, "broken": 0, "both_passed": 1,
+                                            "both_failed": 2, "p_value": 1.0, "test": "exact McNemar (two-sided)"}
+
+
 def test_a_suite_item_of_the_wrong_shape_says_what_shape_is_expected(tmp_path, answers_180):
     (tmp_path / "bad.jsonl").write_text('{"question": "How many minutes is 3 hours?"}\n')
     spec = tmp_path / "bad.json"
