@@ -201,9 +201,11 @@ def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
+    from job import settings
     from job.backends import attention, liger
 
-    assert liger.availability("llama", "cuda")[0], liger.availability("llama", "cuda")[1]
+    available, why = liger.availability("llama", "cuda", settings.get())
+    assert available, why
     config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     torch.manual_seed(0)
