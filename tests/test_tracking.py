@@ -17,7 +17,8 @@ def tracked_run(tmp_path_factory, tiny_model, tiny_data):
     out = tmp_path_factory.mktemp("tracked")
     path = write_tiny_spec(out, tiny_model, tiny_data, "tracked", data={"eval_split": 0.1}, lora={"r": 4, "alpha": 8},
                            train={"save_steps": 3, "report_to": ["tensorboard", "mlflow", "wandb"]},
-                           evaluate={"prompts": ["Say hello."], "max_new_tokens": 6, "targets": ["adapter"]})
+                           evaluate={"prompts": [{"prompt": "Say hello.", "assert": [{"type": "icontains", "value": "hello"}]}],
+                                     "max_new_tokens": 6, "targets": ["adapter"]})
     env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     for name in ("MLFLOW_TRACKING_URI", "WANDB_DIR", "WANDB_API_KEY"):
         env.pop(name, None)

@@ -46,14 +46,14 @@ def test_a_code_check_cannot_reach_secrets_network_files_or_the_machine(attack, 
 def test_unisolated_checks_only_when_asked_and_skipped_checks_are_reported(tmp_path):
     from job.evaluation import checks
 
-    off = checks.run_all("```python\ndef f(s):\n    return s[::-1]\n```", {"python_function": {"cases": [["a", "a"]]}},
-                         code_checks="off")
-    assert off["python_function"]["passed"] is None and "off" in off["python_function"]["skipped"]
-    summary = checks.summarize([{"checks": off}])
+    answer = "```python\ndef f(s):\n    return s[::-1]\n```"
+    off = checks.run_all(answer, {"checks": {"python_function": {"cases": [["a", "a"]]}}}, code_checks="off")
+    assert off["checks"]["python_function"]["passed"] is None and "off" in off["checks"]["python_function"]["skipped"]
+    assert off["passed"] is None  # a check that could not run is left out, not failed
+    summary = checks.summarize([off])
     assert "python_function" not in summary["checks"] and summary["skipped_checks"]["python_function"]
-    loose = checks.run_all("```python\ndef f(s):\n    return s[::-1]\n```", {"python_function": {"cases": [["ab", "ba"]]}},
-                           code_checks="unisolated")
-    assert loose["python_function"]["passed"] and loose["python_function"]["isolated"] is False
+    loose = checks.run_all(answer, {"assert": [{"type": "python", "value": [["ab", "ba"]]}]}, code_checks="unisolated")
+    assert loose["passed"] and loose["assert"][0]["isolated"] is False
 
 
 @pytest.fixture(scope="module")
