@@ -354,13 +354,16 @@ FIRST_ROWS = 200  # rows of a data file parsed before any work; the rest are che
 
 
 UNREAD = "unread column "
+# A data file's column names are the writer's: the report of unread ones keeps this many, this long.
+MAX_UNREAD_COLUMNS, MAX_COLUMN_NAME = 20, 60
 
 
 def unused_message(names: list[str], row: dict, source: DataSourceSpec) -> str:
     """One line: the columns no field of the row's shape reads, what each may have meant, and the fixes."""
     shape = shapes.detect(row) or "chat"
+    names = [name[:MAX_COLUMN_NAME] for name in names[:10]]
     named = ", ".join(f"{name!r}" + (f" (did you mean {guess!r}?)" if (guess := shapes.meant(name, shapes.READS[shape]))
-                                     else "") for name in names[:10])
+                                     else "") for name in names)
     return (f"column(s) {named} of {source.source} are read by no field of {shapes.NOUNS[shape][0]} "
             f"({', '.join(shapes.READS[shape])}); map a misnamed one with data.columns (e.g. "
             f"{{\"{shapes.meant(names[0], shapes.READS[shape]) or shapes.READS[shape][0]}\": \"{names[0]}\"}}), "
@@ -396,7 +399,9 @@ def check_rows(spec: JobSpec, source: DataSourceSpec, where: str) -> None:
             raise DataError(f"{'data' if where == 'data.source' else where} row {index}: "
                             f"{unused_message(names, renamed, source)}")
         for name in names:
-            unread[name] = unread.get(name, 0) + 1
+            name = name[:MAX_COLUMN_NAME]
+            if name in unread or len(unread) < MAX_UNREAD_COLUMNS:
+                unread[name] = unread.get(name, 0) + 1
     if unread:
         warn_unused(source, unread)
     if spec.data.bad_rows == "skip":
@@ -573,7 +578,9 @@ def _standardized(spec: JobSpec, index: int, source: DataSourceSpec, rows: Itera
             if spec.data.unused_columns == "error":
                 raise DataError(f"{where} {number}: {unused_message(unread, renamed, source)}")
             for name in unread:
-                counts[UNREAD + name] += 1
+                key = UNREAD + name[:MAX_COLUMN_NAME]
+                if key in counts or sum(k.startswith(UNREAD) for k in counts) < MAX_UNREAD_COLUMNS:
+                    counts[key] += 1
         for example in [examples] if kind == "chat" else examples:
             if spec.data.thinking == "drop":
                 example = without_thinking(example)

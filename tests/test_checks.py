@@ -170,3 +170,10 @@ def test_paired_comparison_counts_fixed_and_broken_with_an_exact_mcnemar_test():
     assert (result["fixed"], result["broken"], result["both_passed"], result["both_failed"]) == (10, 1, 1, 0)
     assert result["p_value"] == round(2 * (1 + 11) / 2 ** 11, 6)  # P(X <= 1), X ~ Bin(11, 1/2), two-sided
     assert checks.paired(base, base)["p_value"] == 1.0
+
+
+def test_json_checks_answer_a_hostile_nesting_with_a_failure_not_a_crash():
+    deep = "[" * 100_000 + "]" * 100_000
+    assert "nested too deeply" in checks.run_assertion({"type": "is-json"}, deep)["reason"]
+    schema = {"type": "array", "items": {"$ref": "#"}}
+    assert checks.run_assertion({"type": "is-json", "value": schema}, "[" * 900 + "]" * 900)["passed"] in (True, False)

@@ -1,6 +1,7 @@
 """Unit/integration: conversations are standardized, bad rows are named, sources are mixed reproducibly, and
 only assistant tokens train."""
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,17 @@ def test_a_column_no_field_reads_is_named_at_validate_and_prepare_and_refused_un
     misnamed = run_cli("validate", spec)
     assert misnamed.returncode == 3 and '"instruction": "instrction"' in misnamed.stderr
     assert "data.columns" in misnamed.stderr
+
+
+def test_the_unread_columns_reported_are_bounded_whatever_the_file_names():
+    from job.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "x", "model": {"base": "x/y"}, "data": {"source": "d.jsonl"},
+                                   "lora": {"r": 8}, "train": {"max_steps": 1}})
+    rows = [{"instruction": "Say hi.", "output": "Hi.", **{f"{i}_{k}_{'c' * 500}": 1 for k in range(30)}}
+            for i in range(50)]
+    counts = Counter()
+    list(data._standardized(spec, 0, spec.data.all_sources()[0], rows, counts))
+    unread = [k for k in counts if k.startswith(data.UNREAD)]
+    assert len(unread) == data.MAX_UNREAD_COLUMNS
+    assert all(len(k) <= len(data.UNREAD) + data.MAX_COLUMN_NAME for k in unread)

@@ -208,11 +208,16 @@ def assert_is_json(answer: str, value: Any = None, **_) -> dict:
         parsed = json.loads(_json_text(answer))
     except ValueError as exc:
         return _result(False, f"expected JSON, found {_shown(answer)} ({str(exc).split(':')[0]})")
+    except RecursionError:  # an answer of thousands of nested brackets
+        return _result(False, f"expected JSON, found {_shown(answer)} (nested too deeply)")
     if value is None:
         return _result(True, "")
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(value).iter_errors(parsed))
+    try:
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(value).iter_errors(parsed))
+    except RecursionError:
+        return _result(False, f"JSON nested too deeply to check against the schema: {_shown(answer)}")
     where = "/".join(str(p) for p in error.absolute_path) if error else ""
     return _result(error is None, f"JSON does not meet the schema at '{where or '/'}': {error.message if error else ''}"[:300])
 
