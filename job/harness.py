@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from job.errors import ExternalError, Interrupted, SpecError
+from job.errors import ExternalError, SpecError
 from job.log import get_logger
 
 log = get_logger("peftopt.harness")
@@ -30,18 +30,7 @@ def _child(action: str, payload: dict, settings, what: str, timeout: float | Non
 
     proc = subprocess.Popen([sys.executable, "-m", "job.harness", action, json.dumps(payload)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=settings.harness_env())
-    started = time.monotonic()
-    while True:
-        try:
-            out, err = proc.communicate(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            if interrupt.stop_requested() or (timeout and time.monotonic() - started > timeout):
-                proc.kill()
-                proc.communicate()
-                if interrupt.stop_requested():
-                    raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
-                raise ExternalError(f"{what}: no answer within {timeout:.0f} s") from None
+    out, err = interrupt.wait_for(proc, what, timeout=timeout)
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
     if proc.returncode != 0 or line is None:
         tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["no output"]

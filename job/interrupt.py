@@ -73,3 +73,27 @@ def install(grace_s: float = 20.0) -> None:
 def set_grace(grace_s: float) -> None:
     global _grace_s
     _grace_s = grace_s
+
+
+def wait_for(proc, what: str, *, timeout: float | None = None, input_text: str | None = None,
+             stop: threading.Event | None = None) -> tuple[str, str]:
+    """A child process's (stdout, stderr) once it ends. A stop request (SIGTERM), or `stop` (the caller gave up on
+    it), kills it and raises Interrupted; so does running past `timeout`, as ExternalError."""
+    import subprocess
+
+    from job.errors import ExternalError, Interrupted
+
+    deadline = time.monotonic() + timeout if timeout else None
+    pending_input = input_text
+    while True:
+        try:
+            return proc.communicate(input=pending_input, timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pending_input = None  # communicate() already sent it
+            abandoned = stop is not None and stop.is_set()
+            if stop_requested() or abandoned or (deadline is not None and time.monotonic() > deadline):
+                proc.kill()
+                proc.communicate()
+                if stop_requested() or abandoned:
+                    raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
+                raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None

@@ -147,27 +147,10 @@ def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: f
          ) -> subprocess.CompletedProcess:
     """Runs a tool (or finishes `process`, one started ahead); a stop request (SIGTERM) ends it at once and
     raises Interrupted, as does `stop` (a threading.Event: the caller gave up on it)."""
-    import time
-
     from job import interrupt
-    from job.errors import Interrupted
 
     proc = process or _start(cmd, what, stdin=input_text is not None, cpus=cpus)
-    deadline = time.monotonic() + timeout
-    pending_input = input_text
-    while True:
-        try:
-            stdout, stderr = proc.communicate(input=pending_input, timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            pending_input = None  # communicate() already sent it
-            abandoned = stop is not None and stop.is_set()
-            if interrupt.stop_requested() or abandoned or time.monotonic() > deadline:
-                proc.kill()
-                proc.communicate()
-                if interrupt.stop_requested() or abandoned:
-                    raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
-                raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
+    stdout, stderr = interrupt.wait_for(proc, what, timeout=timeout, input_text=input_text, stop=stop)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]

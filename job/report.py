@@ -154,6 +154,11 @@ def preferences_section(runs: list[dict]) -> list[str]:
     return lines + [""] if len(lines) > 4 else []
 
 
+def _with_error(figures: dict, metric: str, value) -> str:
+    error = figures.get(f"{metric}_stderr")
+    return _fmt(value) + (f" ± {_fmt(error)}" if isinstance(error, (int, float)) else "")
+
+
 def harness_section(runs: list[dict]) -> list[str]:
     """lm-evaluation-harness: each task's metrics for the base and the adapter, with their standard errors."""
     lines = ["## Benchmarks (lm-evaluation-harness)", "", "| run | task | metric | base | adapter | adapter - base |",
@@ -165,12 +170,9 @@ def harness_section(runs: list[dict]) -> list[str]:
                 if metric.endswith("_stderr") or metric == "examples" or not isinstance(value, (int, float)):
                     continue
                 before = base.get(task, {}).get(metric)
-
-                def shown(figures, value):
-                    error = figures.get(f"{metric}_stderr")
-                    return _fmt(value) + (f" ± {_fmt(error)}" if isinstance(error, (int, float)) else "")
-                lines.append(f"| {run['row']['run']} | {task} | {metric} | {shown(base.get(task, {}), before)} | "
-                             f"{shown(adapter[task], value)} | "
+                lines.append(f"| {run['row']['run']} | {task} | {metric} | "
+                             f"{_with_error(base.get(task, {}), metric, before)} | "
+                             f"{_with_error(adapter[task], metric, value)} | "
                              f"{_fmt(value - before) if isinstance(before, (int, float)) else '—'} |")
     return lines + ["", "± is the harness's standard error of each score."] + [""] if len(lines) > 4 else []
 
