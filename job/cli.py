@@ -9,7 +9,7 @@ import sys
 import click
 
 from job import __version__
-from job.errors import EXIT_BUG, EXIT_CODES, PeftoptError, SpecError
+from job.errors import EXIT_BUG, EXIT_CODES, EXIT_INTERRUPTED, PeftoptError, SpecError
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                           help="Override a jobspec field (value parsed as JSON, else a string). Repeatable.")
@@ -294,4 +294,9 @@ def main() -> None:
         _fail(exc)
         sys.exit(exc.exit_code)
     configure(settings=current)
-    sys.exit(invoke())
+    code = invoke()
+    from job import interrupt
+
+    if code == EXIT_INTERRUPTED and interrupt.stop_requested():
+        interrupt.leave(code)
+    sys.exit(code)

@@ -1,13 +1,18 @@
-"""Preemption: the first SIGTERM/SIGINT asks the job to stop at a safe point; a second one exits at once.
+"""Preemption: the first SIGTERM/SIGINT asks the job to stop; a second one exits at once.
 
-A stop request starts a watchdog: if the job has not exited within the grace period (the scheduler's
-kill is coming), it leaves with exit 75 anyway; whatever was last saved is still complete on disk.
+A stage that saves as it goes (train: its checkpoints) stops at its next safe point. Any other stage keeps nothing
+that a stop would lose, so a stop request ends it where it is (Interrupted is raised in the main thread), except
+inside a section that checks for a stop itself because it must end a child process first (`polled`).
+A stop request also starts a watchdog: if the job has not exited within the grace period (the scheduler's kill is
+coming), it records the run as interrupted (`on_give_up`) and leaves with exit 75; whatever was saved is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -20,6 +25,9 @@ _stop = threading.Event()
 _grace_s = 20.0
 _watchdog: threading.Timer | None = None
 _stopped_at: float | None = None
+_stage: str | None = None  # the stage in progress
+_at_once = False  # it keeps no safe points, and no `polled` section is running
+_give_up_hooks: list = []
 
 
 def stop_requested() -> bool:
@@ -42,10 +50,76 @@ def _flush_logs() -> None:
 
 
 def _give_up() -> None:
-    log.error("grace_expired", grace_s=_grace_s, exit_code=EXIT_INTERRUPTED,
-              action="exiting before a safe point; the last complete checkpoint is on disk")
+    kept = ("the last complete checkpoint is on disk" if _stage == "train" else
+            f"finished stages are kept; {_stage} is redone by the rerun" if _stage else "finished stages are kept")
+    log.error("grace_expired", grace_s=_grace_s, stage=_stage, exit_code=EXIT_INTERRUPTED,
+              action=f"exiting before a safe point; {kept}")
+    for hook in list(_give_up_hooks):
+        try:
+            hook()
+        except Exception:  # exiting within the grace period matters more than any record
+            pass
     _flush_logs()
     os._exit(EXIT_INTERRUPTED)
+
+
+def on_give_up(hook) -> None:
+    """Calls `hook` before the process leaves after a stop request: from the watchdog's thread at the end of the grace
+    period, or from `leave` (what ends a child process of ours goes here as well as to atexit)."""
+    _give_up_hooks.append(hook)
+
+
+def leave(code: int) -> None:
+    """Exits at once after a stop request, once the exit code is known and everything is saved: the interpreter's
+    teardown (torch's and the libraries' finalizers, about 1.5 s) is time the grace period does not have."""
+    for hook in list(_give_up_hooks):
+        try:
+            hook()
+        except Exception:
+            pass
+    _flush_logs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def off_give_up(hook) -> None:
+    with contextlib.suppress(ValueError):
+        _give_up_hooks.remove(hook)
+
+
+@contextlib.contextmanager
+def stage(name: str, *, safe_points: bool):
+    """The stage in progress: one without safe points is ended by a stop request where it is."""
+    global _stage, _at_once
+    previous = _stage, _at_once
+    _stage, _at_once = name, not safe_points
+    try:
+        if _at_once and stop_requested():
+            _raise_stop()
+        yield
+    finally:
+        _stage, _at_once = previous
+
+
+@contextlib.contextmanager
+def polled():
+    """A section that checks stop_requested() itself, because it must end what it started (a child process) before
+    it leaves: a stop request does not raise inside it."""
+    global _at_once
+    previous = _at_once
+    _at_once = False
+    try:
+        yield
+    finally:
+        _at_once = previous
+
+
+def _raise_stop() -> None:
+    from job.errors import Interrupted
+
+    raise Interrupted(f"stopped by a signal during {_stage}; rerun to redo it (finished stages are kept)")
 
 
 def _handle(signum, _frame) -> None:
@@ -55,11 +129,13 @@ def _handle(signum, _frame) -> None:
         os._exit(EXIT_INTERRUPTED)
     _stopped_at = time.monotonic()
     _stop.set()
-    log.warning("stop_requested", signal=signal.Signals(signum).name, grace_s=_grace_s,
-                action="saving at the next safe point, then exiting 75")
+    log.warning("stop_requested", signal=signal.Signals(signum).name, grace_s=_grace_s, stage=_stage,
+                action="stopping now, then exiting 75" if _at_once else "saving at the next safe point, then exiting 75")
     _watchdog = threading.Timer(_grace_s, _give_up)
     _watchdog.daemon = True
     _watchdog.start()
+    if _at_once:  # signal handlers run in the main thread, between two bytecodes of what it was doing
+        _raise_stop()
 
 
 def install(grace_s: float = 20.0) -> None:
@@ -79,12 +155,17 @@ def wait_for(proc, what: str, *, timeout: float | None = None, input_text: str |
              stop: threading.Event | None = None) -> tuple[str, str]:
     """A child process's (stdout, stderr) once it ends. A stop request (SIGTERM), or `stop` (the caller gave up on
     it), kills it and raises Interrupted; so does running past `timeout`, as ExternalError."""
+    deadline = time.monotonic() + timeout if timeout else None
+    pending_input = input_text
+    with polled():
+        return _wait(proc, what, deadline, timeout, pending_input, stop)
+
+
+def _wait(proc, what, deadline, timeout, pending_input, stop):
     import subprocess
 
     from job.errors import ExternalError, Interrupted
 
-    deadline = time.monotonic() + timeout if timeout else None
-    pending_input = input_text
     while True:
         try:
             return proc.communicate(input=pending_input, timeout=0.5)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from job import interrupt
 from job.errors import Interrupted
 
 WORKER = Path(__file__).resolve().parent / "render_worker.py"
@@ -40,8 +41,6 @@ class _Worker:
 
     def ask(self, request: dict, deadline: float) -> dict | None:
         """The worker's answer, or None when it died or outran `deadline` (it is then ended)."""
-        from job import interrupt
-
         try:
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
@@ -49,7 +48,7 @@ class _Worker:
             self.close()
             return None
         fd = self.process.stdout.fileno()
-        with selectors.DefaultSelector() as selector:
+        with interrupt.polled(), selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
             while b"\n" not in self.buffer:
                 if interrupt.stop_requested():
@@ -99,6 +98,9 @@ def _ask(request: dict, deadline: float) -> dict | None:
 def _stop() -> None:
     if _worker is not None:
         _worker.close()
+
+
+interrupt.on_give_up(_stop)
 
 
 def template_of(tokenizer) -> tuple[str, dict[str, Any]]:

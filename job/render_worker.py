@@ -64,6 +64,7 @@ def _address_space() -> int:
 
 def main() -> None:
     memory, seconds = int(sys.argv[1]), float(sys.argv[2])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the job ends this worker
     from transformers.utils.chat_template_utils import render_jinja_template  # noqa: F401  (imported before the limit)
 
     limit = _address_space() + memory  # on top of what the imports mapped, whatever this interpreter's libraries are

@@ -211,6 +211,9 @@ class StageState:
     runtime_s: float | None = None
     artifacts: list[str] = field(default_factory=list)
     error: str | None = None
+    # What its fingerprint was made of (Stage.inputs: field values, file digests), so that a refusal to mix work
+    # of other inputs can name the fields and files that changed
+    inputs: dict | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> "StageState":
@@ -220,6 +223,8 @@ class StageState:
         state = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(state.artifacts, list) or not all(isinstance(a, str) for a in state.artifacts):
             state.artifacts = []
+        if not isinstance(state.inputs, dict):
+            state.inputs = None
         return state
 
     def to_json(self) -> dict:

@@ -69,16 +69,62 @@ def reconcile(spec: JobSpec, run_dir: RunDir, state: RunState, prints: dict[str,
                 any((run_dir.root / entry).exists() for entry in stage.artifacts):
             stale.append(stage)  # partial work of another experiment (checkpoints) must not be resumed
     if stale and not restart:
-        changed = _diff(read_json(run_dir.spec_path, {}) or {}, spec.model_dump(mode="json"))
         raise RunConflict(
-            f"{run_dir.root} holds work ({', '.join(s.name for s in stale)}) from other inputs "
-            f"(changed: {', '.join(changed[:8]) or 'the content of a file the spec names'}); pass --restart to redo "
-            "it, or use another name or output directory")
+            f"{run_dir.root} holds work from other inputs: {stale_reasons(spec, run_dir, state, stale)}; pass "
+            f"--restart to redo {'it' if len(stale) == 1 else 'those stages'} (finished work of the others is "
+            "kept), or use another name or output directory")
     for stage in stale:
         reset_stage(run_dir, state, stage)
     if stale:
         state.logged_to_experiments = False  # the redone run's result is a new row
         log.warning("run_restarted", stages=[s.name for s in stale])
+
+
+def stale_reasons(spec: JobSpec, run_dir: RunDir, state: RunState, stale: list[Stage]) -> str:
+    """Each stale stage with what changed for it: the fields and files among its own inputs, or the stage before it
+    whose work it uses. A stage recorded without its inputs (an older run) gets the spec's changed fields."""
+    parts, hit = [], set()
+    for stage in stale:
+        recorded = state.stages[stage.name].inputs
+        if recorded is None:
+            changed = _diff(read_json(run_dir.spec_path, {}) or {}, spec.model_dump(mode="json"))
+            why = ", ".join(changed[:6]) or "a file the spec names"
+        else:
+            why = ", ".join(changed_inputs(spec, recorded, stage.inputs(spec))[:6])
+            if not why:
+                upstream = [n for n in registry.needs(stage, spec) if n in hit]
+                why = f"uses {' and '.join(upstream)}" if upstream else "its inputs"
+        hit.add(stage.name)
+        parts.append(f"{stage.name} ({why})")
+    return "; ".join(parts)
+
+
+def changed_inputs(spec: JobSpec, old: dict, new: dict) -> list[str]:
+    """The names of this stage's inputs whose value or content differs: spec fields by their dotted name, files by
+    their path. Only names of the current inputs are given (the recorded ones come from the volume)."""
+    out = []
+    old_fields = old.get("fields") if isinstance(old.get("fields"), dict) else {}
+    for key, value in (new.get("fields") or {}).items():
+        before, now = _flatten(old_fields.get(key), key), _flatten(value, key)
+        out += [k for k in sorted(now) if before.get(k) != now[k]]
+        if set(before) - set(now):  # a setting recorded then and absent now: named by the field that holds it
+            out.append(key)
+    old_files, new_files = old.get("files") or {}, new.get("files") or {}
+    for key, value in new_files.items():
+        before = old_files.get(key) if isinstance(old_files, dict) else None
+        if before == value:
+            continue
+        if key == "data" and spec.data and isinstance(value, list):
+            sources = spec.data.all_sources()
+            out += [f"data file {sources[i].source}" for i, digest in enumerate(value)
+                    if i < len(sources) and (not isinstance(before, list) or i >= len(before) or before[i] != digest)]
+        elif key == "base":
+            out.append(f"the base model's files ({spec.model.base})")
+        elif key == "chat_template":
+            out.append(f"chat template file {spec.model.chat_template}")
+        else:
+            out.append(f"file {key}")
+    return list(dict.fromkeys(out))
 
 
 def reset_stage(run_dir: RunDir, state: RunState, stage: Stage) -> None:
@@ -147,6 +193,16 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
     job_started = time.perf_counter()
     enabled = {s.name for s in registry.enabled(spec)}
     ahead = contextlib.ExitStack()
+
+    def record_give_up() -> None:  # the watchdog's thread, as the process leaves at the end of the grace period
+        for info in state.stages.values():
+            if info.status == "running":
+                info.status, info.finished_at = "interrupted", now_iso()
+        state.status, state.error = "interrupted", "the grace period after a stop request ended before a safe point"
+        run_dir.save_state(state)
+
+    interrupt.on_give_up(record_give_up)
+    ahead.callback(interrupt.off_give_up, record_give_up)
     try:
         for stage in stages:  # the stages still to do start what they can ahead of their turn
             if not _finished(state, stage, prints):
@@ -201,13 +257,15 @@ def _finished(state: RunState, stage: Stage, prints) -> bool:
 def _run_stage(stage: Stage, ctx: RunContext, state: RunState) -> None:
     run_dir = ctx.run_dir
     info = state.stages[stage.name] = StageState(status="running", started_at=now_iso(),
-                                                 fingerprint=ctx.fingerprints[stage.name])
+                                                 fingerprint=ctx.fingerprints[stage.name],
+                                                 inputs=stage.inputs(ctx.spec))
     run_dir.save_state(state)
     with structlog.contextvars.bound_contextvars(stage=stage.name):
         log.info("stage_started", stage=stage.name)
         started = time.perf_counter()
         try:
-            result = stage.run(ctx)
+            with interrupt.stage(stage.name, safe_points=stage.safe_points):
+                result = stage.run(ctx)
         except Interrupted:
             info.status, info.finished_at = "interrupted", now_iso()
             run_dir.save_state(state)

@@ -28,6 +28,9 @@
 #   bash tests/gpu_t1.sh OUT speed-37   issue 37 after its changes: the whole run (auto), its evaluation answers against
 #                                       the way they were made before (tests/gpu_eval_same.py), unsloth's import with
 #                                       the restricted trainer rewriting, then the unsloth bench
+#   bash tests/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
+#                                       a llama.cpp prefix built with GGML_CPU_ALL_VARIANTS (tests/gpu_llama_variants.py:
+#                                       docs/performance.md, "tried, and taken back"), then the bench
 #   bash tests/gpu_t1.sh OUT gguf       only the gguf stage's pieces on the 1B shape (tests/gpu_gguf.py): this
 #                                       tree's converter shim, then SHIM_BEFORE's (another shim) for comparison
 # Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
@@ -139,6 +142,12 @@ case "$mode" in
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; TIMEFORMAT="import_library (restricted), cold compile cache: %R s"
     { time python3 -c "from job.backends import unsloth; unsloth.import_library()" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
     cat "$out/import-times.txt"; tar czf "$OUT/o.tgz" -C "$out" .
+    bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-38)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-38
+    python3 tests/gpu_llama_variants.py "$work/runs/t1-38" "$LLAMA_CPP_DIR" /tmp/llama-variants | tee "$out/llama-variants.json"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
   speed-profile)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import tiny
 from conftest import events, run_cli
 from job import llamacpp
 
@@ -187,6 +188,32 @@ def test_changed_spec_is_refused_unless_restart(tmp_path, make_spec):
     assert run_cli("run", str(spec), "--set", "lora.r=4", "--set", "train.grace_period_s=5").returncode == 0
 
 
+def test_the_refusal_names_only_the_stages_whose_inputs_changed_and_what_changed(tmp_path, make_spec):
+    """An evaluation setting changed: only evaluate holds stale work, and the message says which field. A data
+    file edited: prepare names the file, and the stages after it say they use the one before."""
+    spec = make_spec("stale", train={"max_steps": 2},
+                     evaluate={"prompts": ["Say hi."], "max_new_tokens": 4, "targets": ["adapter"]})
+    assert run_cli("run", str(spec)).returncode == 0
+    refused = run_cli("run", str(spec), "--set", "evaluate.max_new_tokens=5")
+    assert refused.returncode == 2
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "evaluate (evaluate.max_new_tokens)" in message, message
+    assert "prepare" not in message and "train" not in message, message
+
+    data = json.loads(spec.read_text())["data"]["source"]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(Path(data).read_text() + Path(data).read_text().splitlines(keepends=True)[0])
+    moved = json.loads(spec.read_text())
+    moved["data"]["source"] = str(edited)
+    spec.write_text(json.dumps(moved))
+    assert run_cli("run", str(spec), "--restart", "--stages", "prepare,train").returncode == 0
+    edited.write_text(edited.read_text() + Path(data).read_text().splitlines(keepends=True)[1])
+    refused = run_cli("run", str(spec))
+    message = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and f"prepare (data file {edited})" in message, message
+    assert "train (uses prepare)" in message, message
+
+
 def test_sigterm_exits_75_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp_path, make_spec):
     settings = {"max_steps": 40, "save_steps": 10}
     straight = make_spec("straight", train=settings)
@@ -214,12 +241,50 @@ def test_sigterm_exits_75_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp
     resumed = run_cli("run", str(stopped))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any(e["event"] == "train_resumed" for e in events(resumed.stdout))
+    train = json.loads((run_dir / "metrics.json").read_text())["train"]  # both sessions' time and tokens count
+    first, second = train["sessions"]
+    assert first["interrupted"] and first["to_step"] >= signalled_at and second["from_step"] == saved[-1]
+    assert train["runtime_s"] == pytest.approx(first["runtime_s"] + second["runtime_s"], abs=1e-3)
+    assert train["tokens"] == first["tokens"] + second["tokens"]
     import torch
 
     want, got = adapter_tensors(tmp_path / "runs" / "straight"), adapter_tensors(run_dir)
     assert want.keys() == got.keys()
     for key in want:
         assert torch.allclose(want[key], got[key], atol=1e-6), key
+
+
+def test_ctrl_c_in_prepare_stops_at_once_and_records_the_interruption(tmp_path, make_spec):
+    """A stage without checkpoints has nothing to save: a stop request ends it where it is (exit 75 at once, not at
+    the end of the grace period), state.json says interrupted, and the run's own log holds the events."""
+    import time
+
+    many = tiny.write_data(tmp_path / "many.jsonl", 40_000)
+    spec = make_spec("ctrlc", data={"source": str(many)}, train={"grace_period_s": 30})
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"})
+    signalled_at = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "stage_started" and event["stage"] == "prepare":
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            signalled_at = time.monotonic()
+            break
+    assert signalled_at is not None
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - signalled_at
+    rest = proc.stdout.read()
+    assert code == 75, proc.stderr.read()[-2000:]
+    assert took < 2.0, took
+    assert "Traceback" not in proc.stderr.read()
+    run_dir = tmp_path / "runs" / "ctrlc"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["stages"]["prepare"]["status"] == "interrupted", state
+    recorded = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "stop_requested" in recorded and recorded[-1] == "job_interrupted", recorded[-5:]
+    assert "checkpoint" not in rest  # nothing claims a checkpoint that prepare never makes
+    assert not (run_dir / "data").exists() or not any((run_dir / "data").iterdir())
 
 
 def test_qlora_from_a_prequantized_4bit_base_merges_into_its_dequantized_weights(tmp_path, make_spec, tiny_model):

@@ -412,8 +412,11 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
     runtime = time.perf_counter() - started
     step = trainer.state.global_step
     if interrupt.stop_requested() and step < spec.train.max_steps:
-        raise Interrupted(f"stopped at step {step}/{spec.train.max_steps} by a signal; checkpoint saved, "
-                          "rerun the same command to resume")
+        stopped = Interrupted(f"stopped at step {step}/{spec.train.max_steps} by a signal; checkpoint saved, "
+                              "rerun the same command to resume")
+        stopped.session = {"runtime_s": round(runtime, 3), "tokens": int(session.progress.all_tokens),
+                           "from_step": session.start_step or 0, "to_step": step, "interrupted": True}
+        raise stopped
     if distributed.world().is_main:
         with atomic_dir(run_dir.adapter_dir) as out:
             trainer.model.save_pretrained(str(out))

@@ -82,6 +82,9 @@ class Stage:
     artifacts: tuple[str, ...] = ()  # run-directory entries it owns: removed when it is redone
     check: Callable[[JobSpec, CheckScope], list[str]] = _no_problems  # problems found before any work
     all_ranks: bool = False  # data-parallel: every rank joins this stage (the others run only these)
+    # It saves as it goes and checks for a stop request at safe points (train's checkpoints). Every other stage is
+    # ended by a stop request where it is, and redone by the rerun (job/interrupt.py).
+    safe_points: bool = False
     # Work started when the job starts, so that it is ready by the stage's turn (a tool's process importing its
     # libraries while training runs): a context manager the runner holds for the whole job, whose value the stage
     # finds in `ctx.warm[name]`, and which ends what the stage did not use.

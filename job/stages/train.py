@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from job import backends, modelsrc, tracking
-from job.errors import SpecError
+from job import backends, distributed, modelsrc, tracking
+from job.errors import Interrupted, SpecError
 from job.log import get_logger
-from job.metrics import peak_rss_gb
+from job.metrics import peak_rss_gb, update_metrics
 from job.rundir import read_json
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
@@ -54,8 +54,14 @@ def run(ctx: RunContext) -> StageResult:
     device = backends.device(spec)
     name, why = backends.choose(spec.train.backend, device, spec.lora, spec.train.method)
     log.info("backend_chosen", backend=name, why=why, device=device)
-    figures = backends.load(name).train(spec, run_dir, device, fingerprint=ctx.fingerprints["train"],
-                                        settings=ctx.settings, restart=ctx.restart)
+    try:
+        figures = backends.load(name).train(spec, run_dir, device, fingerprint=ctx.fingerprints["train"],
+                                            settings=ctx.settings, restart=ctx.restart)
+    except Interrupted as exc:  # the session's time and tokens count in the run's figures when it is resumed
+        if getattr(exc, "session", None) and distributed.world().is_main:
+            previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
+            update_metrics(run_dir, "train", {"sessions": list(previous.get("sessions", [])) + [exc.session]})
+        raise
     previous = (read_json(run_dir.metrics_path) or {}).get("train", {})
     # A resumed run adds this session to the time and tokens of the sessions before it.
     sessions = list(previous.get("sessions", [])) + [
@@ -86,4 +92,5 @@ STAGE = Stage(
     needs=lambda spec: ("prepare",),
     artifacts=("adapter", "checkpoints"),
     all_ranks=True,
+    safe_points=True,
 )
