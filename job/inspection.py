@@ -83,8 +83,22 @@ def base_directory(spec: JobSpec) -> Path:
             raise SpecError(f"inspect: {spec.model.base} is not in the local Hub cache; download it once "
                             "(or name a local model directory with --set model.base=DIR)") from None
         return Path(modelsrc.checked_model_dir(snapshot))
-    raise SpecError(f"inspect: a {kind} base has no tokenizer.json until prepare makes one; run "
-                    "`peftopt run SPEC --stages prepare` and look at data/train.jsonl")
+    raise SpecError(f"inspect: model.base {spec.model.base!r} is not there; name a local model directory with "
+                    "--set model.base=DIR")
+
+
+def base_tokenizer(spec: JobSpec) -> TextTokenizer:
+    """The base's tokenizer with the spec's template. A GGUF or package base is built once into the machine's base
+    cache (job/basecache.py, as a run does) and its tokenizer files read from there."""
+    if modelsrc.source_kind(spec.model.base) in ("gguf", "package"):
+        import tempfile
+
+        from job import settings
+
+        with tempfile.TemporaryDirectory(prefix="peftopt-inspect-") as scratch:
+            modelsrc.cached_base_files(spec, settings.get(), Path(scratch), modelsrc.TOKENIZER_FILES + ("config.json",))
+            return TextTokenizer(Path(scratch), spec)
+    return TextTokenizer(base_directory(spec), spec)
 
 
 def marked(tokenizer: TextTokenizer, ids: list[int], mask: list[int], color: bool) -> str:
@@ -109,7 +123,7 @@ def rows(spec: JobSpec, count: int, color: bool) -> tuple[list[str], dict]:
 
     if spec.data is None:
         raise SpecError("inspect: the spec has no data section")
-    tokenizer = TextTokenizer(base_directory(spec), spec)
+    tokenizer = base_tokenizer(spec)
     source = spec.data.all_sources()[0]
     raw = list(itertools.islice(data_module.iter_rows(source.source, source.split,
                                                       data_module.max_line_chars(spec)), count))

@@ -393,37 +393,75 @@ def _spm_tokenizer_from_gguf(reader, out_dir: Path) -> None:
 
 
 def materialize_gguf_base(spec: JobSpec, run_dir: RunDir, settings) -> dict:
-    """Turns the GGUF base into `run_dir/base`: bf16 safetensors plus a rebuilt tokenizer. Returns facts."""
+    """Turns the GGUF base into `run_dir/base`: bf16 safetensors plus a rebuilt tokenizer, copied from the machine's
+    base cache when it holds a sound copy (job/basecache.py), else built and stored there. Returns facts."""
+    from gguf import GGUFReader
+
+    from job import basecache
+    from job.fingerprint import file_digest
+
+    path = gguf_file(spec.model.base, settings)
+    entry = basecache.key(file_digest(path))
+    with atomic_dir(run_dir.base_dir) as out:
+        cached = basecache.fetch(settings, entry, out)
+        if not cached:
+            build_from_gguf(path, out)
+            basecache.store(settings, entry, out)
+    reader = GGUFReader(str(path))
+    facts = {"gguf": str(path), "architecture": _field(reader, "general.architecture"),
+             "license": _field(reader, "general.license"), "tokenizer": _field(reader, "tokenizer.ggml.model"),
+             "from_cache": cached}
+    log.info("base_materialized", path=str(run_dir.base_dir), **facts)
+    return facts
+
+
+def cached_base_files(spec: JobSpec, settings, target: Path, names: tuple[str, ...]) -> None:
+    """The named files of a GGUF or package base's built directory, copied into `target` (for `inspect`): from the
+    base cache, built into it first when it has no sound copy."""
+    import tempfile
+
+    from job import basecache
+    from job.fingerprint import file_digest
+
+    path = gguf_file(spec.model.base, settings)
+    entry = basecache.key(file_digest(path))
+    if basecache.fetch(settings, entry, target, only=names):
+        return
+    with tempfile.TemporaryDirectory(prefix="peftopt-base-") as scratch:
+        log.info("base_building", gguf=str(path), action="once: kept in the base cache for runs")
+        build_from_gguf(path, Path(scratch))
+        basecache.store(settings, entry, Path(scratch))
+        for name in names:
+            if (Path(scratch) / name).is_file():
+                shutil.copyfile(Path(scratch) / name, target / name)
+
+
+def build_from_gguf(path: Path, out: Path) -> None:
+    """bf16 safetensors and a tokenizer in `out`, from the GGUF file at `path`."""
     import torch
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = gguf_file(spec.model.base, settings)
     reader = GGUFReader(str(path))
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
-    with atomic_dir(run_dir.base_dir) as out:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights does not.
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-        if [k for k in missing if "lm_head" not in k] or unexpected:
-            raise ExternalError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})")
-        if missing:
-            plain.tie_weights()
-        plain.save_pretrained(str(out))
-        del loaded, plain
-        if tokenizer_model == "llama":
-            _spm_tokenizer_from_gguf(reader, out)
-        else:
-            from transformers import AutoTokenizer
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights does not.
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise ExternalError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    if missing:
+        plain.tie_weights()
+    plain.save_pretrained(str(out))
+    del loaded, plain
+    if tokenizer_model == "llama":
+        _spm_tokenizer_from_gguf(reader, out)
+    else:
+        from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
-    facts = {"gguf": str(path), "architecture": _field(reader, "general.architecture"),
-             "license": _field(reader, "general.license"), "tokenizer": tokenizer_model}
-    log.info("base_materialized", path=str(run_dir.base_dir), **facts)
-    return facts
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
 
 
 def source_file(directory: str | Path, name: str) -> Path | None:

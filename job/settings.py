@@ -125,6 +125,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_HUB_BACKOFF_S", "hub_backoff_s", "2", _float(0), "first wait between Hub tries (doubles)"),
     Variable("PEFTOPT_PEAK_TFLOPS", "peak_tflops", None, _float(0, strictly=True),
              "the GPU's peak bf16 TFLOP/s for bench's MFU (unset: looked up by GPU name)"),
+    Variable("PEFTOPT_BASE_CACHE", "base_cache", None, _text,
+             "where bases built from a GGUF or a model package are kept for every run on this machine, checked by "
+             "digest (unset: <HF_HOME>/peftopt-bases; off: each run builds its own)"),
     Variable("LLAMA_CPP_DIR", "llama_cpp_dir", None, _text,
              "the pinned llama.cpp prefix (unset: /opt/llama.cpp, ~/.cache/peftopt/llama.cpp)"),
     Variable("HF_ENDPOINT", "hf_endpoint", None, _text, "the Hub's address (unset: https://huggingface.co)"),
@@ -174,6 +177,7 @@ class Settings:
     hub_retries: int = 5
     hub_backoff_s: float = 2.0
     peak_tflops: float | None = None
+    base_cache: str | None = None
     llama_cpp_dir: str | None = None
     hf_endpoint: str | None = None
     hf_home: str | None = None
