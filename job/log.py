@@ -120,8 +120,9 @@ def _route(library: str, module=None) -> None:
         module.disable_default_handler()
         module.enable_propagation()
         module.set_verbosity_warning()
-        if _json_stdout:  # bars belong on a terminal, not in a JSON stream
-            module.disable_progress_bar()
+        # Its bars (loading, writing shards) are not peftopt's progress: a JSON stream has no place for them, and
+        # on a terminal they would break the training line; the stages report their own counts.
+        module.disable_progress_bar()
     elif library == "datasets":
         module.set_verbosity_warning()
         module.disable_progress_bar()
@@ -191,6 +192,7 @@ def configure(json_output: bool | None = None, level: str | None = None, setting
             root.removeHandler(handler)
     stdout_handler = _AboveTheBar(sys.stdout) if not json_output else logging.StreamHandler(sys.stdout)
     stdout_handler.addFilter(_ShownByTheBar())
+    stdout_handler.addFilter(_Benign())
     stdout_handler.setFormatter(_formatter(json_output))
     stdout_handler._peftopt = True  # type: ignore[attr-defined]
     root.addHandler(stdout_handler)
@@ -265,6 +267,7 @@ def attach_events_file(handle) -> None:
     detach_events_file()
     handler = logging.StreamHandler(handle)
     handler.setFormatter(_formatter(True))
+    handler.addFilter(_Benign())
     handler._peftopt = True  # type: ignore[attr-defined]
     logging.getLogger().addHandler(handler)
     _file_handler = handler
@@ -277,6 +280,30 @@ def detach_events_file() -> None:
         _file_handler.flush()
         _file_handler.stream.close()
         _file_handler = None
+
+
+# Library warnings that do not apply to how peftopt runs, muted here and nowhere else: (logger, the message's start,
+# why it does not apply). Every other library line stays a `library_log` event.
+BENIGN = (
+    ("trl.trainer.sft_trainer", "[RANK 0] Padding-free training is enabled, but the attention implementation",
+     "peftopt gives packed rows their own attention (job/backends/attention.py: varlen flash, or sdpa with a block "
+     "mask), so sequences do not see each other"),
+    ("trl.trainer.sft_trainer", "[RANK 0] You are using packing, but the attention implementation",
+     "the same: no cross-contamination between packed sequences"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+     "an optional CPU kernel package (`kernels`) that peftopt does not install; bitsandbytes' own CPU path runs"),
+)
+
+
+class _Benign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, dict):
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        return not any(record.name == name and text.startswith(start) for name, start, _ in BENIGN)
 
 
 class _ShownByTheBar(logging.Filter):

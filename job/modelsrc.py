@@ -442,6 +442,11 @@ def build_from_gguf(path: Path, out: Path) -> None:
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
+    # its tensor bar is tqdm's own, not transformers' (which log.py turns off): the one bar of a library that
+    # would still print, over the terminal's line or into a JSON stream
+    gguf_loading.tqdm = lambda items, **_: items
     reader = GGUFReader(str(path))
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)

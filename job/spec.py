@@ -294,8 +294,9 @@ class TrainSpec(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "linear"
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0, le=1)
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field(
-        "adamw_8bit", description="8-bit optimizers need CUDA; on CPU adamw_torch is used and logged."
+    optim: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field(
+        "auto", description="auto: adamw_8bit on a GPU, adamw_torch on the CPU. 8-bit optimizers need CUDA; asked for "
+                            "on the CPU, adamw_torch is used and logged (optimizer_substituted)."
     )
     packing: bool = True
     seed: int = Field(3407, ge=0)

@@ -1,4 +1,4 @@
-"""Reading jobspecs: JSON with duplicate-key and UTF-8 checks, `--set` overrides, sweeps, every validation
+"""Reading jobspecs: JSON or YAML (PyYAML's safe loader, bounded) with duplicate-key and UTF-8 checks, `--set` overrides, sweeps, every validation
 problem reported at once as `path.to.field: what is wrong`, and local paths made absolute.
 `load_spec(path, overrides)` is the only way in. Run alone to check files: `python -m job.specfile FILE...`.
 """
@@ -18,6 +18,9 @@ from job.spec import LOCAL_DATA_SUFFIXES, JobSpec
 from job.sweep import apply_overrides, expand, pick_index
 
 MAX_SPEC_BYTES = 4 * 1024 * 1024
+YAML_SUFFIXES = (".yaml", ".yml")
+MAX_YAML_NODES = 100_000  # after aliases are expanded: an anchor used a billion times is refused, not built
+_yaml_lines: dict[str, dict[str, int]] = {}  # a YAML spec's line of each field, for its error messages
 
 
 
@@ -43,6 +46,86 @@ def parse_json_text(raw: bytes, origin: str) -> Any:
         raise SpecError(f"{origin}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
         raise SpecError(f"{origin}: JSON nested too deeply") from None
+
+
+def parse_yaml_text(raw: bytes, origin: str) -> Any:
+    """A YAML jobspec through PyYAML's safe loader (no tags that build objects), refused when it repeats a key, holds
+    more than MAX_YAML_NODES values once its aliases are expanded, or refers to itself; each field's line is kept
+    for the error messages."""
+    import yaml
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _yaml_lines[origin] = _check_yaml(node, origin)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        raise SpecError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{origin}: invalid YAML: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml(root, origin: str) -> dict[str, int]:
+    """Walks the composed nodes once each (aliases are shared nodes), counting the values they expand to."""
+    import yaml
+
+    lines: dict[str, int] = {}
+    size: dict[int, int] = {}
+    stack = [(root, "", False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, path, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            kids = [v for _, v in node.value] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            if size[key] > MAX_YAML_NODES:
+                raise SpecError(f"{origin}:{node.start_mark.line + 1}: YAML expands to more than {MAX_YAML_NODES:,} "
+                                "values (aliases of aliases?); write the spec out")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise SpecError(f"{origin}:{node.start_mark.line + 1}: a YAML alias refers to a value that holds it")
+        open_nodes.add(key)
+        stack.append((node, path, True))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if name in seen:
+                    raise SpecError(f"{origin}:{key_node.start_mark.line + 1}: duplicate key {name!r} (first on line "
+                                    f"{seen[name]}): each key may appear once per object")
+                seen[name] = key_node.start_mark.line + 1
+                child = f"{path}.{name}" if path else name
+                lines.setdefault(child, key_node.start_mark.line + 1)
+                stack.append((value_node, child, False))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = f"{path}[{index}]"
+                lines.setdefault(child, item.start_mark.line + 1)
+                stack.append((item, child, False))
+    return lines
+
+
+def parse_spec_text(raw: bytes, origin: str) -> Any:
+    if origin.endswith(YAML_SUFFIXES):
+        return parse_yaml_text(raw, origin)
+    return parse_json_text(raw, origin)
 
 
 def _find_token_like(data: Any) -> list[str]:
@@ -104,7 +187,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
 def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
     """Raises SpecError listing every problem in `data` (a parsed jobspec)."""
     if not isinstance(data, dict):
-        raise SpecError(f"{origin}: a jobspec is a JSON object, not {type(data).__name__}")
+        raise SpecError(f"{origin}: a jobspec is a mapping of sections (a JSON object), not {type(data).__name__}")
     problems = _find_token_like(data)
     try:
         spec = JobSpec.model_validate(data)
@@ -115,8 +198,18 @@ def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
         problems.append("(top level): nested too deeply")
         spec = None
     if problems:
+        lines = _yaml_lines.get(origin.split(" [", 1)[0], {})
+        if lines:  # a YAML spec's problems name their lines
+            problems = [_with_line(problem, lines) for problem in problems]
         raise SpecError(f"{origin}: {len(problems)} problem(s)", details=problems)
     return spec  # type: ignore[return-value]
+
+
+def _with_line(problem: str, lines: dict[str, int]) -> str:
+    path = problem.split(": ", 1)[0]
+    while path and path not in lines:  # an unknown key's own line, else its section's
+        path = path.rsplit(".", 1)[0] if "." in path else path.rsplit("[", 1)[0] if "[" in path else ""
+    return f"line {lines[path]}: {problem}" if path else problem
 
 
 def _token_envs(data: Any) -> list[str]:
@@ -153,7 +246,7 @@ def read_spec_data(path: Path, overrides) -> Any:
         raw = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    data = parse_json_text(raw, str(path))
+    data = parse_spec_text(raw, str(path))
     register_secrets(data)
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))

@@ -1,4 +1,4 @@
-"""Unit: every event name peftopt logs is in README.md's table, and a library's line is `library_log` with its
+"""Unit: every event name peftopt logs is in job/events.py (docs/reference/events.md), and a library's line is `library_log` with its
 logger, level and text, never an event name of its own. (Integration runs check their events.jsonl too:
 tests/test_pipeline.py, tests/test_image.py.)"""
 import ast

@@ -68,6 +68,8 @@ def install_cpu_loss_head() -> bool:
 
 
 def choose_optimizer(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "adamw_8bit" if device == "cuda" else "adamw_torch"
     if device != "cuda" and "8bit" in requested:
         log.warning("optimizer_substituted", requested=requested, used="adamw_torch",
                     why="8-bit optimizers need CUDA")
