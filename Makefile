@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo test test-fast test-gpu test-image image llama-cpp lint lint-docker clean
+.PHONY: install lock docs demo test test-fast test-gpu test-image image llama-cpp lint lint-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lock: | $(BIN)/python
 
 llama-cpp:
 	bash docker/build-llama-cpp.sh $(LLAMA_CPP_DIR)
+
+# The reference pages under docs/reference/ are generated from the code (tests/test_docs.py fails when stale).
+docs: install
+	$(BIN)/python -m job.docgen
 
 demo: install llama-cpp
 	$(BIN)/peftopt run jobspecs/smoke.json

