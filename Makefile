@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock docs demo test test-fast test-gpu test-image image llama-cpp lint lint-docker clean
+.PHONY: install lock docs demo test test-unit test-integration test-fast test-gpu test-image image llama-cpp lint lint-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ lock: | $(BIN)/python
 llama-cpp:
 	bash docker/build-llama-cpp.sh $(LLAMA_CPP_DIR)
 
-# The reference pages under docs/reference/ are generated from the code (tests/test_docs.py fails when stale).
+# The reference pages under docs/reference/ are generated from the code (tests/unit/test_docs.py fails when stale).
 docs: install
 	$(BIN)/python -m job.docgen
 
@@ -45,29 +45,37 @@ demo: install llama-cpp
 	$(BIN)/peftopt run jobspecs/smoke.json
 	$(BIN)/peftopt report runs/smoke_gemma3_270m --out runs/report
 
-# One worker per CPU, each taking whole modules (a module's fixtures, such as a finished run, are made once).
+# The tiers are folders: tests/unit (no model: seconds), tests/integration and tests/security (a real tiny model
+# through the CLI), tests/gpu (CUDA), tests/image (the built image). `make test` is what CI runs: unit, integration
+# and security, one worker per CPU, each taking whole modules (a module's fixtures, a finished run, are made once).
 test: install llama-cpp
-	$(BIN)/python -m pytest -q -rs --durations=30 -n auto --dist loadscope
+	$(BIN)/python -m pytest -q -rs --durations=30 -n auto --dist loadscope tests/unit tests/integration tests/security
 
-# Unit tests (no marker) and the one tiny end-to-end run (`smoke`): the inner loop, under 5 minutes on 2 cores.
+test-unit: install
+	$(BIN)/python -m pytest -q -rs -n auto tests/unit
+
+test-integration: install llama-cpp
+	$(BIN)/python -m pytest -q -rs --durations=30 -n auto --dist loadscope tests/integration tests/security
+
+# The inner loop: the unit tier and the one tiny end-to-end run (`smoke`), a few minutes on 2 cores.
 test-fast: install llama-cpp
-	$(BIN)/python -m pytest -q -rs -m "smoke or not (integration or slow or gpu or image)"
+	$(BIN)/python -m pytest -q -rs tests/unit tests/integration/test_smoke.py
 
-# On the GPU machine (see README, "GPU"): CUDA tests only.
+# On the GPU machine (docs/development.md): CUDA tests only.
 test-gpu:
-	$(PYTHON) -m pytest -m gpu -q -rs
+	$(PYTHON) -m pytest -q -rs tests/gpu
 
 image:
 	bash docker/build-image.sh $(IMAGE)
 
-# Starts an engine if none answers (and stops it after), builds the image, runs it (tests/test_image.py).
+# Starts an engine if none answers (and stops it after), builds the image, runs it (tests/image/test_image.py).
 test-image: install
 	bash docker/test-image.sh $(IMAGE) $(BIN)/python
 
 # ruff is a tool, not a dependency of peftopt: pinned here as uv is for `make lock`.
 lint: install
 	$(BIN)/pip install -q ruff==0.17.6
-	$(BIN)/ruff check job tests
+	$(BIN)/ruff check job tests bench
 
 # No Docker engine is needed: hadolint comes from PyPI (the test extra).
 lint-docker: install

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test-image`: a Docker engine (started here if none answers, and stopped again), the image built from
-# the Dockerfile with build arguments only, then tests/test_image.py run against it.
+# the Dockerfile with build arguments only, then tests/image/test_image.py run against it.
 #   docker/test-image.sh IMAGE PYTHON
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,4 @@ python=${2:?usage: test-image.sh IMAGE PYTHON}
 engine=$(bash docker/engine.sh start)
 [[ "$engine" != started ]] || trap 'bash docker/engine.sh stop' EXIT
 bash docker/build-image.sh "$image"
-PEFTOPT_IMAGE="$image" "$python" -m pytest -m image -q -rs tests/test_image.py
+PEFTOPT_IMAGE="$image" "$python" -m pytest -q -rs tests/image

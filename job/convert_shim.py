@@ -7,7 +7,7 @@
   tests), it uses the name given (the jobspec's export.tokenizer_pre) instead of refusing;
 - a bf16 output is rounded by torch on every core instead of by gguf-py's numpy on one, to the same bits:
   both round to nearest even, and the values where a CPU's conversion could differ (NaN payloads, subnormals)
-  take gguf-py's own formula (tests/test_llamacpp.py);
+  take gguf-py's own formula (tests/integration/test_llamacpp.py);
 - the next tensor is computed on a background thread while the writer writes the one before it (gguf-py
   computes and writes one tensor at a time), the same bytes in the same order.
 

@@ -1,6 +1,6 @@
 """The reference pages under docs/reference/, generated from the code that is their one home: the jobspec's fields
 (its JSON Schema), the event names (job/events.py), the settings (job/settings.py), the exit codes (job/errors.py)
-and the answer checks (job/evaluation/checks.py). `make docs` writes them; tests/test_docs.py fails when a page is
+and the answer checks (job/evaluation/checks.py). `make docs` writes them; tests/unit/test_docs.py fails when a page is
 stale.
 
     python -m job.docgen [DIR]        # writes DIR/*.md (default docs/reference)

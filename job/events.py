@@ -1,5 +1,5 @@
 """Every event name peftopt logs, with when it is logged: the one list (docs/reference/events.md is generated from
-it by job/docgen.py, and tests/test_events.py walks the events of real runs against it). Names are stable: a log
+it by job/docgen.py, and tests/unit/test_events.py walks the events of real runs against it). Names are stable: a log
 pipeline may key on them. Each JSON line also has `level`, `logger` and `timestamp`, and `run` and `stage` once
 they are known.
 """

@@ -1,4 +1,4 @@
-"""One Hub call as peftopt makes it, for the fault matrix (tests/test_fault_matrix.py): run in a fresh process
+"""One Hub call as peftopt makes it, for the fault matrix (tests/integration/test_fault_matrix.py): run in a fresh process
 against the Hub stand-in (HF_ENDPOINT), ending as the CLI ends (exit code of the PeftoptError, one `error:`
 line on stderr).
 

@@ -54,7 +54,7 @@ class TorchLogProb:
 def install_cpu_loss_head() -> bool:
     """trl 1.15 always computes its loss through a Triton kernel (its fused LM head, which on CUDA never
     materialises the full logits), which a CPU torch lacks. Returns True when the fallback was installed.
-    tests/test_trl_compat.py pins the private name this relies on."""
+    tests/unit/test_trl_compat.py pins the private name this relies on."""
     import torch
     import trl.trainer.utils as trl_utils
 

@@ -29,7 +29,7 @@ def plan(types: list[str], merged_dtype: str = "bfloat16") -> tuple[str, dict[st
     The conversion writes a float file and llama-quantize makes every other type from it, q8_0 included:
     the converter can write q8_0 itself, but rounds it block by block in numpy on one core (29.6 s of the
     1.2B model's 31.8-s stage on an H200), where llama-quantize rounds the same 16-bit values on every core.
-    The tensors are the same bytes either way (tests/test_llamacpp.py); only their order in the file differs.
+    The tensors are the same bytes either way (tests/integration/test_llamacpp.py); only their order in the file differs.
     A float master not asked for is the merged model's own type, so nothing is rounded twice, and is deleted.
     """
     floats = [t for t in types if t in FLOAT_TYPES]

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# On the GPU machine: jobspecs/t1.json for real on the 1B-shaped model with random weights and long local
+# conversations (push=null): each stage timed by the job itself (metrics.json), beside `peftopt bench`.
+#   bash bench/gpu_t1.sh OUT check      the GPU tests of the packed-attention path, 60-step runs of each
+#                                       backend end to end, a short bench
+#   bash bench/gpu_t1.sh OUT unsloth    the whole 600-step run (auto: unsloth), 50 steps of the slow path
+#                                       (unsloth's per-segment SDPA) for the loss curve, and the bench
+#   bash bench/gpu_t1.sh OUT final      the whole 600-step run (auto), then the bench of both backends
+#   bash bench/gpu_t1.sh OUT threads    after `final`: llama.cpp answering its GGUF with every logical CPU,
+#                                       physical cores only and half of them
+#   bash bench/gpu_t1.sh OUT pair       the whole 600-step training of unsloth, then of hf (no evaluation, no export)
+#   bash bench/gpu_t1.sh OUT hf         the whole 600-step run on the hf backend (training only; the unsloth
+#                                       mode's bench times both backends side by side)
+#   bash bench/gpu_t1.sh OUT probe      the GPU kernel tests, the hf backend with and without Liger's kernels
+#                                       (bench), and 60 steps of unsloth with evaluation timed
+#   bash bench/gpu_t1.sh OUT dpo        60 steps of t1 end to end (unsloth: every stage and target; FULL=0 skips it),
+#                                       then DPO (reference at every step, and precomputed) beside SFT on the same
+#                                       model and backend (hf, 60 steps of 8 pairs or 8 sequences), then `peftopt
+#                                       bench` of the DPO spec; PAIR_WORDS=700-1100 for pairs near t1's 2,048 tokens
+#   bash bench/gpu_t1.sh OUT dpo-micro  SFT beside DPO with a micro-batch of DPO_MICRO (4) pairs, both references
+#   bash bench/gpu_t1.sh OUT speed      issue 25 as the image runs it (every module with its bytecode): the whole
+#                                       run (auto), then 50 steps with the 4-bit base kept (PEFTOPT_DEQUANTIZE_BASE=0)
+#                                       for the loss curve, then the unsloth bench (literal, planned, the base kept)
+#   bash bench/gpu_t1.sh OUT speed-hf   the whole run on the hf backend, and its bench
+#   bash bench/gpu_t1.sh OUT speed-profile  issue 37: the whole run sampled by py-spy (every thread of the job and of the
+#                                       converter, idle time included: a timeline of where the time goes), the
+#                                       unsloth import under -X importtime with and without its generated code cached
+#   bash bench/gpu_t1.sh OUT speed-37   issue 37 after its changes: the whole run (auto), its evaluation answers against
+#                                       the way they were made before (bench/gpu_eval_same.py), unsloth's import with
+#                                       the restricted trainer rewriting, then the unsloth bench
+#   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
+#                                       a llama.cpp prefix built with GGML_CPU_ALL_VARIANTS (bench/gpu_llama_variants.py:
+#                                       docs/performance.md, "tried, and taken back"), then the bench
+#   bash bench/gpu_t1.sh OUT gguf       only the gguf stage's pieces on the 1B shape (bench/gpu_gguf.py): this
+#                                       tree's converter shim, then SHIM_BEFORE's (another shim) for comparison
+# Expects the bundle (.gpu) unpacked on PYTHONPATH and LLAMA_CPP_DIR pointing at the pinned llama.cpp. The
+# bundle's modules are compiled to bytecode first, as pip does when it installs them into the image.
+set -uo pipefail
+out=${1:?OUT_DIR}; mode=${2:-check}
+work=/tmp/peftopt-gpu; mkdir -p "$work" "$out"
+export PEFTOPT_LOG_FORMAT=json
+if [[ $mode == gguf ]]; then
+  # bytecode for what the converter imports, as the image has it, made while the model is
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
+  python3 -I -X pycache_prefix=/tmp/pycache -c 'import numpy, safetensors, torch, transformers
+transformers.AutoConfig, transformers.AutoTokenizer' &
+  [ -f "$work/l1b/config.json" ] || python3 bench/gpu_models.py llama1b "$work/l1b" >/dev/null
+  wait
+  { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; lscpu | grep -m1 "Model name"; nproc; } > "$out/machine.txt"
+  python3 bench/gpu_gguf.py "$work/l1b" "$work/gguf" "$out/gguf.json" ${SHIM_BEFORE:-} 2>&1 | tee "$out/gguf.txt"
+  exit
+fi
+[ -f "$work/l1b/config.json" ] || python3 bench/gpu_models.py llama1b "$work/l1b" >/dev/null
+[ -f "$work/long.jsonl" ] || python3 bench/gpu_models.py data "$work/long.jsonl" 12000 >/dev/null
+common=(--output-dir "$work/runs" --set model.base="$work/l1b" --set data.source="$work/long.jsonl" --set push=null
+        --set export.tokenizer_pre=llama-bpe)
+for dir in ${PYTHONPATH//:/ }; do [[ $dir == /tmp/* ]] && python3 -m compileall -q -j 16 "$dir" >/dev/null; done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)' | tee -a "$out/gpu.txt"
+
+run() {  # NAME [overrides...]: one `peftopt run` of t1; events, metrics and the stage times kept under OUT
+  local name=$1; shift
+  local started=$(date +%s.%N)
+  ${PROFILER:-} python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  local code=$?
+  python3 - "$out/$name.jsonl" "$started" "$name" "$code" <<'EOF' | tee -a "$out/runs.jsonl"
+import datetime, json, sys, time
+events = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+first = next((e for e in events if e.get("event") == "job_started"), None)
+start = float(sys.argv[2])
+startup = round(datetime.datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00")).timestamp() - start, 1) \
+    if first else None
+print(json.dumps({"run": sys.argv[3], "exit": int(sys.argv[4]), "wall_s": round(time.time() - start, 1),
+                  "process_start_to_job_started_s": startup}))
+EOF
+  cp "$work/runs/$name/metrics.json" "$out/$name-metrics.json" 2>/dev/null
+  python3 - "$out/$name-metrics.json" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+try:
+    m = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit(0)
+t = m.get("train", {})
+print(json.dumps({"run": m.get("run", {}).get("name"), "stages": {k: v["runtime_s"] for k, v in m.get("stages", {}).items()},
+                  "backend": t.get("backend"), "attention": t.get("attention"), "plan": [t.get("micro_batch"), t.get("accumulation"), t.get("gradient_checkpointing")],
+                  "tokens_per_s": t.get("tokens_per_s"), "steady_tokens_per_s": t.get("steady_tokens_per_s"),
+                  "peak_gpu_gb": t.get("peak_gpu_gb"), "peak_gpu_share": t.get("peak_gpu_share"),
+                  "checkpointing": t.get("checkpointing"), "final_loss": t.get("final_loss"), "kernels": t.get("kernels"),
+                  "eval_timing": {k: v.get("timing") for k, v in m.get("evaluate", {}).items() if isinstance(v, dict)},
+                  "gguf_eval_timing": {k: v.get("timing") for k, v in m.get("gguf", {}).get("eval", {}).items()},
+                  "gguf_verify": {q: {"agreement": f["verify"]["agreement"], "tokenizer_match": f["verify"]["tokenizer_match"]}
+                                  for q, f in m.get("gguf", {}).get("files", {}).items()}}))
+EOF
+  [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .  # what finished comes back even if the call times out
+  return $code
+}
+
+first50() {  # NAME [overrides...]: a training-only run on t1's 600-step schedule, stopped by SIGTERM at step 50
+  local name=$1; shift
+  ( run "$name" --set evaluate=null --set export.merge=false --set export.gguf=[] "$@" ) &
+  until grep -q '"step": 50,' "$out/$name.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
+  pkill -TERM -f "name=$name"; wait
+}
+
+compare50() {  # FULL.jsonl OTHER.jsonl: the first 50 logged losses of two runs of the same schedule
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+def losses(path):
+    return {e["step"]: e["loss"] for e in map(json.loads, filter(lambda l: l.startswith("{"), open(path)))
+            if e.get("event") == "train_progress" and e["step"] <= 50}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+rel = [abs(a[s] - b[s]) / abs(b[s]) for s in sorted(set(a) & set(b))]
+print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=None),
+                  "mean_rel_diff": sum(rel) / len(rel) if rel else None}))
+EOF
+}
+
+bench_table() {  # NAME [bench args...]
+  local name=$1; shift
+  timeout ${BENCH_TIMEOUT:-300} python3 -m job bench jobspecs/t1.json "${common[@]:2}" "$@" --json > "$out/$name.json" 2> "$out/$name.err"
+  python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+    "$out/$name.json" | tee "$out/$name.md"
+  [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+}
+
+if [[ $mode == speed* ]]; then
+  # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
+  # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
+  # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
+  # unsloth writes the code it generates under UNSLOTH_COMPILE_LOCATION, /tmp in the image: new in each container,
+  # so each timed run here starts without it.
+  export PYTHONPYCACHEPREFIX=/tmp/pycache UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache
+  python3 -m compileall -q -j 16 /opt/torch/.venv/lib/python3.12/site-packages /tmp/s/site >/dev/null 2>&1
+fi
+
+case "$mode" in
+  speed-37)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-37
+    timeout 150 python3 bench/gpu_eval_same.py "$work/runs/t1-37" jobspecs/t1.json "$out/eval-same.json" "${common[@]:2}" \
+      --set name=t1-37 --set output_dir="$work/runs" > "$out/eval-same.txt" 2>&1; tail -2 "$out/eval-same.txt"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; TIMEFORMAT="import_library (restricted), cold compile cache: %R s"
+    { time python3 -c "from job.backends import unsloth; unsloth.import_library()" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
+    cat "$out/import-times.txt"; tar czf "$OUT/o.tgz" -C "$out" .
+    bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-38)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-38
+    python3 bench/gpu_llama_variants.py "$work/runs/t1-38" "$LLAMA_CPP_DIR" /tmp/llama-variants | tee "$out/llama-variants.json"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-profile)
+    { lscpu; nvidia-smi; free -g; df -h /tmp; } > "$out/machine.txt" 2>&1
+    pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+    for cache in cold warm; do
+      [[ $cache == cold ]] && rm -rf "$UNSLOTH_COMPILE_LOCATION"
+      TIMEFORMAT="$cache: %R s"
+      { time python3 -X importtime -c "import unsloth" 2> "$out/importtime-unsloth-$cache.txt" >/dev/null; } 2>> "$out/import-times.txt"
+    done
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"
+    PROFILER="py-spy record --subprocesses --idle --threads --rate 50 --format speedscope -o $out/t1.speedscope.json --" run t1-profile
+    gzip -f "$out/t1.speedscope.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  speed)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; PEFTOPT_DEQUANTIZE_BASE=0 first50 t1-kept50
+    compare50 "$out/t1-speed.jsonl" "$out/t1-kept50.jsonl" | tee "$out/loss50.json"
+    bench_table bench-unsloth --steps 10 --backend unsloth
+    ;;
+  speed-hf)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-speed-hf --set train.backend=hf
+    bench_table bench-hf --steps 10 --backend hf
+    ;;
+  speed-final)  # the whole run (auto) after the export and evaluation changes, the hf backend's GPU test of the
+    # dequantized base, and the hf bench (planned: dequantized; the base kept)
+    python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu.py -k "dequantized_once and hf" 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; du -s ~/.triton /tmp/torchinductor_* 2>/dev/null | tee "$out/caches-before.txt"
+    run t1-final
+    du -s ~/.triton /tmp/torchinductor_* 2>/dev/null | tee "$out/caches-after.txt"
+    bench_table bench-hf --steps 10 --backend hf
+    for fla in 1 0; do  # unsloth's import alone, warm, with and without its linear-attention kernels registered
+      rm -rf "$UNSLOTH_COMPILE_LOCATION"
+      TIMEFORMAT="UNSLOTH_DISABLE_VENDORED_FLA=$fla: %R s"
+      { time env UNSLOTH_DISABLE_VENDORED_FLA=$fla python3 -c "import unsloth" >/dev/null 2>&1; } 2>> "$out/import-times.txt"
+    done
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  speed-8b)  # the unsloth bench on the Llama-3.1-8B shape under t1's settings (planned, the base kept, literal)
+    [ -f "$work/l8b/config.json" ] || python3 bench/gpu_models.py llama8b "$work/l8b" >/dev/null 2>&1
+    common[3]=model.base="$work/l8b"
+    bench_table bench-8b --steps ${STEPS:-4} --backend unsloth
+    ;;
+  check)
+    python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
+    run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64
+    run h60 --set train.max_steps=60 --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
+    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
+    python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 | tee "$out/bench.md"
+    ;;
+  unsloth)
+    run t1-unsloth
+    # The slow path on the same 600-step schedule, stopped by SIGTERM once step 50 is logged: the first 50
+    # losses are compared with the run above (same learning rates at every step).
+    UNSLOTH_TORCH_VARLEN=0 first50 t1-slow50
+    compare50 "$out/t1-unsloth.jsonl" "$out/t1-slow50.jsonl" | tee "$out/loss50.json"
+    bench_table bench --steps 12
+    ;;
+  probe)
+    python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu.py -k "varlen or unsloth_takes or liger" 2>&1 | tail -15 | tee "$out/kernel-tests.txt"
+    for fused in 1 0; do
+      PEFTOPT_LIGER=$fused python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --backend hf --extra hf:8x1:off \
+        --json > "$out/bench-hf-liger$fused.json" 2> "$out/bench-hf-liger$fused.err"
+      python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+        "$out/bench-hf-liger$fused.json" | tee -a "$out/bench.md"
+      [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    done
+    run u60 --set train.max_steps=60 --set export.merge=false --set export.gguf=[] --set evaluate.targets='["adapter"]'
+    ;;
+  final)
+    run t1-final
+    timeout 240 python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 12 --json > "$out/bench.json" 2> "$out/bench.err"
+    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+      "$out/bench.json" | tee "$out/bench.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  threads)  # llama.cpp answering the GGUF of a finished t1-final run with each thread count
+    python3 - "$work/runs/t1-final" <<'EOF' | tee "$out/llama-threads.json"
+import json, os, sys, time
+sys.path.insert(0, ".")
+from pathlib import Path
+from transformers import AutoTokenizer
+from job import llamacpp
+from job.evaluation import generate
+from job.evaluation import suite as suites
+from job.specfile import load_spec
+run = Path(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(str(run / "merged"))
+evaluate = load_spec("jobspecs/t1.json").evaluate
+texts = [generate.render(tokenizer, p["prompt"], evaluate) for p in suites.load(evaluate)]
+gguf = next((run / "gguf").glob("*.gguf"))
+out = {"physical_cores": llamacpp.physical_cores(), "logical": os.cpu_count()}
+for threads in sorted({os.cpu_count(), llamacpp.physical_cores(), max(llamacpp.physical_cores() // 2, 1)}):
+    started = time.perf_counter()
+    answers = llamacpp.generate_many(llamacpp.find(), gguf, texts, 256, threads=threads)
+    out[f"threads_{threads}_s"] = round(time.perf_counter() - started, 2)
+    out[f"threads_{threads}_tokens"] = sum(len(a.token_ids) for a in answers)
+print(json.dumps(out))
+EOF
+    ;;
+  pair)  # both backends' whole 600-step training, one after the other in one call (no evaluation or export)
+    run t1-unsloth-train --set evaluate=null --set export.merge=false --set export.gguf=[]
+    run t1-hf-train --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
+    ;;
+  dpo-micro)  # SFT beside DPO with a micro-batch of DPO_MICRO pairs (default 4), per step and precomputed reference
+    [ -f "$work/pairs.jsonl" ] || python3 bench/gpu_models.py pairs "$work/pairs.jsonl" 1200 "${PAIR_WORDS:-150-400}" >/dev/null
+    bare=(--set evaluate=null --set export.merge=false --set export.gguf=[] --set train.max_steps=60)
+    prefs=(--set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" --set data.format=preference
+           --set train.micro_batch_size=${DPO_MICRO:-4})
+    run sft-hf60 --set train.backend=hf "${bare[@]}"
+    run dpo-m${DPO_MICRO:-4}-hf60 "${prefs[@]}" "${bare[@]}"
+    run dpo-pre-m${DPO_MICRO:-4}-hf60 "${prefs[@]}" --set train.precompute_reference=true "${bare[@]}"
+    ;;
+  hf)
+    run t1-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
+    ;;
+  dpo)
+    # PAIR_WORDS=LO-HI sets the answers' length (the tiny tokenizer gives about 1.7 tokens a word)
+    [ -f "$work/pairs.jsonl" ] || python3 bench/gpu_models.py pairs "$work/pairs.jsonl" 1200 "${PAIR_WORDS:-150-400}" >/dev/null
+    python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu.py -k "varlen" 2>&1 | tail -5 | tee "$out/kernel-tests.txt"
+    [ "${FULL:-1}" = 1 ] && run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64 \
+      --set 'evaluate.targets=["base","adapter","merged","gguf"]'
+    bare=(--set evaluate=null --set export.merge=false --set export.gguf=[] --set train.max_steps=60)
+    run sft-hf60 --set train.backend=hf "${bare[@]}"
+    run dpo-pre-hf60 --set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference --set train.precompute_reference=true "${bare[@]}"
+    run dpo-hf60 --set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference "${bare[@]}"
+    [ "${BENCH:-1}" = 1 ] || exit 0
+    timeout 200 python3 -m job bench jobspecs/t1.json "${common[@]:2}" --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference --set train.method=dpo --steps 8 --json > "$out/bench-dpo.json" 2> "$out/bench-dpo.err"
+    python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+      "$out/bench-dpo.json" | tee "$out/bench-dpo.md"
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+esac

@@ -1,0 +1,132 @@
+"""Unit and integration (CPU): the packed-row attention path. Which path runs and why, the cumulative lengths
+the varlen kernel gets, the sdpa fallback computing exactly what transformers' own sdpa computes (packed rows
+and left-padded batches), and the unsloth adapter's detect-and-do-not-double-patch rule. The kernel itself runs
+in tests/gpu/test_gpu.py.
+"""
+import types
+
+import pytest
+import torch
+
+from job.backends import attention
+
+
+def test_cumulative_lengths_come_from_where_positions_restart():
+    cu, longest = attention.cumulative_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
+    cu, longest = attention.cumulative_lengths(torch.arange(6)[None])  # one conversation
+    assert cu.tolist() == [0, 6] and longest == 6
+    cu, _ = attention.cumulative_lengths(torch.tensor([[3, 4, 0, 1]]))  # a row cut mid-conversation
+    assert cu.tolist() == [0, 2, 4]
+
+
+def test_cpu_runs_sdpa_and_says_why():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    path, why = attention.hf_path("cpu", torch.float32, config)
+    assert path == "sdpa" and "no CUDA" in why
+    if not torch.cuda.is_available():
+        assert attention.varlen_kernel() is None
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    load = lambda impl: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        str(tiny_model), dtype=torch.float32, attn_implementation=impl).eval()
+    return load("sdpa"), load(attention.NAME)
+
+
+def test_packed_row_equals_sdpa_with_transformers_block_mask(models):
+    sdpa, varlen = models
+    ids = torch.randint(10, 200, (1, 19), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(7)) + list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        # use_cache=False, as in training: with a cache transformers builds no block mask for packed rows
+        want = sdpa(input_ids=ids, position_ids=positions, use_cache=False).logits
+        got = varlen(input_ids=ids, position_ids=positions, use_cache=False).logits
+        whole = sdpa(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[0, 7:], whole[0, 7:], atol=1e-3)  # documents really are kept apart
+
+
+def test_left_padded_batch_equals_sdpa(models):
+    sdpa, varlen = models
+    ids = torch.randint(10, 200, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :2] = 0
+    with torch.no_grad():
+        want = sdpa(input_ids=ids, attention_mask=mask).logits
+        got = varlen(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
+
+
+def test_generation_through_the_registered_function_matches_sdpa(models, tiny_model):
+    from transformers import AutoTokenizer
+
+    from job.evaluation import generate
+    from job.spec import EvaluateSpec
+
+    sdpa, varlen = models
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    suite = [{"id": f"p{i}", "prompt": text, "checks": {}} for i, text in
+             enumerate(["Tell me one thing about coffee.", "Say hello.", "And why is the moon so bright tonight?"])]
+    settings = EvaluateSpec(max_new_tokens=12)
+    assert [a["token_ids"] for a in generate.generate_hf(varlen, tokenizer, suite, settings)] == \
+        [a["token_ids"] for a in generate.generate_hf(sdpa, tokenizer, suite, settings)]
+
+
+def test_unsloth_adapter_leaves_a_torch_that_has_enable_gqa_alone():
+    own = object()
+    dispatch = types.SimpleNamespace(_TORCH_VARLEN_ATTN=own, _LEAN_VARLEN=True, _varlen_can_use_cudnn=None)
+    said = attention.adapt_unsloth(dispatch)
+    assert dispatch._TORCH_VARLEN_ATTN is own and "unsloth's own" in said  # not patched twice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel exists (tests/gpu/test_gpu.py)")
+def test_unsloth_adapter_says_when_no_kernel_can_be_set(monkeypatch):
+    dispatch = types.SimpleNamespace(_TORCH_VARLEN_ATTN=None, _LEAN_VARLEN=False, _varlen_can_use_cudnn=None)
+    assert attention.adapt_unsloth(dispatch).startswith("per-segment sdpa")
+    assert dispatch._TORCH_VARLEN_ATTN is None
+    from job import settings
+
+    assert "UNSLOTH_TORCH_VARLEN is off" in attention.adapt_unsloth(dispatch, settings.load({"UNSLOTH_TORCH_VARLEN": "0"}))
+
+
+def test_decoding_on_cuda_keeps_cudnn_attention_out_and_restores_the_flags():
+    from job.evaluation.generate import attention_backends
+
+    before = [torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()]
+    with attention_backends(torch.device("cuda")):  # only sets the backend flags: runs without a GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    with attention_backends(torch.device("cpu")):  # CPU decoding is left alone
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    assert [torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == before
+
+
+def test_decoding_freezes_the_collector_and_thaws_it_even_on_failure():
+    import gc
+
+    from job.evaluation.generate import quiet_collector
+
+    def collected(obj) -> bool:  # the frozen (permanent) generation is not among gc.get_objects()'s
+        return any(o is obj for o in gc.get_objects())
+
+    alive_before = [[] for _ in range(3)]
+    assert collected(alive_before)
+    with quiet_collector():
+        assert not collected(alive_before)
+        made_while_decoding = []
+        assert collected(made_while_decoding)
+    assert collected(alive_before) and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), quiet_collector():
+        raise RuntimeError("generation failed")
+    assert collected(alive_before) and gc.get_freeze_count() == 0
