@@ -347,6 +347,55 @@ class TrainingBar:
         self.bar.close()
 
 
+class StageBar:
+    """A stage's counts on a terminal (rows encoded, targets answered, GGUF files made, tensors read): one line
+    updated in place, closed when the work ends; nothing when stdout is not a terminal (the events say the same)."""
+
+    def __init__(self, what: str, total: int | None, unit: str):
+        from tqdm import tqdm
+
+        global _bar_up
+        width = __import__("shutil").get_terminal_size((100, 24)).columns
+        self.bar = tqdm(total=total, unit=f" {unit}", ncols=width or 100, file=sys.stdout, desc=what,
+                        bar_format="{desc} {n_fmt}/{total_fmt}{unit} |{bar}| {elapsed}" if total else
+                        "{desc} {n_fmt}{unit} {elapsed}", mininterval=0.2)
+        _bar_up = True
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        global _bar_up
+        _bar_up = False
+        self.bar.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def stage_bar(what: str, total: int | None, unit: str):
+    """A StageBar when stdout is a terminal, else an object that does nothing; `close()` it when done."""
+    if _json_stdout or not sys.stdout.isatty() or _bar_up:
+        return _NoBar()
+    return StageBar(what, total, unit)
+
+
+def counted(items, what: str, unit: str, total: int | None = None):
+    """`items`, counted on the terminal's stage line as they are consumed."""
+    bar = stage_bar(what, total if total is not None else (len(items) if hasattr(items, "__len__") else None), unit)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
 def training_bar(total: int, done: int) -> TrainingBar | None:
     return None if _json_stdout else TrainingBar(total, done)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from job import templates
 from job.errors import ExternalError, SpecError
-from job.log import get_logger
+from job.log import counted, get_logger
 from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
 
@@ -445,8 +445,8 @@ def build_from_gguf(path: Path, out: Path) -> None:
     import transformers.modeling_gguf_pytorch_utils as gguf_loading
 
     # its tensor bar is tqdm's own, not transformers' (which log.py turns off): the one bar of a library that
-    # would still print, over the terminal's line or into a JSON stream
-    gguf_loading.tqdm = lambda items, **_: items
+    # would print into a JSON stream; peftopt's stage line counts the tensors instead (on a terminal)
+    gguf_loading.tqdm = lambda items, **_: counted(items, "base: tensors read", "tensors")
     reader = GGUFReader(str(path))
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -15,7 +15,7 @@ from typing import Any
 
 from job import backends, llamacpp, modelsrc
 from job.evaluation import checks, generate, suite
-from job.log import get_logger
+from job.log import counted, get_logger
 from job.rundir import read_json, read_jsonl
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
@@ -152,7 +152,7 @@ def answer_suite(ctx: RunContext) -> tuple[dict[str, Any], list[str]]:
         gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts,
                                beside[1:], stop) if beside else None
         try:
-            for target in targets:
+            for target in counted(targets, "evaluate", "targets"):
                 if target == "gguf":
                     continue
                 started = time.perf_counter()

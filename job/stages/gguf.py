@@ -13,7 +13,7 @@ from typing import Any
 from job import llamacpp, modelsrc, templates
 from job.errors import ExternalError, SpecError
 from job.evaluation import generate, suite
-from job.log import get_logger
+from job.log import counted, get_logger
 from job.rundir import atomic_dir, file_sha256
 from job.spec import EvaluateSpec, JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
@@ -106,7 +106,7 @@ def run(ctx: RunContext) -> StageResult:
             files[quant] = {"file": path.name, "method": method, "seconds": round(time.perf_counter() - started, 2)}
         if master not in how:
             master_path.unlink()
-        for quant, info in files.items():
+        for quant, info in counted(list(files.items()), "gguf: verified", "files"):
             path = out / info["file"]
             info.update(size_bytes=path.stat().st_size, sha256=file_sha256(path))
             info["verify"] = verify(tools, path, quant, tokenizer, prompts, reference, evaluate)

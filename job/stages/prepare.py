@@ -20,7 +20,7 @@ from job import data as conversations_in
 from job import modelsrc, preference, templates
 from job.errors import DataError, SpecError
 from job.fingerprint import file_digest
-from job.log import get_logger
+from job.log import counted, get_logger
 from job.rundir import atomic_dir, jsonl_line
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
@@ -255,7 +255,7 @@ def encode_rows(conversations: Iterable, tokenizer, spec: JobSpec, origin=None, 
                               "rows_by_source": Counter(), "trainable_by_source": Counter()}
     encoded: list[dict] = []
     renders_tools = None
-    rows = iter(conversations)
+    rows = iter(counted(conversations, "prepare", "rows") if sink is not None else conversations)  # a run's, not inspect's
     for first in itertools.count(0, chunk):
         batch = list(itertools.islice(rows, chunk))
         if not batch:

@@ -1,6 +1,6 @@
 """On a terminal (a real pseudo-terminal), training shows one line updated in place (step/max, loss, learning
-rate, tokens/s, time left) instead of an event line and the Trainer's dict per step; the run's events file still
-gets every step as JSON."""
+rate, tokens/s, time left) instead of an event line and the Trainer's dict per step, prepare shows its count, and
+no library warning or bar reaches the screen; the run's events file still gets every step as JSON."""
 import fcntl
 import json
 import os
@@ -45,8 +45,14 @@ def run_in_a_terminal(*args: str, timeout: float = 600) -> str:
 
 
 def test_training_on_a_terminal_is_one_line_updated_in_place(tmp_path, tiny_model, tiny_data):
-    spec = write_tiny_spec(tmp_path, tiny_model, tiny_data, "tty", train={"max_steps": 6, "save_steps": 3})
+    spec = write_tiny_spec(tmp_path, tiny_model, tiny_data, "tty", train={"max_steps": 6, "save_steps": 3,
+                                                                          "optim": "auto"})
     screen = run_in_a_terminal("run", str(spec), "--stages", "prepare,train")
+    assert re.search(r"prepare \d+(/\d+)? rows", screen), screen[-3000:]  # prepare's own count line
+    # the default spec on a CPU, and no library's warnings or bars: they are muted in one place (job/log.py)
+    for noise in ("optimizer_substituted", "library_log", "cross-contamination", "Padding-free", "Writing model",
+                  "Warning", "warn("):
+        assert noise not in screen, (noise, screen[-3000:])
     updates = re.findall(r"train (\d)/6 \|.*?loss [\d.]+, lr [\d.e+-]+, [\d,]+ tok/s", screen)
     assert updates[-1] == "6" and len(set(updates)) >= 3, screen[-3000:]
     assert "\r" in screen  # the same line, rewritten
