@@ -22,6 +22,7 @@ $(BIN)/python:
 # torch first, as its CPU wheel: the lock's torch is the image's CUDA build. Then exactly the locked files
 # (no `pip check`: the lock is the resolution, and it overrides a few packages' own bounds on purpose).
 $(VENV)/.installed: pyproject.toml docker/requirements-cpu.lock | $(BIN)/python
+	@echo "installing the locked packages into $(VENV) (a few minutes the first time)"
 	$(BIN)/pip install -q torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock)
 	$(BIN)/pip install -q --no-deps --require-hashes -r docker/requirements-cpu.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
@@ -44,6 +45,7 @@ docs: install
 demo: install llama-cpp
 	$(BIN)/peftopt run jobspecs/smoke.json
 	$(BIN)/peftopt report runs/smoke_gemma3_270m --out runs/report
+	@echo "open runs/report/report.html; run . $(VENV)/bin/activate to put peftopt on your PATH"
 
 # The tiers are folders: tests/unit (no model: seconds), tests/integration and tests/security (a real tiny model
 # through the CLI), tests/gpu (CUDA), tests/image (the built image). `make test` is what CI runs: unit, integration

@@ -10,6 +10,8 @@ import pytest
 from conftest import events, run_cli
 from job import llamacpp
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def gguf_base(tmp_path_factory, tiny_model) -> Path:
@@ -97,3 +99,30 @@ def test_inspect_shows_the_rows_of_a_gguf_base_and_builds_it_once(tmp_path, tiny
     assert [p for p in cache.iterdir() if not p.name.startswith(".")]  # the run that follows copies it
     run = run_cli("run", spec, "--stages", "prepare", env={"PEFTOPT_BASE_CACHE": str(cache)})
     assert base_events(run.stdout)[0] == "base_cache_used"
+
+
+def test_inspect_and_a_run_on_a_package_base(tmp_path, tiny_data, gguf_base):
+    """A `package:NAME` base (a module whose assemble() writes its GGUF, as the demo's package does) is built once,
+    shown by inspect, and copied by the run that follows."""
+    package = tmp_path / "site" / "tiny_gguf_pkg"
+    package.mkdir(parents=True)
+    package.joinpath("__init__.py").write_text(
+        "import shutil\n\n\ndef assemble(path, overwrite=False):\n"
+        f"    shutil.copyfile({str(gguf_base)!r}, path)\n")
+    metadata = tmp_path / "site" / "tiny_gguf_pkg-1.0.dist-info"  # installed, as pip would leave it
+    metadata.mkdir()
+    metadata.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: tiny-gguf-pkg\nVersion: 1.0\n")
+    env = {"PEFTOPT_BASE_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    spec = tmp_path / "pkg.json"
+    spec.write_text(json.dumps({
+        "name": "pkg", "output_dir": str(tmp_path / "runs"),
+        "model": {"base": "package:tiny-gguf-pkg", "max_seq_length": 128, "chat_template": "llama-3"},
+        "data": {"source": str(tiny_data)}, "lora": {"r": 4, "alpha": 8},
+        "train": {"backend": "hf", "max_steps": 1, "optim": "adamw_torch"}}))
+    shown = run_cli("inspect", spec, "--rows", "1", env=env)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "--- row 0:" in shown.stdout and "base_cache_stored" in shown.stdout
+    prepared = run_cli("run", spec, "--stages", "prepare", env=env)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert base_events(prepared.stdout)[0] == "base_cache_used"
