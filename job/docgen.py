@@ -71,32 +71,36 @@ def jobspec_page() -> str:
     return "\n".join(line for line in out if line is not None) + "\n"
 
 
+def _table_page(source: str, title: str, intro: str, columns: tuple[str, ...], rows: list[tuple]) -> str:
+    out = [HEADER.format(source=source), f"# {title}\n", intro + "\n", "| " + " | ".join(columns) + " |",
+           "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
 def events_page() -> str:
     from job.events import EVENTS
 
-    out = [HEADER.format(source="job/events.py"), "# Event names\n",
-           "Every JSON line has `event`, `level`, `logger` and `timestamp` (and `run` and `stage` once they are "
-           "known). The names below are all of them, and stable; a line from a library is always `library_log`, "
-           "its text in `message`. JSON lines go to stdout when it is not a terminal (`PEFTOPT_LOG_FORMAT`) and "
-           "always to the run's `events.jsonl`.\n",
-           "| event | when |", "|---|---|"]
-    out += [f"| `{name}` | {_cell(when)} |" for name, when in EVENTS.items()]
-    return "\n".join(out) + "\n"
+    return _table_page(
+        "job/events.py", "Event names",
+        "Every JSON line has `event`, `level`, `logger` and `timestamp` (and `run` and `stage` once they are known). "
+        "The names below are all of them, and stable; a line from a library is always `library_log`, its text in "
+        "`message`. JSON lines go to stdout when it is not a terminal (`PEFTOPT_LOG_FORMAT`) and always to the run's "
+        "`events.jsonl`.",
+        ("event", "when"), [(f"`{name}`", when) for name, when in EVENTS.items()])
 
 
 def settings_page() -> str:
     from job.settings import VARIABLES
 
-    out = [HEADER.format(source="job/settings.py"), "# Settings (environment variables)\n",
-           "peftopt reads the environment once, at start; a value it cannot use stops the job with exit 2 naming the "
-           "variable, and `job_started` logs every variable that is set (tokens only as `set`). Nothing else in "
-           "peftopt reads the environment. Tokens (`HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN` and every variable a spec "
-           "names in `token_env`) are masked in every event, error line, traceback and `state.json`.\n",
-           "| variable | default | what it does |", "|---|---|---|"]
-    for variable in VARIABLES:
-        default = f"`{variable.default}`" if variable.default is not None else "unset"
-        out.append(f"| `{variable.name}` | {default} | {_cell(variable.doc)} |")
-    return "\n".join(out) + "\n"
+    return _table_page(
+        "job/settings.py", "Settings (environment variables)",
+        "peftopt reads the environment once, at start; a value it cannot use stops the job with exit 2 naming the "
+        "variable, and `job_started` logs every variable that is set (tokens only as `set`). Nothing else in peftopt "
+        "reads the environment. Tokens (`HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN` and every variable a spec names in "
+        "`token_env`) are masked in every event, error line, traceback and `state.json`.",
+        ("variable", "default", "what it does"),
+        [(f"`{v.name}`", f"`{v.default}`" if v.default is not None else "unset", v.doc) for v in VARIABLES])
 
 
 RETRY = {0: "—", 1: "no", 2: "no", 3: "no", 4: "maybe (another machine, or later)", 75: "yes: the same command resumes"}
@@ -105,13 +109,12 @@ RETRY = {0: "—", 1: "no", 2: "no", 3: "no", 4: "maybe (another machine, or lat
 def exit_codes_page() -> str:
     from job.errors import EXIT_CODES
 
-    out = [HEADER.format(source="job/errors.py"), "# Exit codes\n",
-           "Every failure ends with one `error:` line on stderr naming the field, file or row, one of these codes, "
-           "and (in the JSON log) a `job_failed`, `job_interrupted` or `job_crashed` event. "
-           "`docker/examples/` maps them onto each batch service's retry rules.\n",
-           "| code | meaning | retry? |", "|---|---|---|"]
-    out += [f"| {code} | {_cell(text)} | {RETRY.get(code, '')} |" for code, text in EXIT_CODES.items()]
-    return "\n".join(out) + "\n"
+    return _table_page(
+        "job/errors.py", "Exit codes",
+        "Every failure ends with one `error:` line on stderr naming the field, file or row, one of these codes, and "
+        "(in the JSON log) a `job_failed`, `job_interrupted` or `job_crashed` event. `docker/examples/` maps them "
+        "onto each batch service's retry rules.",
+        ("code", "meaning", "retry?"), [(code, text, RETRY.get(code, "")) for code, text in EXIT_CODES.items()])
 
 
 def checks_page() -> str:
