@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from job import methods
 from job.errors import ExternalError, SpecError
 from job.spec import JobSpec
 
@@ -67,9 +68,13 @@ def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
     for _ in range(n_rows):
         prompt = [{"role": "user", "content": text(seq // 8, seq // 4)}]
         answers = [[{"role": "assistant", "content": text(seq // 4, seq // 2)}] for _ in range(2)]
-        rows.append({"prompt": prompt, "completion": answers[0], "label": True} if spec.train.method == "kto"
+        rows.append({"prompt": prompt, "completion": answers[0], "label": True} if family(spec) == "unpaired"
                     else {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]})
     return rows
+
+
+def family(spec: JobSpec) -> str:
+    return methods.get(spec.train.method).family
 
 
 def worker(args: dict) -> dict:
@@ -98,7 +103,7 @@ def worker(args: dict) -> dict:
         dataset = datasets.Dataset.from_json(args["data"])
     else:
         rows = (args["steps"] + WARMUP) * chosen.micro_batch * chosen.accumulation * 3
-        if spec.train.method == "sft":
+        if family(spec) == "chat":
             dataset = datasets.Dataset.from_dict({"input_ids": synthetic_rows(spec, config.vocab_size, rows)})
         else:
             dataset = datasets.Dataset.from_list(synthetic_pairs(spec, tokenizer, rows))
@@ -111,7 +116,7 @@ def worker(args: dict) -> dict:
     tokens_per_s = (n1 - n0) / (t1 - t0)
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
-    reference = spec.train.method in ("dpo", "kto") and not spec.train.precompute_reference
+    reference = methods.get(spec.train.method).reference_per_step(spec.train)
     flops = model_flops_per_token(config, spec.model.max_seq_length, chosen.gradient_checkpointing, reference) \
         * tokens_per_s
     return {"tokens_per_s": round(tokens_per_s, 1), "seconds_per_step": round((t1 - t0) / args["steps"], 4),
@@ -168,8 +173,8 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
         label = "peftopt auto: unsloth"
         in_loop[f"{label}, batches collated in the training loop"] = settings[label]
     settings.update(in_loop)
-    if spec.train.method != "sft":  # the preference methods train on the hf backend (backends.choose)
-        settings = {label: setting for label, setting in settings.items() if setting[0] == "hf"}
+    verified = methods.get(spec.train.method).backends  # what backends.choose would run the method on
+    settings = {label: setting for label, setting in settings.items() if setting[0] in verified}
     for text in extra:  # "8x1:off" or "hf:8x1:on" style extra candidates
         parts = text.split(":")
         backend = parts.pop(0) if parts[0] in ("hf", "unsloth") else "unsloth"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from job import methods
 from job.rundir import RunDir, read_json
 from job.spec import REPO_ID, JobSpec
 
@@ -60,9 +61,9 @@ def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
              (" (4-bit NF4 during training)" if spec.model.load_in_4bit else ""),
              ]
     if spec.train:
-        method = spec.train.method
-        lines.append(f"- Method: {method}" + (f" (beta {spec.train.beta_value()})" if method != "sft" else
-                                              " (supervised, loss on the assistant's answers)"))
+        method = methods.get(spec.train.method)
+        lines.append(f"- Method: {method.name} ({method.doc}"
+                     + (f", beta {spec.train.beta_value()})" if "beta" in method.fields else ")"))
     for source in spec.data.all_sources() if spec.data else []:  # a local path is named by its file only
         name = public(source.source)
         share = f", weight {source.weight}" if source.weight else f", {source.num_samples} samples" \

@@ -20,10 +20,12 @@ import itertools
 import json
 from typing import Any
 
+from job import methods
+
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
 # What each method trains on, and the formats a spec may name for it.
-FAMILY = {"sft": "chat", "dpo": "pair", "orpo": "pair", "simpo": "pair", "kto": "unpaired"}
+FAMILY = {m.name: m.family for m in methods.all_methods()}  # job/methods/ declares each method's family
 FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired", "alpaca": "alpaca",
            "prompt_completion": "prompt_completion", "text": "text"}
 # The shapes each family trains on (the supervised family takes every shape that is not a preference).

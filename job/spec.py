@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from job import methods
 from job.templates import BUILTIN
 
 # llama.cpp's own list (tools/quantize/quantize.cpp at the pinned version), lower-cased. The IQ/TQ types
@@ -250,21 +251,14 @@ class CheckpointSyncSpec(Section):
         return value
 
 
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
-PREFERENCE_METHODS = METHODS[1:]
-# The method-specific fields, and the methods each applies to (a field given for another method is refused).
-METHOD_FIELDS = {"beta": PREFERENCE_METHODS, "dpo_loss": ("dpo",), "simpo_gamma": ("simpo",),
-                 "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
-                 "precompute_reference": ("dpo", "kto")}
-# trl's defaults for beta: DPOConfig and KTOConfig 0.1; ORPOConfig's lambda 0.1; CPOConfig with SimPO 2.0.
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+METHODS = methods.names()  # each declared in job/methods/: its data, its fields and their defaults, its trainer
 
 
 class TrainSpec(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="auto: unsloth when CUDA is present and it imports, else hf."
     )
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
         "sft", description="sft: supervised (conversations); dpo, orpo, simpo: preference pairs (chosen against "
         "rejected); kto: unpaired answers labelled desirable or not. All train LoRA on trl's trainer for the method; "
         "the reference of dpo and kto is the base with the adapter off (no second model).")
@@ -325,18 +319,19 @@ class TrainSpec(Section):
 
     @model_validator(mode="after")
     def _fields_of_the_method(self):
-        wrong = [name for name, methods in METHOD_FIELDS.items()
-                 if getattr(self, name) is not None and self.method not in methods]
+        declared = methods.get(self.method).fields
+        wrong = [name for name in methods.method_fields() if getattr(self, name) is not None and name not in declared]
         if wrong:
-            raise ValueError("\n".join(f"train.{name}: applies to {', '.join(METHOD_FIELDS[name])}, not to method "
+            raise ValueError("\n".join(f"train.{name}: applies to {', '.join(methods.owners(name))}, not to method "
                                        f"{self.method!r}" for name in wrong))
         return self
 
     def preference(self) -> bool:
-        return self.method in PREFERENCE_METHODS
+        """Trains on preferences (pairs or labelled answers), not on conversations."""
+        return methods.get(self.method).family != "chat"
 
     def beta_value(self) -> float:
-        return self.beta if self.beta is not None else DEFAULT_BETA[self.method]
+        return methods.get(self.method).value(self, "beta")
 
 
 class FromDataSpec(Section):

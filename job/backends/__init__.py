@@ -49,7 +49,9 @@ def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> 
     """
     if requested == "hf":
         return "hf", "asked for in train.backend"
-    if method != "sft":  # unsloth's PatchDPOTrainer/PatchKTOTrainer are not verified against trl 1.15 here
+    from job import methods
+
+    if "unsloth" not in methods.get(method).backends:  # e.g. unsloth's PatchDPOTrainer: not verified with this trl
         if requested == "unsloth":
             raise SpecError(f"train.backend: unsloth is not verified for train.method {method!r} with the pinned trl; "
                             "use 'hf' or 'auto'")

@@ -112,7 +112,7 @@ def cpu_training_hours(spec) -> float | None:
     config = base_config(spec)
     if config is None:
         return None
-    from job.backends.methods import sequences_per_example
+    from job import methods
     from job.backends.plan import param_count
 
     try:
@@ -121,7 +121,7 @@ def cpu_training_hours(spec) -> float | None:
         return None
     train = spec.train
     tokens = train.max_steps * train.per_device_batch_size * train.gradient_accumulation_steps \
-        * spec.model.max_seq_length * sequences_per_example(train.method)
+        * spec.model.max_seq_length * methods.get(train.method).sequences_per_example
     seconds = 6 * params * tokens / (CPU_FLOPS_PER_CORE * physical_cores())
     return seconds * (FOUR_BIT_CPU_SLOWDOWN if spec.model.load_in_4bit else 1.0) / 3600
 

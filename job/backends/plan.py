@@ -73,12 +73,12 @@ def sequences_per_rank(spec, ranks: int = 1) -> int:
 
 def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1,
            dequantize: bool = True) -> Plan:
-    from job.backends.methods import sequences_per_example
+    from job import methods
 
     train = spec.train
     total = sequences_per_rank(spec, ranks)
     budget = train.max_memory_gb or 0.6 * gpu_memory_gb
-    per_example = sequences_per_example(train.method)  # a preference pair is two sequences through the model
+    per_example = methods.get(train.method).sequences_per_example  # a preference pair is two sequences through the model
     seq = spec.model.max_seq_length
     four_bit = spec.model.load_in_4bit
     forced_gc = {"on": "on", "off": "off", "unsloth": "unsloth" if backend == "unsloth" else "on"}.get(

@@ -1,5 +1,5 @@
 """The trainer set-up both backends share, built in one place for the job and for `peftopt bench`: the trl
-trainer of the spec's method (job/backends/methods.py) configured from the spec and the batch plan, token counting, progress events with a steady-state
+trainer of the spec's method (job/methods/) configured from the spec and the batch plan, token counting, progress events with a steady-state
 figure, the stop-on-signal hook, checkpoints written off the training thread, resume, and trl's CPU loss-head
 fallback. A backend only loads and wraps the model (`setup`) and plans the batch (`plan`).
 """
@@ -80,14 +80,15 @@ def choose_optimizer(requested: str, device: str) -> str:
 def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dtype, *, saving: bool = True,
                    trainer_checkpointing: bool = True, tracking: dict | None = None, batch_workers: int = 0,
                    **extra):
-    """The trl config of the spec's method (job/backends/methods.py), from the spec and the batch plan.
+    """The trl config of the spec's method (job/methods/), from the spec and the batch plan.
     `batch_workers` processes collate batches ahead of the step (settings.batch_workers_on)."""
     import torch
 
-    from job.backends import methods
+    from job import methods
 
     train = spec.train
-    config_class, _ = methods.classes(train.method)
+    method = methods.get(train.method)
+    config_class, _ = method.classes()
     return config_class(
         output_dir=str(output_dir), max_steps=train.max_steps,
         per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
@@ -107,7 +108,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         gradient_checkpointing=plan.gradient_checkpointing == "on" and trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
         if plan.gradient_checkpointing == "on" and trainer_checkpointing else None,
-        ddp_find_unused_parameters=False, **methods.settings(spec), **extra,
+        ddp_find_unused_parameters=False, **method.config(train), **extra,
     )
 
 
@@ -289,9 +290,9 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
                   extra_callbacks=(), run_dir: RunDir | None = None, settings=None):
     """The trl trainer of the spec's method as the job runs it, and its session. With a `fingerprint` (the train
     stage's), checkpoints are written and marked with it; without (bench), nothing is saved."""
-    from job.backends import methods
+    from job import methods
 
-    _, trainer_class = methods.classes(spec.train.method)
+    _, trainer_class = methods.get(spec.train.method).classes()
 
     Progress, StopOnSignal = _callbacks()
     session = TrainingSession(progress=Progress())

@@ -59,7 +59,9 @@ def heldout_wanted(spec: JobSpec) -> bool:
 
 
 def preferences_wanted(spec: JobSpec) -> bool:
-    if not (spec.train and spec.train.preference()):
+    from job import methods
+
+    if not (spec.train and methods.get(spec.train.method).scores == "preferences"):
         return False
     return holds_rows_out(spec) if spec.evaluate is None else "adapter" in spec.evaluate.targets
 

@@ -119,7 +119,7 @@ def test_a_dpo_adapter_merges_and_exports_as_an_sft_one_does(tmp_path, tiny_mode
     from job.specfile import load_spec
 
     text = card.render(load_spec(spec), RunDir(run_dir), "me/dpo")
-    assert "- Method: dpo (beta 0.1)" in text and "prefs.jsonl" in text and "tags: [peftopt, lora, gguf, dpo]" in text
+    assert "- Method: dpo (" in text and "beta 0.1)" in text and "prefs.jsonl" in text and "tags: [peftopt, lora, gguf, dpo]" in text
 
 
 @pytest.mark.parametrize("method,rows,code,needle", [

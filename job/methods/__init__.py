@@ -1,0 +1,78 @@
+"""The training methods: one `Method` declaration per module of this package, read by everything that needs to know
+about methods (the spec's fields and their refusals, the data family prepare reads, the trl trainer and config the
+backends build, the batch plan's sequences per example, the backend choice, the bench, the evaluation, the card).
+Adding a method is one module declaring `METHOD = Method(...)` and one line in REGISTRY, as a stage is
+(job/stages/__init__.py). Nothing here imports torch or trl until a trainer is built.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Mapping
+
+REGISTRY = (
+    "sft",
+    "dpo",
+    "orpo",
+    "simpo",
+    "kto",
+)
+
+
+def _no_reference(train) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    doc: str  # one line: what it trains on and for what
+    family: str  # the rows it trains on (job/shapes.py): "chat", "pair" or "unpaired"
+    trainer: str  # trl's trainer and config classes, "module:Trainer:Config"
+    # Its own train.* fields with their defaults: a field another method declares is refused for this one, and
+    # `value(train, name)` reads the spec's value or this default.
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    config: Callable[[Any], dict] = lambda train: {}  # the trl config's fields of this method, from the train section
+    sequences_per_example: int = 1  # sequences one example puts through the model (a pair: two)
+    reference_per_step: Callable[[Any], bool] = _no_reference  # a reference forward pass each step (the adapter off)
+    backends: tuple[str, ...] = ("hf",)  # the training backends verified with it
+    scores: str = "heldout"  # what evaluate scores on held-out rows: "heldout" loss, or "preferences" (rewards)
+
+    def classes(self) -> tuple[type, type]:
+        """(config class, trainer class): trl is imported here, when a trainer is built."""
+        module, trainer, config = self.trainer.split(":")
+        loaded = importlib.import_module(module)
+        return getattr(loaded, config), getattr(loaded, trainer)
+
+    def value(self, train, name: str) -> Any:
+        given = getattr(train, name, None)
+        return self.fields[name] if given is None else given
+
+
+@lru_cache(maxsize=None)
+def all_methods() -> tuple[Method, ...]:
+    out = []
+    for name in REGISTRY:
+        method = importlib.import_module(f"job.methods.{name}").METHOD
+        if method.name != name:
+            raise RuntimeError(f"job/methods/{name}.py declares a method named {method.name!r}")
+        out.append(method)
+    return tuple(out)
+
+
+def names() -> tuple[str, ...]:
+    return REGISTRY
+
+
+def get(name: str) -> Method:
+    return next(method for method in all_methods() if method.name == name)
+
+
+def owners(field_name: str) -> tuple[str, ...]:
+    """The methods that declare train.<field_name>."""
+    return tuple(m.name for m in all_methods() if field_name in m.fields)
+
+
+def method_fields() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f for m in all_methods() for f in m.fields))
