@@ -7,7 +7,7 @@ import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from job import methods
 from job.templates import BUILTIN
@@ -254,7 +254,9 @@ class CheckpointSyncSpec(Section):
 METHODS = methods.names()  # each declared in job/methods/: its data, its fields and their defaults, its trainer
 
 
-class TrainSpec(Section):
+class _TrainSettings(Section):
+    """The train section's fields every method shares; each method's own are declared in job/methods/."""
+
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="auto: unsloth when CUDA is present and it imports, else hf."
     )
@@ -262,16 +264,6 @@ class TrainSpec(Section):
         "sft", description="sft: supervised (conversations); dpo, orpo, simpo: preference pairs (chosen against "
         "rejected); kto: unpaired answers labelled desirable or not. All train LoRA on trl's trainer for the method; "
         "the reference of dpo and kto is the base with the adapter off (no second model).")
-    beta: float | None = Field(None, gt=0, le=100, description="Preference methods: dpo/kto's KL strength, orpo's "
-                               "odds-ratio weight (lambda), simpo's reward scale; default 0.1 (simpo 2.0).")
-    dpo_loss: Literal["sigmoid", "ipo", "hinge"] | None = Field(
-        None, description="dpo: the loss (sigmoid is DPO's, ipo IPO's, hinge SLiC's); default sigmoid.")
-    simpo_gamma: float | None = Field(None, ge=0, le=100, description="simpo: the target reward margin; default 0.5.")
-    kto_desirable_weight: float | None = Field(None, gt=0, le=100, description="kto: weight of desirable answers.")
-    kto_undesirable_weight: float | None = Field(None, gt=0, le=100, description="kto: weight of undesirable answers.")
-    precompute_reference: bool | None = Field(
-        None, description="dpo, kto: compute the reference log-probs once before training instead of at every step "
-        "(the same values; saves a forward pass per step, costs one pass over the data first).")
     max_steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps.")
     per_device_batch_size: int = Field(2, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
@@ -332,6 +324,10 @@ class TrainSpec(Section):
 
     def beta_value(self) -> float:
         return methods.get(self.method).value(self, "beta")
+
+
+TrainSpec = create_model("TrainSpec", __base__=_TrainSettings, __module__=__name__, __doc__=_TrainSettings.__doc__,
+                         **methods.spec_options())  # the shared fields, then each method's own
 
 
 class FromDataSpec(Section):

@@ -30,9 +30,12 @@ class Method:
     doc: str  # one line: what it trains on and for what
     family: str  # the rows it trains on (job/shapes.py): "chat", "pair" or "unpaired"
     trainer: str  # trl's trainer and config classes, "module:Trainer:Config"
-    # Its own train.* fields with their defaults: a field another method declares is refused for this one, and
-    # `value(train, name)` reads the spec's value or this default.
+    # The train.* fields it reads, with their defaults: a field only other methods read is refused for this one,
+    # and `value(train, name)` reads the spec's value or this default.
     fields: Mapping[str, Any] = field(default_factory=dict)
+    # The train.* fields it introduces, as pydantic field definitions ((type, Field(None, ...)): unset means the
+    # default above); job/spec.py adds them to the train section. A field two methods read is introduced by one.
+    options: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
     config: Callable[[Any], dict] = lambda train: {}  # the trl config's fields of this method, from the train section
     sequences_per_example: int = 1  # sequences one example puts through the model (a pair: two)
     reference_per_step: Callable[[Any], bool] = _no_reference  # a reference forward pass each step (the adapter off)
@@ -76,3 +79,14 @@ def owners(field_name: str) -> tuple[str, ...]:
 
 def method_fields() -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for m in all_methods() for f in m.fields))
+
+
+def spec_options() -> dict[str, tuple[Any, Any]]:
+    """Every method's own train.* field definitions, for the train section (job/spec.py)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for method in all_methods():
+        for name, definition in method.options.items():
+            if name in out:
+                raise RuntimeError(f"train.{name} is introduced by two methods; one introduces it, the others read it")
+            out[name] = definition
+    return out
