@@ -1,8 +1,8 @@
 #!/bin/sh
-# `docker run peftopt SPEC.json [options]` runs that jobspec; `docker run peftopt SUBCOMMAND ...` (validate,
+# `docker run peftopt SPEC.json|SPEC.yaml [options]` runs that jobspec; `docker run peftopt SUBCOMMAND ...` (validate,
 # schema, env, report, ...) passes straight through to the peftopt CLI.
 set -e
 case "$1" in
-  *.json) exec peftopt run --output-dir "${PEFTOPT_OUTPUT_DIR:-/runs}" "$@" ;;
+  *.json|*.yaml|*.yml) exec peftopt run --output-dir "${PEFTOPT_OUTPUT_DIR:-/runs}" "$@" ;;
   *) exec peftopt "$@" ;;
 esac
