@@ -3,6 +3,7 @@
 # conversations (push=null): each stage timed by the job itself (metrics.json), beside `peftopt bench`.
 #   bash bench/gpu_t1.sh OUT check      the GPU tests of the packed-attention path, 60-step runs of each
 #                                       backend end to end, a short bench
+#   bash bench/gpu_t1.sh OUT methods    SFT on unsloth for 60 steps (every stage), then DPO on hf for 30 steps on its merged model
 #   bash bench/gpu_t1.sh OUT unsloth    the whole 600-step run (auto: unsloth), 50 steps of the slow path
 #                                       (unsloth's per-segment SDPA) for the loss curve, and the bench
 #   bash bench/gpu_t1.sh OUT final      the whole 600-step run (auto), then the bench of both backends
@@ -198,6 +199,12 @@ case "$mode" in
     run h60 --set train.max_steps=60 --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 | tee "$out/bench.md"
+    ;;
+  methods)  # a method as one declaration (job/methods/): SFT on unsloth, every stage, then DPO on hf chained onto it
+    run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64
+    [ -f "$work/pairs.jsonl" ] || python3 bench/gpu_models.py pairs "$work/pairs.jsonl" 600 >/dev/null
+    run d30 --set model.base=run:u60 --set train.method=dpo --set train.beta=0.1 --set data.source="$work/pairs.jsonl" \
+      --set data.format=preference --set train.max_steps=30 --set evaluate=null --set export.merge=false --set export.gguf=[]
     ;;
   unsloth)
     run t1-unsloth
