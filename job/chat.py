@@ -30,8 +30,7 @@ def targets_of(run_dir: RunDir) -> list[str]:
     if (run_dir.merged_dir / "config.json").is_file():
         made.append("merged")
     made.append("base")
-    files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
-    made += [f"gguf-{quant}" for quant in files if isinstance(files, dict)]
+    made += [f"gguf-{quant}" for quant in run_dir.gguf_files()]
     return made
 
 
@@ -55,8 +54,7 @@ def answer(run_path: Path, target: str | None, prompts: list[str], max_new_token
     if target.startswith("gguf-"):
         from job import llamacpp
 
-        files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
-        path = run_dir.own(run_dir.gguf_dir / files[target.removeprefix("gguf-")]["file"])
+        path = run_dir.gguf_dir / run_dir.gguf_files()[target.removeprefix("gguf-")]["file"]
         tokenizer = evaluate_stage._tokenizer(str(run_dir.merged_dir), spec)
         answers = generate.generate_gguf(llamacpp.find(), path, tokenizer, suite, evaluation)
     else:

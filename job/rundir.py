@@ -423,6 +423,25 @@ class RunDir:
             return foreign_entry(path)
         return None if stat.S_ISREG(info.st_mode) else "not a regular file"
 
+    def gguf_files(self) -> dict[str, dict]:
+        """The GGUF files the gguf stage recorded in metrics.json, by type, each a plain file name of a regular file
+        in gguf/. metrics.json is on the volume: a name that climbs out of gguf/ or a link is refused, not read.
+
+        Raises:
+            RunConflict: naming the entry (exit 2).
+        """
+        files = ((read_json(self.metrics_path) or {}).get("gguf") or {}).get("files") or {}
+        if not isinstance(files, dict):
+            raise RunConflict(f"{self.metrics_path}: gguf.files is not a mapping of GGUF types to files")
+        for quant, info in files.items():
+            name = info.get("file") if isinstance(info, dict) else None
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}\.gguf", name):
+                raise RunConflict(f"{self.metrics_path}: gguf.files[{str(quant)[:40]!r}] names "
+                                  f"{str(name)[:80]!r}, not a GGUF file of {self.gguf_dir}; rerun with --restart "
+                                  "to redo the gguf stage")
+            self.own(self.gguf_dir / name)
+        return files
+
     def own(self, path: Path) -> Path:
         """`path`, a file or folder of this run directory about to be read back or handed to a library, once it is
         all peftopt's own (see `foreign`).

@@ -16,7 +16,7 @@ from typing import Any
 from job import backends, llamacpp, modelsrc
 from job.evaluation import checks, generate, suite
 from job.log import counted, get_logger
-from job.rundir import read_json, read_jsonl
+from job.rundir import read_jsonl
 from job.spec import JobSpec
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
@@ -193,7 +193,7 @@ def gguf_answers(spec: JobSpec, run_dir, prompts: list[dict], cores: tuple[list[
     (the CPUs llama.cpp may use, and its thread count) when given."""
     tools = llamacpp.find()
     tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
-    files = (read_json(run_dir.metrics_path) or {}).get("gguf", {}).get("files", {})
+    files = run_dir.gguf_files()
     out = {}
     for quant, info in files.items():
         started = time.perf_counter()

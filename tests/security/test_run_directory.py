@@ -194,3 +194,23 @@ def test_a_malformed_state_of_an_earlier_run_is_a_clear_refusal(state, tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     assert "model.base: 'run:sft'" in result.stderr.splitlines()[0] and "Traceback" not in result.stderr
     assert_no_canary(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("name", ["../../outside.gguf", "/etc/passwd", "sub/dir.gguf", ".hidden.gguf"])
+def test_a_gguf_name_in_metrics_that_climbs_out_is_refused_by_evaluate_and_chat(name, tmp_path, make_spec):
+    """metrics.json is on the volume: the GGUF files evaluate and chat hand to llama.cpp are plain names of
+    regular files in gguf/, never a path another writer put there."""
+    spec = make_spec("climb", train={"max_steps": 1}, export={"merge": True, "gguf": ["f16"],
+                                                              "tokenizer_pre": "llama-bpe", "verify_tokens": 2},
+                     evaluate={"prompts": ["Hi"], "max_new_tokens": 2, "targets": ["gguf"]})
+    assert run_cli("run", spec, "--stages", "prepare,train,merge,gguf").returncode == 0
+    run_dir = tmp_path / "runs" / "climb"
+    outside = tmp_path / "outside.gguf"
+    outside.write_bytes((run_dir / "gguf" / "climb-f16.gguf").read_bytes())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["gguf"]["files"]["f16"]["file"] = name
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    for argv in (("run", spec, "--stages", "evaluate"), ("chat", run_dir, "--target", "gguf", "--prompt", "Hi")):
+        refused = run_cli(*argv)
+        assert refused.returncode == 2, (argv, refused.stderr[-1500:])
+        assert "not a GGUF file of" in refused.stderr and "Traceback" not in refused.stderr
