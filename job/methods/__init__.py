@@ -55,13 +55,9 @@ class Method:
 
 @lru_cache(maxsize=None)
 def all_methods() -> tuple[Method, ...]:
-    out = []
-    for name in REGISTRY:
-        method = importlib.import_module(f"job.methods.{name}").METHOD
-        if method.name != name:
-            raise RuntimeError(f"job/methods/{name}.py declares a method named {method.name!r}")
-        out.append(method)
-    return tuple(out)
+    from job import declarations
+
+    return declarations("job.methods", REGISTRY, "METHOD")
 
 
 def names() -> tuple[str, ...]:

@@ -4,7 +4,6 @@ read this list and those declarations, and nothing else names the stages.
 """
 from __future__ import annotations
 
-import importlib
 from functools import lru_cache
 
 REGISTRY = (
@@ -20,13 +19,9 @@ REGISTRY = (
 @lru_cache(maxsize=None)
 def all_stages() -> tuple:
     """Every registered stage, in run order. A stage may only need stages registered before it."""
-    stages = []
-    for name in REGISTRY:
-        stage = importlib.import_module(f"job.stages.{name}").STAGE
-        if stage.name != name:
-            raise RuntimeError(f"job/stages/{name}.py declares a stage named {stage.name!r}")
-        stages.append(stage)
-    return tuple(stages)
+    from job import declarations
+
+    return declarations("job.stages", REGISTRY, "STAGE")
 
 
 def names() -> tuple[str, ...]:
