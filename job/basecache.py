@@ -121,7 +121,7 @@ def _manifest(entry: Path) -> dict[str, tuple[str, int]]:
 
 
 def _read_regular(path: Path, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the job
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise ValueError("not a regular file")
@@ -133,7 +133,7 @@ def _read_regular(path: Path, limit: int) -> bytes:
 
 def _copy_checked(source: Path, target: Path, digest: str | None, size: int | None) -> tuple[str, int]:
     """Copies a regular file (never through a link), hashing what it copies; checks digest and size when given."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # nor here
     with os.fdopen(fd, "rb") as src:
         if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
             raise ValueError("not a regular file")

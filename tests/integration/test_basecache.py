@@ -79,6 +79,7 @@ def test_a_cache_entry_changed_by_another_writer_is_refused_and_built_again(tmp_
         lambda: (entry / "tokenizer_config.json").write_text('{"chat_template": "{{ evil }}"}'),  # content swapped
         lambda: ((entry / "config.json").unlink(), os.symlink(secret, entry / "config.json")),  # a link out
         lambda: (entry / "manifest.json").write_text('{"files": {"../../outside.txt": {"sha256": "x", "size": 1}}}'),
+        lambda: ((entry / "tokenizer.json").unlink(), os.mkfifo(entry / "tokenizer.json")),  # a FIFO: no hang
     ]):
         tamper()
         result = run_cli("run", spec_with_gguf_base(tmp_path, tiny_data, gguf_base, f"victim{n}"), "--stages",
