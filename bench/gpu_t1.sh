@@ -4,6 +4,9 @@
 #   bash bench/gpu_t1.sh OUT check      the GPU tests of the packed-attention path, 60-step runs of each
 #                                       backend end to end, a short bench
 #   bash bench/gpu_t1.sh OUT methods    SFT on unsloth for 60 steps (every stage), then DPO on hf for 30 steps on its merged model
+#   bash bench/gpu_t1.sh OUT grpo       issue 36: t1 for 60 steps (merged), then jobspecs/t5.json chained onto it for
+#                                       T5_STEPS (30) steps (every stage), then 20 steps of t5 sampling with transformers' continuous
+#                                       batching (PEFTOPT_SAMPLER=continuous) against the same 20 steps of the first
 #   bash bench/gpu_t1.sh OUT unsloth    the whole 600-step run (auto: unsloth), 50 steps of the slow path
 #                                       (unsloth's per-segment SDPA) for the loss curve, and the bench
 #   bash bench/gpu_t1.sh OUT final      the whole 600-step run (auto), then the bench of both backends
@@ -63,7 +66,8 @@ python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__versio
 run() {  # NAME [overrides...]: one `peftopt run` of t1; events, metrics and the stage times kept under OUT
   local name=$1; shift
   local started=$(date +%s.%N)
-  ${PROFILER:-} python3 -m job run jobspecs/t1.json "${common[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  local -n shared=${SHARED:-common}
+  ${PROFILER:-} python3 -m job run ${SPEC:-jobspecs/t1.json} "${shared[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
   local code=$?
   python3 - "$out/$name.jsonl" "$started" "$name" "$code" <<'EOF' | tee -a "$out/runs.jsonl"
 import datetime, json, sys, time
@@ -199,6 +203,35 @@ case "$mode" in
     run h60 --set train.max_steps=60 --set train.backend=hf --set evaluate=null --set export.merge=false --set export.gguf=[]
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 --json > "$out/bench.json" 2> "$out/bench.err"
     python3 -m job bench jobspecs/t1.json "${common[@]:2}" --steps 10 | tee "$out/bench.md"
+    ;;
+  grpo)  # issue 36: t5 (GRPO) chained onto a 60-step t1, whole job; then the continuous-batching sampler
+    run u60 --set train.max_steps=60 --set evaluate=null --set export.gguf=[]
+    t5common=(--output-dir "$work/runs" --set push=null --set export.tokenizer_pre=llama-bpe --set model.base=run:u60)
+    # 30 of t5's 60 steps: at ~7 s a step (eager generate) the whole job and the sampler comparison fit one call
+    SPEC=jobspecs/t5.json SHARED=t5common run t5 --set train.max_steps=${T5_STEPS:-30}
+    PEFTOPT_SAMPLER=continuous SPEC=jobspecs/t5.json SHARED=t5common run t5-continuous20 --set train.max_steps=20 \
+      --set evaluate=null --set export.merge=false --set export.gguf=[]
+    python3 - "$out" <<'EOF2' | tee "$out/grpo.json"
+import datetime, json, sys
+out = sys.argv[1]
+def at(path, step):
+    events = [json.loads(l) for l in open(path) if l.startswith("{")]
+    ts = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+    start = next(ts(e) for e in events if e["event"] == "train_started")
+    done = next((ts(e) for e in events if e["event"] == "train_progress" and e["step"] == step), None)
+    return round(done - start, 2) if done else None
+m = json.load(open(f"{out}/t5-metrics.json"))
+t = m["train"]
+curve = t.get("reward_curve", [])
+print(json.dumps({"stages": {k: v["runtime_s"] for k, v in m.get("stages", {}).items()}, "tokens_per_s": t.get("tokens_per_s"),
+                  "time_split": t.get("time_split"), "peak_gpu_gb": t.get("peak_gpu_gb"),
+                  "reward_first10": sum(p["reward"] for p in curve[:10]) / max(len(curve[:10]), 1),
+                  "reward_last10": sum(p["reward"] for p in curve[-10:]) / max(len(curve[-10:]), 1),
+                  "completion_length_first_last": [curve[0]["completion_length"], curve[-1]["completion_length"]] if curve else None,
+                  "evaluate": {k: v.get("pass_rate") for k, v in m.get("evaluate", {}).items() if isinstance(v, dict)},
+                  "first20_s": {"generate": at(f"{out}/t5.jsonl", 20), "continuous": at(f"{out}/t5-continuous20.jsonl", 20)}}, indent=1))
+EOF2
+    [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   methods)  # a method as one declaration (job/methods/): SFT on unsloth, every stage, then DPO on hf chained onto it
     run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64

@@ -68,8 +68,12 @@ def synthetic_pairs(spec: JobSpec, tokenizer, n_rows: int) -> list[dict]:
     for _ in range(n_rows):
         prompt = [{"role": "user", "content": text(seq // 8, seq // 4)}]
         answers = [[{"role": "assistant", "content": text(seq // 4, seq // 2)}] for _ in range(2)]
-        rows.append({"prompt": prompt, "completion": answers[0], "label": True} if family(spec) == "unpaired"
-                    else {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]})
+        if family(spec) == "task":  # answers are sampled: a prompt and a check any answer can pass or fail
+            rows.append({"prompt": prompt, "checks": json.dumps([{"type": "contains", "value": "e"}]),
+                         "reference": None, "id": ""})
+        else:
+            rows.append({"prompt": prompt, "completion": answers[0], "label": True} if family(spec) == "unpaired"
+                        else {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]})
     return rows
 
 

@@ -221,6 +221,9 @@ class AsyncCheckpointWriter:
             distributed.barrier()  # the directory exists
             trainer._save_rng_state(str(partial))  # rng_state_<rank>.pth, as the Trainer's resume reads it
             distributed.barrier()  # every rank's RNG state is on disk before rank 0 lists the files
+        gathered = None
+        if distributed.active() and distributed.is_sharded(trainer.model):  # train.parallel fsdp: a collective
+            gathered = distributed.full_state(trainer.model, trainer.optimizer)
         if not me.is_main:
             self.saves += 1
             self.blocking_s += time.perf_counter() - started
@@ -240,9 +243,9 @@ class AsyncCheckpointWriter:
                 rng["cuda"] = torch.cuda.random.get_rng_state()
         snapshot = {
             "step": trainer.state.global_step,
-            "adapter": _to_cpu(get_peft_model_state_dict(unwrapped)),
+            "adapter": _to_cpu(get_peft_model_state_dict(unwrapped, state_dict=gathered[0] if gathered else None)),
             "adapter_config": unwrapped.peft_config,
-            "optimizer": _to_cpu(trainer.optimizer.state_dict()),
+            "optimizer": gathered[1] if gathered else _to_cpu(trainer.optimizer.state_dict()),
             "scheduler": trainer.lr_scheduler.state_dict(),
             "rng": rng,
             # TrainerState.save_to_json's own format, taken now: the state moves on with training

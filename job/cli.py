@@ -58,12 +58,15 @@ def run(spec_file, output_dir, stages, restart, dry_run, index, nproc, overrides
     spec = load_spec(spec_file, overrides, index)  # a bad spec fails here, before any rank starts
     expandable_cuda_segments()
     ranks = _ranks(nproc or settings.get().nproc)
-    if ranks > 1:
+    from job import nodes as nodes_module
+
+    nodes = None if distributed.active() else nodes_module.from_settings(settings.get())
+    if ranks > 1 or nodes is not None:
         argv = [spec_file, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--stages", stages] if stages else []), *(["--restart"] if restart else []),
                 *(["--dry-run"] if dry_run else []), *(["--index", str(index)] if index is not None else []),
                 *[arg for override in overrides for arg in ("--set", override)]]
-        raise SystemExit(distributed.launch(ranks, argv, spec.train.grace_period_s if spec.train else 20.0))
+        raise SystemExit(distributed.launch(ranks, argv, spec.train.grace_period_s if spec.train else 20.0, nodes))
     if json_stdout():
         keep_stdout_for_events()
     if not distributed.active():
@@ -302,8 +305,13 @@ def invoke(argv: list[str] | None = None) -> int:
     their traceback to the JSON log."""
     try:
         cli.main(args=argv, prog_name="peftopt", standalone_mode=False)
-    except click.exceptions.Abort:
-        return 1
+    except click.exceptions.Abort as exc:
+        # Click turns an EOFError (a prompt's end of input, but also any library's truncated stream) into Abort;
+        # one that came from the job is a crash like any other, never a silent exit 1.
+        cause = exc.__cause__ or exc.__context__
+        if cause is None or isinstance(cause, KeyboardInterrupt):
+            return 1
+        return _crashed(cause)
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
@@ -313,20 +321,23 @@ def invoke(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # a bug: the traceback goes to the JSON log as well
-        from job.log import get_logger
-
-        if type(exc).__name__ == "PanicException":  # the base's tokenizer.json failed in its regex engine (Rust)
-            from job.errors import DataError
-
-            failure = DataError(f"model: the base's tokenizer failed inside the tokenizers library "
-                                f"({str(exc).splitlines()[0][:200] if str(exc) else 'a panic'}): a regex of its "
-                                "tokenizer.json; use another base or tokenizer")
-            _fail(failure)
-            return failure.exit_code
-
-        get_logger().exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_BUG)
-        return EXIT_BUG
+        return _crashed(exc)
     return 0
+
+
+def _crashed(exc: BaseException) -> int:
+    from job.log import get_logger
+
+    if type(exc).__name__ == "PanicException":  # the base's tokenizer.json failed in its regex engine (Rust)
+        from job.errors import DataError
+
+        failure = DataError(f"model: the base's tokenizer failed inside the tokenizers library "
+                            f"({str(exc).splitlines()[0][:200] if str(exc) else 'a panic'}): a regex of its "
+                            "tokenizer.json; use another base or tokenizer")
+        _fail(failure)
+        return failure.exit_code
+    get_logger().exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_BUG, exc_info=exc)
+    return EXIT_BUG
 
 
 def main() -> None:

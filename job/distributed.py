@@ -15,13 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 from job import settings as settings_module
-from job.errors import EXIT_INTERRUPTED
+from job.errors import EXIT_INTERRUPTED, SpecError
 
 _control = None  # the gloo group used for orders, stop votes and token sums
 
@@ -206,6 +208,185 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------ launcher
 
 
+NO_LAYERS = ("train.parallel fsdp: this model declares no decoder layer class to shard by (_no_split_modules); "
+             "use 'ddp'")
+
+
+def layer_classes(config_dir: str) -> set[str] | None:
+    """The decoder layer classes a model of this config declares (`_no_split_modules`), what `shard` wraps one by
+    one; None when transformers has no causal LM class for it. Read from the class, nothing is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return None if model_class is None else set(getattr(model_class, "_no_split_modules", None) or ())
+
+
+def shard(trainer) -> None:
+    """train.parallel fsdp: torch's FSDP2 `fully_shard` on every decoder layer, then on the whole model, over one
+    mesh of all ranks (CPU ranks on gloo, GPUs on NCCL: one code path), before the Trainer's optimizer exists, so
+    that parameters, gradients and optimizer state are each rank's shard. Applied to the trainer's model once trl
+    has wrapped it with LoRA; accelerate then leaves it as it is (on CPU ranks it would wrap it in DDP)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = trainer.model
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    weightless = any(p.is_meta for p in model.parameters())  # this rank's weights come from rank 0
+    every = [bool(flag) for flag in _gathered_numbers([int(weightless)])[:, 0]]
+    whole = model.state_dict() if any(every) and world().is_main else {}
+    blocks = set(getattr(trainer.accelerator.unwrap_model(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise SpecError(NO_LAYERS)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if any(every):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if weightless:
+            model.to_empty(device=torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda"
+                           else "cpu")
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del whole
+        for _, buffer in model.named_buffers():  # not in a state dict (RoPE's inv_freq): rank 0's
+            torch.distributed.broadcast(buffer, src=0)
+    _log_shards(model, loaded_by=[r for r, meta in enumerate(every) if not meta])
+    prepare = trainer.accelerator.prepare_model
+
+    def prepare_model(candidate, *args, **kwargs):
+        return candidate if candidate is model else prepare(candidate, *args, **kwargs)
+
+    trainer.accelerator.prepare_model = prepare_model
+    trainer._load_from_checkpoint = lambda checkpoint, *_: _load_full_adapter(model, Path(checkpoint))
+    trainer._load_optimizer_and_scheduler = lambda checkpoint: _load_full_optimizer(trainer, Path(checkpoint))
+
+
+def placing_real_weights_only(trainer_class):
+    """The method's trainer, except that it does not move a model without weights to the device (a sharded rank
+    other than 0 before rank 0 sends its shard: transformers' Trainer would copy out of the meta device)."""
+
+    class Sharded(trainer_class):
+        def _move_model_to_device(self, model, device):
+            if not any(p.is_meta for p in model.parameters()):
+                super()._move_model_to_device(model, device)
+
+    Sharded.__name__ = Sharded.__qualname__ = trainer_class.__name__
+    return Sharded
+
+
+def _log_shards(model, loaded_by: list[int]) -> None:
+    """`model_sharded`: what each rank holds of the weights and of the LoRA parameters, in bytes and the local
+    shape of the first LoRA matrix (gathered to rank 0, which alone speaks)."""
+    import torch
+
+    from job.log import get_logger
+
+    weights = lora = 0
+    first = None  # (name, local shape, whole shape) of the first LoRA matrix
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        size = local.numel() * local.element_size()
+        if param.requires_grad:
+            lora += size
+            first = first or (name, list(local.shape), list(param.shape))
+        else:
+            weights += size
+    # numbers, not pickled objects, between ranks (docs/security.md: nothing a peer sends is unpickled)
+    every = _gathered_numbers([weights, lora, *(first[1] if first else [0, 0])[:2]]).tolist()
+    if torch.distributed.get_rank() == 0:
+        get_logger("peftopt.train").info(
+            "model_sharded", ranks=len(every), loaded_by=loaded_by, weights_bytes=[r[0] for r in every],
+            lora_bytes=[r[1] for r in every], lora_name=first[0] if first else None,
+            lora_full_shape=first[2] if first else None, lora_shapes=[r[2:] for r in every])
+
+
+def _gathered_numbers(mine: list[int]):
+    """Every rank's list of integers (all the same length), as a ranks x len int64 tensor."""
+    import torch
+
+    local = torch.tensor(mine, dtype=torch.int64)
+    every = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, local, group=_control)
+    return torch.stack(every)
+
+
+def _load_full_adapter(model, checkpoint: Path) -> None:
+    """A checkpoint's adapter (written whole, job/checkpoints.py) into a sharded model: each rank keeps its shard,
+    so a checkpoint resumes under any number of ranks."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
+    adapter = next(iter(model.peft_config))
+    full = {}
+    for name in model.state_dict():
+        key = name.replace(f".{adapter}.", ".")  # peft saves its keys without the adapter's name
+        if key in saved:
+            full[name] = saved[key]
+    if len(full) != len(saved):
+        raise ValueError(f"{len(saved) - len(full)} of the checkpoint's adapter tensors are not this model's")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _load_full_optimizer(trainer, checkpoint: Path) -> None:
+    """The optimizer state (whole, keyed by parameter name) and the scheduler's, as the Trainer would load them."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not (checkpoint / "optimizer.pt").exists():
+        return
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = _by_name(saved, _names_in_order(trainer.model, trainer.optimizer))
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu",
+                                                    weights_only=True))
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """A sharded model's whole state, and its optimizer's in the layout `optimizer.state_dict()` has on one process
+    (what the Trainer saves and loads), gathered to rank 0's CPU: a collective every rank calls; the other ranks get
+    empty dicts. So a checkpoint is the same whether it was written by one process, by ddp or by fsdp ranks, and
+    resumes under any of them and any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return state, None
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    return state, (_by_position(by_name, _names_in_order(model, optimizer)) if by_name else {})
+
+
+def _names_in_order(model, optimizer) -> list[str]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _by_position(by_name: dict, order: list[str]) -> dict:
+    """torch's full optimizer state (keyed by parameter name) in `optimizer.state_dict()`'s layout (by position)."""
+    position = {name: i for i, name in enumerate(order)}
+    state = {position[name]: value for name, value in by_name["state"].items()}
+    groups = [{**group, "params": [position[name] for name in group["params"]]} for group in by_name["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _by_name(by_position: dict, order: list[str]) -> dict:
+    state = {order[int(i)]: value for i, value in by_position["state"].items()}
+    groups = [{**group, "params": [order[int(i)] for i in group["params"]]} for group in by_position["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def pin_single_gpu() -> tuple[str, str] | None:
     """A single process uses one GPU: with several visible, the Trainer would wrap the model in
     nn.DataParallel, which trl's SFTTrainer refuses. Must run before torch initializes CUDA. Returns (the
@@ -235,8 +416,10 @@ def visible_gpus() -> int:
     return len(_listed_gpus())
 
 
-def launch(nproc: int, argv: list[str], grace_s: float) -> int:
-    """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code.
+def launch(nproc: int, argv: list[str], grace_s: float, nodes=None) -> int:
+    """Runs `python -m job run ARGV` as `nproc` ranks on this machine and returns the job's exit code. With `nodes`
+    (job/nodes.py) they are this node's ranks of a job over several nodes: global ranks nodes.rank * nproc + local,
+    and the main node's rank 0 serves the rendezvous on the main address, the others connect to it.
 
     Unlike torchrun, which answers 1 for any failure, this keeps peftopt's exit codes: rank 0's code when
     it failed, else the first failing rank's (75 for a rank killed by a signal from outside); a SIGTERM is
@@ -245,17 +428,33 @@ def launch(nproc: int, argv: list[str], grace_s: float) -> int:
     """
     # Every rank on this machine: the rendezvous, gloo's and NCCL's sockets on loopback alone (the interface names
     # are writes for gloo and NCCL, which read them), unless the operator named an interface.
+    from job import nodes as nodes_module
+
     current = settings_module.get().child_env()
-    sockets = {name: "lo" for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if name not in current}
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    listening.listen(128)
-    env = settings_module.get().child_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                                          MASTER_PORT=str(listening.getsockname()[1]), **sockets)
-    with listening:
-        procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv], pass_fds=(listening.fileno(),) if rank == 0
-                                  else (), env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0",
-                                                    PEFTOPT_RENDEZVOUS_FD=str(listening.fileno() if rank == 0 else -1)))
+    main = nodes_module.address(nodes.main) if nodes else "127.0.0.1"
+    # On one machine, or when the main address is this machine's loopback (a test), everything stays on loopback;
+    # across machines gloo and NCCL find the interface of the main address (unless the operator names one).
+    local = nodes_module.is_loopback(main)
+    sockets = {name: "lo" for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if name not in current and local}
+    serves = nodes is None or nodes.is_main
+    listening = socket.socket() if serves else None
+    if listening is not None:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((main, nodes.port if nodes else 0))  # the main address only, never every interface
+        listening.listen(128)
+    port = listening.getsockname()[1] if listening is not None else nodes.port
+    first, world = (nodes.rank * nproc, nodes.count * nproc) if nodes else (0, nproc)
+    env = settings_module.get().child_env(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR=main,
+                                          MASTER_PORT=str(port), GROUP_RANK=str(nodes.rank if nodes else 0), **sockets)
+
+    def fd_for(rank: int) -> int:
+        return listening.fileno() if listening is not None and rank == 0 else -1
+
+    with listening if listening is not None else contextlib.nullcontext():
+        procs = [subprocess.Popen([sys.executable, "-m", "job", "run", *argv],
+                                  pass_fds=(fd_for(rank),) if fd_for(rank) >= 0 else (),
+                                  env=dict(env, RANK=str(first + rank), LOCAL_RANK=str(rank),
+                                           PEFTOPT_RENDEZVOUS_FD=str(fd_for(rank))))
                  for rank in range(nproc)]
     signalled = {"at": None}
 

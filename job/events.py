@@ -35,11 +35,16 @@ EVENTS: dict[str, str] = {
     # training
     "backend_chosen": "the training backend and why",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",
+    "model_sharded": "train.parallel fsdp: the ranks that read the base's weights (rank 0 alone unless it is 4-bit), "
+                     "the bytes of weights and of LoRA parameters each rank holds, and the local shape of one LoRA "
+                     "matrix on each rank",
     "base_dequantized": "the batch plan dequantizes a 4-bit base once to 16-bit: layers replaced, GiB before and after",
     "optimizer_substituted": "an 8-bit optimizer asked for on CPU: adamw_torch is used",
     "embedding_learning_rate": "`train.embedding_learning_rate`: the fully trained modules and the rate they train at",
     "train_started": "training starts (attention path, kernels, base weights)",
-    "train_progress": "a logged step: `step`, `max_steps`, `loss`, `learning_rate`, `tokens`, `tokens_per_s`, `eta_s`",
+    "train_progress": "a logged step: `step`, `max_steps`, `loss`, `learning_rate`, `tokens`, `tokens_per_s`, `eta_s`; "
+                      "under grpo also `reward` (the weighted mean), `reward_std`, `rewards` (each reward function's "
+                      "mean), `pass_rates` (each check type's), `completion_length` (tokens) and `kl` (with beta)",
     "train_finished": "the run's training figures (summed over resumed sessions)",
     "train_resumed": "resuming from a checkpoint",
     "checkpoint_saved": "a checkpoint was written",

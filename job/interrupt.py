@@ -129,6 +129,10 @@ def _handle(signum, _frame) -> None:
         os._exit(EXIT_INTERRUPTED)
     _stopped_at = time.monotonic()
     _stop.set()
+    # The same signal may have ended a child (a batch worker signalled by name): its end is reported where the job
+    # waits for it, not by torch's SIGCHLD handler raising at whatever line runs, a checkpoint's write included.
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     log.warning("stop_requested", signal=signal.Signals(signum).name, grace_s=_grace_s, stage=_stage,
                 action="stopping now, then exiting 75" if _at_once else "saving at the next safe point, then exiting 75")
     _watchdog = threading.Timer(_grace_s, _give_up)

@@ -292,19 +292,26 @@ def tokenizer_failure(exc: BaseException) -> bool:
 
 
 def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None,
-               attn_implementation: str | None = None):
-    """Loads the base as a causal LM on `device`, in 4-bit when asked (bitsandbytes NF4)."""
+               attn_implementation: str | None = None, shardable: bool = False, weightless: bool = False):
+    """Loads the base as a causal LM on `device`, in 4-bit when asked (bitsandbytes NF4). `shardable`: 4-bit
+    weights packed into the compute dtype instead of bytes, so that FSDP shards them with everything else (it
+    would leave uint8 weights whole on every rank). `weightless`: the model's structure on the meta device, no
+    weights read (a sharded rank other than 0, which receives its shard from rank 0)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = dtype_for(spec, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if weightless:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), **kwargs)
     if spec.model.load_in_4bit if four_bit is None else four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or device == "cuda" else torch.float32)
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or device == "cuda" else torch.float32,
+            **({"bnb_4bit_quant_storage": dtype} if shardable else {}))
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)

@@ -19,7 +19,8 @@ from job.rundir import atomic_write_bytes, read_json, read_jsonl
 COLUMNS = [("final_loss", "Final loss"), ("heldout_loss", "Held-out loss"), ("runtime_s", "Runtime (s)"),
            ("peak_gpu_gb", "Peak GPU (GB)"), ("lora_gpu_gb", "LoRA GPU (GB)"), ("tokens_per_s", "Tokens/s"),
            ("pass_rate", "Prompts passed (share)"), ("leaking_answers", "Leaking answers"),
-           ("reward_accuracy", "Reward accuracy (held out)")]
+           ("reward_accuracy", "Reward accuracy (held out)"), ("reward_first", "Reward, first step"),
+           ("reward_last", "Reward, last step")]
 TARGET_ORDER = ("adapter", "merged", "gguf-q8_0", "gguf-f16", "gguf-bf16", "gguf-q4_k_m", "base")
 
 
@@ -58,7 +59,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     for path in sorted((run_dir / "eval").glob("*.jsonl")):
         answers[path.stem] = read_jsonl(path)
     row["r"] = (spec.get("lora") or {}).get("r")
-    return {"row": row, "loss_curve": train.get("loss_curve", []), "answers": answers, "summary": summary,
+    curve = train.get("reward_curve") or []
+    if curve:
+        row.update(reward_first=curve[0].get("reward"), reward_last=curve[-1].get("reward"))
+    return {"row": row, "loss_curve": train.get("loss_curve", []), "reward_curve": curve, "answers": answers,
+            "summary": summary,
             "sources": (metrics.get("prepare") or {}).get("sources", []), "preferences": preferences,
             "heldout": heldout, "harness": (metrics.get("evaluate") or {}).get("harness") or {}}
 
@@ -254,6 +259,25 @@ def plots(runs: list[dict], out: Path) -> list[str]:
         _save(fig, out / "plots" / "loss.png")
         made.append("plots/loss.png")
     plt.close(fig)
+
+    # A run trained on rewards (grpo): each reward function's mean per step, and the weighted reward.
+    rewarded = [run for run in runs if run.get("reward_curve")]
+    if rewarded:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for run in rewarded:
+            curve, name = run["reward_curve"], run["row"]["run"]
+            steps = [p["step"] for p in curve]
+            ax.plot(steps, [p["reward"] for p in curve], label=f"{name}: reward")
+            functions = sorted({f for p in curve for f in (p.get("rewards") or {})})
+            for function in functions if len(functions) > 1 else ():  # one function's mean is the reward itself
+                ax.plot(steps, [(p.get("rewards") or {}).get(function, float("nan")) for p in curve],
+                        linestyle="--", linewidth=1, label=f"{name}: {function}")
+        ax.set(xlabel="step", ylabel="mean reward", title="Reward curves")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, out / "plots" / "rewards.png")
+        plt.close(fig)
+        made.append("plots/rewards.png")
 
     # Every target of every run side by side, per check: the notebook's T0-against-T1 comparison is the base
     # against the adapter of one run, and a GGUF is judged beside the model it was made from.

@@ -116,6 +116,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
              "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
              "training process)"),
+    Variable("PEFTOPT_SAMPLER", "sampler", "generate", _choice("generate", "continuous"),
+             "how grpo samples its answers on a GPU: generate (transformers' generate, padded batches) or continuous "
+             "(transformers' continuous batching, paged attention); on the CPU always generate"),
     Variable("PEFTOPT_HARNESS_DIR", "harness_dir", None, _text,
              "where lm-evaluation-harness is installed apart from the job's packages (unset: /opt/harness when "
              "it exists, as in the image; else the job's own environment)"),
@@ -144,6 +147,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MASTER_PORT", "master_port", None, _int(1), "set by the launcher: rank 0's rendezvous port"),
     Variable("PEFTOPT_RENDEZVOUS_FD", "rendezvous_fd", None, _rendezvous_fd,
              "set by `--nproc`'s launcher: rank 0's listening socket on loopback (its other ranks: -1)"),
+    Variable("PEFTOPT_RENDEZVOUS_PORT", "rendezvous_port", "29500", _int(1),
+             "several nodes: the port the main node's rendezvous listens on, when the service names none"),
+    Variable("AWS_BATCH_JOB_NUM_NODES", "aws_batch_job_num_nodes", None, _int(1),
+             "AWS Batch multi-node parallel job: how many nodes"),
+    Variable("AWS_BATCH_JOB_NODE_INDEX", "aws_batch_job_node_index", None, _int(0), "AWS Batch multi-node: this node"),
+    Variable("AWS_BATCH_JOB_MAIN_NODE_INDEX", "aws_batch_job_main_node_index", None, _int(0),
+             "AWS Batch multi-node: the main node (its rank 0 serves the rendezvous)"),
+    Variable("AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS", "aws_batch_job_main_node_private_ipv4_address", None,
+             _text, "AWS Batch multi-node, on the other nodes: the main node's private address"),
+    Variable("PET_NNODES", "pet_nnodes", None, _int(1), "Kubernetes (Kubeflow Trainer, JobSet): how many nodes"),
+    Variable("PET_NODE_RANK", "pet_node_rank", None, _int(0), "Kubernetes (Kubeflow Trainer, JobSet): this node"),
+    Variable("PET_MASTER_ADDR", "pet_master_addr", None, _text, "Kubernetes (Kubeflow Trainer, JobSet): node 0's address"),
+    Variable("PET_MASTER_PORT", "pet_master_port", None, _int(1), "Kubernetes (Kubeflow Trainer, JobSet): its port"),
+    Variable("BATCH_HOSTS_FILE", "batch_hosts_file", None, _text,
+             "GCP Batch with requireHostsFile: the tasks' hosts, task 0's first (several nodes)"),
+    Variable("BATCH_TASK_COUNT", "batch_task_count", None, _int(1), "GCP Batch: how many tasks (nodes, with a hosts file)"),
     Variable("CUDA_VISIBLE_DEVICES", "cuda_visible_devices", None, _text, "the GPUs this process may use"),
     Variable("UNSLOTH_TORCH_VARLEN", "unsloth_torch_varlen", "1", _switch,
              "0: unsloth's per-segment sdpa for packed rows instead of the varlen kernel"),
@@ -172,12 +191,24 @@ class Settings:
     liger: bool = True
     dequantize_base: bool = True
     batch_workers: str = "auto"
+    sampler: str = "generate"
     harness_dir: str | None = None
     rank_wait_s: float = 21600.0
     hub_retries: int = 5
     hub_backoff_s: float = 2.0
     peak_tflops: float | None = None
     base_cache: str | None = None
+    rendezvous_port: int = 29500
+    aws_batch_job_num_nodes: int | None = None
+    aws_batch_job_node_index: int | None = None
+    aws_batch_job_main_node_index: int | None = None
+    aws_batch_job_main_node_private_ipv4_address: str | None = None
+    pet_nnodes: int | None = None
+    pet_node_rank: int | None = None
+    pet_master_addr: str | None = None
+    pet_master_port: int | None = None
+    batch_hosts_file: str | None = None
+    batch_task_count: int | None = None
     llama_cpp_dir: str | None = None
     hf_endpoint: str | None = None
     hf_home: str | None = None
@@ -223,8 +254,11 @@ class Settings:
         return [value for value in dict.fromkeys(found) if len(value) >= 4]
 
     def array_index(self) -> tuple[str, int] | None:
-        """(variable, index) of the first array-index variable that is set."""
+        """(variable, index) of the first array-index variable that is set. With a hosts file, GCP Batch's task
+        index is a node's (job/nodes.py), not a sweep variant's."""
         for name in INDEX_VARIABLES:
+            if name == "BATCH_TASK_INDEX" and self.batch_hosts_file:
+                continue
             value = getattr(self, name.lower())
             if value is not None:
                 return name, value

@@ -8,9 +8,11 @@
     alpaca    {"instruction", "input"?, "output", "system"?}
     prompt_completion  {"prompt", "completion"}: strings (raw text, no chat template) or message lists
     text      {"text"}: raw text for continued pretraining, every token trained
+    task      {"prompt" | "messages", "assert"?, "reference"?, "id"?}: a prompt (a user text, or a conversation that
+              ends with the user's turn) and the checks a right answer passes, in the evaluation suite's form
 
 A method takes one family: `sft` chat rows (and alpaca, prompt/completion and text rows), `dpo`/`orpo`/`simpo`
-pairs, `kto` unpaired rows (a pair gives one of each). `data.format: auto` detects a row's shape by its fields;
+pairs, `kto` unpaired rows (a pair gives one of each), `grpo` tasks. `data.format: auto` detects a row's shape by its fields;
 a named format accepts only its own. `data.columns` renames a source's columns first. A row that fits no shape,
 or breaks its shape's rules, raises BadRow saying how (the caller names the row).
 """
@@ -27,26 +29,30 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 # What each method trains on, and the formats a spec may name for it.
 FAMILY = {m.name: m.family for m in methods.all_methods()}  # job/methods/ declares each method's family
 FORMATS = {"sharegpt": "chat", "openai": "chat", "preference": "pair", "unpaired": "unpaired", "alpaca": "alpaca",
-           "prompt_completion": "prompt_completion", "text": "text"}
+           "prompt_completion": "prompt_completion", "text": "text", "suite": "task"}
 # The shapes each family trains on (the supervised family takes every shape that is not a preference).
-TAKES = {"chat": ("chat", "alpaca", "prompt_completion", "text"), "pair": ("pair",), "unpaired": ("unpaired", "pair")}
+TAKES = {"chat": ("chat", "alpaca", "prompt_completion", "text"), "pair": ("pair",), "unpaired": ("unpaired", "pair"),
+         "task": ("task",)}
 NOUNS = {"chat": ("a conversation", "conversations"), "pair": ("a preference pair", "preference pairs"),
          "unpaired": ("an unpaired example", "unpaired examples"), "alpaca": ("an alpaca row", "alpaca rows"),
-         "prompt_completion": ("a prompt/completion row", "prompt/completion rows"), "text": ("a text row", "text rows")}
+         "prompt_completion": ("a prompt/completion row", "prompt/completion rows"), "text": ("a text row", "text rows"),
+         "task": ("a task (a prompt and its checks)", "tasks (prompts and their checks)")}
 EXPECTED = {"chat": "a conversation ('conversations' or 'messages')",
             "pair": "a preference pair (prompt/chosen/rejected, chosen/rejected conversations, or "
                     "input/preferred_output/non_preferred_output)",
             "unpaired": "an unpaired example (prompt/completion/label), or a preference pair",
             "alpaca": "an alpaca row (instruction, optional input, output)",
             "prompt_completion": "a prompt/completion row (prompt, completion)",
-            "text": "a text row (text)"}
+            "text": "a text row (text)",
+            "task": "a task (prompt or messages, with assert checks and an optional reference)"}
 
 
 # The fields each shape reads; any other column of a row is left unread (`unread`).
 READS = {"chat": ("conversations", "messages", "tools"),
          "pair": ("prompt", "chosen", "rejected", "input", "preferred_output", "non_preferred_output"),
          "unpaired": ("prompt", "completion", "label"), "alpaca": ("instruction", "input", "output", "system"),
-         "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+         "prompt_completion": ("prompt", "completion"), "text": ("text",),
+         "task": ("id", "prompt", "messages", "assert", "reference")}
 ALL_FIELDS = tuple(dict.fromkeys(f for fields in READS.values() for f in fields))
 
 
@@ -81,6 +87,9 @@ class BadRow(ValueError):
 
 def detect(row: dict) -> str | None:
     """The shape a row's fields say it is, or None."""
+    if "assert" in row and ("prompt" in row or "messages" in row) or set(row) <= {"id", "prompt", "reference"} \
+            and "prompt" in row:
+        return "task"
     if "conversations" in row or "messages" in row:
         return "chat"
     if ("chosen" in row and "rejected" in row) or ("preferred_output" in row and "non_preferred_output" in row):
@@ -338,6 +347,33 @@ def text(row: dict) -> dict:
     return {"text": _text(row["text"], "text")}
 
 
+def task(row: dict, system_prompt: str | None) -> dict:
+    """{"prompt": [turns ending with the user's], "checks": the assert list as JSON text (one column type for every
+    row, whatever its checks' values are), "reference": text or None, "id": text}. Each check is one the
+    evaluation's catalog runs (job/evaluation/checks.py), with the value it needs."""
+    import json
+
+    from job.evaluation import checks
+
+    source = row.get("messages", row.get("prompt"))
+    prompt = turns(source, "messages" if "messages" in row else "prompt", "user")
+    check_order(prompt, "prompt", need_assistant=False)
+    if prompt[-1]["role"] != "user":
+        raise BadRow("the prompt ends with the user's turn (the model answers it)")
+    reference = row.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise BadRow("'reference' is the expected answer's text")
+    declared = row.get("assert", [])
+    if not isinstance(declared, list):
+        raise BadRow("'assert' is a list of checks, each {\"type\": ..., \"value\": ...}")
+    for number, check in enumerate(declared):
+        problem = checks.assertion_problem(check, reference)
+        if problem:
+            raise BadRow(f"assert[{number}]: {problem}")
+    return {"prompt": with_system(prompt, system_prompt), "checks": json.dumps(declared, ensure_ascii=False),
+            "reference": reference, "id": str(row.get("id", ""))}
+
+
 def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "chat") -> list:
     """The examples a row gives a method of `family` (one, or two for a pair given to kto).
 
@@ -353,6 +389,9 @@ def standardize(row: Any, fmt: str, system_prompt: str | None, family: str = "ch
         if shape == "text":
             return [text(row)]
         return [chat(row, fmt, system_prompt)]
+    if family == "task" and (shape == "task" or shape == "chat" and "messages" in row and "conversations" not in row
+                             and fmt != "openai"):
+        return [task(row, system_prompt)]  # a conversation that ends with the user's turn is a task without checks
     if shape == "pair" and family == "pair":
         return [pair(row, system_prompt)]
     if shape == "unpaired" and family == "unpaired":

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from job import methods
+from job.evaluation import checks
 from job.templates import BUILTIN
 
 # llama.cpp's own list (tools/quantize/quantize.cpp at the pinned version), lower-cased. The IQ/TQ types
@@ -28,7 +29,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
 CANONICAL_COLUMNS = ("conversations", "messages", "prompt", "completion", "chosen", "rejected", "label", "instruction",
-                     "input", "output", "system", "text", "tools")
+                     "input", "output", "system", "text", "tools", "assert", "reference")
 
 
 def _repo_id(value: str) -> str:
@@ -104,7 +105,8 @@ def _split_syntax(value: str) -> str:
 
 
 Split = Annotated[str, AfterValidator(_split_syntax)]
-DataFormat = Literal["sharegpt", "openai", "preference", "unpaired", "alpaca", "prompt_completion", "text", "auto"]
+DataFormat = Literal["sharegpt", "openai", "preference", "unpaired", "alpaca", "prompt_completion", "text", "suite",
+                     "auto"]
 
 
 def _columns(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -153,8 +155,9 @@ class DataSpec(Section):
         "auto", description="sharegpt: from/value with human/gpt; openai: role/content; alpaca: instruction/input/"
         "output; prompt_completion: prompt/completion (only the completion trained); text: raw text (every token "
         "trained, no chat template); preference: pairs (prompt/chosen/rejected, chosen/rejected conversations, "
-        "input/preferred_output/non_preferred_output); unpaired: prompt/completion/label (kto); auto: by each "
-        "row's fields."
+        "input/preferred_output/non_preferred_output); unpaired: prompt/completion/label (kto); suite: tasks, "
+        "prompt or messages with assert checks and an optional reference, as an evaluation suite's items (grpo); "
+        "auto: by each row's fields."
     )
     columns: Columns = Field(None, description="Column names for the fields a shape reads, for data.source: "
                              "{\"prompt\": \"question\", \"completion\": \"answer\"}.")
@@ -260,10 +263,17 @@ class _TrainSettings(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="auto: unsloth when CUDA is present and it imports, else hf."
     )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under several ranks (--nproc, torchrun): ddp keeps a whole model on every rank; fsdp "
+        "shards parameters, gradients and optimizer state over the ranks (torch's FSDP2 fully_shard, on the hf "
+        "backend), for a model whose weights, LoRA state and activations do not fit one GPU. auto: ddp, or fsdp on GPUs "
+        "when the planner estimates that a whole model does not fit one and a sharded one does.")
     method: Literal[METHODS] = Field(  # type: ignore[valid-type]
         "sft", description="sft: supervised (conversations); dpo, orpo, simpo: preference pairs (chosen against "
-        "rejected); kto: unpaired answers labelled desirable or not. All train LoRA on trl's trainer for the method; "
-        "the reference of dpo and kto is the base with the adapter off (no second model).")
+        "rejected); kto: unpaired answers labelled desirable or not; grpo: tasks (prompts with the checks a right "
+        "answer passes), rewarded by those checks on answers it samples. All train LoRA on trl's trainer for the "
+        "method; the reference of dpo and kto (and grpo's KL, with beta) is the base with the adapter off (no second "
+        "model).")
     max_steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps.")
     per_device_batch_size: int = Field(2, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
@@ -313,9 +323,22 @@ class _TrainSettings(Section):
     def _fields_of_the_method(self):
         declared = methods.get(self.method).fields
         wrong = [name for name in methods.method_fields() if getattr(self, name) is not None and name not in declared]
-        if wrong:
-            raise ValueError("\n".join(f"train.{name}: applies to {', '.join(methods.owners(name))}, not to method "
-                                       f"{self.method!r}" for name in wrong))
+        problems = [f"train.{name}: applies to {', '.join(methods.owners(name))}, not to method {self.method!r}"
+                    for name in wrong]
+        method = methods.get(self.method)
+        if not wrong:
+            problems += method.problems(self)
+        for name in method.check_lists:
+            for number, declared in enumerate(getattr(self, name) or []):
+                problem = checks.assertion_problem(checks.weighed_check(declared), None,
+                                                   each_row=True)
+                weight = declared.get("weight", 1.0)
+                if problem is None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+                    problem = "'weight' is a number"
+                if problem:
+                    problems.append(f"train.{name}[{number}]: {problem}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def preference(self) -> bool:
@@ -338,7 +361,8 @@ class FromDataSpec(Section):
     assert_: list[dict[str, Any]] = Field(
         [{"type": "chrf", "threshold": 60}], alias="assert", min_length=1,
         description="The checks of every held-out row, against its own last assistant reply (the reference) "
-        "unless a check gives a value; default: chrF >= 60.")
+        "unless a check gives a value; default: chrF >= 60. A held-out task (grpo) is asked with its own checks and "
+        "train.rewards, and these only when given.")
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -484,9 +508,9 @@ class JobSpec(Section):
                             "prompts/seed10.json), from_data (rows held out of the training data) or harness "
                             "(benchmark tasks)")
         if self.evaluate and self.evaluate.from_data is not None and not (
-                self.train and self.data and not self.train.preference()):
-            problems.append("evaluate.from_data: holds rows out of supervised training data; needs the data and "
-                            "train sections with train.method 'sft'")
+                self.train and self.data and methods.get(self.train.method).family in ("chat", "task")):
+            problems.append("evaluate.from_data: holds rows out of the training data as questions; needs the data "
+                            "and train sections with train.method 'sft' (conversations) or 'grpo' (tasks)")
         if self.push:
             if (self.push.adapter_repo or self.push.merged_repo) and not self.train:
                 problems.append("push: an adapter or merged repo needs a train section")

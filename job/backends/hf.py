@@ -25,15 +25,28 @@ def lora_config(lora: LoraSpec):
 
 def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
     """Raises SpecError when the spec's sequences per step cannot be shared evenly over the ranks."""
+    import dataclasses
+
     ranks = distributed.world(settings).size
+    parallel = "none" if ranks == 1 else ("fsdp" if spec.train.parallel == "fsdp" else "ddp")
     if device != "cuda":
-        return batch_plan.on_cpu(spec, ranks)
+        return dataclasses.replace(batch_plan.on_cpu(spec, ranks), parallel=parallel)
     import torch
 
     gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
     fused, _ = liger.availability(config.model_type, device, settings)
-    return batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks,
-                             dequantize=settings.dequantize_base)
+    def planned(how: str) -> batch_plan.Plan:
+        chosen = batch_plan.choose(spec, config, gpu_gb, backend="hf+liger" if fused else NAME, ranks=ranks,
+                                   dequantize=settings.dequantize_base and how != "fsdp", sharded=how == "fsdp")
+        return dataclasses.replace(chosen, parallel=how)
+
+    chosen = planned(parallel)
+    if spec.train.parallel == "auto" and parallel == "ddp" and chosen.reason == batch_plan.NOTHING_FITS:
+        sharded = planned("fsdp")  # the model does not fit one GPU whole: shard it when that fits
+        if sharded.reason != batch_plan.NOTHING_FITS:
+            return dataclasses.replace(sharded, reason=f"{sharded.reason}, sharded over {ranks} ranks: a whole "
+                                       f"model per GPU is estimated at {chosen.estimated_gb} GiB")
+    return chosen
 
 
 def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
@@ -44,7 +57,11 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
     if not spec.train.packing and path == "varlen":
         path, why = "sdpa", "packing is off: padded batches use sdpa"
     implementation = attention.register() if path == "varlen" else "sdpa"
-    model = modelsrc.load_model(location, spec, device, attn_implementation=implementation)
+    sharded = chosen.parallel == "fsdp"
+    # Sharded, only rank 0 reads the weights (the others' shards come from it: distributed.shard); a 4-bit base
+    # is quantized as it loads, so every rank loads it.
+    model = modelsrc.load_model(location, spec, device, attn_implementation=implementation, shardable=sharded,
+                                weightless=sharded and not spec.model.load_in_4bit and not distributed.world().is_main)
     if chosen.dequantize_base:  # before trl wraps it: peft then gives the 16-bit layers plain LoRA layers
         dequantize.dequantize_base(model)
     # bitsandbytes repacks 4-bit weights for good on the first no-grad eval-mode forward on some CPUs,

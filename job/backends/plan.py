@@ -28,6 +28,7 @@ ACTIVATION_BYTES = {"unsloth": 28, "hf": 50, "hf+liger": 38}
 # A micro-batch of this many tokens keeps an H100 busy: beyond it a larger micro-batch gains little (unsloth
 # 8x1 vs 16x1 at seq 2048: +1.6%), while recomputing activations costs a third more arithmetic.
 SATURATING_TOKENS = 8192
+NOTHING_FITS = "nothing is estimated to fit the budget; using the most frugal setting"
 # With checkpointing only layer inputs are kept (2 bytes each), plus one layer being recomputed.
 CHECKPOINT_BYTES = 2
 
@@ -41,13 +42,18 @@ class Plan:
     budget_gb: float
     reason: str
     dequantize_base: bool = False  # a 4-bit base is dequantized once to 16-bit after loading
+    parallel: str = "none"  # several ranks: "ddp" (a whole model on each) or "fsdp" (sharded over them)
 
 
 def estimate_gb(config, micro: int, seq: int, checkpointing: str, four_bit: bool, backend: str = "unsloth",
-                per_example: int = 1) -> float:
-    """Peak GPU memory of one micro-batch of `micro` examples of `per_example` sequences of `seq` tokens."""
+                per_example: int = 1, shards: int = 1) -> float:
+    """Peak GPU memory of one micro-batch of `micro` examples of `per_example` sequences of `seq` tokens, on one of
+    `shards` ranks that shard the weights (train.parallel fsdp): its share, plus two layers gathered whole (the one
+    computing and the next, prefetched)."""
     params = param_count(config)
     weights = params * (0.56 if four_bit else 2.0)
+    if shards > 1:
+        weights = weights / shards + 2 * weights / config.num_hidden_layers
     tokens = micro * seq * per_example
     per_token_layer = {"off": ACTIVATION_BYTES[backend], "on": CHECKPOINT_BYTES, "unsloth": 0.25}[checkpointing]
     activations = per_token_layer * tokens * config.hidden_size * config.num_hidden_layers
@@ -72,7 +78,8 @@ def sequences_per_rank(spec, ranks: int = 1) -> int:
 
 
 def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: int = 1,
-           dequantize: bool = True) -> Plan:
+           dequantize: bool = True, sharded: bool = False) -> Plan:
+    """The fastest setting estimated to fit; `sharded`: the weights split over the ranks (fsdp)."""
     from job import methods
 
     train = spec.train
@@ -91,10 +98,12 @@ def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: 
     modes = [forced_gc] if forced_gc else (["off", "on", "unsloth"] if backend == "unsloth" else ["off", "on"])
     candidates = [(m, "off") for m in micros if m * seq * per_example >= SATURATING_TOKENS and "off" in modes]
     candidates += [(m, mode) for m in micros for mode in modes]
+    shards = ranks if sharded else 1
     for micro, mode in candidates:
-        need = estimate_gb(config, micro, seq, mode, four_bit, backend, per_example)
+        need = estimate_gb(config, micro, seq, mode, four_bit, backend, per_example, shards)
         if need <= budget:
-            unpacked = estimate_gb(config, micro, seq, mode, False, backend, per_example) if four_bit else budget + 1
+            unpacked = estimate_gb(config, micro, seq, mode, False, backend, per_example, shards) if four_bit \
+                else budget + 1
             if dequantize and unpacked <= budget:
                 return Plan(micro, total // micro, mode, round(unpacked, 2), round(budget, 2),
                             f"fastest setting estimated to fit {budget:.1f} GiB, with the 4-bit base dequantized "
@@ -103,8 +112,9 @@ def choose(spec, config, gpu_memory_gb: float, backend: str = "unsloth", ranks: 
                         f"fastest setting estimated to fit {budget:.1f} GiB")
     micro = micros[-1]
     mode = modes[-1]
-    return Plan(micro, total // micro, mode, round(estimate_gb(config, micro, seq, mode, four_bit, backend, per_example), 2),
-                round(budget, 2), "nothing is estimated to fit the budget; using the most frugal setting")
+    return Plan(micro, total // micro, mode,
+                round(estimate_gb(config, micro, seq, mode, four_bit, backend, per_example, shards), 2),
+                round(budget, 2), NOTHING_FITS)
 
 
 def on_cpu(spec, ranks: int = 1) -> Plan:

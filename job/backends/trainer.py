@@ -5,6 +5,7 @@ fallback. A backend only loads and wraps the model (`setup`) and plans the batch
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from job import settings as settings_module
 from job.backends.plan import Plan
 from job.checkpoints import (AsyncCheckpointWriter, Expected, adapter_shapes, checkpoint_step, complete_steps,
                              newest_complete_checkpoint, set_aside)
-from job.errors import CheckpointRefused, ExternalError, Interrupted, RankLost
+from job.errors import CheckpointRefused, ExternalError, Interrupted, PeftoptError, RankLost
 from job.log import get_logger, training_bar
 from job.rundir import RunDir, atomic_dir, refuse_links
 from job.spec import JobSpec
@@ -89,6 +90,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
     train = spec.train
     method = methods.get(train.method)
     config_class, _ = method.classes()
+    lengths = {method.length_field: spec.model.max_seq_length} if method.length_field else {}
     return config_class(
         output_dir=str(output_dir), max_steps=train.max_steps,
         per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
@@ -97,7 +99,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         optim=choose_optimizer(train.optim, device), seed=train.seed, data_seed=train.seed,
         logging_steps=train.logging_steps, save_strategy="steps" if saving else "no",
         save_steps=train.save_steps, save_total_limit=train.save_total_limit,
-        max_length=spec.model.max_seq_length, use_cpu=device == "cpu", **(tracking or {"report_to": "none"}),
+        use_cpu=device == "cpu", **lengths, **(tracking or {"report_to": "none"}),
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
         dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=True,  # our own bar (job/log.py)
@@ -162,7 +164,8 @@ def _callbacks():
             log.info("train_progress", step=state.global_step, max_steps=state.max_steps,
                      loss=round(logs["loss"], 6), learning_rate=logs.get("learning_rate"),
                      tokens=int(self.all_tokens), tokens_per_s=round(self.all_tokens / elapsed, 1),
-                     eta_s=round(self.recent_step_s(elapsed / done) * (state.max_steps - state.global_step), 1))
+                     eta_s=round(self.recent_step_s(elapsed / done) * (state.max_steps - state.global_step), 1),
+                     **reward_figures(logs))
             if getattr(self, "bar", None) is not None:
                 self.bar.update(state.global_step, logs["loss"], logs.get("learning_rate"), self.all_tokens / elapsed)
 
@@ -198,6 +201,26 @@ def _callbacks():
                 control.should_training_stop = True
 
     return Progress, StopOnSignal
+
+
+def reward_figures(logs: dict) -> dict:
+    """A rewarded method's figures of a logged step, from trl's GRPOTrainer logs: the mean reward (weighted over
+    the reward functions) and its spread within groups, each function's mean, each check type's pass rate, the
+    answers' mean length in tokens, and the KL to the base (when train.beta > 0). Empty for other methods."""
+    if "reward" not in logs:
+        return {}
+
+    def rounded(value):
+        return round(value, 5) if isinstance(value, (int, float)) else value
+
+    figures = {"reward": rounded(logs["reward"]), "reward_std": rounded(logs.get("reward_std")),
+               "rewards": {k.split("/")[1]: rounded(v) for k, v in logs.items()
+                           if k.startswith("rewards/") and k.endswith("/mean")},
+               "pass_rates": {k.split("/", 1)[1]: rounded(v) for k, v in logs.items() if k.startswith("checks/")},
+               "completion_length": rounded(logs.get("completions/mean_length"))}
+    if "kl" in logs:
+        figures["kl"] = rounded(logs["kl"])
+    return figures
 
 
 TOKENS_KEY = "peftopt_tokens"
@@ -283,6 +306,8 @@ class TrainingSession:
     start_step: int = 0  # the step this session started from
     restored_step: int | None = None  # a checkpoint restored from the Hub
     sync_figures: dict = field(default_factory=dict)
+    sampling: Any = None  # rewards.Timing: seconds scoring sampled answers (a rewarded method)
+    sampling_s: float = 0.0  # seconds sampling and scoring answers (a rewarded method)
 
 
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
@@ -292,7 +317,10 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     stage's), checkpoints are written and marked with it; without (bench), nothing is saved."""
     from job import methods
 
-    _, trainer_class = methods.get(spec.train.method).classes()
+    method = methods.get(spec.train.method)
+    _, trainer_class = method.classes()
+    if plan.parallel == "fsdp":
+        trainer_class = distributed.placing_real_weights_only(trainer_class)
 
     Progress, StopOnSignal = _callbacks()
     session = TrainingSession(progress=Progress())
@@ -310,17 +338,102 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     if tracked:
         callbacks.append(tracking.spec_callback(spec, run_dir))
     workers = (settings or settings_module.get()).batch_workers_on(device)
+    sampling = {}
+    if method.rewarded and device == "cuda" and (settings or settings_module.get()).sampler == "continuous":
+        sampling["use_transformers_continuous_batching"] = True
     config = trainer_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
                             trainer_checkpointing=trainer_checkpointing, batch_workers=workers,
-                            tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None)
+                            tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None,
+                            **sampling)
+    inputs = {}
+    if method.rewarded:
+        inputs["reward_funcs"] = reward_functions(spec, dataset, session, settings or settings_module.get())
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=callbacks)
+                            peft_config=peft_config, callbacks=callbacks, **inputs)
+    if plan.parallel == "fsdp":
+        distributed.shard(trainer)
     if spec.train.embedding_learning_rate is not None:
         separate_embedding_learning_rate(trainer, spec.train.embedding_learning_rate)
     if saving:
         session.writer = AsyncCheckpointWriter(trainer, fingerprint, on_written)
-    count_tokens(trainer, session.progress)
+    if method.rewarded:
+        time_sampling(trainer, session)
+    else:
+        count_tokens(trainer, session.progress)
+    if workers:
+        keep_batch_workers_out_of_the_job_signals(trainer)
     return trainer, session
+
+
+def reward_functions(spec: JobSpec, dataset, session: "TrainingSession", settings) -> list:
+    """The reward functions of a method trained on tasks (job/evaluation/rewards.py). A check that runs the answer's
+    code needs the sandbox: where it cannot isolate code, the job stops here, before the first step."""
+    from job import methods
+    from job.evaluation import rewards, sandbox
+
+    declared = methods.get(spec.train.method).value(spec.train, "rewards")
+    code = any(d["type"] in rewards.CODE_TYPES for d in declared) or any(
+        check.get("type") in rewards.CODE_TYPES for text in dataset["checks"] for check in json.loads(text or "[]"))
+    if code:
+        isolated, why = sandbox.available(settings.tool_env())
+        if not isolated:
+            raise ExternalError(f"the rewards run the answers' code (a python check), which cannot be isolated here "
+                                f"({why}); run where seccomp filters can be installed")
+    session.sampling = rewards.Timing()
+    return rewards.functions(declared, session.sampling)
+
+
+def time_sampling(trainer, session: "TrainingSession") -> None:
+    """Counts what a rewarded method's step spends sampling answers (and scoring them) and the tokens it puts
+    through the model (prompts and answers, padding excluded): trl's GRPOTrainer samples a generation batch in
+    `_generate_and_score_completions` and trains on it over the step's micro-batches."""
+    sample = trainer._generate_and_score_completions
+    progress = session.progress
+
+    def generate_and_score(inputs):
+        started = time.perf_counter()
+        output = sample(inputs)
+        session.sampling_s += time.perf_counter() - started
+        progress.tokens += int(output["prompt_mask"].sum()) + int(output["completion_mask"].sum())
+        return output
+
+    trainer._generate_and_score_completions = generate_and_score
+    if distributed.is_sharded(trainer.model):
+        sample_whole = trainer._generate
+
+        def generate_unsharded(prompts):
+            """FSDP2 gathers a module's parameters when that module is called; sampling calls the model inside the
+            root (peft's wrapper), so the root's own parameters (embeddings, head, final norm) are gathered for it
+            here, each decoder layer's by its own call as in training."""
+            trainer.model._get_fsdp_state()._lazy_init()  # as the root's first forward would (torch 2.13)
+            trainer.model.unshard()
+            try:
+                return sample_whole(prompts)
+            finally:
+                trainer.model.reshard()
+
+        trainer._generate = generate_unsharded
+
+
+def keep_batch_workers_out_of_the_job_signals(trainer) -> None:
+    """Each batch worker starts a process group of its own, so that a signal sent to the job's whole group (`kill --
+    -PGID`, a terminal's Ctrl-C, tini -g) reaches the training process alone, which stops at a safe point and then
+    ends its workers. The DataLoader's own ends (its shutdown, SIGTERM to a stuck worker, multiprocessing's at exit)
+    keep the default handlers; a worker whose parent is gone notices it (torch's watchdog) and ends."""
+    make = trainer.get_train_dataloader
+
+    def get_train_dataloader():
+        loader = make()
+        loader.worker_init_fn = functools.partial(_own_process_group, loader.worker_init_fn)
+        return loader
+
+    trainer.get_train_dataloader = get_train_dataloader
+
+
+def _own_process_group(init, worker_id: int) -> None:
+    os.setpgid(0, 0)
+    if init is not None:
+        init(worker_id)
 
 
 def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: str, settings,
@@ -388,20 +501,27 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
         else:
             try:
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            except (OSError, Interrupted):
+            except (OSError, PeftoptError):
                 raise
             except Exception as exc:  # the Trainer failed to take the checkpoint in: never a crash on every retry
                 if resume is None or trainer.state.global_step > checkpoint_step(resume) \
-                        or (isinstance(exc, RuntimeError) and distributed.peer_lost(exc) is not None):
+                        or (isinstance(exc, RuntimeError) and distributed.peer_lost(exc) is not None) \
+                        or (interrupt.stop_requested() and batch_worker_ended_by_the_stop(exc)):
                     raise
                 set_aside(resume, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
                 raise CheckpointRefused(f"{resume.name} could not be resumed ({type(exc).__name__}); it was removed: "
                                         "rerun the same command to resume from the checkpoint before it") from exc
             train_loss = result.metrics.get("train_loss")
-    except OSError as exc:
-        raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") from exc
-    except RuntimeError as exc:
-        lost = distributed.peer_lost(exc)
+    except Interrupted:
+        raise
+    except Exception as exc:
+        if interrupt.stop_requested() and batch_worker_ended_by_the_stop(exc):
+            raise stopped_session(spec, trainer, session, time.perf_counter() - started,
+                                      "it ended the batch worker too; complete checkpoints are kept") from exc
+        if isinstance(exc, OSError):
+            raise ExternalError(f"training could not write to {run_dir.checkpoints_dir}: {exc.strerror or exc}") \
+                from exc
+        lost = distributed.peer_lost(exc) if isinstance(exc, RuntimeError) else None
         if lost is None:
             raise
         raise RankLost(f"another rank of this {distributed.world().size}-rank run was lost at step "
@@ -415,14 +535,13 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
     runtime = time.perf_counter() - started
     step = trainer.state.global_step
     if interrupt.stop_requested() and step < spec.train.max_steps:
-        stopped = Interrupted(f"stopped at step {step}/{spec.train.max_steps} by a signal; checkpoint saved, "
-                              "rerun the same command to resume")
-        stopped.session = {"runtime_s": round(runtime, 3), "tokens": int(session.progress.all_tokens),
-                           "from_step": session.start_step or 0, "to_step": step, "interrupted": True}
-        raise stopped
+        raise stopped_session(spec, trainer, session, runtime, "checkpoint saved")
+    gathered = None
+    if distributed.active() and distributed.is_sharded(trainer.model):  # a collective: every rank gives its shard
+        gathered = distributed.full_state(trainer.model)[0]
     if distributed.world().is_main:
         with atomic_dir(run_dir.adapter_dir) as out:
-            trainer.model.save_pretrained(str(out))
+            trainer.model.save_pretrained(str(out), state_dict=gathered)
             tokenizer.save_pretrained(str(out))
             modelsrc.drop_custom_code(out)  # a base tokenizer's code reference is not pushed along
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -437,12 +556,41 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
         "steady_tokens_per_s": progress.steady_tokens_per_s(),
         "world_size": distributed.world().size,
     }
+    rewarded = [h for h in trainer.state.log_history if "reward" in h]
+    if rewarded:
+        figures["reward_curve"] = [{"step": h["step"], **reward_figures(h)} for h in rewarded]
+        scoring = session.sampling.seconds if session.sampling is not None else 0.0
+        figures["time_split"] = {"sampling_s": round(session.sampling_s - scoring, 3), "scoring_s": round(scoring, 3),
+                                 "training_s": round(runtime - session.sampling_s, 3)}
     if checkpointing is not None:
         figures["checkpointing"] = {**checkpointing, "share_of_training": round(checkpointing["blocking_s"] / runtime, 4)
                                     if runtime > 0 else None}
     if session.uploader is not None:
         figures["checkpoint_sync"] = {**session.sync_figures, "restored_step": session.restored_step}
     return figures
+
+
+def batch_worker_ended_by_the_stop(exc: BaseException) -> bool:
+    """A batch worker ended by the signal that asked the job to stop (one sent to each process by name, `pkill -f`;
+    a signal to the process group does not reach it: keep_batch_workers_out_of_the_job_signals). torch reports it
+    in the training loop as the worker's death, or as the connection it was handing a batch over lost. A stop like
+    any other (exit 75), not a crash, nor a disk error."""
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in text and (
+        "Terminated" in text or "Interrupt" in text or "exited unexpectedly" in text)
+
+
+def stopped_session(spec, trainer, session, runtime: float, kept: str) -> Interrupted:
+    """A stop request ended this session at the trainer's step; what it did counts in the run's figures when the
+    run is resumed (job/stages/train.py)."""
+    step = trainer.state.global_step
+    stopped = Interrupted(f"stopped at step {step}/{spec.train.max_steps} by a signal; {kept}, rerun the same command "
+                          "to resume")
+    stopped.session = {"runtime_s": round(runtime, 3), "tokens": int(session.progress.all_tokens),
+                       "from_step": session.start_step or 0, "to_step": step, "interrupted": True}
+    return stopped
 
 
 def finished_checkpoint(trainer, checkpoint: Path) -> float | None:

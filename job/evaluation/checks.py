@@ -187,10 +187,30 @@ def assert_starts_with(answer: str, value: Any, **_) -> dict:
     return _result(answer.strip().startswith(want), f"expected it to start with {_shown(want)}, found {_shown(answer)}")
 
 
+# A pattern can come from data (a task's checks, a held-out row's reference): one that backtracks without end
+# ((a|aa)+$ on a long answer) fails its check after this long instead of holding the job (the `regex` package's
+# matcher takes a timeout; the standard library's does not).
+PATTERN_TIMEOUT_S = 1.0
+LEVENSHTEIN_MAX_CHARS = 10_000  # the distance is quadratic in the texts' lengths
+
+
+def pattern_search(pattern: str, text: str):
+    """`regex.search` under PATTERN_TIMEOUT_S. Raises ValueError for a pattern that is not one or takes too long."""
+    import regex
+
+    try:
+        return regex.search(pattern, text, timeout=PATTERN_TIMEOUT_S)
+    except regex.error as exc:
+        raise ValueError(f"regex: {pattern[:80]!r} is not a regular expression ({exc})") from None
+    except TimeoutError:
+        raise ValueError(f"regex: {pattern[:80]!r} took over {PATTERN_TIMEOUT_S:g} s on the answer (a pattern "
+                         "that backtracks without end)") from None
+
+
 def assert_regex(answer: str, value: Any, **_) -> dict:
     """the regular expression `value` matches somewhere in the answer"""
     pattern = _text_value(value, "regex")
-    return _result(re.search(pattern, answer) is not None, f"no match for /{pattern}/ in {_shown(answer)}")
+    return _result(pattern_search(pattern, answer) is not None, f"no match for /{pattern}/ in {_shown(answer)}")
 
 
 def _json_text(answer: str) -> str:
@@ -204,6 +224,7 @@ def assert_is_json(answer: str, value: Any = None, **_) -> dict:
         import jsonschema
 
         jsonschema.Draft202012Validator.check_schema(value)
+        GuardedValidator = _guarded_validator()
     try:
         parsed = json.loads(_json_text(answer))
     except ValueError as exc:
@@ -215,11 +236,36 @@ def assert_is_json(answer: str, value: Any = None, **_) -> dict:
     import jsonschema
 
     try:
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(value).iter_errors(parsed))
+        error = jsonschema.exceptions.best_match(GuardedValidator(value).iter_errors(parsed))
     except RecursionError:
         return _result(False, f"JSON nested too deeply to check against the schema: {_shown(answer)}")
+    except ValueError as exc:  # a pattern of the schema that backtracks without end
+        return _result(False, str(exc))
     where = "/".join(str(p) for p in error.absolute_path) if error else ""
     return _result(error is None, f"JSON does not meet the schema at '{where or '/'}': {error.message if error else ''}"[:300])
+
+
+def _guarded_validator():
+    """JSON Schema 2020-12 with its `pattern` and `patternProperties` matched under PATTERN_TIMEOUT_S (jsonschema's
+    own use the standard library's matcher, which a schema from data could hold for ever); no remote `$ref` is ever
+    fetched (jsonschema's default registry retrieves nothing)."""
+    import jsonschema
+    from jsonschema import validators
+
+    def pattern(validator, expected, instance, schema):
+        if validator.is_type(instance, "string") and not pattern_search(expected, instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {expected!r}"[:300])
+
+    def pattern_properties(validator, patterns, instance, schema):
+        if not validator.is_type(instance, "object"):
+            return
+        for expected, subschema in patterns.items():
+            for name, item in instance.items():
+                if pattern_search(expected, name):
+                    yield from validator.descend(item, subschema, path=name, schema_path=expected)
+
+    return validators.extend(jsonschema.Draft202012Validator,
+                             {"pattern": pattern, "patternProperties": pattern_properties})
 
 
 NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -272,6 +318,8 @@ def levenshtein_distance(a: str, b: str) -> int:
 def assert_levenshtein(answer: str, value: Any, threshold: int = 5, **_) -> dict:
     """the edit distance from the answer (trimmed) to `value` is at most `threshold` (default 5)"""
     want = _text_value(value, "levenshtein")
+    if len(want) > LEVENSHTEIN_MAX_CHARS:
+        raise ValueError(f"levenshtein: the value is {len(want)} characters; at most {LEVENSHTEIN_MAX_CHARS}")
     distance = levenshtein_distance(answer.strip()[: 4 * len(want) + 64], want)
     return _result(distance <= threshold, f"edit distance {distance} > {threshold} from {_shown(want)}, found "
                    f"{_shown(answer)}", distance=distance)
@@ -293,6 +341,11 @@ ASSERTIONS: dict[str, Callable[..., dict]] = {
 }
 NEGATABLE = ("equals", "contains", "icontains", "contains-any", "contains-all", "starts-with", "regex", "is-json")
 VALUE_OPTIONAL = ("is-json",)  # every other type takes `value`, or else the item's `reference`
+
+
+def weighed_check(entry: dict) -> dict:
+    """The check of a train.rewards entry, without the weight the reward gives it."""
+    return {k: v for k, v in entry.items() if k != "weight"}
 
 
 def assertion_problem(declared: Any, reference: str | None, each_row: bool = False) -> str | None:

@@ -17,6 +17,7 @@ REGISTRY = (
     "orpo",
     "simpo",
     "kto",
+    "grpo",
 )
 
 
@@ -24,11 +25,15 @@ def _no_reference(train) -> bool:
     return False
 
 
+def _no_problems(train) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     doc: str  # one line: what it trains on and for what
-    family: str  # the rows it trains on (job/shapes.py): "chat", "pair" or "unpaired"
+    family: str  # the rows it trains on (job/shapes.py): "chat", "pair", "unpaired" or "task"
     trainer: str  # trl's trainer and config classes, "module:Trainer:Config"
     # The train.* fields it reads, with their defaults: a field only other methods read is refused for this one,
     # and `value(train, name)` reads the spec's value or this default.
@@ -40,7 +45,15 @@ class Method:
     sequences_per_example: int = 1  # sequences one example puts through the model (a pair: two)
     reference_per_step: Callable[[Any], bool] = _no_reference  # a reference forward pass each step (the adapter off)
     backends: tuple[str, ...] = ("hf",)  # the training backends verified with it
-    scores: str = "heldout"  # what evaluate scores on held-out rows: "heldout" loss, or "preferences" (rewards)
+    scores: str = "heldout"  # what evaluate scores on held-out rows: "heldout" loss, "preferences" (rewards) or "none"
+    # The trl config's field that takes model.max_seq_length (None: the method bounds its sequences otherwise).
+    length_field: str | None = "max_length"
+    # Trained against rewards: each task's checks and train.rewards (job/evaluation/rewards.py), on completions it
+    # samples itself; its progress events and figures carry the rewards (job/backends/trainer.py).
+    rewarded: bool = False
+    # The train.* fields whose value is a list of declared checks (job/evaluation/checks.py), validated as such.
+    check_lists: tuple[str, ...] = ()
+    problems: Callable[[Any], list[str]] = _no_problems  # what else about the train section it cannot take
 
     def classes(self) -> tuple[type, type]:
         """(config class, trainer class): trl is imported here, when a trainer is built."""

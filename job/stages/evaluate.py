@@ -55,7 +55,9 @@ def needs(spec: JobSpec) -> tuple[str, ...]:
 
 
 def heldout_wanted(spec: JobSpec) -> bool:
-    return holds_rows_out(spec) and _adapter_scored(spec)
+    from job import methods
+
+    return holds_rows_out(spec) and _adapter_scored(spec) and methods.get(spec.train.method).scores == "heldout"
 
 
 def preferences_wanted(spec: JobSpec) -> bool:

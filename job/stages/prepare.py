@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from job import data as conversations_in
-from job import modelsrc, preference, templates
+from job import modelsrc, preference, tasks, templates
 from job.errors import DataError, SpecError
 from job.fingerprint import file_digest
 from job.log import counted, get_logger
@@ -84,7 +84,7 @@ def run(ctx: RunContext) -> StageResult:
     parts = split_rows(chosen, origin, spec)
     asked = hold_out_questions(parts, spec)
     family = conversations_in.family(spec)
-    encode = encode_rows if family == "chat" else preference.encode_examples
+    encode = {"chat": encode_rows, "task": tasks.encode_tasks}.get(family, preference.encode_examples)
     stats: dict[str, Any] = {"rows_read": sum(f["rows_read"] for f in per_source), "chat_template": template_name,
                              "examples": family}
     with atomic_dir(run_dir.data_dir) as out:
@@ -161,6 +161,31 @@ def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
 
 
+def held_out_tasks(rows, held: list[int], spec: JobSpec) -> tuple[list[dict], int]:
+    """Held-out tasks as suite items: the prompt asked, scored by the task's own checks and the train.rewards every
+    answer was rewarded by (evaluate.from_data's checks only when the spec gives them); a task whose prompt has
+    turns a suite cannot ask (tool turns) is not askable."""
+    from job import methods
+    from job.evaluation import checks
+
+    wanted = spec.evaluate.from_data
+    every = [checks.weighed_check(d) for d in methods.get(spec.train.method).value(spec.train, "rewards")]
+    extra = wanted.assert_ if "assert_" in wanted.model_fields_set else []
+    items, not_askable = [], 0
+    named = [rows[index].get("id") for index in held]
+    for index in held:
+        task = rows[index]
+        ident = task.get("id") if task.get("id") and named.count(task.get("id")) == 1 else f"row{index}"
+        if not all(m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+                   for m in task["prompt"]):
+            not_askable += 1
+            continue
+        items.append({"id": ident, "messages": task["prompt"],
+                      "reference": task.get("reference"),
+                      "assert": json.loads(task["checks"]) + every + list(extra)})
+    return items, not_askable
+
+
 def hold_out_questions(parts: dict, spec: JobSpec) -> tuple[list[dict], int] | None:
     """`evaluate.from_data`: a seeded choice of training rows taken out of `parts["train"]` (in place) and made
     into suite items: the conversation up to its last assistant reply is asked, that reply is the reference.
@@ -177,7 +202,9 @@ def hold_out_questions(parts: dict, spec: JobSpec) -> tuple[list[dict], int] | N
     random.Random(wanted.seed).shuffle(order)
     held = sorted(order[:count])
     items, not_askable = [], 0
-    for index in held:
+    if conversations_in.family(spec) == "task":
+        items, not_askable = held_out_tasks(rows, held, spec)
+    for index in held if conversations_in.family(spec) != "task" else ():
         messages = rows[index]
         if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant" or \
                 messages[-2].get("role") != "user" or not all(isinstance(m.get("content"), str) and m.get("role") in

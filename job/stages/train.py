@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from job import backends, distributed, modelsrc, tracking
+from job import backends, distributed, methods, modelsrc, tracking
 from job.errors import Interrupted, SpecError
 from job.log import get_logger
 from job.metrics import peak_rss_gb, update_metrics
@@ -19,8 +19,8 @@ FIELDS = ("model.load_in_4bit", "model.dtype", "lora", "train.max_steps", "train
           "train.gradient_accumulation_steps", "train.learning_rate", "train.embedding_learning_rate",
           "train.lr_scheduler", "train.warmup_steps",
           "train.weight_decay", "train.optim", "train.packing", "train.seed", "train.save_steps", "train.method",
-          "train.beta", "train.dpo_loss", "train.simpo_gamma", "train.kto_desirable_weight",
-          "train.kto_undesirable_weight")
+          # each method's own (job/methods/), but for where the reference's log-probs are computed (the same values)
+          *(f"train.{name}" for name in methods.method_fields() if name != "precompute_reference"))
 
 
 def check(spec: JobSpec, scope: CheckScope) -> list[str]:
@@ -35,6 +35,8 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
             checkpoint_sync.token(spec)
         except SpecError as exc:
             problems.append(exc.message)
+    if spec.train.parallel == "fsdp":
+        problems += shardable_problems(spec)
     if spec.train.backend != "hf":
         # unsloth must be imported before transformers to patch it; choosing here does that, and a backend
         # that cannot run here fails now rather than after data preparation (MachineError: exit 4).
@@ -43,6 +45,21 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
         except SpecError as exc:
             problems.append(exc.message)
     return problems
+
+
+def shardable_problems(spec: JobSpec) -> list[str]:
+    """Under train.parallel fsdp, a base on this machine (a model directory, or an earlier run's merged model) whose
+    class declares no decoder layer to shard by is refused before any work; a Hub base is checked once it is here."""
+    kind = modelsrc.source_kind(spec.model.base)
+    location = spec.model.base if kind == "dir" else \
+        str(modelsrc.earlier_run(spec) / "merged") if kind == "run" else None
+    if location is None or not modelsrc.source_file(location, "config.json"):
+        return []
+    try:
+        classes = distributed.layer_classes(location)
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"model.base: {spec.model.base}: its config cannot be read ({str(exc).splitlines()[0][:200]})"]
+    return [] if classes else [distributed.NO_LAYERS]
 
 
 def reads(spec: JobSpec) -> dict[str, Any]:

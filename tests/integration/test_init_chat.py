@@ -27,6 +27,16 @@ def test_init_writes_a_valid_commented_spec_for_each_shape(tmp_path):
     text = (pairs.parent / "spec.yaml").read_text()
     assert "method: dpo" in text and "eval_split" in text and 'base: "some/model"' in text
 
+    tasks = tmp_path / "tasks" / "conversions.jsonl"
+    tasks.parent.mkdir()
+    tasks.write_text((ROOT / "jobspecs" / "data" / "t5-conversions.jsonl").read_text())
+    made = run_cli("init", tasks)
+    assert made.returncode == 0, made.stderr
+    text = (tasks.parent / "spec.yaml").read_text()
+    assert "method: grpo" in text and "num_generations: 8" in text and "eval_split" not in text
+    assert "from_data: {rows: 30}" in text  # held-out tasks, scored by their own checks
+    assert run_cli("validate", tasks.parent / "spec.yaml").returncode == 0
+
     again = run_cli("init", chat, cwd=tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
 

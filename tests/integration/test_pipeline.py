@@ -1,5 +1,6 @@
 """Integration: the whole job on a tiny real Llama on CPU, through the real CLI in a subprocess."""
 import csv
+import contextlib
 import hashlib
 import json
 import os
@@ -252,6 +253,45 @@ def test_sigterm_exits_75_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp
     assert want.keys() == got.keys()
     for key in want:
         assert torch.allclose(want[key], got[key], atol=1e-6), key
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.parametrize("sent_to", ["the process group", "each process"])
+def test_sigterm_with_a_batch_worker_is_one_stop_request(tmp_path, make_spec, sent_to):
+    """A SIGTERM sent to the job's whole process group (`kill -- -PGID`, Ctrl-C, tini -g) reaches the training
+    process alone (a batch worker has a group of its own); one sent to each process by name (`pkill -f`) ends the
+    worker too. Either way it is one stop request: exit 75 after a checkpoint, state.json says interrupted, the rerun
+    resumes; not a crash (exit 1) nor a disk error."""
+    spec = make_spec("group", train={"max_steps": 200, "save_steps": 5})
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PEFTOPT_LOG_FORMAT": "json", "PEFTOPT_BATCH_WORKERS": "1"})
+    workers = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "train_progress" and event["step"] >= 3:
+            workers = _children(proc.pid)
+            if sent_to == "the process group":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                for pid in [proc.pid, *workers]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            break
+    after = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, after[-3000:] + proc.stderr.read()[-2000:]
+    assert workers, "the job had no batch worker to signal"
+    events = [json.loads(line)["event"] for line in after.splitlines()]
+    assert "job_crashed" not in events and events[-1] == "job_interrupted", events
+    state = json.loads((tmp_path / "runs" / "group" / "state.json").read_text())
+    assert state["status"] == "interrupted"
 
 
 def test_ctrl_c_in_prepare_stops_at_once_and_records_the_interruption(tmp_path, make_spec):

@@ -141,7 +141,7 @@ def test_data_of_the_wrong_kind_is_refused_before_training(method, rows, code, n
 def test_fields_of_another_method_are_refused(tmp_path, tiny_model, tiny_data):
     spec = write_tiny_spec(tmp_path, tiny_model, tiny_data, "fields", train={"beta": 0.2, "max_steps": 2})
     result = run_cli("run", spec)
-    assert result.returncode == 2 and "train.beta: applies to dpo, orpo, simpo, kto, not to method 'sft'" in result.stderr
+    assert result.returncode == 2 and "train.beta: applies to dpo, orpo, simpo, kto, grpo, not to method 'sft'" in result.stderr
     result = run_cli("run", spec, "--set", "train.method=orpo", "--set", "train.dpo_loss=ipo")
     assert result.returncode == 2 and "train.dpo_loss: applies to dpo, not to method 'orpo'" in result.stderr
 

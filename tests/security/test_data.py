@@ -173,3 +173,38 @@ def test_a_huge_field_name_makes_a_short_error_line(tmp_path, make_spec):
     result = run_cli("run", make_spec("wide", data={"source": str(rows)}), "--stages", "prepare")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert len(result.stderr) < 5000, len(result.stderr)
+
+
+HOSTILE_CHECKS = {
+    "a pattern that backtracks without end": {"type": "regex", "value": "(a|aa)+$"},
+    "a schema pattern that backtracks without end": {"type": "is-json", "value": {
+        "type": "object", "properties": {"k": {"type": "string", "pattern": "(a|aa)+$"}}}},
+    "a schema property pattern that backtracks without end": {"type": "is-json", "value": {
+        "type": "object", "patternProperties": {"(a|aa)+$": {"type": "integer"}}}},
+}
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE_CHECKS))
+def test_a_tasks_own_check_cannot_hold_the_training_process(attack):
+    """A task's checks come from the data (a Hub data set anyone could have written) and GRPO scores every sampled
+    answer with them in the training process: a pattern that backtracks without end fails its check after its time
+    limit (checks.PATTERN_TIMEOUT_S) and scoring goes on. Run in a child process, so that a hold would end the
+    test at its timeout instead of the suite."""
+    program = (
+        "import json, sys\n"
+        "from job.evaluation import rewards\n"
+        "check = json.loads(sys.argv[1])\n"
+        "answer = '{\"k\": \"' + 'a' * 60 + '!\"}' if check['type'] == 'is-json' else 'a' * 60 + '!'\n"
+        "if 'patternProperties' in json.dumps(check):\n"
+        "    answer = json.dumps({'a' * 60 + '!': 1})\n"
+        "own, = rewards.functions([], rewards.Timing())\n"
+        "print(json.dumps(own(prompts=[[]], completions=[answer], checks=[json.dumps([check])], reference=[None])))\n")
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", program, json.dumps(HOSTILE_CHECKS[attack])], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [0.0]

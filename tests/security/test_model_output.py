@@ -175,3 +175,28 @@ def test_an_answer_cannot_forge_how_its_check_ran(forgery):
                                     code_checks="sandboxed", tool_env=settings.get().tool_env())
     assert result["passed"] is False and "skipped" not in result, result
     assert len(json.dumps(result)) < 1000, len(json.dumps(result))
+
+
+def test_a_python_reward_runs_each_sampled_answer_in_the_sandbox(tmp_path, monkeypatch):
+    """GRPO's rewards (job/evaluation/rewards.py) score the answers the model samples while it trains: every attack
+    above, sampled as an answer, scores 0 (the one that runs forever is cut off at its time limit) and leaves
+    nothing behind, while the honest answer of the same batch, checked beside them, scores 1."""
+    from job import settings
+    from job.evaluation import rewards
+
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    settings.init()
+    leak = tmp_path / "leak.txt"
+    answers = [[{"role": "assistant", "content": f"```python\n{code.format(leak=leak, parent=os.getpid())}```"}]
+               for code in ATTACKS.values()]
+    answers.append([{"role": "assistant", "content": "```python\ndef f(s):\n    return s[::-1]\n```"}])
+    timing = rewards.Timing()
+    task, python = rewards.functions([{"type": "python", "value": [["ab", "ba"]], "timeout_s": 3}], timing)
+    logged = {}
+    scores = python(prompts=[[]] * len(answers), completions=answers, checks=["[]"] * len(answers),
+                    reference=[None] * len(answers), log_metric=logged.__setitem__)
+    assert scores == [0.0] * len(ATTACKS) + [1.0], dict(zip([*ATTACKS, "honest"], scores))
+    assert logged == {"checks/python": 1 / len(answers)}
+    assert not leak.exists()
+    assert task(prompts=[[]], completions=answers[:1], checks=["[]"], reference=[None]) == [None]  # no checks: none
+    assert timing.seconds > 0

@@ -177,3 +177,25 @@ def test_json_checks_answer_a_hostile_nesting_with_a_failure_not_a_crash():
     assert "nested too deeply" in checks.run_assertion({"type": "is-json"}, deep)["reason"]
     schema = {"type": "array", "items": {"$ref": "#"}}
     assert checks.run_assertion({"type": "is-json", "value": schema}, "[" * 900 + "]" * 900)["passed"] in (True, False)
+
+
+def test_rewards_score_sampled_answers_by_each_tasks_checks_and_the_specs():
+    """GRPO's reward functions (job/evaluation/rewards.py): a task's own checks give the share passed (None for a task
+    without checks); a train.rewards check without a value compares against the task's reference (a GSM8K answer's
+    '#### 5'); each check type's pass rate is logged."""
+    import json
+
+    from job.evaluation import rewards
+
+    own, number = rewards.functions([{"type": "number", "weight": 2.0}], rewards.Timing())
+    answers = [[{"role": "assistant", "content": "It is 5 apples."}], [{"role": "assistant", "content": "Seven."}],
+               "5 pears"]
+    task_checks = [json.dumps([{"type": "contains", "value": "apples"}, {"type": "number", "value": 5}]),
+                   json.dumps([{"type": "contains", "value": "apples"}]), "[]"]
+    references = ["He has 1 + 4 = 5 apples.\n#### 5"] * 3
+    logged = {}
+    assert own(prompts=[[]] * 3, completions=answers, checks=task_checks, reference=references,
+               log_metric=logged.__setitem__) == [1.0, 0.0, None]
+    assert logged == {"checks/contains": 0.5, "checks/number": 1.0}
+    assert number(prompts=[[]] * 3, completions=answers, checks=task_checks, reference=references) == [1.0, 0.0, 1.0]
+    assert own.__name__ == "checks" and number.__name__ == "number"

@@ -1,5 +1,6 @@
 """Unit: the command line answers without torch, and bad input ends in exit 2 with no traceback."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,19 @@ def test_env_reports_versions():
     info = json.loads(result.output)
     assert info["versions"]["transformers"] and "cpu_count" in info["hardware"]
     assert "llama_cpp" in info
+
+
+def test_an_end_of_file_from_the_job_is_a_logged_crash_not_a_silent_exit(tmp_path):
+    """Click turns any EOFError into its Abort (exit 1, nothing said): one raised by the job's own work (a truncated
+    stream, a child process's pipe) is logged as job_crashed with its traceback, as any other bug."""
+    program = ("from job import cli\n"
+               "@cli.cli.command('boom')\n"
+               "def boom():\n"
+               "    raise EOFError('a stream ended early')\n"
+               "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", program, "boom"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PEFTOPT_LOG_FORMAT": "json"}, timeout=120)
+    assert done.returncode == 1
+    crashed = [json.loads(line) for line in done.stdout.splitlines() if '"job_crashed"' in line]
+    assert crashed and crashed[0]["error"] == "EOFError: a stream ended early", done.stdout + done.stderr
+    assert "EOFError" in json.dumps(crashed[0].get("exception"))

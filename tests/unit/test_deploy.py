@@ -81,6 +81,18 @@ def test_aws_batch_job_definition_is_accepted_and_maps_the_exit_codes():
     assert not any("hf_" in json.dumps(e) for e in job["containerProperties"]["environment"])
 
 
+def test_aws_batch_multinode_job_is_accepted_and_every_node_runs_the_same_command():
+    """Several nodes (docs/operations.md): one container for every node, the launcher finds its node from AWS
+    Batch's variables; a lost node's exit 75 is retried like a preemption."""
+    job = json.loads((EXAMPLES / "aws-batch-multinode.json").read_text())
+    assert aws_batch_problems(job) == []
+    assert job["type"] == "multinode" and job["nodeProperties"]["numNodes"] == 2
+    (only,) = job["nodeProperties"]["nodeRangeProperties"]
+    assert only["targetNodes"] == "0:1" and IMAGE.search(only["container"]["image"])
+    assert {"name": "PEFTOPT_NPROC", "value": "auto"} in only["container"]["environment"]
+    assert job["retryStrategy"] == aws_job()["retryStrategy"]
+
+
 @pytest.mark.parametrize("fault, expected", [
     (lambda j: j["retryStrategy"]["evaluateOnExit"].insert(0, {"onExitCode": "2", "action": "EXIT"}) or
      j["retryStrategy"]["evaluateOnExit"].insert(0, {"onExitCode": "3", "action": "EXIT"}), "the limit is 5"),
@@ -124,6 +136,14 @@ def test_gcp_batch_job_parses_strictly_and_maps_the_exit_codes():
     assert policies[Action.RETRY_TASK] == {75, 4} and policies[Action.FAIL_TASK] == {2, 3}
     assert 0 < spec.max_retry_count <= 10
     assert job.allocation_policy.instances[0].policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.SPOT
+
+
+def test_gcp_batch_multinode_job_parses_and_asks_for_the_hosts_file():
+    job = parse_gcp_job((EXAMPLES / "gcp-batch-multinode.json").read_text())
+    group = job.task_groups[0]
+    assert group.task_count == 2 and group.parallelism == 2 and group.require_hosts_file
+    assert group.task_spec.runnables[0].environment.variables["PEFTOPT_NPROC"] == "auto"
+    assert group.task_spec.volumes[0].nfs.server  # the nodes share the run directory (docs/operations.md)
 
 
 @pytest.mark.parametrize("fault, expected", [
@@ -266,3 +286,30 @@ def test_dockerfile_contract():
     # A change under job/ rebuilds only what follows it: the heavy layers come first.
     assert text.index("install-locked.sh") < text.index("COPY --from=llama-cpp") < text.index("COPY job")
     assert (ROOT / ".dockerignore").exists()
+
+
+def test_kubernetes_jobset_runs_each_node_with_the_variables_peftopt_reads():
+    """Several nodes on Kubernetes (a JobSet: the CRD's own fields are checked here, its Job template against
+    Kubernetes' schema): the pods' environment, with the completion index the downward API gives pod 1, is what
+    job/nodes.py turns into node 1 of 2 with pod 0 as the main node."""
+    from job import nodes, settings
+
+    jobset = yaml.safe_load((EXAMPLES / "k8s-jobset-multinode.yaml").read_text())
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["kind"] == "JobSet"
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"}, "spec": replicated["template"]["spec"]}
+    assert kubernetes_problems(job) == {}
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    container = spec["template"]["spec"]["containers"][0]
+    assert IMAGE.search(container["image"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    main = f"{jobset['metadata']['name']}-{replicated['name']}-0-0.{jobset['metadata']['name']}"
+    assert env["PET_MASTER_ADDR"]["value"] == main  # JobSet's pod hostname and subdomain
+    values = {name: e["value"] for name, e in env.items() if "value" in e} | {"PET_NODE_RANK": "1"}
+    found = nodes.from_settings(settings.load(values))
+    assert (found.count, found.rank, found.main) == (int(env["PET_NNODES"]["value"]), 1, main)
+    assert found.port == int(env["PET_MASTER_PORT"]["value"])

@@ -5,6 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The answer checks and their sandbox are a library the spec (train.rewards), the data (a task's checks) and the
+# evaluation all use: they sit below all three.
 FLOORS = [  # top to bottom; a module not listed belongs to the floor of its package
     {"job.__main__", "job.cli"},
     {"job.runner", "job.preflight", "job.bench", "job.report", "job.inspection", "job.chat", "job.init",
@@ -12,10 +14,10 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
     {"job.stages"},
     {"job.backends", "job.evaluation", "job.harness", "job.checkpoint_sync", "job.card", "job.metrics", "job.specfile",
      "job.tracking"},
-    {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data", "job.preference"},
+    {"job.sweep", "job.modelsrc", "job.checkpoints", "job.data", "job.preference", "job.tasks"},
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
      "job.interrupt", "job.convert_shim", "job.inputs", "job.shapes", "job.render", "job.render_worker", "job.display",
-     "job.basecache"},
+     "job.basecache", "job.nodes", "job.evaluation.checks", "job.evaluation.sandbox"},
     {"job.log", "job.errors", "job.settings", "job.events", "job.methods", "job"},
 ]
 
