@@ -6,6 +6,8 @@ PEFTOPT_HUB_RETRIES (default 5 tries) and PEFTOPT_HUB_BACKOFF_S (default 2 s, do
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import time
 from typing import Callable, TypeVar
 
@@ -120,6 +122,27 @@ def _transport_kinds() -> tuple:
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
+def complete_snapshot(directory: str) -> bool:
+    """A cached model snapshot holds a config, a tokenizer and every weights file its index names (or one weights
+    file when it has no index)."""
+    import json
+
+    folder = Path(directory)
+    if not (folder / "config.json").is_file():
+        return False
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")) \
+            and not any(folder.glob("*.tiktoken")):
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return False
+        return bool(shards) and all(isinstance(s, str) and "/" not in s and (folder / s).is_file() for s in shards)
+    return any(p.is_file() for p in folder.glob("*.safetensors"))
+
+
 def model_snapshot(repo: str) -> str:
     """The local directory of a Hub model: the cached snapshot, or downloaded (with retries) the first time.
 
@@ -130,9 +153,13 @@ def model_snapshot(repo: str) -> str:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo, allow_patterns=MODEL_FILES, ignore_patterns=["original/*"],
-                                 local_files_only=True)
+        cached = snapshot_download(repo, allow_patterns=MODEL_FILES, ignore_patterns=["original/*"],
+                                   local_files_only=True)
+        if complete_snapshot(cached):
+            return cached
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass
+    # A snapshot folder can hold part of the model: the machine check fetches config.json alone, and a download
+    # killed midway leaves the files it finished. snapshot_download fetches what is missing.
     return retrying(f"download model {repo}", lambda: snapshot_download(
         repo, allow_patterns=MODEL_FILES, ignore_patterns=["original/*"]))
