@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -217,10 +218,15 @@ class AsyncCheckpointWriter:
         if me.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        if distributed.active():
-            distributed.barrier()  # the directory exists
-            trainer._save_rng_state(str(partial))  # rng_state_<rank>.pth, as the Trainer's resume reads it
-            distributed.barrier()  # every rank's RNG state is on disk before rank 0 lists the files
+        if distributed.active():  # every rank's rng_state_<rank>.pth, as the Trainer's resume reads them, written by
+            # rank 0: a rank on another node may not see rank 0's directory (nodes keep their own run directories)
+            with tempfile.TemporaryDirectory(prefix="peftopt-rng-") as own:
+                trainer._save_rng_state(own)
+                mine = (Path(own) / f"rng_state_{trainer.args.process_index}.pth").read_bytes()
+            every = distributed.gathered_bytes(mine)
+            if me.is_main:
+                for rank, data in enumerate(every):
+                    (partial / f"rng_state_{rank}.pth").write_bytes(data)
         gathered = None
         if distributed.active() and distributed.is_sharded(trainer.model):  # train.parallel fsdp: a collective
             gathered = distributed.full_state(trainer.model, trainer.optimizer)

@@ -188,6 +188,124 @@ def release(exc: BaseException | None) -> None:
                                       exit_code=code)
 
 
+# Files travel in pieces of this size: bounded memory on every rank, and gloo's buffers stay small.
+FILE_PIECE_BYTES = 64 << 20
+
+
+def share_files(root: Path, names: list[str] | None) -> None:
+    """Every rank calls this; rank 0's files under `root` named by `names` (rank 0's list: paths relative to `root`,
+    a folder meaning every regular file in it) reach each rank's own `root`, so ranks on nodes that keep their own
+    run directories read what rank 0 prepared or resumes from. A rank whose copy has the same size and digest keeps
+    it, and a file no rank lacks is not sent: ranks sharing a volume send nothing. What arrives is checked against
+    rank 0's digest and renamed into place whole.
+
+    Raises:
+        ExternalError: what arrived is not what rank 0 sent.
+    """
+    if not active():
+        return
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    from job.errors import ExternalError
+
+    main = world().is_main
+    listing = send({"files": _listing(root, names or []) if main else None})["files"]
+    wanted = [0 if main else int(not _same_file(root, name, size, digest)) for name, size, digest in listing]
+    lacking = _gathered_numbers(wanted or [0])
+    for i, (name, size, digest) in enumerate(listing):
+        if not lacking[:, i].any():
+            continue
+        here = wanted[i] == 1
+        target = _inside(root, name)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial") if here else None
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+        got = hashlib.sha256()
+        with (open(root / name, "rb") if main else contextlib.nullcontext()) as source, \
+                (open(partial, "wb") if here else contextlib.nullcontext()) as sink:
+            for offset in range(0, size, FILE_PIECE_BYTES):
+                count = min(FILE_PIECE_BYTES, size - offset)
+                piece = torch.frombuffer(bytearray(source.read(count)), dtype=torch.uint8) if main else \
+                    torch.empty(count, dtype=torch.uint8)
+                dist.broadcast(piece, src=0, group=_control)
+                if here:
+                    data = piece.numpy().tobytes()
+                    got.update(data)
+                    sink.write(data)
+            if here:
+                sink.flush()
+                os.fsync(sink.fileno())
+        if here:
+            if got.hexdigest() != digest:
+                partial.unlink(missing_ok=True)
+                raise ExternalError(f"{name}: what rank 0 sent does not match its digest; rerun the job")
+            os.replace(partial, target)
+
+
+def _listing(root: Path, names: list[str]) -> list[list]:
+    """[relative path, size, sha256] of the regular files `names` hold under `root` (links are not followed)."""
+    import hashlib
+
+    out = []
+    for name in names:
+        top = root / name
+        if top.is_symlink() or not top.exists():
+            continue
+        if top.is_file():
+            files = [top]
+        else:  # os.walk does not descend into linked folders; linked files are left out
+            files = sorted(Path(folder) / f for folder, _, names_in in os.walk(top) for f in names_in
+                           if not f.endswith(".partial") and not os.path.islink(os.path.join(folder, f))
+                           and os.path.isfile(os.path.join(folder, f)))
+        for path in files:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            out.append([path.relative_to(root).as_posix(), path.stat().st_size, digest.hexdigest()])
+    return out
+
+
+def _inside(root: Path, name: str) -> Path:
+    """`root / name` for a relative path rank 0 named, refused if it is absolute or climbs out of `root`."""
+    from job.errors import ExternalError
+
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ExternalError(f"rank 0 named a file outside the run directory: {name!r}")
+    return root / relative
+
+
+def _same_file(root: Path, name: str, size: int, digest: str) -> bool:
+    import hashlib
+
+    path = _inside(root, name)
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+        return False
+    ours = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            ours.update(block)
+    return ours.hexdigest() == digest
+
+
+def gathered_bytes(mine: bytes) -> list[bytes]:
+    """Every rank's bytes, in rank order, on every rank (a collective on the control group)."""
+    import torch
+    import torch.distributed as dist
+
+    sizes = _gathered_numbers([len(mine)])[:, 0].tolist()
+    local = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
+    if mine:
+        local[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    every = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(every, local, group=_control)
+    return [every[r][:n].numpy().tobytes() for r, n in enumerate(sizes)]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -443,6 +443,7 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: 
     from transformers import AutoConfig
 
     loss_head_fallback = install_cpu_loss_head()
+    share_inputs(spec, run_dir)
     location = modelsrc.model_location(spec, run_dir)
     chosen = backend.plan(spec, AutoConfig.from_pretrained(location), device, settings)
     log.info("batch_plan", backend=backend.NAME, **chosen.__dict__)
@@ -608,6 +609,19 @@ def finished_checkpoint(trainer, checkpoint: Path) -> float | None:
     return sum(losses) / len(losses) if losses else None
 
 
+def share_inputs(spec: JobSpec, run_dir: RunDir) -> None:
+    """Every rank, before training: what rank 0 prepared (data/, a GGUF or package base's copy) and an earlier run's
+    merged model that a `run:NAME` base names, on each rank's node (job/distributed.py `share_files`; nothing is
+    sent to ranks that share rank 0's volume)."""
+    if not distributed.active():
+        return
+    main = distributed.world().is_main
+    distributed.share_files(run_dir.root, ["data", "base"] if main else None)
+    if modelsrc.source_kind(spec.model.base) == "run":
+        earlier = modelsrc.earlier_run(spec)
+        distributed.share_files(earlier.parent, [f"{earlier.name}/merged"] if main else None)
+
+
 def find_resume_point(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart: bool = False,
                       session: TrainingSession | None = None, expected: Expected | None = None) -> Path | None:
     """The checkpoint to resume from: the newest of this training that holds what `expected` says and loads as the
@@ -625,6 +639,9 @@ def find_resume_point(spec: JobSpec, run_dir: RunDir, fingerprint: str, restart:
                 session.restored_step = checkpoint_step(resume)
         if resume is not None:
             log.info("train_resumed", checkpoint=str(resume), step=checkpoint_step(resume))
-    if me.size > 1:
-        resume = distributed.send({"resume": str(resume) if resume else None})["resume"]
-    return Path(resume) if resume else None
+    if me.size > 1:  # by its place in the run directory: each node may keep its own, at another path
+        where = distributed.send({"resume": resume.relative_to(run_dir.root).as_posix() if resume else None})["resume"]
+        if where:
+            distributed.share_files(run_dir.root, [where])  # rank 0's checkpoint, on nodes that lack it
+        return run_dir.root / where if where else None
+    return resume

@@ -1,14 +1,19 @@
-"""Integration: one job over two "nodes" on this machine: two `peftopt run` launchers with one rank each, given
-the variables Kubernetes' torch runtime sets (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), one
-rendezvous served by the main node on the main address. They share the run directory here (a shared volume);
-nodes that keep their own are not built yet (issue 34).
+"""Integration: one job over two "nodes" on this machine that share no path: two `peftopt run` launchers with one
+rank each, given the variables Kubernetes' torch runtime sets (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR,
+PET_MASTER_PORT), one rendezvous served by the main node on the main address. Each node keeps its own run
+directory (`--output-dir`) and its own Hub cache; the base comes from a Hub stand-in, and checkpoints are synced
+to it (train.checkpoint_sync).
 
-Covered: both nodes train together and exit 0, the main node alone speaks; a node killed mid-run (its launcher and
-its rank, as a lost machine) ends the other with exit 75 (another rank was lost), and rerunning both resumes from
-the newest checkpoint to the adapter of the uninterrupted run.
+Covered: both nodes train together and exit 0, the main node alone speaks; node 1 trains on the data rank 0
+prepared (sent to it: the same bytes) and writes no checkpoint of its own, while rank 0's checkpoints hold both
+ranks' RNG states; a node killed mid-run (its launcher and its rank, as a lost machine) ends the other with exit 75
+(another rank was lost); then both machines are replaced (both run directories and caches gone) and the rerun
+resumes from the newest checkpoint on the Hub, restored by rank 0 and sent to node 1, to the adapter of the
+uninterrupted run.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from hub_standin import HubStandIn
 from test_distributed import ROOT, adapter, assert_same, events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-TRAIN = {"backend": "hf", "max_steps": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+TOKEN = "hf_CanaryNodesToken0123456789abcdef"
+TRAIN = {"backend": "hf", "max_steps": 12, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
          "save_steps": 2, "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_steps": 0,
          "optim": "adamw_torch", "seed": 0}
 
@@ -32,49 +39,71 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_nodes(spec: Path, port: int) -> list[subprocess.Popen]:
-    """Node 1 first: it waits for the main node's rendezvous."""
+@pytest.fixture(scope="module")
+def hub(tiny_model):
+    with HubStandIn(TOKEN) as standin:
+        standin.add_repo("me/tiny", tiny_model)
+        yield standin
+
+
+def start_nodes(spec: Path, port: int, machines: Path, hub: HubStandIn) -> list[subprocess.Popen]:
+    """Node 1 first: it waits for the main node's rendezvous. Node K's run directory and Hub cache are under
+    machines/nodeK, and nowhere else."""
     procs = {}
     for rank in (1, 0):
+        node = machines / f"node{rank}"
         env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", "PET_NNODES": "2",
-               "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
-        procs[rank] = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec), "--stages", "prepare,train"],
+               "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
+               "PEFTOPT_TEST_TOKEN": TOKEN, "HF_TOKEN": "", "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "PEFTOPT_HUB_BACKOFF_S": "0.01", "HF_HOME": str(node / "hf-home")}
+        procs[rank] = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec), "--stages", "prepare,train",
+                                        "--output-dir", str(node / "runs")],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                                        start_new_session=True)
     return [procs[0], procs[1]]
 
 
 @pytest.fixture(scope="module")
-def spec_of(tmp_path_factory, tiny_model, tiny_data):
+def spec_of(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("nodes")
 
     def write(name: str) -> Path:
         path = out / f"{name}.json"
+        sync = {"repo": f"me/{name}-checkpoints", "token_env": "PEFTOPT_TEST_TOKEN"}
         path.write_text(json.dumps({
-            "name": name, "output_dir": str(out / "runs"),
-            "model": {"base": str(tiny_model), "max_seq_length": 128, "chat_template": "llama-3"},
-            "data": {"source": str(tiny_data)}, "lora": {"r": 8, "alpha": 16}, "train": TRAIN}))
+            "name": name, "output_dir": str(out / "unused"),
+            "model": {"base": "me/tiny", "max_seq_length": 128, "chat_template": "llama-3"},
+            "data": {"source": str(tiny_data)}, "lora": {"r": 8, "alpha": 16},
+            "train": {**TRAIN, "checkpoint_sync": sync}}))
         return path
 
     return out, write
 
 
-def test_two_nodes_train_together_and_a_lost_node_is_a_retryable_exit_that_resumes(spec_of):
+def test_two_nodes_without_a_shared_path_train_together_and_a_lost_node_resumes_from_the_hub(spec_of, hub):
     out, write = spec_of
-    whole = start_nodes(write("whole"), free_port())
+    machines = out / "whole"
+    whole = start_nodes(write("whole"), free_port(), machines, hub)
     outputs = [proc.communicate(timeout=600) for proc in whole]
     assert [proc.returncode for proc in whole] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     main_log = events(outputs[0][0])
     started = next(e for e in main_log if e["event"] == "train_started")
     assert started["ranks"] == 2
-    assert [e["step"] for e in main_log if e["event"] == "train_progress"] == list(range(1, 9))
+    assert [e["step"] for e in main_log if e["event"] == "train_progress"] == list(range(1, 13))
     assert not any(line.startswith("{") and '"event": "job_started"' in line for line in outputs[1][0].splitlines())
+    main_dir, node1_dir = machines / "node0" / "runs" / "whole", machines / "node1" / "runs" / "whole"
+    assert (node1_dir / "data" / "train.jsonl").read_bytes() == (main_dir / "data" / "train.jsonl").read_bytes()
+    assert not (node1_dir / "adapter").exists() and not list(node1_dir.glob("checkpoints/checkpoint-*"))
+    newest = sorted(main_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in newest.iterdir()}
+    assert not (out / "unused").exists()  # every path the job wrote was a node's own
 
     cut = write("cut")
-    run_dir = out / "runs" / "cut"
-    procs = start_nodes(cut, free_port())
+    machines = out / "cut"
+    procs = start_nodes(cut, free_port(), machines, hub)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "checkpoint-2" / "peftopt-checkpoint.json").exists():
+    while time.monotonic() < deadline and procs[0].poll() is None and \
+            not any(n.endswith("/checkpoint-4/peftopt-checkpoint.json") for n in hub.files.get("me/cut-checkpoints", {})):
         time.sleep(0.05)
     os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 lost: its launcher and its rank
     stdout, stderr = procs[0].communicate(timeout=300)
@@ -82,9 +111,13 @@ def test_two_nodes_train_together_and_a_lost_node_is_a_retryable_exit_that_resum
     assert procs[0].returncode == 75, stderr[-3000:]
     assert "another rank" in stderr or any(e["event"] == "rank_lost" for e in events(stdout) if "event" in e)
 
-    again = start_nodes(cut, free_port())
+    shutil.rmtree(machines)  # both machines replaced: nothing of the first attempt is left on either
+    again = start_nodes(cut, free_port(), machines, hub)
     outputs = [proc.communicate(timeout=600) for proc in again]
-    assert [proc.returncode for proc in again] == [0, 0], outputs[0][1][-2000:]
-    resumed = [e["step"] for e in events(outputs[0][0]) if e["event"] == "train_resumed"]
-    assert len(resumed) == 1 and resumed[0] >= 2
-    assert_same(adapter(run_dir), adapter(out / "runs" / "whole"))
+    assert [proc.returncode for proc in again] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    log = events(outputs[0][0])
+    resumed = [e["step"] for e in log if e["event"] == "train_resumed"]
+    assert len(resumed) == 1 and resumed[0] >= 4
+    assert any(e["event"] == "checkpoint_restored" for e in log), [e["event"] for e in log]
+    assert_same(adapter(machines / "node0" / "runs" / "cut"), adapter(out / "whole" / "node0" / "runs" / "whole"))
+    assert TOKEN not in outputs[0][0] + outputs[0][1] + outputs[1][0] + outputs[1][1]
