@@ -232,6 +232,14 @@ print(json.dumps({"stages": {k: v["runtime_s"] for k, v in m.get("stages", {}).i
                   "first20_s": {"generate": at(f"{out}/t5.jsonl", 20), "continuous": at(f"{out}/t5-continuous20.jsonl", 20)}}, indent=1))
 EOF2
     [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    left=$(( ${CALL_BUDGET_S:-560} - SECONDS ))  # `peftopt bench` of t5 in what is left of the call
+    if (( left > 60 )); then
+      timeout $(( left - 10 )) python3 -m job bench jobspecs/t5.json --set model.base=run:u60 --set output_dir="$work/runs" \
+        --set push=null --steps 3 --json > "$out/bench-t5.json" 2> "$out/bench-t5.err"
+      python3 -c 'import json, sys; sys.path.insert(0, "."); from job.bench import table; print(table(json.load(open(sys.argv[1]))))' \
+        "$out/bench-t5.json" | tee "$out/bench-t5.md"
+      [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
+    fi
     ;;
   methods)  # a method as one declaration (job/methods/): SFT on unsloth, every stage, then DPO on hf chained onto it
     run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64
