@@ -148,7 +148,7 @@ def prepared_data(spec: JobSpec, steps: int, scratch: Path) -> str | None:
 
 
 def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) -> list[dict]:
-    """Raises SpecError without CUDA or a local base model directory."""
+    """Raises SpecError without CUDA or a local base model directory (an earlier run's merged model for `run:NAME`)."""
     import torch
     from transformers import AutoConfig
 
@@ -158,6 +158,11 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
 
     if not torch.cuda.is_available():
         raise SpecError("bench: needs a CUDA GPU")
+    from job import modelsrc
+
+    if modelsrc.source_kind(spec.model.base) == "run":  # a chained spec: the earlier run's merged model
+        merged = str(modelsrc.earlier_run(spec) / "merged")
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"base": merged})})
     if spec.train is None or not os.path.isdir(spec.model.base):
         raise SpecError("bench: needs a train section and model.base as a local model directory "
                         "(--set model.base=DIR; random weights time the same as real ones)")

@@ -5,6 +5,7 @@ fallback. A backend only loads and wraps the model (`setup`) and plans the batch
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -383,6 +384,27 @@ def reward_functions(spec: JobSpec, dataset, session: "TrainingSession", setting
     return rewards.functions(declared, session.sampling)
 
 
+# The attention implementations transformers' continuous batching has a paged variant of.
+PAGED_VARIANTS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+@contextlib.contextmanager
+def paged_attention_for_sampling(model):
+    """transformers' continuous batching runs the paged variant of the model's attention, which exists for its own
+    implementations only: a model that trains with another (the hf backend's packed `peftopt_varlen`) samples with
+    paged sdpa and trains with its own again."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if before.startswith("paged|") or before in PAGED_VARIANTS:
+        yield
+        return
+    base.set_attn_implementation("paged|sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
 def time_sampling(trainer, session: "TrainingSession") -> None:
     """Counts what a rewarded method's step spends sampling answers (and scoring them) and the tokens it puts
     through the model (prompts and answers, padding excluded): trl's GRPOTrainer samples a generation batch in
@@ -398,6 +420,14 @@ def time_sampling(trainer, session: "TrainingSession") -> None:
         return output
 
     trainer._generate_and_score_completions = generate_and_score
+    if getattr(trainer, "use_transformers_continuous_batching", False):  # PEFTOPT_SAMPLER=continuous
+        sample_paged = trainer._generate
+
+        def generate_paged(prompts):
+            with paged_attention_for_sampling(trainer.accelerator.unwrap_model(trainer.model)):
+                return sample_paged(prompts)
+
+        trainer._generate = generate_paged
     if distributed.is_sharded(trainer.model):
         sample_whole = trainer._generate
 

@@ -143,3 +143,25 @@ def test_two_ranks_sample_and_train_alike_whole_or_sharded(tmp_path, tiny_model)
     assert ends["ddp"][0] == ends["fsdp"][0]
     for key, tensor in ends["ddp"][1].items():
         assert (tensor - ends["fsdp"][1][key]).abs().max().item() <= 1e-6, key
+
+
+def test_the_continuous_sampler_samples_a_model_that_trains_with_peftopts_own_attention(tiny_model):
+    """PEFTOPT_SAMPLER=continuous on the GPU: transformers' continuous batching asks for the paged variant of the
+    model's attention, which does not exist for the hf backend's packed `peftopt_varlen` (the H200 run crashed with
+    exit 1 on it). Sampling runs with paged sdpa, and the model trains with its own attention afterwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from job.backends import attention
+    from job.backends.trainer import paged_attention_for_sampling
+
+    name = attention.register()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), LoraConfig(r=4, target_modules="all-linear"))
+    model.get_base_model().set_attn_implementation(name)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with pytest.raises(ValueError, match="paged"):
+        model.generate_batch([[1, 5, 7]], generation_config=config, progress_bar=False)
+    with paged_attention_for_sampling(model):
+        out = model.generate_batch([[1, 5, 7], [2, 9]], generation_config=config, progress_bar=False)
+    assert sorted(len(o.generated_tokens) for o in out.values()) == [4, 4]
+    assert model.get_base_model().config._attn_implementation == name

@@ -33,7 +33,6 @@ print(json.dumps(sorted(os.listdir(folder))))
                                           "tokenizer.json"]],
                          ids=["the config alone", "no weights", "one of two shards"])
 def test_a_partial_snapshot_is_completed_instead_of_used(tmp_path, tiny_model, left_behind):
-    import torch
     from safetensors.torch import load_file, save_file
 
     model = tmp_path / "model"
