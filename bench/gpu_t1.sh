@@ -241,6 +241,17 @@ EOF2
       [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
     fi
     ;;
+  sampler)  # issue 36, item 4: t5's sampling, eager generate against continuous batching, SAMPLER_STEPS (5) steps each
+    # on the 1B shape itself (no t1 first), training only
+    t5raw=(--output-dir "$work/runs" --set push=null --set model.base="$work/l1b" --set evaluate=null
+           --set export.merge=false --set export.gguf=[] --set train.max_steps=${SAMPLER_STEPS:-5})
+    SPEC=jobspecs/t5.json SHARED=t5raw run s-generate
+    PEFTOPT_SAMPLER=continuous SPEC=jobspecs/t5.json SHARED=t5raw run s-continuous
+    for name in s-generate s-continuous; do
+      python3 -c 'import json, sys; t = json.load(open(sys.argv[1]))["train"]; print(sys.argv[2], json.dumps({k: t.get(k) for k in ("time_split", "tokens_per_s", "session_runtime_s", "peak_gpu_gb")}))' \
+        "$out/$name-metrics.json" $name | tee -a "$out/sampler.txt"
+    done
+    ;;
   methods)  # a method as one declaration (job/methods/): SFT on unsloth, every stage, then DPO on hf chained onto it
     run u60 --set train.max_steps=60 --set evaluate.max_new_tokens=64
     [ -f "$work/pairs.jsonl" ] || python3 bench/gpu_models.py pairs "$work/pairs.jsonl" 600 >/dev/null
