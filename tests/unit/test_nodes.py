@@ -67,3 +67,26 @@ def test_addresses_resolve_once_and_a_name_that_does_not_is_named():
     assert nodes.is_loopback(nodes.address("localhost"))
     with pytest.raises(SpecError, match="does not resolve"):
         nodes.address("no-such-host.invalid")
+
+
+@pytest.mark.parametrize("name", ["../outside.jsonl", "/etc/passwd", "data/../../outside", ""])
+def test_a_file_rank_0_names_outside_the_run_directory_is_refused(tmp_path, name):
+    from job import distributed
+    from job.errors import ExternalError
+
+    with pytest.raises(ExternalError, match="outside the run directory"):
+        distributed._inside(tmp_path, name)
+    assert distributed._inside(tmp_path, "data/train.jsonl") == tmp_path / "data" / "train.jsonl"
+
+
+def test_the_listing_of_what_rank_0_sends_leaves_links_and_partial_files_out(tmp_path):
+    from job import distributed
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "data" / ".eval.jsonl.123.partial").write_text("half")
+    (tmp_path / "data" / "secret").symlink_to("/etc/hostname")
+    (tmp_path / "data" / "elsewhere").symlink_to(tmp_path.parent, target_is_directory=True)
+    listing = distributed._listing(tmp_path, ["data", "base"])
+    assert [row[0] for row in listing] == ["data/train.jsonl"]
+    assert listing[0][1] == 9 and len(listing[0][2]) == 64
