@@ -143,6 +143,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RANK", "rank", "0", _int(0), "set by the launcher: this process's rank"),
     Variable("WORLD_SIZE", "world_size", "1", _int(1), "set by the launcher: how many ranks"),
     Variable("LOCAL_RANK", "local_rank", "0", _int(0), "set by the launcher: the rank on this machine"),
+    Variable("LOCAL_WORLD_SIZE", "local_world_size", None, _int(1),
+             "set by the launcher: how many ranks on this machine (all of them: nothing is sent between ranks)"),
     Variable("MASTER_ADDR", "master_addr", None, _text, "set by the launcher: rank 0's rendezvous address"),
     Variable("MASTER_PORT", "master_port", None, _int(1), "set by the launcher: rank 0's rendezvous port"),
     Variable("PEFTOPT_RENDEZVOUS_FD", "rendezvous_fd", None, _rendezvous_fd,
@@ -218,6 +220,7 @@ class Settings:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
     rendezvous_fd: int | None = None
