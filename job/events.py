@@ -17,7 +17,8 @@ EVENTS: dict[str, str] = {
     "stage_skipped": "a stage was already done for these inputs",
     "run_restarted": "`--restart` redoes the stages whose inputs changed",
     "artifact_missing": "a finished stage's artifact is gone; the stage runs again",
-    "stop_requested": "SIGTERM or SIGINT: train saves at its next safe point, any other stage stops at once",
+    "stop_requested": "SIGTERM or SIGINT (or, by=another rank, a signal to another rank of the run): train saves at "
+                      "its next safe point, any other stage stops at once",
     "grace_expired": "the grace period ran out before a safe point: exiting 75",
     "single_gpu": "a single process on a machine with several GPUs uses the first",
     # the base model

@@ -123,23 +123,34 @@ def _raise_stop() -> None:
 
 
 def _handle(signum, _frame) -> None:
-    global _watchdog, _stopped_at
     if _stop.is_set():
         _flush_logs()
         os._exit(EXIT_INTERRUPTED)
-    _stopped_at = time.monotonic()
-    _stop.set()
     # The same signal may have ended a child (a batch worker signalled by name): its end is reported where the job
     # waits for it, not by torch's SIGCHLD handler raising at whatever line runs, a checkpoint's write included.
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    log.warning("stop_requested", signal=signal.Signals(signum).name, grace_s=_grace_s, stage=_stage,
+    _start_stopping(signal=signal.Signals(signum).name)
+    if _at_once:  # signal handlers run in the main thread, between two bytecodes of what it was doing
+        _raise_stop()
+
+
+def request_stop(by: str) -> None:
+    """A stop asked elsewhere (another rank's signal, learnt in a training step's vote): this process stops as if it
+    had been signalled itself, so that it saves, records the run as interrupted and exits 75 with the others."""
+    if not _stop.is_set():
+        _start_stopping(signal=None, by=by)
+
+
+def _start_stopping(**why) -> None:
+    global _watchdog, _stopped_at
+    _stopped_at = time.monotonic()
+    _stop.set()
+    log.warning("stop_requested", **why, grace_s=_grace_s, stage=_stage,
                 action="stopping now, then exiting 75" if _at_once else "saving at the next safe point, then exiting 75")
     _watchdog = threading.Timer(_grace_s, _give_up)
     _watchdog.daemon = True
     _watchdog.start()
-    if _at_once:  # signal handlers run in the main thread, between two bytecodes of what it was doing
-        _raise_stop()
 
 
 def install(grace_s: float = 20.0) -> None:

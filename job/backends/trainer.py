@@ -198,6 +198,8 @@ def _callbacks():
                 self.progress.all_tokens = self.progress.tokens
             self.progress.clock.append((time.perf_counter(), self.progress.all_tokens))
             if stop:
+                if not interrupt.stop_requested():  # another rank was signalled (a node the service stops alone)
+                    interrupt.request_stop(by="another rank")
                 control.should_save = True
                 control.should_training_stop = True
 

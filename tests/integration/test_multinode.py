@@ -6,7 +6,8 @@ to it (train.checkpoint_sync).
 
 Covered: both nodes train together and exit 0, the main node alone speaks; node 1 trains on the data rank 0
 prepared (sent to it: the same bytes) and writes no checkpoint of its own, while rank 0's checkpoints hold both
-ranks' RNG states; a node killed mid-run (its launcher and its rank, as a lost machine) ends the other with exit 75
+ranks' RNG states; a SIGTERM on node 1 alone stops every rank at one step, saved, and both nodes exit 75; a node
+killed mid-run (its launcher and its rank, as a lost machine) ends the other with exit 75
 (another rank was lost); then both machines are replaced (both run directories and caches gone) and the rerun
 resumes from the newest checkpoint on the Hub, restored by rank 0 and sent to node 1, to the adapter of the
 uninterrupted run.
@@ -97,6 +98,26 @@ def test_two_nodes_without_a_shared_path_train_together_and_a_lost_node_resumes_
     newest = sorted(main_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in newest.iterdir()}
     assert not (out / "unused").exists()  # every path the job wrote was a node's own
+
+    # A SIGTERM on node 1 alone (the service stopping that machine): every rank stops at the same step, rank 0
+    # saves it, and both nodes exit 75.
+    machines = out / "term"
+    procs = start_nodes(write("term"), free_port(), machines, hub)
+    term_dir = machines / "node0" / "runs" / "term"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and procs[0].poll() is None and \
+            not (term_dir / "checkpoints" / "checkpoint-2" / "peftopt-checkpoint.json").exists():
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [75, 75], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    # before: rank 0, never signalled itself, took the vote's stop for the end of training and finished the job
+    # (exit 0) with the adapter of 4 of 12 steps
+    log = events(outputs[0][0])
+    last = max(e["step"] for e in log if e["event"] == "train_progress")
+    assert last < 12 and max(e["step"] for e in log if e["event"] == "checkpoint_saved") == last
+    assert json.loads((term_dir / "state.json").read_text())["stages"]["train"]["status"] == "interrupted"
+    assert any(e["event"] == "stop_requested" and e.get("by") == "another rank" for e in log)
 
     cut = write("cut")
     machines = out / "cut"
