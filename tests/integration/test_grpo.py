@@ -165,3 +165,20 @@ def test_the_continuous_sampler_samples_a_model_that_trains_with_peftopts_own_at
         out = model.generate_batch([[1, 5, 7], [2, 9]], generation_config=config, progress_bar=False)
     assert sorted(len(o.generated_tokens) for o in out.values()) == [4, 4]
     assert model.get_base_model().config._attn_implementation == name
+
+
+def test_grpo_trains_a_4bit_base_qlora(tmp_path, tiny_model):
+    """QLoRA: the base loaded in 4-bit (bitsandbytes nf4, which runs on this CPU too), answers sampled from it and
+    the LoRA trained on their rewards; the adapter it saves holds only LoRA weights."""
+    spec = grpo_spec(tmp_path, tiny_model, name="qlora", max_steps=3, save_steps=3)
+    content = json.loads(spec.read_text())
+    content["model"]["load_in_4bit"] = True
+    spec.write_text(json.dumps(content))
+    result = run_cli("run", spec)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    started = next(e for e in events(result.stdout) if e["event"] == "train_started")
+    assert started["base_weights"].startswith("nf4"), started
+    progress = [e for e in events(result.stdout) if e["event"] == "train_progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3] and all("reward" in e for e in progress)
+    weights = adapter(tmp_path / "runs" / "qlora")
+    assert weights and all("lora_" in key for key in weights)
