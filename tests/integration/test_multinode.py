@@ -50,13 +50,19 @@ def hub(tiny_model):
 def start_nodes(spec: Path, port: int, machines: Path, hub: HubStandIn) -> list[subprocess.Popen]:
     """Node 1 first: it waits for the main node's rendezvous. Node K's run directory and Hub cache are under
     machines/nodeK, and nowhere else."""
+    import torch
+
+    gpus = torch.cuda.device_count()
     procs = {}
     for rank in (1, 0):
         node = machines / f"node{rank}"
+        # on a machine with two GPUs, one each (NCCL); otherwise CPU ranks (gloo), never two ranks on one GPU
+        device = {"CUDA_VISIBLE_DEVICES": str(rank) if gpus >= 2 else ""}
         env = {**os.environ, "PEFTOPT_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", "PET_NNODES": "2",
                "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
                "PEFTOPT_TEST_TOKEN": TOKEN, "HF_TOKEN": "", "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PEFTOPT_HUB_BACKOFF_S": "0.01", "HF_HOME": str(node / "hf-home")}
+               "HF_HUB_DISABLE_TELEMETRY": "1", "PEFTOPT_HUB_BACKOFF_S": "0.01", "HF_HOME": str(node / "hf-home"),
+               **device}
         procs[rank] = subprocess.Popen([sys.executable, "-m", "job", "run", str(spec), "--stages", "prepare,train",
                                         "--output-dir", str(node / "runs")],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
