@@ -81,6 +81,15 @@ def main() -> None:
         alone = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], merged_tokenizer, prompts, spec.evaluate)
         out[f"gguf-{quant}_alone_s"] = round(time.perf_counter() - started, 2)
         out[f"gguf-{quant}_same_tokens"] = [a["token_ids"] for a in alone] == [b["token_ids"] for b in rows(f"gguf-{quant}")]
+        gpu = llamacpp.gpu_generation(tools)
+        out["gguf_gpu_environment"] = gpu
+        if gpu:  # the CUDA build alone, and its answers against the CPU build's
+            started = time.perf_counter()
+            on_gpu = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], merged_tokenizer, prompts,
+                                            spec.evaluate, gpu=gpu)
+            out[f"gguf-{quant}_gpu_alone_s"] = round(time.perf_counter() - started, 2)
+            out[f"gguf-{quant}_gpu_same_as_cpu"] = [a["token_ids"] for a in on_gpu] == [b["token_ids"] for b in alone]
+            out[f"gguf-{quant}_gpu_vs_cpu"] = suite.agreement(alone, on_gpu)
     out["physical_cores"] = llamacpp.physical_cores()
     Path(sys.argv[3]).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

@@ -8,6 +8,12 @@
 # sha256, so a machine that reaches only a package registry builds the very same tools as the image.
 # A PREFIX whose VERSION matches the pin is kept as it is (CI caches it), and the new tree is built
 # beside PREFIX and renamed into place, so an interrupted build never leaves a half-made prefix behind.
+#
+# LLAMA_CUDA_ARCHITECTURES (CMake's list, e.g. "90" or "80;86;89;90") also builds bin/peftopt-generate-cuda: the
+# same program with ggml's CUDA backend for those GPUs, used to answer the evaluation suite on the GPU when the job
+# has one (job/llamacpp.py). It links to the CUDA runtime and cuBLAS that the image's torch already carries, and
+# not to the driver (GGML_CUDA_NO_VMM), so it starts wherever CUDA is usable. The compiler comes from
+# docker/cuda-toolkit.sh (pinned wheels), or CUDA_TOOLKIT_ROOT when given.
 set -euo pipefail
 
 prefix=${1:?usage: build-llama-cpp.sh PREFIX}
@@ -16,7 +22,9 @@ LLAMA_CPP_SDIST_SHA256=${LLAMA_CPP_SDIST_SHA256:-832db0699007f1be95a7e41ef12e889
 JOBS=${JOBS:-$(nproc)}
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cuda_archs=${LLAMA_CUDA_ARCHITECTURES:-}
 stamp="llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION} sha256=${LLAMA_CPP_SDIST_SHA256} generate=$(sha256sum "$here/llama-generate/generate.cpp" | cut -c1-16)"
+[[ -z "$cuda_archs" ]] || stamp="$stamp cuda=$cuda_archs build=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
 
 if [[ -f "$prefix/VERSION" ]] && grep -qxF "$stamp" "$prefix/VERSION"; then
   echo "llama.cpp already built in $prefix ($stamp)"
@@ -51,11 +59,26 @@ cmake -S "$here/llama-generate" -B "$tree/build" -G "$generator" -DCMAKE_BUILD_T
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF >/dev/null
 cmake --build "$tree/build" --target llama-quantize peftopt-generate -j "$JOBS"
 
+if [[ -n "$cuda_archs" ]]; then
+  cuda_root=${CUDA_TOOLKIT_ROOT:-$("$here/cuda-toolkit.sh" "$(dirname "$prefix")/cuda-toolkit-13.0")}
+  # peftopt-generate is the one target (llama-quantize stays the CPU build's). Without flash attention's kernels
+  # (GGML_CUDA_FA=OFF: 40% of the objects' size; a suite's short decode does not need them) and without a
+  # run path into the build machine's toolkit: the libraries are found where the job says (LD_LIBRARY_PATH).
+  cmake -S "$here/llama-generate" -B "$tree/build-cuda" -G "$generator" -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_CPP_SOURCE="$src" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_SKIP_RPATH=ON \
+    -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES="$cuda_archs" \
+    -DCUDAToolkit_ROOT="$cuda_root" -DCMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF >/dev/null
+  cmake --build "$tree/build-cuda" --target peftopt-generate -j "$JOBS"
+fi
+
 staging="$prefix.tmp.$$"
 rm -rf "$staging" "$prefix".tmp.*
 mkdir -p "$staging/bin"
 cp "$(find "$tree/build" -type f -name llama-quantize -perm -u+x | head -n1)" "$staging/bin/"
 cp "$tree/build/peftopt-generate" "$staging/bin/"
+[[ -z "$cuda_archs" ]] || cp "$tree/build-cuda/peftopt-generate" "$staging/bin/peftopt-generate-cuda"
 cp "$src/convert_hf_to_gguf.py" "$staging/"
 cp -r "$src/conversion" "$src/gguf-py" "$staging/"
 cp "$src/LICENSE" "$staging/LICENSE.llama.cpp"

@@ -61,6 +61,10 @@ EVENTS: dict[str, str] = {
     "ranks_not_released": "data-parallel: rank 0 could not tell a rank that already left to exit",
     # evaluation
     "target_evaluated": "a target's answers were checked (pass rates, timing)",
+    "target_answered_ahead": "the base or adapter target answered on the GPU while merge and gguf ran (`load_s`, "
+                             "`generate_s`); evaluate records it in its turn",
+    "answers_ahead_failed": "answering a target ahead failed (`error`): evaluate answers it in its turn",
+    "gguf_gpu_failed": "llama.cpp's CUDA build could not answer on the job's GPU (`error`): the GGUF answers on the CPU",
     "heldout_evaluated": "the held-out rows' loss, perplexity and tokens for the adapter, the base and (when evaluated) "
                          "the merged model",
     "preferences_evaluated": "preference methods: the adapter's implicit rewards on the held-out and the training "

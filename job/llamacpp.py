@@ -66,6 +66,12 @@ class LlamaCpp:
         return self.prefix / "bin" / "peftopt-generate"
 
     @property
+    def generate_cuda_bin(self) -> Path:
+        """peftopt-generate built with ggml's CUDA backend (docker/build-llama-cpp.sh, LLAMA_CUDA_ARCHITECTURES);
+        absent from a CPU-only build."""
+        return self.prefix / "bin" / "peftopt-generate-cuda"
+
+    @property
     def converter(self) -> Path:
         return self.prefix / "convert_hf_to_gguf.py"
 
@@ -121,8 +127,9 @@ def describe() -> dict:
         return {"prefix": None, "version": None, "problem": exc.message}
 
 
-def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | None = None) -> subprocess.Popen:
-    """A tool's process, offline and with no token in its environment (on `cpus` alone when given).
+def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A tool's process, offline and with no token in its environment (on `cpus` alone when given; `env` added).
 
     Raises:
         ExternalError: it could not start.
@@ -130,7 +137,7 @@ def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | 
     try:
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-                                   env=settings_module.get().tool_env())
+                                   env=settings_module.get().tool_env(**(env or {})))
     except OSError as exc:
         raise ExternalError(f"{what} could not start: {exc.strerror}") from None
     if cpus:  # before it starts its threads (after loading the model), which inherit it; not preexec_fn,
@@ -143,13 +150,13 @@ def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | 
 
 
 def _run(cmd: list[str], what: str, *, input_text: str | None = None, timeout: float = 3600,
-         process: subprocess.Popen | None = None, cpus: list[int] | None = None, stop=None
-         ) -> subprocess.CompletedProcess:
+         process: subprocess.Popen | None = None, cpus: list[int] | None = None, stop=None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs a tool (or finishes `process`, one started ahead); a stop request (SIGTERM) ends it at once and
     raises Interrupted, as does `stop` (a threading.Event: the caller gave up on it)."""
     from job import interrupt
 
-    proc = process or _start(cmd, what, stdin=input_text is not None, cpus=cpus)
+    proc = process or _start(cmd, what, stdin=input_text is not None, cpus=cpus, env=env)
     stdout, stderr = interrupt.wait_for(proc, what, timeout=timeout, input_text=input_text, stop=stop)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if result.returncode != 0:
@@ -257,18 +264,57 @@ class Generation:
     stop_reason: str
 
 
+def cuda_library_dirs() -> list[str]:
+    """The directories of the CUDA runtime and cuBLAS that torch's wheels installed (nvidia-cuda-runtime,
+    nvidia-cublas: nvidia/cu13/lib), which peftopt-generate-cuda links to."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    dirs = []
+    for base in (found.submodule_search_locations or []) if found else []:
+        for lib in sorted(Path(base).glob("*/lib")):
+            if any(lib.glob("libcudart.so*")) or any(lib.glob("libcublas.so*")):
+                dirs.append(str(lib))
+    return dirs
+
+
+def gpu_generation(tools: LlamaCpp) -> dict[str, str] | None:
+    """The environment in which peftopt-generate-cuda answers on this job's GPU, or None where it cannot: no CUDA
+    build in the prefix, no usable GPU, the CUDA libraries not found, or PEFTOPT_GGUF_GPU=0. Only the job's own
+    device is visible to it (the first of CUDA_VISIBLE_DEVICES), so llama.cpp does not spread a small model over
+    every GPU of the host."""
+    if not settings_module.get().gguf_gpu or not tools.generate_cuda_bin.exists():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    libraries = cuda_library_dirs()
+    if not libraries:
+        return None
+    visible = (settings_module.get().cuda_visible_devices or "").split(",")
+    device = visible[torch.cuda.current_device()] if visible[0] else str(torch.cuda.current_device())
+    return {"LD_LIBRARY_PATH": os.pathsep.join(libraries), "CUDA_VISIBLE_DEVICES": device.strip()}
+
+
 def generate_many(tools: LlamaCpp, gguf_path: Path, prompts: list[str], max_tokens: int, threads: int | None = None,
-                  timeout: float = 1800, cpus: list[int] | None = None, stop=None) -> list[Generation]:
+                  timeout: float = 1800, cpus: list[int] | None = None, stop=None,
+                  gpu: dict[str, str] | None = None) -> list[Generation]:
     """Greedy generation for every prompt in one llama.cpp process that decodes them together (one sequence
-    each); the prompts' special tokens are parsed, no BOS is added. On `cpus` alone when given; `stop` (a
+    each); the prompts' special tokens are parsed, no BOS is added. On `cpus` alone when given; on the GPU, every
+    layer offloaded, with the CUDA build when `gpu` (its environment: `gpu_generation`) is given; `stop` (a
     threading.Event) ends it early, as a stop request does."""
     if not prompts:
         return []
-    cmd = [str(tools.generate_bin), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or physical_cores()),
-           "--prompts", str(len(prompts))]
+    binary = tools.generate_cuda_bin if gpu else tools.generate_bin
+    cmd = [str(binary), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or physical_cores()),
+           "--prompts", str(len(prompts))] + (["-ngl", "999"] if gpu else [])
     stdin = "".join(f"{len(p.encode())}\n{p}" for p in prompts)
-    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}", input_text=stdin, timeout=timeout, cpus=cpus,
-               stop=stop).stdout
+    out = _run(cmd, f"llama.cpp generation with {gguf_path.name}" + (" on the GPU" if gpu else ""),
+               input_text=stdin, timeout=timeout, cpus=cpus, stop=stop, env=gpu).stdout
     prompt_ids: list[list[int]] = [[] for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
     pieces = [b"" for _ in prompts]

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
 
 log = get_logger("peftopt.model")
+# Held while a model is built: transformers' loading switches process-wide state (weight initialisation turned off
+# and back on), so two threads loading at once (evaluate's targets answered ahead beside merge and gguf) take turns.
+LOADING = threading.RLock()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
 

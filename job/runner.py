@@ -210,6 +210,7 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
         for stage in stages:
             if _finished(state, stage, prints):
                 log.info("stage_skipped", stage=stage.name, reason="finished earlier with the same inputs")
+                ctx.done[stage.name].set()
                 continue
             if only:
                 missing = [n for n in registry.needs(stage, spec) if n in enabled and n not in only
@@ -223,6 +224,7 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
                     _run_stage(stage, ctx, state)
             else:
                 _run_stage(stage, ctx, state)
+            ctx.done[stage.name].set()
     except PeftoptError as exc:
         state.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         state.error = exc.message

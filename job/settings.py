@@ -119,6 +119,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_SAMPLER", "sampler", "generate", _choice("generate", "continuous"),
              "how grpo samples its answers on a GPU: generate (transformers' generate, padded batches) or continuous "
              "(transformers' continuous batching, paged attention); on the CPU always generate"),
+    Variable("PEFTOPT_GGUF_GPU", "gguf_gpu", "1", _switch,
+             "0 answers the evaluation suite with each GGUF on the CPU even when the job has a GPU and the llama.cpp "
+             "prefix has its CUDA build (bin/peftopt-generate-cuda)"),
     Variable("PEFTOPT_HARNESS_DIR", "harness_dir", None, _text,
              "where lm-evaluation-harness is installed apart from the job's packages (unset: /opt/harness when "
              "it exists, as in the image; else the job's own environment)"),
@@ -194,6 +197,7 @@ class Settings:
     dequantize_base: bool = True
     batch_workers: str = "auto"
     sampler: str = "generate"
+    gguf_gpu: bool = True
     harness_dir: str | None = None
     rank_wait_s: float = 21600.0
     hub_retries: int = 5

@@ -1,7 +1,7 @@
 // peftopt-generate: greedy generation from a GGUF with llama.cpp, for checking and evaluating an exported
 // model. Several prompts are decoded together, one sequence each, in one batch per step.
 //
-//   peftopt-generate -m model.gguf -n 32 [-t threads] [--add-special] [--prompts K] < prompts
+//   peftopt-generate -m model.gguf -n 32 [-t threads] [-ngl gpu_layers] [--add-special] [--prompts K] < prompts
 //
 // Without --prompts, all of stdin is one prompt. With --prompts K, stdin holds K prompts, each written as a
 // line with its length in bytes, then that many bytes. Prompts are text (special tokens like <|eot_id|> are
@@ -51,6 +51,7 @@ int main(int argc, char ** argv) {
     int n_predict = 32;
     int n_threads = 0;
     int n_prompts = 0;
+    int n_gpu_layers = 0;
     bool add_special = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) {
@@ -61,10 +62,12 @@ int main(int argc, char ** argv) {
             n_threads = std::stoi(argv[++i]);
         } else if (!strcmp(argv[i], "--prompts") && i + 1 < argc) {
             n_prompts = std::stoi(argv[++i]);
+        } else if (!strcmp(argv[i], "-ngl") && i + 1 < argc) {
+            n_gpu_layers = std::stoi(argv[++i]);
         } else if (!strcmp(argv[i], "--add-special")) {
             add_special = true;
         } else {
-            fprintf(stderr, "usage: %s -m model.gguf [-n n_predict] [-t threads] [--add-special] [--prompts K] < prompts\n", argv[0]);
+            fprintf(stderr, "usage: %s -m model.gguf [-n n_predict] [-t threads] [-ngl gpu_layers] [--add-special] [--prompts K] < prompts\n", argv[0]);
             return 2;
         }
     }
@@ -82,7 +85,7 @@ int main(int argc, char ** argv) {
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
     llama_model_params model_params = llama_model_default_params();
-    model_params.n_gpu_layers = 0;
+    model_params.n_gpu_layers = n_gpu_layers;  // 0 unless the CUDA build is asked to offload
     llama_model * model = llama_model_load_from_file(model_path.c_str(), model_params);
     if (model == nullptr) {
         fprintf(stderr, "error: unable to load model %s\n", model_path.c_str());

@@ -93,15 +93,16 @@ def quiet_collector():
         gc.unfreeze()
 
 
-def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, max_new_tokens: int | None = None
-                ) -> list[dict]:
+def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, max_new_tokens: int | None = None,
+                stop=None) -> list[dict]:
     """Answers the prompts with a transformers model, all of them in one left-padded batch (greedy answers
     are the ones it gives one prompt at a time). A stop request ends generation within a token. Regions a
     library marked for torch.compile (unsloth's attention-mask builder) run as they are: compiling them for the
-    decode loop's shapes took 4 s of the adapter's 13 s on the H200 and gave the same tokens.
+    decode loop's shapes took 4 s of the adapter's 13 s on the H200 and gave the same tokens. `stop` (a
+    threading.Event) ends it as a stop request does.
 
     Raises:
-        Interrupted: a signal arrived during evaluation.
+        Interrupted: a signal arrived during evaluation (or `stop` was set).
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -109,9 +110,12 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
     from job import interrupt
     from job.errors import Interrupted
 
+    def stopped() -> bool:
+        return interrupt.stop_requested() or (stop is not None and stop.is_set())
+
     class StopOnSignal(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), interrupt.stop_requested(), device=input_ids.device)
+            return torch.full((input_ids.shape[0],), stopped(), device=input_ids.device)
 
     model.eval()
     device = next(model.parameters()).device
@@ -122,7 +126,7 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
     with quiet_collector():
         for first in range(0, len(suite), BATCH):
             items = suite[first:first + BATCH]
-            if interrupt.stop_requested():
+            if stopped():
                 raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
             prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
                        for text in render_all(tokenizer, asked(items), evaluate)]
@@ -141,7 +145,7 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
             with torch.inference_mode(), attention_backends(device), torch.compiler.set_stance("force_eager"):
                 out = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
             seconds = time.perf_counter() - started
-            if interrupt.stop_requested():
+            if stopped():
                 raise Interrupted("stopped by a signal during evaluation; rerun to redo this stage")
             for row, (item, ids) in enumerate(zip(items, prompts)):
                 new_ids = out[row, width:].tolist()
@@ -157,15 +161,17 @@ def generate_hf(model, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *, 
 
 
 def generate_gguf(tools, path: Path, tokenizer, suite: list[dict], evaluate: EvaluateSpec, *,
-                  cores: tuple[list[int], int] | None = None, stop=None) -> list[dict]:
+                  cores: tuple[list[int], int] | None = None, stop=None, gpu: dict[str, str] | None = None
+                  ) -> list[dict]:
     """The suite answered by a GGUF in one llama.cpp process that decodes the prompts together, rendered with
-    the same chat template as the transformers targets (on `cores`, CPUs and thread count, when given; ended
-    when `stop`, a threading.Event, is set)."""
+    the same chat template as the transformers targets (on `cores`, CPUs and thread count, when given; on the GPU
+    with llama.cpp's CUDA build when `gpu`, its environment, is given; ended when `stop`, a threading.Event, is
+    set)."""
     started = time.perf_counter()
     texts = render_all(tokenizer, asked(suite), evaluate)
     cpus, threads = cores if cores else (None, None)
     results = llamacpp.generate_many(tools, path, texts, evaluate.max_new_tokens, threads=threads, cpus=cpus,
-                                     stop=stop)
+                                     stop=stop, gpu=gpu)
     seconds = round((time.perf_counter() - started) / max(len(suite), 1), 3)
     return [{"id": item["id"], "prompt": item["prompt"], "answer": result.text.strip(),
              "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),

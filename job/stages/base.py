@@ -6,6 +6,8 @@ work, and how it runs. A plain dataclass, not a framework: adding a stage is one
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Mapping
@@ -26,6 +28,9 @@ class RunContext:
     dry_run: bool = False
     restart: bool = False
     warm: dict[str, Any] = field(default_factory=dict)  # what each stage's `warm_up` started, by stage name
+    # Set by the runner when a stage is done in this job (run now, or found finished): work a warm_up started
+    # waits on these for the results it needs.
+    done: defaultdict[str, threading.Event] = field(default_factory=lambda: defaultdict(threading.Event))
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import structlog
 
 from job import backends, llamacpp, modelsrc
 from job.evaluation import checks, generate, suite
@@ -147,33 +150,34 @@ def answer_suite(ctx: RunContext) -> tuple[dict[str, Any], list[str]]:
     artifacts = []
     answered: dict[str, list[dict]] = {}
     targets = [t for t in ORDER if t in spec.evaluate.targets]
-    on_gpu = [t for t in targets if t != "gguf"] if backends.device(spec) == "cuda" else []
-    # The GGUFs answer on the CPU cores while the transformers targets answer on the GPU, their decode loop on one
-    # core and llama.cpp on the others; on a CPU-only machine they take turns for the cores.
-    beside = llamacpp.cores_beside(1) if "gguf" in targets and on_gpu else None
+    on_cuda = backends.device(spec) == "cuda"
+    on_gpu = [t for t in targets if t != "gguf"] if on_cuda else []
+    # On a GPU, llama.cpp's CUDA build answers there beside the transformers targets (the GPU has room for both).
+    # Without it the GGUFs answer on the CPU cores while the transformers targets answer on the GPU, their decode
+    # loop on one core and llama.cpp on the others; on a CPU-only machine they take turns for the cores.
+    gpu = llamacpp.gpu_generation(llamacpp.find()) if "gguf" in targets and on_cuda else None
+    beside = llamacpp.cores_beside(1) if "gguf" in targets and on_gpu and not gpu else None
     stop = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-answers") as pool:
         gguf_job = pool.submit(contextvars.copy_context().run, gguf_answers, spec, run_dir, prompts,
-                               beside[1:], stop) if beside else None
+                               beside[1:] if beside else None, stop, gpu) if beside or gpu else None
         try:
+            ahead = ctx.warm.get("evaluate")
             for target in counted(targets, "evaluate", "targets"):
                 if target == "gguf":
                     continue
-                started = time.perf_counter()
-                model, tokenizer = load_target(target, spec, run_dir)
-                loaded = time.perf_counter()
-                with llamacpp.this_thread_on(beside[0]) if beside else contextlib.nullcontext():
-                    answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate)
-                results[target] = _record(run_dir, target, prompts, answers, mode, loaded - started,
-                                          time.perf_counter() - loaded)
+                done = ahead.result(target) if ahead else None
+                if done is None:
+                    done = answer_target(target, spec, run_dir, prompts, beside[0] if beside else None)
+                answers, load_s, generate_s = done
+                results[target] = _record(run_dir, target, prompts, answers, mode, load_s, generate_s)
                 answered[target] = answers
                 artifacts.append(f"eval/{target}.jsonl")
-                del model
             ggufs = gguf_job.result() if gguf_job else gguf_answers(spec, run_dir, prompts) if "gguf" in targets else {}
         finally:
             stop.set()  # a failure above ends llama.cpp's generation rather than waiting for it
-    for name, (answers, seconds) in ggufs.items():
-        results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, seconds)
+    for name, (answers, seconds, device) in ggufs.items():
+        results[name] = _record(run_dir, name, prompts, answers, mode, 0.0, seconds, device)
         answered[name] = answers
         artifacts.append(f"eval/{name}.jsonl")
     if "base" in answered:  # each target against the base, prompt by prompt
@@ -189,19 +193,141 @@ def answer_suite(ctx: RunContext) -> tuple[dict[str, Any], list[str]]:
     return results, artifacts + ["eval/summary.json"]
 
 
+def answer_target(target: str, spec: JobSpec, run_dir, prompts: list[dict], decode_cpus: list[int] | None = None,
+                  stop: threading.Event | None = None) -> tuple[list[dict], float, float]:
+    """A transformers target's answers to the suite, with the seconds loading and generating took; the decode
+    loop on `decode_cpus` when given (llama.cpp has the other cores)."""
+    started = time.perf_counter()
+    model, tokenizer = load_target(target, spec, run_dir)
+    loaded = time.perf_counter()
+    with llamacpp.this_thread_on(decode_cpus) if decode_cpus else contextlib.nullcontext():
+        answers = generate.generate_hf(model, tokenizer, prompts, spec.evaluate, stop=stop)
+    del model
+    return answers, loaded - started, time.perf_counter() - loaded
+
+
+class AnswersAhead:
+    """The targets that need only training (base, adapter) answered on the GPU while the merge and gguf stages run,
+    which use the GPU little (merge folds on the CPU; the converter, llama-quantize and llama.cpp are processes of
+    their own): on the H200 that is t1's 16 s of adapter answers taken off the job's critical path. A thread of
+    this process, started once prepare and train are done in this job; the stage takes its answers when its turn
+    comes, and answers a target itself when the thread did not (it was never started, was stopped, or failed)."""
+
+    def __init__(self, ctx: RunContext, targets: list[str], room=None):
+        self.ctx, self.targets = ctx, targets
+        self.room = room or _gpu_room  # whether the GPU holds the target beside the later stages' models
+        self.stop = threading.Event()
+        self.answers: dict[str, tuple[list[dict], float, float]] = {}
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                       name="answers-ahead", daemon=True)
+
+    def _work(self) -> None:
+        from job.errors import Interrupted
+
+        spec, run_dir = self.ctx.spec, self.ctx.run_dir
+        needed = {stage for target in self.targets for stage in TARGET_NEEDS[target]}
+        while not all(self.ctx.done[name].is_set() for name in needed):
+            if self.stop.wait(0.2):
+                return
+        if not self.room(spec, run_dir):
+            return
+        try:
+            prompts = suite.load(spec.evaluate, run_dir)
+            beside = llamacpp.cores_beside(1)
+            with structlog.contextvars.bound_contextvars(stage="evaluate"):
+                for target in self.targets:
+                    self.answers[target] = answer_target(target, spec, run_dir, prompts,
+                                                         beside[0] if beside else None, stop=self.stop)
+                    log.info("target_answered_ahead", target=target, load_s=round(self.answers[target][1], 2),
+                             generate_s=round(self.answers[target][2], 2))
+        except Interrupted:
+            pass  # a stop request: the stage is redone by the rerun
+        except BaseException as exc:  # noqa: BLE001 - the stage answers the target itself, and fails there if it must
+            self.failed = exc
+
+    def result(self, target: str) -> tuple[list[dict], float, float] | None:
+        """The target's answers made ahead (waiting for the thread if it is still at work), or None."""
+        if target not in self.targets:
+            return None
+        needed = {stage for name in self.targets for stage in TARGET_NEEDS[name]}
+        if not all(self.ctx.done[name].is_set() for name in needed):
+            self.stop.set()  # still waiting on a stage this job does not run (--stages): answered in turn instead
+        self.thread.join()
+        if self.failed is not None and target not in self.answers:
+            log.warning("answers_ahead_failed", target=target,
+                        error=f"{type(self.failed).__name__}: {str(self.failed).splitlines()[0] if str(self.failed) else ''}")
+            self.failed = None
+        return self.answers.pop(target, None)
+
+
+def _gpu_room(spec: JobSpec, run_dir) -> bool:
+    """Whether the GPU has room for the base beside the merge and gguf stages' models: free memory (with what this
+    process's allocator holds unused) of at least twice the base's weights in 16-bit, plus 2 GiB. A config of
+    another shape than the usual decoder's: no answers ahead."""
+    import types
+
+    import torch
+
+    try:
+        config_file = modelsrc.source_file(modelsrc.model_location(spec, run_dir), "config.json")
+        config = types.SimpleNamespace(**json.loads(config_file.read_text()))
+        weights = 2 * modelsrc.param_count(config)
+        free, _ = torch.cuda.mem_get_info()
+    except Exception:  # noqa: BLE001 - any doubt means no answers ahead; the stage answers in turn
+        return False
+    held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return free + held >= 2 * weights + (2 << 30)
+
+
+@contextlib.contextmanager
+def warm_up(ctx: RunContext):
+    """Answers ahead (AnswersAhead) for a GPU run with base or adapter among its targets; nothing otherwise."""
+    from job import distributed
+
+    spec = ctx.spec
+    targets = [t for t in ("base", "adapter") if spec.evaluate and t in spec.evaluate.targets]
+    if not targets or ctx.dry_run or distributed.active(ctx.settings) or backends.device(spec) != "cuda":
+        yield None
+        return
+    ahead = AnswersAhead(ctx, targets)
+    ahead.thread.start()
+    try:
+        yield ahead
+    finally:
+        ahead.stop.set()
+        ahead.thread.join()
+
+
 def gguf_answers(spec: JobSpec, run_dir, prompts: list[dict], cores: tuple[list[int], int] | None = None,
-                 stop: threading.Event | None = None) -> dict[str, tuple[list[dict], float]]:
-    """Each GGUF's answers to the suite, by target name (gguf-<type>), with the seconds they took; on `cores`
-    (the CPUs llama.cpp may use, and its thread count) when given."""
+                 stop: threading.Event | None = None, gpu: dict[str, str] | None = None
+                 ) -> dict[str, tuple[list[dict], float, str]]:
+    """Each GGUF's answers to the suite, by target name (gguf-<type>), with the seconds they took and where they were
+    made (cuda or cpu); on the GPU with
+    llama.cpp's CUDA build when `gpu` (its environment) is given, falling back to the CPU if that build fails there
+    (a GPU its kernels were not built for); on `cores` (the CPUs llama.cpp may use, and its thread count) when given."""
+    from job.errors import ExternalError
+
     tools = llamacpp.find()
     tokenizer = _tokenizer(str(run_dir.merged_dir), spec)
     files = run_dir.gguf_files()
     out = {}
     for quant, info in files.items():
         started = time.perf_counter()
-        answers = generate.generate_gguf(tools, run_dir.gguf_dir / info["file"], tokenizer, prompts, spec.evaluate,
-                                         cores=cores, stop=stop)
-        out[f"gguf-{quant}"] = (answers, time.perf_counter() - started)
+        path = run_dir.gguf_dir / info["file"]
+        try:
+            answers = generate.generate_gguf(tools, path, tokenizer, prompts, spec.evaluate, cores=cores, stop=stop,
+                                             gpu=gpu)
+        except ExternalError as exc:
+            if not gpu:
+                raise
+            log.warning("gguf_gpu_failed", file=info["file"], error=exc.message,
+                        fix="rebuild llama.cpp with this GPU's architecture in LLAMA_CUDA_ARCHITECTURES, or set "
+                            "PEFTOPT_GGUF_GPU=0")
+            gpu = None
+            started = time.perf_counter()
+            answers = generate.generate_gguf(tools, path, tokenizer, prompts, spec.evaluate, cores=cores, stop=stop)
+        out[f"gguf-{quant}"] = (answers, time.perf_counter() - started, "cuda" if gpu else "cpu")
     return out
 
 
@@ -226,9 +352,11 @@ def preference_scores(spec: JobSpec, run_dir, device: str) -> dict:
     return out
 
 
-def _record(run_dir, target, prompts, answers, mode, load_s, generate_s) -> dict:
+def _record(run_dir, target, prompts, answers, mode, load_s, generate_s, device: str | None = None) -> dict:
     summary = dict(suite.record(run_dir, target, prompts, answers, mode))
     summary["timing"] = suite.timing(answers, load_s, generate_s)
+    if device:  # where llama.cpp answered: cuda (its CUDA build) or cpu
+        summary["timing"]["device"] = device
     log.info("target_evaluated", target=target, **summary)
     return summary
 
@@ -244,6 +372,11 @@ def load_target(target: str, spec: JobSpec, run_dir):
     """(model, tokenizer) of a transformers target. The merged model is evaluated in float32, as the GGUF's
     reference answers are computed: its bf16 weights are exact in float32, so it answers as a 16-bit
     runtime would without a second rounding of the activations."""
+    with modelsrc.LOADING:  # see modelsrc.LOADING
+        return _load_target(target, spec, run_dir)
+
+
+def _load_target(target: str, spec: JobSpec, run_dir):
     import torch
 
     device = backends.device(spec)
@@ -308,7 +441,7 @@ STAGE = Stage(
     doc="answers the prompt suite with every target (base, adapter, merged, each GGUF) and checks the answers; "
         "held-out loss when the spec holds rows out",
     enabled=enabled,
-    run=run, check=check, reads=reads, needs=needs,
+    run=run, check=check, reads=reads, needs=needs, warm_up=warm_up,
     fields=("evaluate", "model.base", "model.chat_template", "model.load_in_4bit", "model.dtype"),
     artifacts=("eval",),
 )

@@ -33,6 +33,15 @@ def merge_source(spec: JobSpec, run_dir: RunDir) -> tuple[str, str]:
 def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
     """Returns the merged model in float32 on CPU (the caller casts and saves)."""
     import torch
+
+    with modelsrc.LOADING:  # see modelsrc.LOADING
+        model = _merge_model(spec, run_dir, adapter_dir)
+    return model.merge_and_unload().to(torch.float32)
+
+
+def _merge_model(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
+    """The base in float32 on the CPU with the adapter on it (a 4-bit checkpoint dequantized first)."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +75,9 @@ def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
         base = modelsrc.load_model(location, spec.model_copy(update={"model": spec.model.model_copy(
             update={"dtype": "float32"})}), "cpu", four_bit=False)
     try:
-        model = PeftModel.from_pretrained(base, adapter_dir)
+        return PeftModel.from_pretrained(base, adapter_dir)
     except (OSError, ValueError) as exc:
         raise ExternalError(f"cannot load the adapter from {adapter_dir}: {exc}") from None
-    return model.merge_and_unload().to(torch.float32)
 
 
 def run(ctx: RunContext) -> StageResult:
