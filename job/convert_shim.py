@@ -157,7 +157,16 @@ def main() -> None:
     line = sys.stdin.readline()
     if not line:  # the job ended before it needed a conversion
         os._exit(0)
-    override, *arguments = json.loads(line)
+    request = json.loads(line)
+    if isinstance(request, list):  # [pre-tokenizer, *argv], as earlier jobs sent it
+        request = {"pre": request[0], "argv": request[1:]}
+    override, arguments = request.get("pre"), request["argv"]
+    if request.get("cpus"):  # the CPUs the job left free (before any worker thread starts: they inherit them)
+        os.sched_setaffinity(0, request["cpus"])
+    if request.get("threads"):
+        import torch
+
+        torch.set_num_threads(request["threads"])
     if override:
         _named_pre_tokenizer(override)
     sys.argv = [converter, *arguments]

@@ -134,6 +134,7 @@ def _start(cmd: list[str], what: str, *, stdin: bool = False, cpus: list[int] | 
     Raises:
         ExternalError: it could not start.
     """
+    cpus = cpus or free_cpus()
     try:
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
@@ -191,12 +192,48 @@ def convert(tools: LlamaCpp, model_dir: Path, out_file: Path, outtype: str, toke
     """convert_hf_to_gguf.py with its own vendored gguf-py (PyPI's gguf of the same number is older), in
     `process` when one was started ahead and is still waiting (`converter_process`)."""
     what = f"convert_hf_to_gguf ({outtype})"
-    arguments = json.dumps([tokenizer_pre or "", str(model_dir), "--outfile", str(out_file), "--outtype", outtype])
+    free = free_cpus()  # the CPUs it may use now (it may have been started before some were held)
+    arguments = json.dumps({"pre": tokenizer_pre or "", "cpus": free, "threads": len(free) if free else None,
+                            "argv": [str(model_dir), "--outfile", str(out_file), "--outtype", outtype]})
     with contextlib.ExitStack() as stack:
         if process is None or process.poll() is not None:
             process = stack.enter_context(converter_process(tools))
         result = _run(process.args, what, input_text=arguments + "\n", process=process)
     _check_gguf(out_file, what, result)
+
+
+# CPUs a thread of the job keeps busy for a while (the decode loop of targets answered ahead, beside the gguf stage:
+# job/stages/evaluate.py). The tools started meanwhile run on the other CPUs with as many threads: their threads wait
+# for one another at every step, and one of them sharing a CPU with the busy thread stalls them all (the converter
+# took 21.6 s instead of 4-5 s on the H200 so).
+_held: list[int] = []
+
+
+@contextlib.contextmanager
+def cpus_held(cpus: list[int]):
+    """`cpus` kept for the calling thread's own work for the duration: tools started meanwhile keep off them."""
+    _held.extend(cpus)
+    try:
+        yield
+    finally:
+        for cpu in cpus:
+            _held.remove(cpu)
+
+
+def free_cpus() -> list[int] | None:
+    """The CPUs a tool may use while some are held (`cpus_held`); None when none are held."""
+    if not _held:
+        return None
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    return [cpu for cpu in allowed if cpu not in _held] or None
+
+
+def _tool_threads(default: int) -> int:
+    free = free_cpus()
+    return max(1, min(default, len(free))) if free else default
 
 
 def cores_beside(keep: int) -> tuple[list[int], list[int], int] | None:
@@ -239,7 +276,8 @@ def usable_cpus() -> int:
 
 
 def quantize(tools: LlamaCpp, source: Path, out_file: Path, quant: str, threads: int | None = None) -> None:
-    result = _run([str(tools.quantize), str(source), str(out_file), quant.upper(), str(threads or usable_cpus())],
+    result = _run([str(tools.quantize), str(source), str(out_file), quant.upper(),
+                   str(threads or _tool_threads(usable_cpus()))],
                   f"llama-quantize {quant}")
     _check_gguf(out_file, f"llama-quantize {quant}", result)
 
@@ -310,7 +348,7 @@ def generate_many(tools: LlamaCpp, gguf_path: Path, prompts: list[str], max_toke
     if not prompts:
         return []
     binary = tools.generate_cuda_bin if gpu else tools.generate_bin
-    cmd = [str(binary), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or physical_cores()),
+    cmd = [str(binary), "-m", str(gguf_path), "-n", str(max_tokens), "-t", str(threads or _tool_threads(physical_cores())),
            "--prompts", str(len(prompts))] + (["-ngl", "999"] if gpu else [])
     stdin = "".join(f"{len(p.encode())}\n{p}" for p in prompts)
     out = _run(cmd, f"llama.cpp generation with {gguf_path.name}" + (" on the GPU" if gpu else ""),

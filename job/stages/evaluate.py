@@ -235,7 +235,9 @@ class AnswersAhead:
         try:
             prompts = suite.load(spec.evaluate, run_dir)
             beside = llamacpp.cores_beside(1)
-            with structlog.contextvars.bound_contextvars(stage="evaluate"):
+            # The decode loop's CPU is kept from the gguf stage's tools from here on (loading, on every CPU, first)
+            with structlog.contextvars.bound_contextvars(stage="evaluate"), \
+                    llamacpp.cpus_held(beside[0] if beside else []):
                 for target in self.targets:
                     self.answers[target] = answer_target(target, spec, run_dir, prompts,
                                                          beside[0] if beside else None, stop=self.stop)

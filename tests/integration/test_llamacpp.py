@@ -191,6 +191,56 @@ def test_a_converter_started_ahead_converts_when_given_its_arguments_and_an_unus
     assert unused.poll() is not None  # ended, not left waiting
 
 
+@pytest.mark.integration
+def test_tools_started_while_cpus_are_held_keep_off_them_and_convert_the_same(tmp_path, tiny_model):
+    """A decode loop answering ahead holds its CPU (llamacpp.cpus_held): a tool started meanwhile runs on the others,
+    and the converter, started before, is moved onto them with as many torch threads when it gets its arguments;
+    its file is the same."""
+    import threading
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    held, rest = allowed[:1], allowed[1:]
+    merged = tmp_path / "merged"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).save_pretrained(str(merged))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(merged))
+    tools = llamacpp.find()
+    with llamacpp.converter_process(tools) as ahead:
+        with llamacpp.cpus_held(held):
+            assert llamacpp.free_cpus() == rest
+            sleeper = llamacpp._start(["sleep", "30"], "sleep")
+            try:
+                assert os.sched_getaffinity(sleeper.pid) == set(rest)
+            finally:
+                sleeper.kill()
+                sleeper.communicate()
+            seen: list[set[int]] = []
+            watching = threading.Event()
+
+            def watch():  # the converter's CPUs, as long as it lives
+                while not watching.is_set():
+                    try:
+                        seen.append(os.sched_getaffinity(ahead.pid))
+                    except OSError:
+                        return
+                    time.sleep(0.01)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            llamacpp.convert(tools, merged, tmp_path / "held.gguf", "bf16", "llama-bpe", process=ahead)
+            watching.set()
+            watcher.join()
+        assert llamacpp.free_cpus() is None
+    assert seen[0] == set(allowed) and seen[-1] == set(rest), seen  # moved once it had its arguments
+    llamacpp.convert(tools, merged, tmp_path / "free.gguf", "bf16", "llama-bpe")
+    assert (tmp_path / "held.gguf").read_bytes() == (tmp_path / "free.gguf").read_bytes()
+
+
 def test_cores_beside_leave_this_process_its_own(monkeypatch):
     monkeypatch.setattr(llamacpp.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr(llamacpp, "physical_cores", lambda: 16)
