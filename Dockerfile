@@ -8,11 +8,16 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS llama-cpp
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ make cmake ninja-build python3 ca-certificates \
+ && apt-get install -y --no-install-recommends g++ make cmake ninja-build python3 python3-pip ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY docker/build-llama-cpp.sh docker/fetch-sdist.py /src/docker/
+COPY docker/build-llama-cpp.sh docker/fetch-sdist.py docker/cuda-toolkit.sh docker/cuda-toolkit.txt /src/docker/
 COPY docker/llama-generate /src/docker/llama-generate
-RUN LLAMA_CPP_KEEP_BUILD=0 bash /src/docker/build-llama-cpp.sh /opt/llama.cpp
+# The GPU architectures of peftopt-generate-cuda, which answers the evaluation suite with each GGUF on the job's GPU
+# (T4, A100, A10/RTX 30, L4/RTX 40, H100/H200); empty builds the CPU tools alone. Its compiler comes as NVIDIA's
+# wheels (docker/cuda-toolkit.txt), and nothing of it stays in the image but the program.
+ARG LLAMA_CUDA_ARCHITECTURES="75;80;86;89;90"
+RUN LLAMA_CPP_KEEP_BUILD=0 LLAMA_CUDA_ARCHITECTURES="${LLAMA_CUDA_ARCHITECTURES}" \
+    bash /src/docker/build-llama-cpp.sh /opt/llama.cpp
 
 FROM ${BASE_IMAGE} AS runtime
 # gcc and the Python headers stay: Triton (unsloth's kernels) compiles a small helper on first GPU use.
