@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import run_cli, write_tiny_spec
+from conftest import events, run_cli, write_tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,12 @@ def evaluated_run(tmp_path_factory, tiny_model, tiny_data):
     done = run_cli("run", path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = out / "runs" / "ahead"
+    import torch
+
+    if torch.cuda.is_available():  # the gpu tier: the job itself answered ahead, and the GGUF with the CUDA build
+        assert "target_answered_ahead" in {e["event"] for e in events(done.stdout)}
+        timing = json.loads((run_dir / "metrics.json").read_text())["evaluate"]["gguf-q8_0"]["timing"]
+        assert timing["device"] == "cuda", timing
     return path, run_dir, {name: token_ids(run_dir, name) for name in ("base", "adapter", "gguf-q8_0")}
 
 
@@ -126,8 +132,12 @@ def test_the_gpu_build_failing_falls_back_to_the_cpu_build_with_the_same_answers
     failed = [e for e in logged if e["event"] == "gguf_gpu_failed"]
     assert len(failed) == 1 and "no kernel image" in failed[0]["error"]
     made, _, device = answers["gguf-q8_0"]
-    assert device == "cpu" and [a["token_ids"] for a in made] == made_in_turn["gguf-q8_0"]
-    # Without a usable GPU (this machine), or with PEFTOPT_GGUF_GPU=0, the CUDA build is never chosen.
-    assert llamacpp.gpu_generation(llamacpp.find()) is None
+    on_cpu, _, _ = evaluate.gguf_answers(ctx.spec, ctx.run_dir, prompts)["gguf-q8_0"]
+    assert device == "cpu" and [a["token_ids"] for a in made] == [a["token_ids"] for a in on_cpu]
+    # Without a usable GPU, or with PEFTOPT_GGUF_GPU=0, the CUDA build is never chosen.
+    import torch
+
+    if not torch.cuda.is_available():
+        assert llamacpp.gpu_generation(llamacpp.find()) is None
     monkeypatch.setenv("PEFTOPT_GGUF_GPU", "0")
     assert settings.init().gguf_gpu is False and llamacpp.gpu_generation(llamacpp.find()) is None
