@@ -53,6 +53,15 @@ if [[ ! -f "$src/CMakeLists.txt" ]]; then
 fi
 
 generator=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")  # ninja is faster, make is enough
+# A kept build tree is reused only where it was configured, from this checkout: CMake refuses a cache made from
+# another source directory (a clone at another path, a copied cache), so such a tree starts over.
+for build in "$tree/build" "$tree/build-cuda"; do
+  cache="$build/CMakeCache.txt"
+  if [[ -f "$cache" ]] && ! { grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$here/llama-generate" "$cache" \
+                               && grep -qxF "CMAKE_CACHEFILE_DIR:INTERNAL=$build" "$cache"; }; then
+    rm -rf "$build"
+  fi
+done
 cmake -S "$here/llama-generate" -B "$tree/build" -G "$generator" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_CPP_SOURCE="$src" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
