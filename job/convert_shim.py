@@ -157,9 +157,7 @@ def main() -> None:
     line = sys.stdin.readline()
     if not line:  # the job ended before it needed a conversion
         os._exit(0)
-    request = json.loads(line)
-    if isinstance(request, list):  # [pre-tokenizer, *argv], as earlier jobs sent it
-        request = {"pre": request[0], "argv": request[1:]}
+    request = json.loads(line)  # llamacpp.convert's: pre-tokenizer, argv, and the CPUs and threads it may use
     override, arguments = request.get("pre"), request["argv"]
     if request.get("cpus"):  # the CPUs the job left free (before any worker thread starts: they inherit them)
         os.sched_setaffinity(0, request["cpus"])

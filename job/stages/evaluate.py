@@ -215,6 +215,7 @@ class AnswersAhead:
 
     def __init__(self, ctx: RunContext, targets: list[str], room=None):
         self.ctx, self.targets = ctx, targets
+        self.needed = {stage for target in targets for stage in TARGET_NEEDS[target]}  # done before answering
         self.room = room or _gpu_room  # whether the GPU holds the target beside the later stages' models
         self.stop = threading.Event()
         self.answers: dict[str, tuple[list[dict], float, float]] = {}
@@ -226,8 +227,7 @@ class AnswersAhead:
         from job.errors import Interrupted
 
         spec, run_dir = self.ctx.spec, self.ctx.run_dir
-        needed = {stage for target in self.targets for stage in TARGET_NEEDS[target]}
-        while not all(self.ctx.done[name].is_set() for name in needed):
+        while not self._ready():
             if self.stop.wait(0.2):
                 return
         if not self.room(spec, run_dir):
@@ -248,12 +248,14 @@ class AnswersAhead:
         except BaseException as exc:  # noqa: BLE001 - the stage answers the target itself, and fails there if it must
             self.failed = exc
 
+    def _ready(self) -> bool:
+        return all(self.ctx.done[name].is_set() for name in self.needed)
+
     def result(self, target: str) -> tuple[list[dict], float, float] | None:
         """The target's answers made ahead (waiting for the thread if it is still at work), or None."""
         if target not in self.targets:
             return None
-        needed = {stage for name in self.targets for stage in TARGET_NEEDS[name]}
-        if not all(self.ctx.done[name].is_set() for name in needed):
+        if not self._ready():
             self.stop.set()  # still waiting on a stage this job does not run (--stages): answered in turn instead
         self.thread.join()
         if self.failed is not None and target not in self.answers:
