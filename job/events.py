@@ -15,6 +15,10 @@ EVENTS: dict[str, str] = {
     "stage_started": "a stage starts",
     "stage_finished": "a stage finishes (runtime, artifacts)",
     "stage_skipped": "a stage was already done for these inputs",
+    "stage_ahead_started": "a stage's work started in a child process of its own (`pid`) while the job's process "
+                           "does other work (PEFTOPT_PREPARE_AHEAD); its events follow as the job's own",
+    "stage_ahead_failed": "that child process ended without the stage's result (`error`): the stage runs in the "
+                          "job's process",
     "run_restarted": "`--restart` redoes the stages whose inputs changed",
     "artifact_missing": "a finished stage's artifact is gone; the stage runs again",
     "stop_requested": "SIGTERM or SIGINT (or, by=another rank, a signal to another rank of the run): train saves at "
@@ -34,7 +38,10 @@ EVENTS: dict[str, str] = {
     "data_columns_unused": "a data source has columns no field of its rows' shape reads (per column: rows, and the "
                            "field it may have meant)",
     # training
+    "backend_imported": "unsloth imported before any stage's work (`seconds`), beside prepare's child process",
     "backend_chosen": "the training backend and why",
+    "checkpoint_writer_thread": "the checkpoint writer process could not be given a snapshot (`error`: no memory to "
+                                "share with it): checkpoints are written by a thread of the training process instead",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",
     "model_sharded": "train.parallel fsdp: the ranks that read the base's weights (rank 0 alone unless it is 4-bit), "
                      "the bytes of weights and of LoRA parameters each rank holds, and the local shape of one LoRA "

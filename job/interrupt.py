@@ -193,3 +193,14 @@ def _wait(proc, what, deadline, timeout, pending_input, stop):
                 if stop_requested() or abandoned:
                     raise Interrupted(f"stopped by a signal during {what}; rerun to redo this stage") from None
                 raise ExternalError(f"{what} timed out after {timeout:.0f} s") from None
+
+
+def die_with_parent(parent: int) -> None:
+    """In a child process of the job's: the kernel kills it when the job's process dies, even by SIGKILL, so that no
+    child lives on writing into a run directory a retry may already hold (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the call above took effect
+        os._exit(1)

@@ -207,6 +207,7 @@ def _run_locked(ctx: RunContext, stages: list[Stage], only: list[str] | None) ->
         for stage in stages:  # the stages still to do start what they can ahead of their turn
             if not _finished(state, stage, prints):
                 ctx.warm[stage.name] = ahead.enter_context(stage.warm_up(ctx))
+            stage.imports(ctx)  # unsloth, while prepare's child process (its warm_up) reads the data
         for stage in stages:
             if _finished(state, stage, prints):
                 log.info("stage_skipped", stage=stage.name, reason="finished earlier with the same inputs")

@@ -40,8 +40,11 @@ def device(spec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> tuple[str, str]:
+def choose(requested: str, device_name: str, lora=None, method: str = "sft", *,
+           load_library: bool = True) -> tuple[str, str]:
     """Returns (backend, why) for train.backend `requested`, here, for the spec's `lora` section and method.
+    Choosing unsloth imports it; with `load_library` False (preflight, before the job imports it in turn) what
+    only the import can tell is left out, and unsloth is assumed to import.
 
     Raises:
         SpecError: unsloth was asked for what it does not train, or under several ranks.
@@ -69,7 +72,7 @@ def choose(requested: str, device_name: str, lora=None, method: str = "sft") -> 
                             f"{distributed.world().size} ranks: use 'hf' or 'auto' for data-parallel training")
         return "hf", f"data-parallel launch over {distributed.world().size} ranks (unsloth runs on one GPU)"
     unsloth_error = None
-    if device_name == "cuda":
+    if device_name == "cuda" and load_library:
         try:
             load("unsloth").import_library()
         except Exception as exc:  # unsloth raises more than ImportError when its kernels cannot load

@@ -70,6 +70,10 @@ def _no_problems(spec: JobSpec, scope: CheckScope) -> list[str]:
     return []
 
 
+def _imports_nothing(ctx: RunContext) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def _nothing_ahead(ctx: RunContext) -> Iterator[None]:
     yield None
@@ -94,6 +98,11 @@ class Stage:
     # libraries while training runs): a context manager the runner holds for the whole job, whose value the stage
     # finds in `ctx.warm[name]`, and which ends what the stage did not use.
     warm_up: Callable[[RunContext], ContextManager[Any]] = _nothing_ahead
+    # Libraries this stage needs imported in the job's process before any later stage imports others (unsloth
+    # patches transformers, trl and peft at import): called right after the stage's warm_up, also when its work
+    # is already finished (later stages run on what it patched), so that the earlier stages' warm-ups (prepare's
+    # child process) overlap it. Raises MachineError when the library cannot load here and nothing else would do.
+    imports: Callable[[RunContext], None] = _imports_nothing
 
     def inputs(self, spec: JobSpec) -> dict[str, Any]:
         """The values and file digests this stage's result depends on (upstream fingerprints aside)."""

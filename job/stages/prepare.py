@@ -68,6 +68,18 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
 
 
 def run(ctx: RunContext) -> StageResult:
+    child = ctx.warm.get("prepare")
+    if child is not None:  # started by warm_up in a process of its own; None: it failed, and the work is done here
+        result = child.result()
+        if result is not None:
+            return result
+    return prepare(ctx)
+
+
+def prepare(ctx: RunContext) -> StageResult:
+    from job import render
+
+    render.start()  # the template renderer's imports, while the tokenizer loads
     spec, run_dir = ctx.spec, ctx.run_dir
     facts: dict[str, Any] = {}
     if modelsrc.needs_local_copy(spec) and not (run_dir.base_dir / "config.json").exists():
@@ -121,11 +133,29 @@ def run(ctx: RunContext) -> StageResult:
 
 @contextlib.contextmanager
 def warm_up(ctx: RunContext):
-    """The chat-template renderer (job/render.py) started while the job loads the tokenizer."""
-    from job import render
+    """The whole stage in a child process (job/stages/process.py) while the job's process imports the training
+    backend (train's `imports`), when PEFTOPT_PREPARE_AHEAD says so: on a GPU by default (unsloth's import is
+    10-15 s there, and the machine has cores to spare)."""
+    if not ahead(ctx):
+        yield None
+        return
+    from job.stages import process
 
-    render.start()
-    yield None
+    with process.started("prepare", ctx) as child:
+        yield child
+
+
+def ahead(ctx: RunContext) -> bool:
+    from job import backends, distributed
+
+    setting = ctx.settings.prepare_ahead
+    if setting == "0" or ctx.dry_run or distributed.active(ctx.settings):
+        return False
+    return setting == "1" or (spec_trains_on_gpu(ctx.spec) and backends.device(ctx.spec) == "cuda")
+
+
+def spec_trains_on_gpu(spec: JobSpec) -> bool:
+    return spec.train is not None and spec.device != "cpu"
 
 
 STAGE = Stage(

@@ -1,6 +1,8 @@
 """Train the LoRA adapter with the backend the spec picks, resuming from the newest complete checkpoint."""
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 from job import backends, distributed, methods, modelsrc, tracking
@@ -38,13 +40,24 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
     if spec.train.parallel == "fsdp":
         problems += shardable_problems(spec)
     if spec.train.backend != "hf":
-        # unsloth must be imported before transformers to patch it; choosing here does that, and a backend
-        # that cannot run here fails now rather than after data preparation (MachineError: exit 4).
-        try:
-            backends.choose(spec.train.backend, backends.device(spec), spec.lora, spec.train.method)
+        try:  # the import itself is the job's first step (`imports`), beside prepare's child process
+            backends.choose(spec.train.backend, backends.device(spec), spec.lora, spec.train.method,
+                            load_library=False)
         except SpecError as exc:
             problems.append(exc.message)
     return problems
+
+
+def imports(ctx: RunContext) -> None:
+    """unsloth imported before anything imports transformers (it patches it), before any stage's work: a backend
+    that cannot run here fails now (MachineError: exit 4), while prepare's child process reads the data."""
+    spec = ctx.spec
+    if spec.train.backend == "hf" or "unsloth" in sys.modules:
+        return
+    started = time.perf_counter()
+    name, _ = backends.choose(spec.train.backend, backends.device(spec), spec.lora, spec.train.method)
+    if name == "unsloth":
+        log.info("backend_imported", backend=name, seconds=round(time.perf_counter() - started, 3))
 
 
 def shardable_problems(spec: JobSpec) -> list[str]:
@@ -105,7 +118,7 @@ STAGE = Stage(
     name="train",
     doc="LoRA via peft + trl (packing), checkpoints every `save_steps`, resumes from the newest complete one",
     enabled=lambda spec: spec.train is not None,
-    run=run, check=check, reads=reads, fields=FIELDS,
+    run=run, check=check, reads=reads, fields=FIELDS, imports=imports,
     needs=lambda spec: ("prepare",),
     artifacts=("adapter", "checkpoints"),
     all_ranks=True,
