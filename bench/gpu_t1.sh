@@ -32,9 +32,10 @@
 #   bash bench/gpu_t1.sh OUT speed-37   issue 37 after its changes: the whole run (auto), its evaluation answers against
 #                                       the way they were made before (bench/gpu_eval_same.py), unsloth's import with
 #                                       the restricted trainer rewriting, then the unsloth bench
-#   bash bench/gpu_t1.sh OUT speed-40   the whole run (auto: prepare in its child process, checkpoints written by their
-#                                       process), then its training alone as before them (PEFTOPT_PREPARE_AHEAD=0,
-#                                       PEFTOPT_CHECKPOINT_WRITER=thread) on the same machine, then the unsloth bench
+#   bash bench/gpu_t1.sh OUT speed-40   the whole run (auto: prepare in its child process), then its training alone with
+#                                       prepare in turn (PEFTOPT_PREPARE_AHEAD=0) on the same machine, then the unsloth
+#                                       bench (at 86be0d9 the second run also wrote checkpoints with a thread, the first
+#                                       with a process: docs/performance.md, "tried, and taken back")
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
 #                                       a llama.cpp prefix built with GGML_CPU_ALL_VARIANTS (bench/gpu_llama_variants.py:
 #                                       docs/performance.md, "tried, and taken back"), then the bench
@@ -156,7 +157,7 @@ case "$mode" in
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-40
     grep -ho "Unsloth should be imported before[^\"]*" "$out/t1-40.jsonl" "$out/t1-40.err" | head -2 > "$out/import-order.txt"
     rm -rf "$UNSLOTH_COMPILE_LOCATION"
-    PEFTOPT_CHECKPOINT_WRITER=thread PEFTOPT_PREPARE_AHEAD=0 run t1-40-before --set evaluate=null \
+    PEFTOPT_PREPARE_AHEAD=0 run t1-40-before --set evaluate=null \
       --set export.merge=false --set 'export.gguf=[]'
     bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;

@@ -40,8 +40,6 @@ EVENTS: dict[str, str] = {
     # training
     "backend_imported": "unsloth imported before any stage's work (`seconds`), beside prepare's child process",
     "backend_chosen": "the training backend and why",
-    "checkpoint_writer_thread": "the checkpoint writer process could not be given a snapshot (`error`: no memory to "
-                                "share with it): checkpoints are written by a thread of the training process instead",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",
     "model_sharded": "train.parallel fsdp: the ranks that read the base's weights (rank 0 alone unless it is 4-bit), "
                      "the bytes of weights and of LoRA parameters each rank holds, and the local shape of one LoRA "

@@ -116,10 +116,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
              "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
              "training process)"),
-    Variable("PEFTOPT_CHECKPOINT_WRITER", "checkpoint_writer", "auto", _choice("auto", "thread", "process"),
-             "what writes training checkpoints while training goes on: a process of its own (auto on CUDA: "
-             "serializing them then never holds the training loop's interpreter lock) or a thread (auto on the CPU, "
-             "and with several ranks)"),
     Variable("PEFTOPT_PREPARE_AHEAD", "prepare_ahead", "auto", _choice("auto", "0", "1"),
              "1: the prepare stage runs in a child process of its own while the job imports its training backend "
              "(unsloth: 10-15 s); auto: on a GPU; 0: in the job's process, in turn"),
@@ -204,7 +200,6 @@ class Settings:
     dequantize_base: bool = True
     batch_workers: str = "auto"
     prepare_ahead: str = "auto"
-    checkpoint_writer: str = "auto"
     sampler: str = "generate"
     gguf_gpu: bool = True
     harness_dir: str | None = None
@@ -289,10 +284,6 @@ class Settings:
         if self.batch_workers == "auto":
             return 1 if device == "cuda" else 0
         return int(self.batch_workers)
-
-    def checkpoint_writer_process(self, device: str) -> bool:
-        """Whether checkpoints are written by a process of their own (job/checkpoints.py WriterProcess)."""
-        return self.checkpoint_writer == "process" or (self.checkpoint_writer == "auto" and device == "cuda")
 
     def harness_path(self) -> str | None:
         """The directory the harness's child process adds to its path (None: the job's environment has it)."""

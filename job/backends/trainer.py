@@ -358,9 +358,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     if spec.train.embedding_learning_rate is not None:
         separate_embedding_learning_rate(trainer, spec.train.embedding_learning_rate)
     if saving:
-        session.writer = AsyncCheckpointWriter(
-            trainer, fingerprint, on_written,
-            in_process=(settings or settings_module.get()).checkpoint_writer_process(device))
+        session.writer = AsyncCheckpointWriter(trainer, fingerprint, on_written)
     if method.rewarded:
         time_sampling(trainer, session)
     else:
