@@ -36,6 +36,8 @@
 #                                       prepare in turn (PEFTOPT_PREPARE_AHEAD=0) on the same machine, then the unsloth
 #                                       bench (at 86be0d9 the second run also wrote checkpoints with a thread, the first
 #                                       with a process: docs/performance.md, "tried, and taken back")
+#   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
+#                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
 #                                       a llama.cpp prefix built with GGML_CPU_ALL_VARIANTS (bench/gpu_llama_variants.py:
 #                                       docs/performance.md, "tried, and taken back"), then the bench
@@ -133,7 +135,7 @@ bench_table() {  # NAME [bench args...]
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
 }
 
-if [[ $mode == speed* ]]; then
+if [[ $mode == speed* || $mode == compile-probe ]]; then
   # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
   # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
   # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
@@ -160,6 +162,43 @@ case "$mode" in
     PEFTOPT_PREPARE_AHEAD=0 run t1-40-before --set evaluate=null \
       --set export.merge=false --set 'export.gguf=[]'
     bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  compile-probe)
+    # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with
+    # inductor's cache alone emptied, then with Triton's alone emptied; the kernels each cache holds after the first.
+    short=(--set evaluate=null --set export.merge=false --set 'export.gguf=[]' --set train.max_steps=12)
+    tri=$HOME/.triton/cache; ind=/tmp/torchinductor_$(whoami)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$tri" "$ind"; run probe-cold "${short[@]}"
+    python3 - "$tri" "$ind" > "$out/compiled.txt" <<'EOF2'
+import json, os, sys
+tri, ind = sys.argv[1:3]
+names = []
+for root, _, files in os.walk(tri):
+    for f in files:
+        if f.endswith(".json") and not f.startswith("__grp__"):
+            try:
+                names.append(json.load(open(os.path.join(root, f))).get("name"))
+            except Exception:
+                pass
+print("triton kernels:", len(names)); print(sorted(set(n for n in names if n)))
+count = sum(len(files) for _, _, files in os.walk(ind)) if os.path.isdir(ind) else 0
+print("inductor cache files:", count)
+EOF2
+    rm -rf "$ind" "$UNSLOTH_COMPILE_LOCATION"; run probe-no-inductor-cache "${short[@]}"
+    rm -rf "$tri" "$UNSLOTH_COMPILE_LOCATION"; run probe-no-triton-cache "${short[@]}"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"; run probe-warm "${short[@]}"
+    python3 - "$out" > "$out/first-steps.txt" <<'EOF2'
+import datetime, json, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for name in ("probe-cold", "probe-no-inductor-cache", "probe-no-triton-cache", "probe-warm"):
+    events = [json.loads(l) for l in open(f"{sys.argv[1]}/{name}.jsonl") if l.startswith("{")]
+    marks = {e["event"]: t(e) for e in events if e["event"] in ("stage_started", "batch_plan", "train_started")}
+    steps = [t(e) for e in events if e["event"] == "train_progress"]
+    print(json.dumps({"run": name, "train_started_after_plan_s": round(marks["train_started"] - marks["batch_plan"], 2),
+                      "first_step_s": round(steps[0] - marks["train_started"], 2),
+                      "next_steps_s": round((steps[-1] - steps[0]) / (len(steps) - 1), 3)}))
+EOF2
+    cat "$out/compiled.txt" "$out/first-steps.txt"
     ;;
   speed-38)
     rm -rf "$UNSLOTH_COMPILE_LOCATION"; run t1-38
