@@ -36,6 +36,9 @@
 #                                       prepare in turn (PEFTOPT_PREPARE_AHEAD=0) on the same machine, then the unsloth
 #                                       bench (at 86be0d9 the second run also wrote checkpoints with a thread, the first
 #                                       with a process: docs/performance.md, "tried, and taken back")
+#   bash bench/gpu_t1.sh OUT speed-41   the whole run (auto: unsloth's kernels compiled ahead by a child process), then
+#                                       its training alone with PEFTOPT_KERNELS_AHEAD=0 (cold caches both), the bench,
+#                                       and tests/integration/test_kernels_ahead.py on the GPU
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -162,6 +165,27 @@ case "$mode" in
     PEFTOPT_PREPARE_AHEAD=0 run t1-40-before --set evaluate=null \
       --set export.merge=false --set 'export.gguf=[]'
     bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-41)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-41
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"
+    PEFTOPT_KERNELS_AHEAD=0 run t1-41-off --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    python3 - "$out" > "$out/first-steps.txt" <<'EOF2'
+import datetime, json, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for name in ("t1-41", "t1-41-off"):
+    events = [json.loads(l) for l in open(f"{sys.argv[1]}/{name}.jsonl") if l.startswith("{")]
+    first = {}
+    for e in events:
+        first.setdefault(e["event"], e)
+    steps = [t(e) for e in events if e["event"] == "train_progress"]
+    print(json.dumps({"run": name, "first_step_s": round(steps[0] - t(first["train_started"]), 2),
+                      "stage_to_train_started_s": round(t(first["train_started"]) - t([e for e in events if e["event"] == "stage_started" and e["stage"] == "train"][0]), 2),
+                      "ahead": {k: v for k, v in first.get("kernels_compiled_ahead", {}).items() if k in ("seconds", "steps", "skipped", "error")}}))
+EOF2
+    cat "$out/first-steps.txt"; tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=120 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with

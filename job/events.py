@@ -40,6 +40,10 @@ EVENTS: dict[str, str] = {
     # training
     "backend_imported": "unsloth imported before any stage's work (`seconds`), beside prepare's child process",
     "backend_chosen": "the training backend and why",
+    "kernels_ahead_started": "a child process (`pid`) compiles unsloth's Triton kernels into the job's own cache "
+                             "while the job imports, prepares and loads (PEFTOPT_KERNELS_AHEAD)",
+    "kernels_compiled_ahead": "what that child did, logged when the job ends: `seconds` and made-up `steps`, or why "
+                              "it did nothing (`skipped`: no room on the GPU) or stopped (`error`)",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",
     "model_sharded": "train.parallel fsdp: the ranks that read the base's weights (rank 0 alone unless it is 4-bit), "
                      "the bytes of weights and of LoRA parameters each rank holds, and the local shape of one LoRA "

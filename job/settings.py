@@ -116,6 +116,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
              "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
              "training process)"),
+    Variable("PEFTOPT_KERNELS_AHEAD", "kernels_ahead", "auto", _choice("auto", "0", "1"),
+             "auto: when unsloth trains on a GPU with room for a second copy of the model, a child process compiles "
+             "its Triton kernels into a cache made for the job while the job imports, prepares and loads (the first "
+             "step then finds them); 0: the first step compiles them"),
     Variable("PEFTOPT_PREPARE_AHEAD", "prepare_ahead", "auto", _choice("auto", "0", "1"),
              "1: the prepare stage runs in a child process of its own while the job imports its training backend "
              "(unsloth: 10-15 s); auto: on a GPU; 0: in the job's process, in turn"),
@@ -200,6 +204,7 @@ class Settings:
     dequantize_base: bool = True
     batch_workers: str = "auto"
     prepare_ahead: str = "auto"
+    kernels_ahead: str = "auto"
     sampler: str = "generate"
     gguf_gpu: bool = True
     harness_dir: str | None = None

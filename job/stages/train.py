@@ -1,6 +1,7 @@
 """Train the LoRA adapter with the backend the spec picks, resuming from the newest complete checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any
@@ -46,6 +47,19 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
         except SpecError as exc:
             problems.append(exc.message)
     return problems
+
+
+@contextlib.contextmanager
+def warm_up(ctx: RunContext):
+    """unsloth's Triton kernels compiled by a child process while the job imports, prepares and loads
+    (job/backends/kernels_ahead.py), when this job trains on unsloth on a GPU."""
+    from job.backends import kernels_ahead
+
+    if ctx.dry_run or not kernels_ahead.wanted(ctx.spec, ctx.settings, backends.device(ctx.spec)):
+        yield None
+        return
+    with kernels_ahead.started(ctx.spec, ctx.run_dir, ctx.settings) as child:
+        yield child
 
 
 def imports(ctx: RunContext) -> None:
@@ -118,7 +132,7 @@ STAGE = Stage(
     name="train",
     doc="LoRA via peft + trl (packing), checkpoints every `save_steps`, resumes from the newest complete one",
     enabled=lambda spec: spec.train is not None,
-    run=run, check=check, reads=reads, fields=FIELDS, imports=imports,
+    run=run, check=check, reads=reads, fields=FIELDS, imports=imports, warm_up=warm_up,
     needs=lambda spec: ("prepare",),
     artifacts=("adapter", "checkpoints"),
     all_ranks=True,

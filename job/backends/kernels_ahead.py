@@ -1,0 +1,151 @@
+"""unsloth's Triton kernels compiled ahead, in a child process, while the job imports unsloth, prepares the data and
+loads the model. The first training step otherwise compiles them (RMSNorm, RoPE, SwiGLU and the fused linear
+cross-entropy: ten kernels, about 6 s of t1's first step on the H200, docs/performance.md). The child imports
+unsloth, builds the same model with the backend's own `setup`, and runs made-up packed steps of the spec's shape;
+Triton writes what it compiles into a cache directory made for this job alone (`TRITON_CACHE_DIR`, 0700, removed
+when the job ends), where the training process finds it. Nothing in that directory comes from anywhere but the
+job's own two processes: never the image, never a shared volume.
+
+The child needs room on the GPU for a second copy of the model and its step (it checks, and leaves when there is
+none); it lives in a session of its own, dies with the job's process, and is ended when the job ends. Whatever it
+does not finish, the training process compiles itself, as it would have.
+
+    python -m job.backends.kernels_ahead      # the child: a request on stdin, one JSON line on stdout
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+from job.log import get_logger
+
+log = get_logger("peftopt.train")
+
+# Made-up steps: packed rows of these many tokens per micro-batch row (both of Triton's specializations of a row
+# count: one not divisible by 16, one divisible), conversations cut where a packed row has them restart.
+STEP_FILL = (0.97, 1.0)
+ROOM = 2.0  # the child starts only when the GPU has this many times the planner's estimate free (plus 4 GiB)
+
+
+def wanted(spec, settings, device: str) -> bool:
+    """Compile ahead for this job: PEFTOPT_KERNELS_AHEAD 1, or auto and unsloth will train on this CUDA GPU from a
+    base the child can load before prepare (a model directory, an earlier run's model, a Hub model)."""
+    from job import distributed, methods, modelsrc
+
+    setting = settings.kernels_ahead
+    if setting == "0" or spec.train is None or distributed.active(settings):
+        return False
+    unsloth_trains = spec.train.backend != "hf" and "unsloth" in methods.get(spec.train.method).backends \
+        and not (spec.lora is not None and spec.lora.use_dora)
+    local = modelsrc.source_kind(spec.model.base) in ("dir", "run", "hub")
+    return unsloth_trains and local and device == "cuda" and (setting == "1" or setting == "auto")
+
+
+@contextlib.contextmanager
+def started(spec, run_dir, settings) -> Iterator[subprocess.Popen]:
+    """Starts the child; on leaving, ends it if it still runs, logs what it did, and removes the cache it made."""
+    made = None
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        made = tempfile.mkdtemp(prefix="peftopt-triton-")  # 0700
+        os.environ["TRITON_CACHE_DIR"] = made  # a write for Triton, here and in the child
+    request = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.root), "parent": os.getpid()}
+    child = subprocess.Popen([sys.executable, "-m", "job.backends.kernels_ahead"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=settings.child_env(),
+                             start_new_session=True)
+    child.stdin.write(json.dumps(request).encode())
+    child.stdin.close()
+    log.info("kernels_ahead_started", pid=child.pid)
+    try:
+        yield child
+    finally:
+        ended = child.poll() is not None
+        if not ended:
+            child.kill()
+        child.wait()
+        line = child.stdout.readline() if ended else b""
+        child.stdout.close()
+        try:
+            outcome = json.loads(line) if line else {}
+        except ValueError:
+            outcome = {}
+        if not isinstance(outcome, dict):
+            outcome = {}
+        log.info("kernels_compiled_ahead", **({k: outcome[k] for k in ("seconds", "steps", "skipped", "error")
+                                                if k in outcome} if ended else {"error": "still running: ended"}))
+        if made is not None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _packed(tokens: int, row: int, vocab: int):
+    """input_ids, position_ids and labels of one packed micro-batch: conversations of up to `row` tokens."""
+    import torch
+
+    ids = torch.randint(3, vocab, (1, tokens), device="cuda")
+    piece = max(row // 3, 1)
+    lengths = [piece] * (tokens // piece) + ([tokens % piece] if tokens % piece else [])
+    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths]).unsqueeze(0)
+    return ids, positions, ids.clone()
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    from job import interrupt
+
+    interrupt.die_with_parent(int(request["parent"]))
+    started = time.perf_counter()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # unsloth prints its banners: the answer alone goes to the pipe
+
+    def answer(**fields) -> int:
+        out.write(json.dumps({"seconds": round(time.perf_counter() - started, 3), **fields}) + "\n")
+        out.flush()
+        return 0
+
+    try:
+        from job import settings as settings_module
+        from job.backends import unsloth
+
+        settings = settings_module.init()
+        unsloth.import_library()
+        import torch
+        from transformers import AutoConfig
+
+        from job import modelsrc
+        from job.rundir import RunDir
+        from job.spec import JobSpec
+
+        spec = JobSpec.model_validate(request["spec"])
+        location = modelsrc.model_location(spec, RunDir(__import__("pathlib").Path(request["run_dir"])))
+        config = AutoConfig.from_pretrained(location)
+        plan = unsloth.plan(spec, config, "cuda", settings)
+        free, _ = torch.cuda.mem_get_info()
+        if plan.estimated_gb and free < (ROOM * plan.estimated_gb + 4) * 1024**3:
+            return answer(skipped=f"{free / 1024**3:.1f} GiB free on the GPU, not room for a second model")
+        model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings)
+        model.train()
+        row = spec.model.max_seq_length
+        vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))
+        steps = 0
+        for fill in STEP_FILL:
+            tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
+            ids, positions, labels = _packed(tokens, row, vocab)
+            loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            steps += 1
+        torch.cuda.synchronize()
+        return answer(steps=steps)
+    except BaseException as exc:  # the training process compiles what this did not
+        return answer(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
+if __name__ == "__main__":
+    os._exit(main())  # the interpreter's teardown (torch's, unsloth's finalizers) is time nobody waits for

@@ -1,0 +1,67 @@
+"""Integration (CPU) and gpu: unsloth's Triton kernels compiled ahead by a child process
+(job/backends/kernels_ahead.py). On the CPU: when a job asks for it, and the child's plumbing (its own cache
+directory, its answer, the clean-up) with a child that cannot import unsloth here. On a GPU: a t1-shaped run's
+first step finds the kernels compiled."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from job.backends import kernels_ahead
+from job.rundir import RunDir
+from job.settings import load
+from job.specfile import validate_data
+
+
+def _spec(tiny_model, **train):
+    return validate_data({"name": "k", "model": {"base": str(tiny_model), "chat_template": "llama-3"},
+                          "data": {"source": "x.jsonl"}, "lora": {}, "train": {"max_steps": 1, **train}})
+
+
+@pytest.mark.parametrize("train,device,environ,wanted", [
+    ({}, "cuda", {}, True),
+    ({"backend": "unsloth"}, "cuda", {}, True),
+    ({}, "cpu", {}, False),
+    ({"backend": "hf"}, "cuda", {}, False),
+    ({}, "cuda", {"PEFTOPT_KERNELS_AHEAD": "0"}, False),
+    ({}, "cuda", {"WORLD_SIZE": "2"}, False),
+    ({"method": "dpo"}, "cuda", {}, False),
+])
+def test_when_a_job_compiles_ahead(tiny_model, train, device, environ, wanted):
+    assert kernels_ahead.wanted(_spec(tiny_model, **train), load(environ), device) is wanted
+
+
+def test_a_gguf_base_is_made_by_prepare_and_not_compiled_ahead(tmp_path):
+    spec = validate_data({"name": "k", "model": {"base": str(tmp_path / "m.gguf"), "chat_template": "llama-3"},
+                          "data": {"source": "x.jsonl"}, "lora": {}, "train": {"max_steps": 1}})
+    assert not kernels_ahead.wanted(spec, load({}), "cuda")
+
+
+def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model, monkeypatch, capsys):
+    """Here the child cannot import unsloth (no GPU): it answers with the error, the job's Triton cache directory
+    was made for it (0700) and is gone afterwards, and TRITON_CACHE_DIR is as it was."""
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    from job import log
+
+    log.configure(json_output=True)
+    with kernels_ahead.started(_spec(tiny_model), RunDir(tmp_path / "run"), load(dict(os.environ))) as child:
+        cache = Path(os.environ["TRITON_CACHE_DIR"])
+        assert cache.is_dir() and (cache.stat().st_mode & 0o777) == 0o700
+        child.wait(timeout=300)
+    assert not cache.exists() and "TRITON_CACHE_DIR" not in os.environ
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    outcome = [e for e in logged if e["event"] == "kernels_compiled_ahead"]
+    assert len(outcome) == 1 and outcome[0]["error"] and outcome[0]["seconds"] >= 0, logged
+
+
+@pytest.mark.gpu
+def test_a_run_on_unsloth_finds_its_kernels_compiled(tmp_path, make_spec):
+    from conftest import events, run_cli
+
+    spec = make_spec("ahead", train={"backend": "unsloth", "max_steps": 4, "save_steps": 4}, evaluate=None,
+                     export={"merge": False, "gguf": []}, push=None)
+    result = run_cli("run", spec, env={"PEFTOPT_KERNELS_AHEAD": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = [e for e in events(result.stdout) if e["event"] == "kernels_compiled_ahead"]
+    assert len(outcome) == 1 and outcome[0].get("steps") == len(kernels_ahead.STEP_FILL), outcome
