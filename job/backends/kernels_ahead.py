@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Iterator
 
 from job.log import get_logger
@@ -44,8 +45,8 @@ def wanted(spec, settings, device: str) -> bool:
         return False
     unsloth_trains = spec.train.backend != "hf" and "unsloth" in methods.get(spec.train.method).backends \
         and not (spec.lora is not None and spec.lora.use_dora)
-    local = modelsrc.source_kind(spec.model.base) in ("dir", "run", "hub")
-    return unsloth_trains and local and device == "cuda" and (setting == "1" or setting == "auto")
+    loadable = modelsrc.source_kind(spec.model.base) in ("dir", "run", "hub")  # a GGUF or package base: prepare
+    return unsloth_trains and loadable and device == "cuda"
 
 
 @contextlib.contextmanager
@@ -71,17 +72,21 @@ def started(spec, run_dir, settings) -> Iterator[subprocess.Popen]:
         child.wait()
         line = child.stdout.readline() if ended else b""
         child.stdout.close()
-        try:
-            outcome = json.loads(line) if line else {}
-        except ValueError:
-            outcome = {}
-        if not isinstance(outcome, dict):
-            outcome = {}
-        log.info("kernels_compiled_ahead", **({k: outcome[k] for k in ("seconds", "steps", "skipped", "error")
-                                                if k in outcome} if ended else {"error": "still running: ended"}))
+        log.info("kernels_compiled_ahead", **(_outcome(line) if ended else {"error": "still running: ended"}))
         if made is not None:
             os.environ.pop("TRITON_CACHE_DIR", None)
             shutil.rmtree(made, ignore_errors=True)
+
+
+def _outcome(line: bytes) -> dict:
+    """The figures of the child's answer line (a child that died without one: an error saying so)."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return {"error": "ended without an answer"}
+    return {k: answer[k] for k in ("seconds", "steps", "skipped", "error") if k in answer}
 
 
 def _packed(tokens: int, row: int, vocab: int):
@@ -123,7 +128,7 @@ def main() -> int:
         from job.spec import JobSpec
 
         spec = JobSpec.model_validate(request["spec"])
-        location = modelsrc.model_location(spec, RunDir(__import__("pathlib").Path(request["run_dir"])))
+        location = modelsrc.model_location(spec, RunDir(Path(request["run_dir"])))
         config = AutoConfig.from_pretrained(location)
         plan = unsloth.plan(spec, config, "cuda", settings)
         free, _ = torch.cuda.mem_get_info()

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from job import errors, interrupt
@@ -44,7 +44,6 @@ class Child:
         self.stage, self.run_dir = stage, ctx.run_dir
         request = {"stage": stage, "spec": ctx.spec.model_dump(mode="json"), "run_dir": str(ctx.run_dir.root),
                    "fingerprints": dict(ctx.fingerprints), "restart": ctx.restart, "parent": os.getpid()}
-        self.started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "job.stages.process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env={**ctx.settings.child_env(), **ctx.settings.environ}, start_new_session=True)
@@ -147,7 +146,7 @@ def main() -> int:
 
         spec = JobSpec.model_validate(request["spec"])
         stage = registry.get(request["stage"])
-        ctx = RunContext(spec=spec, run_dir=RunDir(__import__("pathlib").Path(request["run_dir"])),
+        ctx = RunContext(spec=spec, run_dir=RunDir(Path(request["run_dir"])),
                          settings=settings, fingerprints=request["fingerprints"], restart=bool(request["restart"]))
         with structlog.contextvars.bound_contextvars(run=spec.name, stage=stage.name):
             result = stage.run(ctx)

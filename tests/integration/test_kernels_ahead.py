@@ -65,3 +65,13 @@ def test_a_run_on_unsloth_finds_its_kernels_compiled(tmp_path, make_spec):
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = [e for e in events(result.stdout) if e["event"] == "kernels_compiled_ahead"]
     assert len(outcome) == 1 and outcome[0].get("steps") == len(kernels_ahead.STEP_FILL), outcome
+
+
+@pytest.mark.parametrize("line,outcome", [
+    (b'{"seconds": 3.5, "steps": 2}\n', {"seconds": 3.5, "steps": 2}),
+    (b'{"seconds": 1.0, "skipped": "no room", "other": 1}\n', {"seconds": 1.0, "skipped": "no room"}),
+    (b"", {"error": "ended without an answer"}),
+    (b"Unsloth: banner\n", {"error": "ended without an answer"}),
+])
+def test_what_the_job_logs_of_the_childs_answer(line, outcome):
+    assert kernels_ahead._outcome(line) == outcome
