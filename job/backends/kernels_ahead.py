@@ -53,7 +53,7 @@ def wanted(spec, settings, device: str) -> bool:
 def started(spec, run_dir, settings) -> Iterator[subprocess.Popen]:
     """Starts the child; on leaving, ends it if it still runs, logs what it did, and removes the cache it made."""
     made = None
-    if not os.environ.get("TRITON_CACHE_DIR"):
+    if not settings.triton_cache_dir:  # one the operator set is theirs to trust, and kept
         made = tempfile.mkdtemp(prefix="peftopt-triton-")  # 0700
         os.environ["TRITON_CACHE_DIR"] = made  # a write for Triton, here and in the child
     request = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.root), "parent": os.getpid()}
@@ -73,7 +73,7 @@ def started(spec, run_dir, settings) -> Iterator[subprocess.Popen]:
         line = child.stdout.readline() if ended else b""
         child.stdout.close()
         log.info("kernels_compiled_ahead", **(_outcome(line) if ended else {"error": "still running: ended"}))
-        if made is not None:
+        if made is not None:  # a write for Triton: later compiles in this process go where they went before
             os.environ.pop("TRITON_CACHE_DIR", None)
             shutil.rmtree(made, ignore_errors=True)
 
