@@ -151,11 +151,7 @@ def ahead(ctx: RunContext) -> bool:
     setting = ctx.settings.prepare_ahead
     if setting == "0" or ctx.dry_run or distributed.active(ctx.settings):
         return False
-    return setting == "1" or (spec_trains_on_gpu(ctx.spec) and backends.device(ctx.spec) == "cuda")
-
-
-def spec_trains_on_gpu(spec: JobSpec) -> bool:
-    return spec.train is not None and spec.device != "cpu"
+    return setting == "1" or (ctx.spec.train is not None and backends.device(ctx.spec) == "cuda")
 
 
 STAGE = Stage(
