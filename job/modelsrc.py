@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from job import templates
-from job.errors import ExternalError, SpecError
+from job.errors import ExternalError, PeftoptError, SpecError
 from job.log import counted, get_logger
 from job.rundir import RunDir, atomic_dir
 from job.spec import JobSpec
@@ -319,6 +319,8 @@ def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | No
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except PeftoptError:  # a stop request raised here by the signal handler is the stop, not a bad model
+        raise
     except Exception as exc:  # the model's files: OSError, ValueError, safetensors' and torch's own errors
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ExternalError(f"cannot load model {location}: {type(exc).__name__}: {first}") from None
