@@ -39,6 +39,9 @@
 #   bash bench/gpu_t1.sh OUT speed-41   the whole run (auto: unsloth's kernels compiled ahead by a child process), then
 #                                       its training alone with PEFTOPT_KERNELS_AHEAD=0 (cold caches both), the bench,
 #                                       and tests/integration/test_kernels_ahead.py on the GPU
+#   bash bench/gpu_t1.sh OUT speed-42   the whole run (auto: unsloth's kernels compiled ahead on a model of one layer), a
+#                                       torch profile of t1's steady steps (bench/gpu_step_profile.py), the bench, and
+#                                       the GPU test of kernels_ahead
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -108,6 +111,23 @@ print(json.dumps({"run": m.get("run", {}).get("name"), "stages": {k: v["runtime_
 EOF
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .  # what finished comes back even if the call times out
   return $code
+}
+
+first_steps() {  # NAME...: each run's first training step, and what compiling ahead did
+  python3 - "$out" "$@" > "$out/first-steps.txt" <<'EOF2'
+import datetime, json, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for name in sys.argv[2:]:
+    events = [json.loads(l) for l in open(f"{sys.argv[1]}/{name}.jsonl") if l.startswith("{")]
+    first = {}
+    for e in events:
+        first.setdefault(e["event"], e)
+    steps = [t(e) for e in events if e["event"] == "train_progress"]
+    print(json.dumps({"run": name, "first_step_s": round(steps[0] - t(first["train_started"]), 2),
+                      "train_started_after_job_started_s": round(t(first["train_started"]) - t(first["job_started"]), 2),
+                      "ahead": {k: v for k, v in first.get("kernels_compiled_ahead", {}).items() if k in ("seconds", "steps", "skipped", "error")}}))
+EOF2
+  cat "$out/first-steps.txt"
 }
 
 first50() {  # NAME [overrides...]: a training-only run on t1's 600-step schedule, stopped by SIGTERM at step 50
@@ -186,6 +206,16 @@ EOF2
     cat "$out/first-steps.txt"; tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=120 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    ;;
+  speed-42)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-42
+    first_steps t1-42
+    rm -rf "$UNSLOTH_COMPILE_LOCATION"
+    timeout 150 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/t1-42/data/train.jsonl" \
+      model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile.txt" 2>&1; tail -1 "$out/profile.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py -k "finds_its_kernels or cache_is_the_jobs" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with

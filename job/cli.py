@@ -354,6 +354,6 @@ def main() -> None:
     code = invoke()
     from job import interrupt
 
-    if code == EXIT_INTERRUPTED and interrupt.stop_requested():
+    if (code == EXIT_INTERRUPTED and interrupt.stop_requested()) or "torch" in sys.modules:
         interrupt.leave(code)
     sys.exit(code)

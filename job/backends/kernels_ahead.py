@@ -1,7 +1,9 @@
 """unsloth's Triton kernels compiled ahead, in a child process, while the job imports unsloth, prepares the data and
 loads the model. The first training step otherwise compiles them (RMSNorm, RoPE, SwiGLU and the fused linear
 cross-entropy: ten kernels, about 6 s of t1's first step on the H200, docs/performance.md). The child imports
-unsloth, builds the same model with the backend's own `setup`, and runs made-up packed steps of the spec's shape;
+unsloth, builds the same model with the backend's own `setup` cut to a layer of each kind (the kernels are
+compiled per shape, and every decoder layer of a kind has the same shapes), and runs made-up packed steps of the
+spec's shape;
 Triton writes what it compiles into a cache directory made for this job alone (`TRITON_CACHE_DIR`, 0700, removed
 when the job ends), where the training process finds it. Nothing in that directory comes from anywhere but the
 job's own two processes: never the image, never a shared volume.
@@ -89,6 +91,23 @@ def _outcome(line: bytes) -> dict:
     return {k: answer[k] for k in ("seconds", "steps", "skipped", "error") if k in answer}
 
 
+def few_layers(config):
+    """A copy of the model's config with one decoder layer of each kind it has (`layer_types`: sliding and full
+    attention), in their first order; the config itself when it does not say its layers in a way this knows."""
+    import copy
+
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) or count < 2 or getattr(config, "text_config", None) not in (None, config):
+        return config
+    kinds = getattr(config, "layer_types", None)
+    keep = list(dict.fromkeys(kinds)) if isinstance(kinds, (list, tuple)) and len(kinds) == count else None
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = len(keep) if keep else 1
+    if keep:
+        small.layer_types = keep
+    return small
+
+
 def _packed(tokens: int, row: int, vocab: int):
     """input_ids, position_ids and labels of one packed micro-batch: conversations of up to `row` tokens."""
     import torch
@@ -134,7 +153,7 @@ def main() -> int:
         free, _ = torch.cuda.mem_get_info()
         if plan.estimated_gb and free < (ROOM * plan.estimated_gb + 4) * 1024**3:
             return answer(skipped=f"{free / 1024**3:.1f} GiB free on the GPU, not room for a second model")
-        model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings)
+        model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings, config=few_layers(config))
         model.train()
         row = spec.model.max_seq_length
         vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))

@@ -84,8 +84,9 @@ def _checkpointing(mode: str):
     return {"off": False, "on": True, "unsloth": "unsloth"}[mode]
 
 
-def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
-    """(model wrapped with LoRA, None, figures for the log)."""
+def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings, config=None):
+    """(model wrapped with LoRA, None, figures for the log); `config`: the model's own, changed (kernels_ahead's
+    model of fewer layers: the checkpoint's other layers are not loaded)."""
     import os
 
     import torch
@@ -102,7 +103,7 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
         dtype=None if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype),
         load_in_4bit=spec.model.load_in_4bit, load_in_16bit=not spec.model.load_in_4bit,
         use_gradient_checkpointing=_checkpointing(chosen.gradient_checkpointing),
-        random_state=spec.train.seed, fix_tokenizer=False)
+        random_state=spec.train.seed, fix_tokenizer=False, **({"config": config} if config is not None else {}))
     lora = spec.lora
     targets = list(lora.target_modules) if lora.target_modules != "all-linear" else list(LINEAR)
     model = FastLanguageModel.get_peft_model(

@@ -39,8 +39,11 @@ def test_a_gguf_base_is_made_by_prepare_and_not_compiled_ahead(tmp_path):
 
 
 def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model, monkeypatch, capsys):
-    """Here the child cannot import unsloth (no GPU): it answers with the error, the job's Triton cache directory
-    was made for it (0700) and is gone afterwards, and TRITON_CACHE_DIR is as it was."""
+    """Without a GPU the child cannot import unsloth and answers with the error (on a GPU it compiles); either way
+    the job's Triton cache directory was made for it (0700) and is gone afterwards, and TRITON_CACHE_DIR is as it
+    was."""
+    import torch
+
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     from job import log
 
@@ -52,7 +55,27 @@ def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model,
     assert not cache.exists() and "TRITON_CACHE_DIR" not in os.environ
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     outcome = [e for e in logged if e["event"] == "kernels_compiled_ahead"]
-    assert len(outcome) == 1 and outcome[0]["error"] and outcome[0]["seconds"] >= 0, logged
+    assert len(outcome) == 1 and outcome[0]["seconds"] >= 0, logged
+    if torch.cuda.is_available():
+        assert outcome[0].get("steps") == len(kernels_ahead.STEP_FILL), outcome
+    else:
+        assert outcome[0]["error"], outcome
+
+
+def test_the_childs_model_has_a_layer_of_each_kind_and_loads_from_the_whole_checkpoint(tiny_model):
+    """The kernels are compiled per shape: one decoder layer of each kind (Gemma 3: sliding and full attention) has
+    them all, and the checkpoint's other layers are left unread."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
+
+    gemma = kernels_ahead.few_layers(Gemma3TextConfig(num_hidden_layers=12))
+    assert gemma.num_hidden_layers == 2 and gemma.layer_types == ["sliding_attention", "full_attention"]
+    config = AutoConfig.from_pretrained(tiny_model)
+    small = kernels_ahead.few_layers(config)
+    assert config.num_hidden_layers > 1 and small.num_hidden_layers == 1
+    whole = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, config=small)
+    assert len(model.model.layers) == 1
+    assert model.model.layers[0].mlp.up_proj.weight.equal(whole.model.layers[0].mlp.up_proj.weight)
 
 
 @pytest.mark.gpu
