@@ -38,7 +38,8 @@ def group_of(name: str) -> str:
 def analyse(events: list[dict], marks: list[float]) -> tuple[dict, list]:
     """The kept steps of a chrome trace: their wall clock, the GPU's busy time and gaps, kernels by group."""
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    steps_marked = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    steps_marked = [e for e in events if e.get("name", "").startswith("ProfilerStep#")
+                    and e.get("cat") == "user_annotation"]  # the host's; the GPU's copy is "gpu_user_annotation"
     kept = sorted(steps_marked, key=lambda e: e["ts"])[-ACTIVE:]
     start, end = kept[0]["ts"], kept[-1]["ts"] + kept[-1]["dur"]
     window = [k for k in kernels if start <= k["ts"] < end]
@@ -97,7 +98,6 @@ def main() -> int:
 
     settings_module.init()
     unsloth.import_library()
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import AutoConfig, TrainerCallback
 

@@ -42,6 +42,9 @@
 #   bash bench/gpu_t1.sh OUT speed-42   the whole run (auto: unsloth's kernels compiled ahead on a model of one layer), a
 #                                       torch profile of t1's steady steps (bench/gpu_step_profile.py), the bench, and
 #                                       the GPU test of kernels_ahead
+#   bash bench/gpu_t1.sh OUT speed-43   the whole run (a packed micro-batch padded to a multiple of 16 tokens), its first
+#                                       50 losses against BEFORE_JSONL's, the adapter's decode loop free and pinned
+#                                       (bench/gpu_decode_probe.py), the bench
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -216,6 +219,15 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py -k "finds_its_kernels or cache_is_the_jobs" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    ;;
+  speed-43)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-43
+    first_steps t1-43
+    compare50 "$out/t1-43.jsonl" "${BEFORE_JSONL:-$out/t1-43.jsonl}" | tee "$out/loss50.json"
+    timeout 120 python3 bench/gpu_decode_probe.py "$work/runs/t1-43" jobspecs/t1.json "$out/decode.json" "${common[@]:2}" \
+      --set name=t1-43 --set output_dir="$work/runs" --set evaluate.max_new_tokens=64 > "$out/decode.txt" 2>&1; tail -1 "$out/decode.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with
