@@ -45,6 +45,8 @@
 #   bash bench/gpu_t1.sh OUT speed-43   the whole run (a packed micro-batch padded to a multiple of 16 tokens), its first
 #                                       50 losses against BEFORE_JSONL's, the adapter's decode loop free and pinned
 #                                       (bench/gpu_decode_probe.py), the bench
+#   bash bench/gpu_t1.sh OUT speed-44   the whole run with the machine's busiest threads sampled (bench/thread_sampler.py),
+#                                       its first 50 losses against BEFORE_JSONL's, the bench, kernels_ahead's GPU tests
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -228,6 +230,16 @@ EOF2
       --set name=t1-43 --set output_dir="$work/runs" --set evaluate.max_new_tokens=64 > "$out/decode.txt" 2>&1; tail -1 "$out/decode.txt"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-44)
+    python3 bench/thread_sampler.py "$out/threads.jsonl" 2 & sampler=$!
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-44
+    kill $sampler
+    first_steps t1-44
+    compare50 "$out/t1-44.jsonl" "${BEFORE_JSONL:-$out/t1-44.jsonl}" | tee "$out/loss50.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py -k "does_not_wait or cache_is_the_jobs" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with

@@ -238,7 +238,8 @@ def _tool_threads(default: int) -> int:
 
 def cores_beside(keep: int) -> tuple[list[int], list[int], int] | None:
     """How a tool shares this machine with this process's own work on `keep` CPUs: (this process's CPUs, the
-    tool's CPUs, the tool's threads: physical cores less `keep`); None when fewer than 4 CPUs would be left to it."""
+    tool's CPUs, the tool's threads: physical cores less `keep`); None when fewer than 4 CPUs would be left to it.
+    This process keeps the last CPUs: the first takes most of the kernel's and the devices' interrupts."""
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -246,7 +247,7 @@ def cores_beside(keep: int) -> tuple[list[int], list[int], int] | None:
     threads = physical_cores() - keep
     if len(allowed) - keep < 4 or threads < 3:
         return None
-    return allowed[:keep], allowed[keep:], threads
+    return allowed[-keep:], allowed[:-keep], threads
 
 
 @contextlib.contextmanager

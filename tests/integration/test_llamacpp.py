@@ -244,7 +244,7 @@ def test_tools_started_while_cpus_are_held_keep_off_them_and_convert_the_same(tm
 def test_cores_beside_leave_this_process_its_own(monkeypatch):
     monkeypatch.setattr(llamacpp.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr(llamacpp, "physical_cores", lambda: 16)
-    assert llamacpp.cores_beside(1) == ([0], list(range(1, 16)), 15)
+    assert llamacpp.cores_beside(1) == ([15], list(range(15)), 15)
     monkeypatch.setattr(llamacpp.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(llamacpp, "physical_cores", lambda: 4)
     assert llamacpp.cores_beside(1) is None  # too few to share: the targets take turns
