@@ -73,7 +73,7 @@ def leave(code: int) -> None:
     """Exits once the exit code is known and everything is written, without the interpreter's teardown: freeing
     torch's and the libraries' objects one by one takes 1-2 s (after a stop request, time the grace period does not
     have; after a finished job, time the user waits for nothing). What an exit does for others still runs:
-    the give-up hooks, the threads that are not daemons (joined within the grace left), the atexit handlers."""
+    the give-up hooks, the thread pools' shutdown, the threads that are not daemons, the atexit handlers."""
     import atexit
 
     for hook in list(_give_up_hooks):
@@ -81,9 +81,11 @@ def leave(code: int) -> None:
             hook()
         except Exception:
             pass
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join(timeout=grace_left())
+    # What the interpreter does first when it exits: the thread pools' shutdown hooks, then the threads that are
+    # not daemons joined (a stuck one after a stop request: the watchdog ends the process at the grace's end)
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
     _flush_logs()
