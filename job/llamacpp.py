@@ -239,7 +239,8 @@ def _tool_threads(default: int) -> int:
 def cores_beside(keep: int) -> tuple[list[int], list[int], int] | None:
     """How a tool shares this machine with this process's own work on `keep` CPUs: (this process's CPUs, the
     tool's CPUs, the tool's threads: physical cores less `keep`); None when fewer than 4 CPUs would be left to it.
-    This process keeps the last CPUs: the first takes most of the kernel's and the devices' interrupts."""
+    This process keeps the last CPUs: hosts often route the devices' interrupts to the first (the GPU's decode loop
+    pinned there ran 3x slower on two H200 hosts than alone, docs/performance.md)."""
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -79,9 +79,9 @@ def choose_optimizer(requested: str, device: str) -> str:
     return requested
 
 
-# A packed micro-batch's token count padded up to a multiple of this on a GPU. An odd count is the inner dimension
-# of the LoRA weights' gradients (dA, dB: 14 per decoder layer), and cuBLAS has only its unaligned fallback kernels
-# for it: 15 ms of t1's 215 ms step on the H200 (docs/performance.md). The padding tokens are segments of their
+# A packed micro-batch's token count padded up to a multiple of this on a GPU. The count is the inner dimension of
+# the LoRA weights' gradients (dA, dB: 14 per decoder layer), and for one that is not a multiple of 8 cuBLAS has
+# only its unaligned fallback kernels: 15 ms of each t1 step on the H200, 7% of the step (docs/performance.md). The padding tokens are segments of their
 # own (position 0, label -100): nothing else attends to them and the loss leaves them out.
 TOKEN_MULTIPLE = 16
 
