@@ -195,20 +195,8 @@ case "$mode" in
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-41
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"
     PEFTOPT_KERNELS_AHEAD=0 run t1-41-off --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
-    python3 - "$out" > "$out/first-steps.txt" <<'EOF2'
-import datetime, json, sys
-t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-for name in ("t1-41", "t1-41-off"):
-    events = [json.loads(l) for l in open(f"{sys.argv[1]}/{name}.jsonl") if l.startswith("{")]
-    first = {}
-    for e in events:
-        first.setdefault(e["event"], e)
-    steps = [t(e) for e in events if e["event"] == "train_progress"]
-    print(json.dumps({"run": name, "first_step_s": round(steps[0] - t(first["train_started"]), 2),
-                      "stage_to_train_started_s": round(t(first["train_started"]) - t([e for e in events if e["event"] == "stage_started" and e["stage"] == "train"][0]), 2),
-                      "ahead": {k: v for k, v in first.get("kernels_compiled_ahead", {}).items() if k in ("seconds", "steps", "skipped", "error")}}))
-EOF2
-    cat "$out/first-steps.txt"; tar czf "$OUT/o.tgz" -C "$out" .
+    first_steps t1-41 t1-41-off
+    tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=120 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     ;;
