@@ -104,6 +104,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
     method = methods.get(train.method)
     config_class, _ = method.classes()
     lengths = {method.length_field: spec.model.max_seq_length} if method.length_field else {}
+    multiple = token_multiple(method, device)
     return config_class(
         output_dir=str(output_dir), max_steps=train.max_steps,
         per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
@@ -124,7 +125,7 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         gradient_checkpointing_kwargs={"use_reentrant": False}
         if plan.gradient_checkpointing == "on" and trainer_checkpointing else None,
         ddp_find_unused_parameters=False, **method.config(train),
-        **({"pad_to_multiple_of": token_multiple(method, device)} if token_multiple(method, device) else {}), **extra,
+        **({"pad_to_multiple_of": multiple} if multiple else {}), **extra,
     )
 
 
