@@ -1,7 +1,9 @@
 """Where a steady training step's time goes on the GPU: `peftopt bench`'s worker (the job's own trainer set-up, the
 plan `peftopt run` makes) with torch's profiler over a few steps after the warm-up.
 
-    python3 bench/gpu_step_profile.py SPEC OUT_DIR DATA.jsonl [key=value ...]   (the spec's overrides, as --set)
+    [BACKEND=hf] python3 bench/gpu_step_profile.py SPEC OUT_DIR DATA.jsonl [key=value ...]   (overrides, as --set)
+
+BACKEND: the training backend (unsloth, the default, or hf).
 
 OUT_DIR gets profile.json (the step's wall clock, the GPU's busy time in it, the gaps where it waits for the host,
 the kernels by total time, grouped), steps.trace.json.gz (chrome://tracing / Perfetto) and kernels.txt.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import sys
 from dataclasses import asdict
@@ -93,11 +96,13 @@ def main() -> int:
     spec_path, out, data = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     overrides = sys.argv[4:]
     out.mkdir(parents=True, exist_ok=True)
+    backend = os.environ.get("BACKEND", "unsloth")
     from job import settings as settings_module
     from job.backends import unsloth
 
     settings_module.init()
-    unsloth.import_library()
+    if backend == "unsloth":
+        unsloth.import_library()
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import AutoConfig, TrainerCallback
 
@@ -107,7 +112,7 @@ def main() -> int:
 
     spec = load_spec(Path(spec_path), overrides)
     config = AutoConfig.from_pretrained(spec.model.base)
-    plan = backends.load("unsloth").plan(spec, config, "cuda", settings_module.get())
+    plan = backends.load(backend).plan(spec, config, "cuda", settings_module.get())
     steps = SKIP + WARMUP + ACTIVE + 2
     timed = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps + bench.WARMUP})})
     trace = out / "steps.trace.json"
@@ -137,7 +142,7 @@ def main() -> int:
         return trainer, session
 
     shared.build_trainer = build_trainer
-    result = bench.worker({"spec": timed.model_dump(mode="json"), "backend": "unsloth", "plan": asdict(plan),
+    result = bench.worker({"spec": timed.model_dump(mode="json"), "backend": backend, "plan": asdict(plan),
                            "steps": steps, "data": data})
     events = json.loads(trace.read_text())["traceEvents"]
     with gzip.open(str(trace) + ".gz", "wt") as f:

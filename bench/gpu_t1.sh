@@ -47,6 +47,10 @@
 #                                       (bench/gpu_decode_probe.py), the bench
 #   bash bench/gpu_t1.sh OUT speed-44   the whole run with the machine's busiest threads sampled (bench/thread_sampler.py),
 #                                       its first 50 losses against BEFORE_JSONL's, the bench, kernels_ahead's GPU tests
+#   bash bench/gpu_t1.sh OUT speed-45   the whole run (checkpoints copied without stopping the GPU, the collector held off
+#                                       the objects that exist when training starts), its first 50 losses against
+#                                       BEFORE_JSONL's, the same t1 training on the hf backend (no evaluation or export),
+#                                       a torch profile of hf's steady steps, the HostSnapshot GPU test
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -108,7 +112,7 @@ print(json.dumps({"run": m.get("run", {}).get("name"), "stages": {k: v["runtime_
                   "backend": t.get("backend"), "attention": t.get("attention"), "plan": [t.get("micro_batch"), t.get("accumulation"), t.get("gradient_checkpointing")],
                   "tokens_per_s": t.get("tokens_per_s"), "steady_tokens_per_s": t.get("steady_tokens_per_s"),
                   "peak_gpu_gb": t.get("peak_gpu_gb"), "peak_gpu_share": t.get("peak_gpu_share"),
-                  "checkpointing": t.get("checkpointing"), "final_loss": t.get("final_loss"), "kernels": t.get("kernels"),
+                  "checkpointing": t.get("checkpointing"), "collector": t.get("collector"), "final_loss": t.get("final_loss"), "kernels": t.get("kernels"),
                   "eval_timing": {k: v.get("timing") for k, v in m.get("evaluate", {}).items() if isinstance(v, dict)},
                   "gguf_eval_timing": {k: v.get("timing") for k, v in m.get("gguf", {}).get("eval", {}).items()},
                   "gguf_verify": {q: {"agreement": f["verify"]["agreement"], "tokenizer_match": f["verify"]["tokenizer_match"]}
@@ -228,6 +232,16 @@ case "$mode" in
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/integration/test_kernels_ahead.py -k "does_not_wait or cache_is_the_jobs" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    ;;
+  speed-45)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-45
+    first_steps t1-45
+    compare50 "$out/t1-45.jsonl" "${BEFORE_JSONL:-$out/t1-45.jsonl}" | tee "$out/loss50.json"
+    timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k checkpoint_snapshot > "$out/gpu-test.txt" 2>&1; tail -2 "$out/gpu-test.txt"
+    run t1-45-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    BACKEND=hf timeout 120 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile-hf" "$work/runs/t1-45/data/train.jsonl" \
+      model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile-hf.txt" 2>&1; tail -1 "$out/profile-hf.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with

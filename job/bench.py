@@ -114,7 +114,8 @@ def worker(args: dict) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         trainer, session = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
                                                 peft_config=peft_config, trainer_checkpointing=backend.NAME != "unsloth")
-        trainer.train()
+        with shared.CollectorPauses().frozen():  # as the job trains
+            trainer.train()
     progress = session.progress
     (t0, n0), (t1, n1) = progress.clock[WARMUP - 1], progress.clock[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)

@@ -170,18 +170,79 @@ def newest_complete_checkpoint(checkpoints_dir: Path, fingerprint: str | None = 
     return None
 
 
-def _to_cpu(value: Any) -> Any:
-    """A CPU copy; from CUDA asynchronous into pinned memory (one synchronize for all, not one per tensor:
-    an adapter and its 8-bit optimizer state are over a thousand small tensors)."""
-    import torch
+class HostSnapshot:
+    """A CPU copy of a nested structure of tensors (dicts, lists, tuples), taken without stopping the GPU.
 
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True, non_blocking=value.is_cuda)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
+    An adapter and its 8-bit optimizer state are over a thousand small tensors: copied one by one, each copy is a
+    launch and the loop waited for the lot. Here the CUDA tensors of each dtype are packed on the GPU into one
+    buffer and copied once into page-locked memory, and an event marks the copy's end: the training thread goes
+    on (its next kernels queue behind the copy, so the weights it changes are copied first), and `take()`, on
+    the writer thread, waits for the event and hands back the structure with tensors of their own, as
+    `.to("cpu")` would have made them. CPU tensors are cloned at once."""
+
+    def __init__(self, tree: Any):
+        import torch
+
+        self._cuda: list = []
+        self._skeleton = self._walk(tree)
+        self._buffers: dict = {}
+        self._layout: list[tuple] = [None] * len(self._cuda)  # per CUDA tensor: (dtype, offset, shape)
+        self.event = None
+        groups: dict = {}
+        for index, tensor in enumerate(self._cuda):
+            groups.setdefault(tensor.dtype, []).append(index)
+        for dtype, members in groups.items():
+            offset = 0
+            for index in members:
+                tensor = self._cuda[index]
+                self._layout[index] = (dtype, offset, tuple(tensor.shape))
+                offset += tensor.numel()
+            packed = torch.cat([self._cuda[index].detach().reshape(-1) for index in members])
+            host = torch.empty(packed.shape, dtype=dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            self._buffers[dtype] = host
+        if self._cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self._cuda = []  # the GPU tensors are not held past the copy
+
+    def _walk(self, value: Any) -> Any:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda:
+                self._cuda.append(value)
+                return _Slot(len(self._cuda) - 1)
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: self._walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._walk(v) for v in value)
+        return value
+
+    def take(self) -> Any:
+        """The structure with every tensor on the CPU; waits for the copy."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self._fill(self._skeleton)
+
+    def _fill(self, value: Any) -> Any:
+        if isinstance(value, _Slot):
+            dtype, offset, shape = self._layout[value.index]
+            count = 1
+            for size in shape:
+                count *= size
+            return self._buffers[dtype][offset:offset + count].view(shape).clone()
+        if isinstance(value, dict):
+            return {k: self._fill(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._fill(v) for v in value)
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    index: int
 
 
 class AsyncCheckpointWriter:
@@ -249,9 +310,10 @@ class AsyncCheckpointWriter:
                 rng["cuda"] = torch.cuda.random.get_rng_state()
         snapshot = {
             "step": trainer.state.global_step,
-            "adapter": _to_cpu(get_peft_model_state_dict(unwrapped, state_dict=gathered[0] if gathered else None)),
+            "tensors": HostSnapshot({
+                "adapter": get_peft_model_state_dict(unwrapped, state_dict=gathered[0] if gathered else None),
+                "optimizer": gathered[1] if gathered else trainer.optimizer.state_dict()}),
             "adapter_config": unwrapped.peft_config,
-            "optimizer": gathered[1] if gathered else _to_cpu(trainer.optimizer.state_dict()),
             "scheduler": trainer.lr_scheduler.state_dict(),
             "rng": rng,
             # TrainerState.save_to_json's own format, taken now: the state moves on with training
@@ -260,8 +322,6 @@ class AsyncCheckpointWriter:
             "partial": partial,
             "keep": trainer.args.save_total_limit,
         }
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies are complete before training changes the weights
         self.thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer", daemon=True)
         self.thread.start()
         self.saves += 1
@@ -276,11 +336,12 @@ class AsyncCheckpointWriter:
         final = root / f"checkpoint-{snapshot['step']}"
         partial: Path = snapshot["partial"]
         try:
-            save_file({k: v.contiguous() for k, v in snapshot["adapter"].items()},
+            tensors = snapshot["tensors"].take()
+            save_file({k: v.contiguous() for k, v in tensors["adapter"].items()},
                       str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
             for config in snapshot["adapter_config"].values():
                 config.save_pretrained(str(partial))
-            torch.save(snapshot["optimizer"], partial / "optimizer.pt")
+            torch.save(tensors["optimizer"], partial / "optimizer.pt")
             torch.save(snapshot["scheduler"], partial / "scheduler.pt")
             if snapshot["rng"] is not None:
                 torch.save(snapshot["rng"], partial / "rng_state.pth")

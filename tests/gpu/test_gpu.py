@@ -233,3 +233,43 @@ def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
     for name, grad in grads_plain.items():
         error = (grads_fused[name] - grad).norm() / grad.norm().clamp_min(1e-12)
         assert error < 3e-2, (name, float(error))
+
+
+def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_on():
+    """HostSnapshot packs the CUDA tensors per dtype, copies each pack once and does not wait: the kernels queued
+    after it (here: in-place updates behind a long matmul) must not reach the copy."""
+    import torch
+
+    from job.checkpoints import HostSnapshot
+
+    torch.manual_seed(0)
+    tree = {"adapter": {"a.lora_A": torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16),
+                        "a.lora_B": torch.randn(2048, 16, device="cuda", dtype=torch.bfloat16).t()},  # not contiguous
+            "optimizer": {"state": {0: {"step": 7, "state1": torch.randint(0, 255, (4096,), dtype=torch.uint8,
+                                                                           device="cuda"),
+                                        "absmax1": torch.rand(16, device="cuda"), "scalar": torch.tensor(3.0).cuda()}},
+                          "param_groups": [{"lr": 1e-4, "params": [0]}], "cpu": torch.arange(4)}}
+    expected = {"a.lora_A": tree["adapter"]["a.lora_A"].cpu(), "a.lora_B": tree["adapter"]["a.lora_B"].cpu(),
+                "state1": tree["optimizer"]["state"][0]["state1"].cpu(),
+                "absmax1": tree["optimizer"]["state"][0]["absmax1"].cpu()}
+    big = torch.randn(8192, 8192, device="cuda")
+    snapshot = HostSnapshot(tree)
+    for _ in range(3):
+        big = big @ big  # keeps the queue busy, so the updates below run after take() starts waiting
+    for tensor in (*tree["adapter"].values(), tree["optimizer"]["state"][0]["absmax1"]):
+        tensor.add_(1)
+    tree["optimizer"]["state"][0]["state1"].add_(1)
+    tree["optimizer"]["cpu"].add_(1)
+    taken = snapshot.take()
+    torch.cuda.synchronize()
+    assert torch.equal(taken["adapter"]["a.lora_A"], expected["a.lora_A"])
+    assert torch.equal(taken["adapter"]["a.lora_B"], expected["a.lora_B"])
+    assert taken["adapter"]["a.lora_B"].shape == (16, 2048) and taken["adapter"]["a.lora_B"].device.type == "cpu"
+    state = taken["optimizer"]["state"][0]
+    assert torch.equal(state["state1"], expected["state1"]) and torch.equal(state["absmax1"], expected["absmax1"])
+    assert state["scalar"].shape == () and state["scalar"].item() == 3.0 and state["step"] == 7
+    assert torch.equal(taken["optimizer"]["cpu"], torch.arange(4))
+    assert taken["optimizer"]["param_groups"] == [{"lr": 1e-4, "params": [0]}]
+    # each tensor owns its storage, as `.to("cpu")` made them (safetensors refuses tensors sharing one)
+    assert taken["adapter"]["a.lora_A"].untyped_storage().data_ptr() != \
+        taken["adapter"]["a.lora_B"].untyped_storage().data_ptr()

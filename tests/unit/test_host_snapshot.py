@@ -1,0 +1,22 @@
+"""job.checkpoints.HostSnapshot on the CPU: the structure comes back with copies taken when the snapshot was made
+(the CUDA path, packed copies and an event, is tests/gpu/test_gpu.py's)."""
+import torch
+
+from job.checkpoints import HostSnapshot
+
+
+def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
+    weights = torch.randn(3, 4, dtype=torch.bfloat16)
+    tree = {"adapter": {"w": weights, "t": weights.t()}, "optimizer": {"state": {0: {"step": torch.tensor(5.0),
+                                                                                     "exp_avg": torch.zeros(4)}},
+                                                                       "param_groups": [{"lr": 0.1, "params": (0,)}]}}
+    before = weights.clone()
+    snapshot = HostSnapshot(tree)
+    weights.add_(1)
+    tree["optimizer"]["state"][0]["exp_avg"].add_(1)
+    taken = snapshot.take()
+    assert snapshot.event is None  # nothing on a GPU: nothing to wait for
+    assert torch.equal(taken["adapter"]["w"], before) and torch.equal(taken["adapter"]["t"], before.t())
+    assert torch.equal(taken["optimizer"]["state"][0]["exp_avg"], torch.zeros(4))
+    assert taken["optimizer"]["state"][0]["step"].item() == 5.0
+    assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": (0,)}]
