@@ -51,6 +51,10 @@
 #                                       the objects that exist when training starts), its first 50 losses against
 #                                       BEFORE_JSONL's, the same t1 training on the hf backend (no evaluation or export),
 #                                       a torch profile of hf's steady steps, the HostSnapshot GPU test
+#   bash bench/gpu_t1.sh OUT speed-46   the whole run (bitsandbytes' step without its per-parameter syncs) with Triton's
+#                                       cache kept and listed by time (what compiles during training) and torch's
+#                                       recompiles logged, its first 50 losses against BEFORE_JSONL's; hf's training
+#                                       (fused LoRA layers) against BEFORE_HF_JSONL's; the GPU tests of both; hf's profile
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -240,6 +244,39 @@ case "$mode" in
     timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k checkpoint_snapshot > "$out/gpu-test.txt" 2>&1; tail -2 "$out/gpu-test.txt"
     run t1-45-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
     BACKEND=hf timeout 120 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile-hf" "$work/runs/t1-45/data/train.jsonl" \
+      model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile-hf.txt" 2>&1; tail -1 "$out/profile-hf.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  speed-46)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache" "$work/triton-46"; mkdir -p "$work/triton-46"
+    TRITON_CACHE_DIR="$work/triton-46" TORCH_LOGS=recompiles run t1-46
+    first_steps t1-46
+    compare50 "$out/t1-46.jsonl" "${BEFORE_JSONL:-$out/t1-46.jsonl}" | tee "$out/loss50.json"
+    python3 - "$work/triton-46" "$out/t1-46.jsonl" > "$out/triton-compiled.txt" <<'EOF2'
+import datetime, json, os, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+events = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+start = next(t(e) for e in events if e["event"] == "train_started")
+steps = {e["step"]: t(e) for e in events if e["event"] == "train_progress"}
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        if f.endswith(".json") and not f.startswith("__grp__"):
+            path = os.path.join(root, f)
+            try:
+                meta = json.load(open(path))
+            except ValueError:
+                continue
+            at = os.path.getmtime(path)
+            step = max([s for s, ts in steps.items() if ts <= at], default=0)
+            print(f"{at - start:9.2f} s after train_started (after step {step}): {meta.get('name')} "
+                  f"{json.dumps({k: meta.get(k) for k in ('constants', 'signature', 'num_warps') if k in meta})[:300]}")
+EOF2
+    sort -n "$out/triton-compiled.txt" | tail -25
+    run t1-46-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    compare50 "$out/t1-46-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-46-hf.jsonl}" | tee "$out/loss50-hf.json"
+    timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "checkpoint_snapshot or fused_lora or liger" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BACKEND=hf timeout 110 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile-hf" "$work/runs/t1-46/data/train.jsonl" \
       model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile-hf.txt" 2>&1; tail -1 "$out/profile-hf.txt"
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;

@@ -261,7 +261,13 @@ class AsyncCheckpointWriter:
         self.blocking_s = 0.0  # time the training loop spent on checkpoints
         self.write_s = 0.0  # time the writer thread spent
         self.saves = 0
+        self.blocking_split: dict[str, float] = {}  # where the loop's time on checkpoints went
         trainer._save_checkpoint = self.save
+
+    def _split(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self.blocking_split[part] = self.blocking_split.get(part, 0.0) + now - since
+        return now
 
     def save(self, model, trial=None) -> None:
         import numpy as np
@@ -271,6 +277,7 @@ class AsyncCheckpointWriter:
 
         started = time.perf_counter()
         self.wait()
+        self._split("waiting", started)
         trainer = self.trainer
         trainer.store_flos()  # a collective with several ranks
         me = distributed.world()
@@ -295,6 +302,7 @@ class AsyncCheckpointWriter:
             self.saves += 1
             self.blocking_s += time.perf_counter() - started
             return
+        mark = time.perf_counter()
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         for callback in [*trainer.callback_handler.callbacks, trainer.control]:  # as Trainer._save_checkpoint does
             if isinstance(callback, ExportableState):
@@ -308,11 +316,14 @@ class AsyncCheckpointWriter:
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
             if torch.cuda.is_available():  # one process: Trainer._load_rng_state reads one device's state
                 rng["cuda"] = torch.cuda.random.get_rng_state()
+        state = {"adapter": get_peft_model_state_dict(unwrapped, state_dict=gathered[0] if gathered else None),
+                 "optimizer": gathered[1] if gathered else trainer.optimizer.state_dict()}
+        mark = self._split("state_dicts", mark)
+        tensors = HostSnapshot(state)
+        mark = self._split("copy", mark)
         snapshot = {
             "step": trainer.state.global_step,
-            "tensors": HostSnapshot({
-                "adapter": get_peft_model_state_dict(unwrapped, state_dict=gathered[0] if gathered else None),
-                "optimizer": gathered[1] if gathered else trainer.optimizer.state_dict()}),
+            "tensors": tensors,
             "adapter_config": unwrapped.peft_config,
             "scheduler": trainer.lr_scheduler.state_dict(),
             "rng": rng,
@@ -322,6 +333,7 @@ class AsyncCheckpointWriter:
             "partial": partial,
             "keep": trainer.args.save_total_limit,
         }
+        self._split("trainer_state", mark)
         self.thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer", daemon=True)
         self.thread.start()
         self.saves += 1
@@ -384,4 +396,5 @@ class AsyncCheckpointWriter:
 
     def finish(self) -> dict:
         self.wait()
-        return {"saves": self.saves, "blocking_s": round(self.blocking_s, 3), "write_s": round(self.write_s, 3)}
+        return {"saves": self.saves, "blocking_s": round(self.blocking_s, 3), "write_s": round(self.write_s, 3),
+                "blocking_split_s": {part: round(s, 3) for part, s in self.blocking_split.items()}}

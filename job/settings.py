@@ -111,6 +111,9 @@ VARIABLES: tuple[Variable, ...] = (
              "the least severe event written"),
     Variable("PEFTOPT_NPROC", "nproc", "1", _nproc, "default of `run --nproc`: ranks to train on, or auto"),
     Variable("PEFTOPT_LIGER", "liger", "1", _switch, "0 keeps Liger's kernels off in the hf backend"),
+    Variable("PEFTOPT_FUSED_LORA", "fused_lora", "1", _switch,
+             "0 keeps peft's own LoRA layers in the hf backend on CUDA (1: each plain LoRA layer as one autograd "
+             "function, its sums inside the GEMMs)"),
     Variable("PEFTOPT_DEQUANTIZE_BASE", "dequantize_base", "1", _switch,
              "0 keeps a 4-bit base in 4-bit while training even where the planner has memory to dequantize it once"),
     Variable("PEFTOPT_BATCH_WORKERS", "batch_workers", "auto", _workers,
@@ -204,6 +207,7 @@ class Settings:
     log_level: str = "info"
     nproc: str = "1"
     liger: bool = True
+    fused_lora: bool = True
     dequantize_base: bool = True
     batch_workers: str = "auto"
     prepare_ahead: str = "auto"

@@ -1,13 +1,13 @@
 """The `hf` backend: transformers + peft + trl. Runs on CPU and CUDA, and data-parallel under
 `accelerate launch` / `torchrun` (the Trainer reads the launcher's environment). On CUDA, packed rows run
 on torch's varlen flash kernel (`attention.py`), norms, RoPE and the gated MLP on Liger's fused kernels
-(`liger.py`), and the batch is planned from a memory estimate as for unsloth; trl computes the loss through
+(`liger.py`), each LoRA layer as one autograd function with its sums inside the GEMMs (`fused_lora.py`), and the batch is planned from a memory estimate as for unsloth; trl computes the loss through
 its fused LM head (no full logits).
 """
 from __future__ import annotations
 
 from job import distributed, modelsrc
-from job.backends import attention, dequantize, liger
+from job.backends import attention, dequantize, fused_lora, liger
 from job.backends import plan as batch_plan
 from job.spec import JobSpec, LoraSpec
 NAME = "hf"
@@ -75,6 +75,19 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
                                            "base_weights": dequantize.base_weights(spec, chosen.dequantize_base),
                                            "kernels": ", ".join(kernels) or "transformers' own",
                                            "kernels_why": fused_why}
+
+
+def wrapped(trainer, device: str, chosen: batch_plan.Plan, settings) -> dict:
+    """After trl has wrapped the model with LoRA: the fused LoRA layers on CUDA (not under FSDP, whose sharded
+    weights are gathered around each module's own forward and backward). Figures for the log."""
+    if device != "cuda":
+        return {}
+    if not settings.fused_lora:
+        return {"lora_layers": "peft's own (PEFTOPT_FUSED_LORA=0)"}
+    if chosen.parallel == "fsdp":
+        return {"lora_layers": "peft's own (sharded weights)"}
+    fused, total = fused_lora.apply(trainer.model)
+    return {"lora_layers": f"{fused} of {total} fused (fused_lora.py)" + (", the rest peft's own" if fused < total else "")}
 
 
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:

@@ -146,6 +146,44 @@ def load_train_dataset(run_dir: RunDir, part: str = "train"):
     return datasets.Dataset.from_json(str(path), cache_dir=cache)
 
 
+# ------------------------------------------------------------------------------ the optimizer
+
+
+def _no_sync(tensor) -> None:
+    return None
+
+
+def without_per_parameter_syncs(optimizer) -> bool:
+    """bitsandbytes (0.50) synchronizes the device after each parameter's update in its 8-bit optimizers' step
+    (`sync_gpu`, 224 times in a t1 step): its paged state needs that, state kept on the device does not (each
+    update is a kernel queued behind the gradients it reads, ahead of the forward that reads the weights). For a
+    bitsandbytes optimizer that is not paged, its step runs without those syncs; the updates are the same.
+    Returns True when the optimizer (or the one an accelerate wrapper holds) was one."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner is not inner.optimizer:  # accelerate's AcceleratedOptimizer
+        inner = inner.optimizer
+    try:
+        from bitsandbytes.optim import optimizer as bnb_optimizer
+    except ImportError:
+        return False
+    if not isinstance(inner, bnb_optimizer.Optimizer8bit) or getattr(inner, "is_paged", True) \
+            or not callable(getattr(bnb_optimizer, "sync_gpu", None)):
+        return False
+    step = inner.step
+
+    @functools.wraps(step)
+    def unsynchronized_step(*args, **kwargs):
+        synchronizing = bnb_optimizer.sync_gpu
+        bnb_optimizer.sync_gpu = _no_sync
+        try:
+            return step(*args, **kwargs)
+        finally:
+            bnb_optimizer.sync_gpu = synchronizing
+
+    inner.step = unsynchronized_step
+    return True
+
+
 # ------------------------------------------------------------------------------ the collector
 
 
@@ -238,6 +276,11 @@ def _callbacks():
             (t0, n0), (t1, n1) = self.clock[STEADY_SKIP], self.clock[-1]
             return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
+    class OptimizerSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                without_per_parameter_syncs(optimizer)
+
     class StopOnSignal(TrainerCallback):
         def __init__(self, progress, session: "TrainingSession"):
             self.progress, self.session = progress, session
@@ -258,7 +301,7 @@ def _callbacks():
                 control.should_save = True
                 control.should_training_stop = True
 
-    return Progress, StopOnSignal
+    return Progress, StopOnSignal, OptimizerSteps
 
 
 def reward_figures(logs: dict) -> dict:
@@ -382,9 +425,9 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     if plan.parallel == "fsdp":
         trainer_class = distributed.placing_real_weights_only(trainer_class)
 
-    Progress, StopOnSignal = _callbacks()
+    Progress, StopOnSignal, OptimizerSteps = _callbacks()
     session = TrainingSession(progress=Progress())
-    callbacks = [StopOnSignal(session.progress, session), session.progress, *extra_callbacks]
+    callbacks = [StopOnSignal(session.progress, session), session.progress, OptimizerSteps(), *extra_callbacks]
     saving = fingerprint is not None
     on_written = None
     if saving and spec.train.checkpoint_sync and distributed.world().is_main:
@@ -545,6 +588,8 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: 
                                      run_dir.checkpoints_dir, peft_config=peft_config, fingerprint=fingerprint,
                                      trainer_checkpointing=backend.NAME != "unsloth", run_dir=run_dir,
                                      settings=settings)
+    if hasattr(backend, "wrapped"):
+        info.update(backend.wrapped(trainer, device, chosen, settings))
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,

@@ -273,3 +273,37 @@ def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_
     # each tensor owns its storage, as `.to("cpu")` made them (safetensors refuses tensors sharing one)
     assert taken["adapter"]["a.lora_A"].untyped_storage().data_ptr() != \
         taken["adapter"]["a.lora_B"].untyped_storage().data_ptr()
+
+
+def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tiny_model):
+    """The hf backend's fused LoRA layers on CUDA as the Trainer runs them: a bf16 base, float32 adapters, autocast."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from job.backends import fused_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).cuda()
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    fused = copy.deepcopy(model)
+    assert fused_lora.apply(fused)[0] > 0
+    ids = torch.randint(3, 200, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    results = []
+    for m in (model, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad.dtype == p.dtype for p in m.parameters() if p.requires_grad)
+        results.append((loss.item(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}))
+    (loss, grads), (fused_loss, fused_grads) = results
+    assert abs(fused_loss - loss) / loss < 1e-2
+    for name, grad in grads.items():
+        cos = torch.nn.functional.cosine_similarity(grad.flatten(), fused_grads[name].flatten(), dim=0)
+        assert cos > 0.99, (name, cos.item())
