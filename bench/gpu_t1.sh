@@ -55,6 +55,10 @@
 #                                       cache kept and listed by time (what compiles during training) and torch's
 #                                       recompiles logged, its first 50 losses against BEFORE_JSONL's; hf's training
 #                                       (fused LoRA layers) against BEFORE_HF_JSONL's; the GPU tests of both; hf's profile
+#   bash bench/gpu_t1.sh OUT speed-47   the GPU tests of the fused LoRA layers and the checkpoint snapshot, then t1's whole
+#                                       600-step training on hf (fused LoRA layers) and on unsloth, one after the other
+#                                       (no evaluation or export), each one's first 50 losses against BEFORE_HF_JSONL's
+#                                       and BEFORE_JSONL's
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -278,6 +282,16 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BACKEND=hf timeout 110 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile-hf" "$work/runs/t1-46/data/train.jsonl" \
       model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile-hf.txt" 2>&1; tail -1 "$out/profile-hf.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  speed-47)
+    timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "checkpoint_snapshot or fused_lora" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    bare=(--set evaluate=null --set export.merge=false --set 'export.gguf=[]')
+    run t1-47-hf --set train.backend=hf "${bare[@]}"
+    compare50 "$out/t1-47-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-47-hf.jsonl}" | tee "$out/loss50-hf.json"
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-47 "${bare[@]}"
+    first_steps t1-47-hf t1-47
+    compare50 "$out/t1-47.jsonl" "${BEFORE_JSONL:-$out/t1-47.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   compile-probe)

@@ -21,6 +21,8 @@ def _dequantized_linear_class():
         """A frozen 16-bit linear layer made from a 4-bit one. Like bitsandbytes' layer, it computes in the
         weight's dtype and returns the input's, so the layers around it see what they saw before."""
 
+        computes_in_weight_dtype = True  # what fused_lora.py computes for a LoRA layer over it
+
         def forward(self, x):
             return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 

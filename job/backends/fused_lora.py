@@ -13,7 +13,8 @@ the same sums in backward:
 Eight GEMMs and no elementwise kernel per layer, one graph node instead of six. What is computed is peft's LoRA
 (the same weights, gradients and adapter files); the sums round once instead of twice in bfloat16.
 
-A layer takes this path when it is plain LoRA over a 16-bit `nn.Linear` (one active adapter, no dropout, no DoRA
+A layer takes this path when it is plain LoRA over an `nn.Linear` (or the 16-bit layer a 4-bit base is dequantized
+into, dequantize.py; one active adapter, no dropout, no DoRA
 or other variant, no LoRA bias, frozen base weights); anything else, and any call where peft's forward would do
 something else (adapters disabled, as a DPO reference does, merged, per-row adapters), runs peft's own forward.
 """
@@ -25,11 +26,11 @@ import torch
 
 
 class LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W and b frozen; gradients for x, A and B."""
+    """y = x W^T + b + s (x A^T) B^T with W and b frozen, computed in `dtype` and returned in `out_dtype`;
+    gradients for x, A and B."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype, out_dtype):
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -39,7 +40,7 @@ class LoraLinear(torch.autograd.Function):
         ctx.save_for_backward(flat, down, weight, a, b)
         ctx.scaling, ctx.x_dtype, ctx.lora_dtypes = scaling, x.dtype, (lora_a.dtype, lora_b.dtype)
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -57,7 +58,12 @@ class LoraLinear(torch.autograd.Function):
                 grad_x = g @ weight.to(flat.dtype)
                 grad_x.addmm_(up, a, alpha=s)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _in_weight_dtype(base) -> bool:
+    """A base layer that computes in its weight's dtype and returns the input's (dequantize.py's)."""
+    return getattr(type(base), "computes_in_weight_dtype", False)
 
 
 def eligible(layer) -> bool:
@@ -69,7 +75,7 @@ def eligible(layer) -> bool:
     name = next(iter(layer.lora_A))
     base = layer.get_base_layer()
     dropout = layer.lora_dropout[name]
-    return (type(base) is torch.nn.Linear and base.weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return ((type(base) is torch.nn.Linear or _in_weight_dtype(base)) and base.weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
             and name not in getattr(layer, "lora_variant", {}) and not getattr(layer, "fan_in_fan_out", False)
             and not getattr(layer, "lora_bias", {}).get(name, False) and layer.lora_A[name].bias is None
@@ -81,8 +87,14 @@ def _forward(layer, name: str, x, *args, **kwargs):
     if args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [name]:
         return type(layer).forward(layer, x, *args, **kwargs)  # peft's own, for what it does differently
     base = layer.get_base_layer()
+    # the dtypes peft's forward gives: the base layer's (autocast's, or its own rule) for the sum
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = base.weight.dtype if _in_weight_dtype(base) else x.dtype
+    out_dtype = x.dtype if _in_weight_dtype(base) else dtype
     return LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                            float(layer.scaling[name]))
+                            float(layer.scaling[name]), dtype, out_dtype)
 
 
 def apply(model) -> tuple[int, int]:

@@ -275,8 +275,10 @@ def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_
         taken["adapter"]["a.lora_B"].untyped_storage().data_ptr()
 
 
-def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tiny_model):
-    """The hf backend's fused LoRA layers on CUDA as the Trainer runs them: a bf16 base, float32 adapters, autocast."""
+@pytest.mark.parametrize("dequantized", [False, True], ids=["linear", "dequantized-4bit-base"])
+def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tiny_model, dequantized):
+    """The hf backend's fused LoRA layers on CUDA as the Trainer runs them: a bf16 base (plain, or dequantize.py's
+    layers), float32 adapters, autocast."""
     import copy
 
     import torch
@@ -287,13 +289,25 @@ def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tin
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).cuda()
+    if dequantized:
+        from job.backends.dequantize import _dequantized_linear_class
+
+        linear_class = _dequantized_linear_class()
+        for parent in list(base.model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    layer = linear_class(child.in_features, child.out_features, bias=False, device="cuda",
+                                         dtype=torch.bfloat16)
+                    layer.weight = torch.nn.Parameter(child.weight.detach(), requires_grad=False)
+                    setattr(parent, name, layer)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     fused = copy.deepcopy(model)
-    assert fused_lora.apply(fused)[0] > 0
+    count, total = fused_lora.apply(fused)
+    assert count == total > 0
     ids = torch.randint(3, 200, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     results = []
     for m in (model, fused):

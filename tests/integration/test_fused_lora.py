@@ -9,12 +9,28 @@ import torch
 from job.backends import fused_lora
 
 
-def lora_model(tiny_model, **lora):
+def dequantized_like(model, dtype):
+    """The model's decoder linear layers as dequantize.py's 16-bit layers (what a 4-bit base becomes)."""
+    from job.backends.dequantize import _dequantized_linear_class
+
+    linear_class = _dequantized_linear_class()
+    for parent in list(model.model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                layer = linear_class(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype)
+                layer.weight = torch.nn.Parameter(child.weight.detach().to(dtype), requires_grad=False)
+                setattr(parent, name, layer)
+    return model
+
+
+def lora_model(tiny_model, dequantized=None, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    if dequantized is not None:
+        model = dequantized_like(model, dequantized)
     config = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM", **lora)
     model = get_peft_model(model, config)
     with torch.no_grad():  # B starts at zero: give it values, so the LoRA product counts in the comparison
@@ -31,8 +47,9 @@ def loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fused_layers_give_pefts_loss_and_gradients(tiny_model):
-    peft_model = lora_model(tiny_model)
+@pytest.mark.parametrize("dequantized", [None, torch.float32], ids=["linear", "dequantized-4bit-base"])
+def test_fused_layers_give_pefts_loss_and_gradients(tiny_model, dequantized):
+    peft_model = lora_model(tiny_model, dequantized)
     fused = copy.deepcopy(peft_model)
     count, total = fused_lora.apply(fused)
     assert count == total > 0
