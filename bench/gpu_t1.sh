@@ -56,9 +56,9 @@
 #                                       recompiles logged, its first 50 losses against BEFORE_JSONL's; hf's training
 #                                       (fused LoRA layers) against BEFORE_HF_JSONL's; the GPU tests of both; hf's profile
 #   bash bench/gpu_t1.sh OUT speed-47   the GPU tests of the fused LoRA layers and the checkpoint snapshot, then t1's whole
-#                                       600-step training on hf (fused LoRA layers) and on unsloth, one after the other
-#                                       (no evaluation or export), each one's first 50 losses against BEFORE_HF_JSONL's
-#                                       and BEFORE_JSONL's
+#                                       600-step training on hf (fused LoRA layers), then unsloth's on the same schedule
+#                                       stopped at step STOP_AT (150: its steady figure on the same host), each one's
+#                                       first 50 losses against BEFORE_HF_JSONL's and BEFORE_JSONL's
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -148,9 +148,10 @@ EOF2
 }
 
 first50() {  # NAME [overrides...]: a training-only run on t1's 600-step schedule, stopped by SIGTERM at step 50
+  # (STOP_AT: another step)
   local name=$1; shift
   ( run "$name" --set evaluate=null --set export.merge=false --set export.gguf=[] "$@" ) &
-  until grep -q '"step": 50,' "$out/$name.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
+  until grep -q "\"step\": ${STOP_AT:-50}," "$out/$name.jsonl" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 0.5; done
   pkill -TERM -f "name=$name"; wait
 }
 
@@ -289,7 +290,8 @@ EOF2
     bare=(--set evaluate=null --set export.merge=false --set 'export.gguf=[]')
     run t1-47-hf --set train.backend=hf "${bare[@]}"
     compare50 "$out/t1-47-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-47-hf.jsonl}" | tee "$out/loss50-hf.json"
-    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-47 "${bare[@]}"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; STOP_AT=${STOP_AT:-150} first50 t1-47
     first_steps t1-47-hf t1-47
     compare50 "$out/t1-47.jsonl" "${BEFORE_JSONL:-$out/t1-47.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
