@@ -168,6 +168,29 @@ print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=N
 EOF
 }
 
+triton_listing() {  # DIR NAME: the kernels in Triton's cache DIR by when they were written, against run NAME's steps
+  python3 - "$1" "$out/$2.jsonl" > "$out/triton-$2.txt" <<'EOF2'
+import datetime, json, os, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+events = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+start = next(t(e) for e in events if e["event"] == "train_started")
+steps = {e["step"]: t(e) for e in events if e["event"] == "train_progress"}
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        if f.endswith(".json") and not f.startswith("__grp__"):
+            path = os.path.join(root, f)
+            try:
+                meta = json.load(open(path))
+            except ValueError:
+                continue
+            at = os.path.getmtime(path)
+            step = max([s for s, ts in steps.items() if ts <= at], default=0)
+            print(f"{at - start:9.2f} s after train_started (after step {step}): {meta.get('name')} "
+                  f"{json.dumps({k: meta.get(k) for k in ('constants', 'signature', 'num_warps') if k in meta})[:300]}")
+EOF2
+  sort -n "$out/triton-$2.txt" | tail -25
+}
+
 bench_table() {  # NAME [bench args...]
   local name=$1; shift
   timeout ${BENCH_TIMEOUT:-300} python3 -m job bench jobspecs/t1.json "${common[@]:2}" "$@" --json > "$out/$name.json" 2> "$out/$name.err"
@@ -257,26 +280,7 @@ case "$mode" in
     TRITON_CACHE_DIR="$work/triton-46" TORCH_LOGS=recompiles run t1-46
     first_steps t1-46
     compare50 "$out/t1-46.jsonl" "${BEFORE_JSONL:-$out/t1-46.jsonl}" | tee "$out/loss50.json"
-    python3 - "$work/triton-46" "$out/t1-46.jsonl" > "$out/triton-compiled.txt" <<'EOF2'
-import datetime, json, os, sys
-t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-events = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
-start = next(t(e) for e in events if e["event"] == "train_started")
-steps = {e["step"]: t(e) for e in events if e["event"] == "train_progress"}
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        if f.endswith(".json") and not f.startswith("__grp__"):
-            path = os.path.join(root, f)
-            try:
-                meta = json.load(open(path))
-            except ValueError:
-                continue
-            at = os.path.getmtime(path)
-            step = max([s for s, ts in steps.items() if ts <= at], default=0)
-            print(f"{at - start:9.2f} s after train_started (after step {step}): {meta.get('name')} "
-                  f"{json.dumps({k: meta.get(k) for k in ('constants', 'signature', 'num_warps') if k in meta})[:300]}")
-EOF2
-    sort -n "$out/triton-compiled.txt" | tail -25
+    triton_listing "$work/triton-46" t1-46
     run t1-46-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
     compare50 "$out/t1-46-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-46-hf.jsonl}" | tee "$out/loss50-hf.json"
     timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "checkpoint_snapshot or fused_lora or liger" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
@@ -291,7 +295,9 @@ EOF2
     run t1-47-hf --set train.backend=hf "${bare[@]}"
     compare50 "$out/t1-47-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-47-hf.jsonl}" | tee "$out/loss50-hf.json"
     tar czf "$OUT/o.tgz" -C "$out" .
-    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; STOP_AT=${STOP_AT:-150} first50 t1-47
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache" "$work/triton-47"; mkdir -p "$work/triton-47"
+    TRITON_CACHE_DIR="$work/triton-47" STOP_AT=${STOP_AT:-150} first50 t1-47
+    triton_listing "$work/triton-47" t1-47
     first_steps t1-47-hf t1-47
     compare50 "$out/t1-47.jsonl" "${BEFORE_JSONL:-$out/t1-47.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .

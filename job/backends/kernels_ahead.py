@@ -31,9 +31,14 @@ from job.log import get_logger
 
 log = get_logger("peftopt.train")
 
-# Made-up steps: packed rows of these many tokens per micro-batch row (both of Triton's specializations of a row
-# count: one not divisible by 16, one divisible), conversations cut where a packed row has them restart.
-STEP_FILL = (0.97, 1.0)
+# Made-up steps: (share of the micro-batch's tokens, the count of labels kept mod 16, or None: every label kept).
+# Packed rows of conversations cut where a packed row has them restart. Triton specializes a kernel on each integer
+# argument's divisibility by 16, and unsloth's fused loss takes the count of kept labels (and 8 times it) as such:
+# the three classes of counts, 0, 10 and 3 mod 16, each in a row padded to a multiple of 16 tokens with the labels
+# of each conversation's first tokens masked, as the job's response-only batches are (t1's fourth step otherwise
+# compiled the class its first three had not met: 0.8-1.0 s); then a row of any length with every label kept
+# (methods that neither mask nor pad).
+STEPS = ((1.0, 0), (1.0, 10), (1.0, 3), (0.97, None))
 ROOM = 2.0  # the child starts only when the GPU has this many times the planner's estimate free (plus 4 GiB)
 
 
@@ -108,15 +113,23 @@ def few_layers(config):
     return small
 
 
-def _packed(tokens: int, row: int, vocab: int):
-    """input_ids, position_ids and labels of one packed micro-batch: conversations of up to `row` tokens."""
+def _packed(tokens: int, row: int, vocab: int, kept_mod_16: int | None = None, device: str = "cuda"):
+    """input_ids, position_ids and labels of one packed micro-batch: conversations of up to `row` tokens; with
+    `kept_mod_16`, the labels at each conversation's start masked, and then its first tokens (a prompt's), until
+    about three fifths are kept, their count `kept_mod_16` mod 16."""
     import torch
 
-    ids = torch.randint(3, vocab, (1, tokens), device="cuda")
+    ids = torch.randint(3, vocab, (1, tokens), device=device)
     piece = max(row // 3, 1)
     lengths = [piece] * (tokens // piece) + ([tokens % piece] if tokens % piece else [])
-    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths]).unsqueeze(0)
-    return ids, positions, ids.clone()
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
+    labels = ids.clone()
+    if kept_mod_16 is not None:
+        labels[positions == 0] = -100
+        open_ = (labels.view(-1) != -100).nonzero().flatten()
+        kept = min(len(open_) * 3 // 5 // 16 * 16 + kept_mod_16, len(open_))
+        labels.view(-1)[open_[: len(open_) - kept]] = -100
+    return ids, positions, labels
 
 
 def main() -> int:
@@ -158,9 +171,9 @@ def main() -> int:
         row = spec.model.max_seq_length
         vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))
         steps = 0
-        for fill in STEP_FILL:
+        for fill, kept_mod_16 in STEPS:
             tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
-            ids, positions, labels = _packed(tokens, row, vocab)
+            ids, positions, labels = _packed(tokens, row, vocab, kept_mod_16)
             loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
             loss.backward()
             model.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from job.backends import kernels_ahead
 from job.rundir import RunDir
@@ -57,7 +58,7 @@ def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model,
     outcome = [e for e in logged if e["event"] == "kernels_compiled_ahead"]
     assert len(outcome) == 1 and outcome[0]["seconds"] >= 0, logged
     if torch.cuda.is_available():
-        assert outcome[0].get("steps") == len(kernels_ahead.STEP_FILL), outcome
+        assert outcome[0].get("steps") == len(kernels_ahead.STEPS), outcome
     else:
         assert outcome[0]["error"], outcome
 
@@ -80,7 +81,7 @@ def test_the_childs_model_has_a_layer_of_each_kind_and_loads_from_the_whole_chec
 
 @pytest.mark.gpu
 def test_a_run_on_unsloth_with_kernels_ahead_does_not_wait_for_the_child(tmp_path, make_spec):
-    """A tiny job can finish before the child has compiled (on the H200: the child's two steps on the tiny model take
+    """A tiny job can finish before the child has compiled (on the H200: the child's steps on the tiny model take
     longer than its four): it ends the child, says so, and leaves no cache directory behind. (A child that finishes:
     test_the_child_answers_and_its_cache_is_the_jobs_alone on a GPU.)"""
     import tempfile
@@ -94,7 +95,7 @@ def test_a_run_on_unsloth_with_kernels_ahead_does_not_wait_for_the_child(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = [e for e in events(result.stdout) if e["event"] == "kernels_compiled_ahead"]
     assert len(outcome) == 1, outcome
-    assert outcome[0].get("steps") == len(kernels_ahead.STEP_FILL) or outcome[0].get("error") == "still running: ended"
+    assert outcome[0].get("steps") == len(kernels_ahead.STEPS) or outcome[0].get("error") == "still running: ended"
     assert set(Path(tempfile.gettempdir()).glob("peftopt-triton-*")) == before
 
 
@@ -106,3 +107,18 @@ def test_a_run_on_unsloth_with_kernels_ahead_does_not_wait_for_the_child(tmp_pat
 ])
 def test_what_the_job_logs_of_the_childs_answer(line, outcome):
     assert kernels_ahead._outcome(line) == outcome
+
+
+@pytest.mark.parametrize("fill,kept_mod_16", kernels_ahead.STEPS)
+def test_the_made_up_steps_keep_labels_in_each_class_the_loss_kernels_are_specialized_on(fill, kept_mod_16):
+    row, micro = 2048, 8
+    tokens = max(int(micro * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
+    ids, positions, labels = kernels_ahead._packed(tokens, row, 1000, kept_mod_16, device="cpu")
+    assert ids.shape == positions.shape == labels.shape == (1, tokens)
+    kept = int((labels != -100).sum())
+    if kept_mod_16 is None:
+        assert kept == tokens and tokens % 16  # a row the job would not pad, every label kept
+    else:
+        assert tokens % 16 == 0 and kept % 16 == kept_mod_16 and 0.5 < kept / tokens < 0.7
+        assert (labels[positions == 0] == -100).all()  # each conversation's start, as the shifted loss has it
+        assert torch.equal(labels[labels != -100], ids[labels != -100])
