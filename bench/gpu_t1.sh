@@ -55,10 +55,10 @@
 #                                       cache kept and listed by time (what compiles during training) and torch's
 #                                       recompiles logged, its first 50 losses against BEFORE_JSONL's; hf's training
 #                                       (fused LoRA layers) against BEFORE_HF_JSONL's; the GPU tests of both; hf's profile
-#   bash bench/gpu_t1.sh OUT speed-47   the GPU tests of the fused LoRA layers and the checkpoint snapshot, then t1's whole
-#                                       600-step training on hf (fused LoRA layers), then unsloth's on the same schedule
-#                                       stopped at step STOP_AT (150: its steady figure on the same host), each one's
-#                                       first 50 losses against BEFORE_HF_JSONL's and BEFORE_JSONL's
+#   bash bench/gpu_t1.sh OUT speed-47   the GPU tests of the fused LoRA layers and the checkpoint snapshot, then t1's
+#                                       training on hf (fused LoRA layers) and on unsloth (Triton's cache listed), each
+#                                       on the 600-step schedule stopped at step STOP_AT (200), their tokens/s after step
+#                                       4 on the same host, first 50 losses against BEFORE_HF_JSONL's and BEFORE_JSONL's
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -290,16 +290,25 @@ case "$mode" in
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   speed-47)
-    timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "checkpoint_snapshot or fused_lora" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
-    bare=(--set evaluate=null --set export.merge=false --set 'export.gguf=[]')
-    run t1-47-hf --set train.backend=hf "${bare[@]}"
+    timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "checkpoint_snapshot or fused_lora" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    STOP_AT=${STOP_AT:-200} first50 t1-47-hf --set train.backend=hf
     compare50 "$out/t1-47-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-47-hf.jsonl}" | tee "$out/loss50-hf.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache" "$work/triton-47"; mkdir -p "$work/triton-47"
-    TRITON_CACHE_DIR="$work/triton-47" STOP_AT=${STOP_AT:-150} first50 t1-47
+    TRITON_CACHE_DIR="$work/triton-47" STOP_AT=${STOP_AT:-200} first50 t1-47
     triton_listing "$work/triton-47" t1-47
     first_steps t1-47-hf t1-47
     compare50 "$out/t1-47.jsonl" "${BEFORE_JSONL:-$out/t1-47.jsonl}" | tee "$out/loss50.json"
+    python3 - "$out" t1-47-hf t1-47 <<'EOF2' | tee "$out/steady.txt"
+import datetime, json, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for name in sys.argv[2:]:
+    steps = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), open(f"{sys.argv[1]}/{name}.jsonl")))
+             if e.get("event") == "train_progress"]
+    a, b = steps[3], steps[-1]
+    print(json.dumps({"run": name, "steps": [a["step"], b["step"]],
+                      "tokens_per_s_after_step_4": round((b["tokens"] - a["tokens"]) / (t(b) - t(a)), 1)}))
+EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   compile-probe)
