@@ -59,6 +59,9 @@
 #                                       training on hf (fused LoRA layers) and on unsloth (Triton's cache listed), each
 #                                       on the 600-step schedule stopped at step STOP_AT (200), their tokens/s after step
 #                                       4 on the same host, first 50 losses against BEFORE_HF_JSONL's and BEFORE_JSONL's
+#   bash bench/gpu_t1.sh OUT speed-48   issue 37's closing figures in one call: the whole run (auto: unsloth), its first 50
+#                                       losses against BEFORE_JSONL's; t1's whole 600-step training on hf (no evaluation
+#                                       or export) against BEFORE_HF_JSONL's; then the unsloth bench
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -310,6 +313,15 @@ for name in sys.argv[2:]:
                       "tokens_per_s_after_step_4": round((b["tokens"] - a["tokens"]) / (t(b) - t(a)), 1)}))
 EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  speed-48)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-48
+    first_steps t1-48
+    compare50 "$out/t1-48.jsonl" "${BEFORE_JSONL:-$out/t1-48.jsonl}" | tee "$out/loss50.json"
+    run t1-48-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    compare50 "$out/t1-48-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-48-hf.jsonl}" | tee "$out/loss50-hf.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with
