@@ -245,6 +245,22 @@ class _Slot:
     index: int
 
 
+def _state_now(state) -> dict:
+    """TrainerState's fields (none of them a dataclass) as `dataclasses.asdict` gives them, without its recursive copy
+    of the growing log (its records, flat dicts of numbers, copied one level), the rest deep-copied (small)."""
+    import copy
+
+    fields = {}
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        if field.name == "log_history" and isinstance(value, list):
+            value = [dict(entry) if isinstance(entry, dict) else entry for entry in value]
+        elif isinstance(value, (dict, list)):
+            value = copy.deepcopy(value)
+        fields[field.name] = value
+    return fields
+
+
 class AsyncCheckpointWriter:
     """Installed in place of `trainer._save_checkpoint`; writes what the Trainer's own resume reads.
 
@@ -345,8 +361,9 @@ class AsyncCheckpointWriter:
             "adapter_config": unwrapped.peft_config,
             "scheduler": trainer.lr_scheduler.state_dict(),
             "rng": rng,
-            # TrainerState.save_to_json's own format, taken now: the state moves on with training
-            "trainer_state": json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n",
+            # TrainerState's fields as they are now (the state moves on with training), written in save_to_json's
+            # format by the writer thread
+            "trainer_state": _state_now(trainer.state),
             "dir": root,
             "partial": partial,
             "keep": trainer.args.save_total_limit,
@@ -375,7 +392,8 @@ class AsyncCheckpointWriter:
             torch.save(snapshot["scheduler"], partial / "scheduler.pt")
             if snapshot["rng"] is not None:
                 torch.save(snapshot["rng"], partial / "rng_state.pth")
-            (partial / "trainer_state.json").write_text(snapshot["trainer_state"])
+            (partial / "trainer_state.json").write_text(
+                json.dumps(snapshot["trainer_state"], indent=2, sort_keys=True) + "\n")
             write_marker(partial, snapshot["step"], self.fingerprint)
             for path in partial.iterdir():
                 with open(path, "rb") as fh:
