@@ -1,8 +1,9 @@
 """The `hf` backend: transformers + peft + trl. Runs on CPU and CUDA, and data-parallel under
 `accelerate launch` / `torchrun` (the Trainer reads the launcher's environment). On CUDA, packed rows run
 on torch's varlen flash kernel (`attention.py`), norms, RoPE and the gated MLP on Liger's fused kernels
-(`liger.py`), each LoRA layer as one autograd function with its sums inside the GEMMs (`fused_lora.py`), and the batch is planned from a memory estimate as for unsloth; trl computes the loss through
-its fused LM head (no full logits).
+(`liger.py`), each LoRA layer as one autograd function with its sums inside the GEMMs (`fused_lora.py`),
+and the batch is planned from a memory estimate as for unsloth; trl computes the loss through its fused LM
+head (no full logits).
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def wrapped(trainer, device: str, chosen: batch_plan.Plan, settings) -> dict:
     if chosen.parallel == "fsdp":
         return {"lora_layers": "peft's own (sharded weights)"}
     fused, total = fused_lora.apply(trainer.model)
-    return {"lora_layers": f"{fused} of {total} fused (fused_lora.py)" + (", the rest peft's own" if fused < total else "")}
+    rest = ", the rest peft's own" if fused < total else ""
+    return {"lora_layers": f"{fused} of {total} fused (fused_lora.py){rest}"}
 
 
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:
