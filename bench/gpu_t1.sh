@@ -92,6 +92,9 @@ common=(--output-dir "$work/runs" --set model.base="$work/l1b" --set data.source
         --set export.tokenizer_pre=llama-bpe)
 for dir in ${PYTHONPATH//:/ }; do [[ $dir == /tmp/* ]] && python3 -m compileall -q -j 16 "$dir" >/dev/null; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# The device machine's copy of the checkout carries the tree, not its HEAD: the caller writes the commit beside the
+# bundle (`git rev-parse --short HEAD > .gpu/commit`) and it is kept with the figures.
+[ -f .gpu/commit ] && cp .gpu/commit "$out/commit.txt"
 python3 -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)' | tee -a "$out/gpu.txt"
 
