@@ -113,9 +113,8 @@ def worker(args: dict) -> dict:
             dataset = datasets.Dataset.from_list(synthetic_pairs(spec, tokenizer, rows))
     with tempfile.TemporaryDirectory() as scratch:
         trainer, session = shared.build_trainer(spec, model, tokenizer, dataset, "cuda", chosen, Path(scratch),
-                                                peft_config=peft_config, trainer_checkpointing=backend.NAME != "unsloth")
-        if hasattr(backend, "wrapped"):
-            info.update(backend.wrapped(trainer, "cuda", chosen, settings.get()))
+                                                peft_config=peft_config, backend=backend)
+        info.update(session.backend_figures)
         with shared.CollectorPauses().frozen():  # as the job trains
             trainer.train()
     progress = session.progress

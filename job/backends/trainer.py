@@ -411,13 +411,16 @@ class TrainingSession:
     sync_figures: dict = field(default_factory=dict)
     sampling: Any = None  # rewards.Timing: seconds scoring sampled answers (a rewarded method)
     sampling_s: float = 0.0  # seconds sampling and scoring answers (a rewarded method)
+    backend_figures: dict = field(default_factory=dict)  # what the backend did once trl wrapped the model
 
 
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
-                  peft_config=None, fingerprint: str | None = None, trainer_checkpointing: bool = True,
+                  peft_config=None, fingerprint: str | None = None, backend=None,
                   extra_callbacks=(), run_dir: RunDir | None = None, settings=None):
     """The trl trainer of the spec's method as the job runs it, and its session. With a `fingerprint` (the train
-    stage's), checkpoints are written and marked with it; without (bench), nothing is saved."""
+    stage's), checkpoints are written and marked with it; without (bench), nothing is saved. `backend`: the
+    training backend's module (unsloth recomputes activations inside its own layers; a backend's `wrapped`
+    hook runs once trl has wrapped the model with LoRA)."""
     from job import methods
 
     method = methods.get(spec.train.method)
@@ -445,7 +448,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     if method.rewarded and device == "cuda" and (settings or settings_module.get()).sampler == "continuous":
         sampling["use_transformers_continuous_batching"] = True
     config = trainer_config(spec, output_dir, device, plan, modelsrc.dtype_for(spec, device), saving=saving,
-                            trainer_checkpointing=trainer_checkpointing, batch_workers=workers,
+                            trainer_checkpointing=backend is None or backend.NAME != "unsloth", batch_workers=workers,
                             tracking=tracking.trainer_settings(spec, run_dir, settings) if tracked else None,
                             **sampling)
     inputs = {}
@@ -465,6 +468,8 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
         count_tokens(trainer, session.progress)
     if workers:
         keep_batch_workers_out_of_the_job_signals(trainer)
+    if hasattr(backend, "wrapped"):
+        session.backend_figures = backend.wrapped(trainer, device, plan, settings or settings_module.get())
     return trainer, session
 
 
@@ -586,10 +591,8 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: 
     loaded_reserved = torch.cuda.memory_reserved() if device == "cuda" else 0
     trainer, session = build_trainer(spec, model, tokenizer, load_train_dataset(run_dir), device, chosen,
                                      run_dir.checkpoints_dir, peft_config=peft_config, fingerprint=fingerprint,
-                                     trainer_checkpointing=backend.NAME != "unsloth", run_dir=run_dir,
-                                     settings=settings)
-    if hasattr(backend, "wrapped"):
-        info.update(backend.wrapped(trainer, device, chosen, settings))
+                                     backend=backend, run_dir=run_dir, settings=settings)
+    info.update(session.backend_figures)
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
