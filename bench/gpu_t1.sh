@@ -62,6 +62,10 @@
 #   bash bench/gpu_t1.sh OUT speed-48   issue 37's closing figures in one call: the whole run (auto: unsloth), its first 50
 #                                       losses against BEFORE_JSONL's; t1's whole 600-step training on hf (no evaluation
 #                                       or export) against BEFORE_HF_JSONL's; then the unsloth bench
+#   bash bench/gpu_t1.sh OUT merge-probe  why merge took 12 s after 2026-12-04's third session (4 s before): t1 for
+#                                       PROBE_STEPS (120) steps through every stage as the tree is, then without the
+#                                       collector held off, then with the old checkpoint copy (bench/patched_run.py),
+#                                       the machine's threads sampled during each
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -102,7 +106,7 @@ run() {  # NAME [overrides...]: one `peftopt run` of t1; events, metrics and the
   local name=$1; shift
   local started=$(date +%s.%N)
   local -n shared=${SHARED:-common}
-  ${PROFILER:-} python3 -m job run ${SPEC:-jobspecs/t1.json} "${shared[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
+  ${PROFILER:-} python3 ${ENTRY:--m job} run ${SPEC:-jobspecs/t1.json} "${shared[@]}" --set name="$name" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
   local code=$?
   python3 - "$out/$name.jsonl" "$started" "$name" "$code" <<'EOF' | tee -a "$out/runs.jsonl"
 import datetime, json, sys, time
@@ -325,6 +329,13 @@ EOF2
     compare50 "$out/t1-48-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-48-hf.jsonl}" | tee "$out/loss50-hf.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  merge-probe)
+    for change in none no-freeze old-copy; do
+      python3 bench/thread_sampler.py "$out/threads-$change.jsonl" 1 & sampler=$!
+      ENTRY="bench/patched_run.py $change --" run "probe-$change" --set train.max_steps=${PROBE_STEPS:-120}
+      kill $sampler
+    done
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with

@@ -82,7 +82,10 @@ EVENTS: dict[str, str] = {
     "code_checks_skipped": "code checks cannot be sandboxed here and are skipped",
     "code_checks_unisolated": "code checks run without the sandbox's filter because the spec says so",
     # export and push
-    "merged": "the adapter was folded into the 16-bit base (and any custom-code reference dropped)",
+    "merged": "the adapter was folded into the 16-bit base (and any custom-code reference dropped); `load_s`, `fold_s`, "
+              "`save_s`",
+    "model_load_waited": "a model's loading waited over 0.1 s for another thread's (`what`, `seconds`): evaluate's "
+                         "answers ahead and merge take turns",
     "gguf_converted": "the converter wrote the first GGUF",
     "gguf_verified": "a GGUF loaded and answered (agreement, tokenizer match)",
     "push_planned": "the push stage's plan",

@@ -7,6 +7,7 @@ splits words wrongly, and its GGUF-loaded model refuses `save_pretrained`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -15,6 +16,8 @@ import os
 import re
 import shutil
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,18 @@ log = get_logger("peftopt.model")
 # Held while a model is built: transformers' loading switches process-wide state (weight initialisation turned off
 # and back on), so two threads loading at once (evaluate's targets answered ahead beside merge and gguf) take turns.
 LOADING = threading.RLock()
+
+
+@contextlib.contextmanager
+def loading_turn(what: str) -> Iterator[None]:
+    """LOADING held while `what` is built; a wait of over 0.1 s for another thread's loading is logged
+    (`model_load_waited`), so a stage's time says how much of it was its turn."""
+    started = time.perf_counter()
+    with LOADING:
+        waited = time.perf_counter() - started
+        if waited > 0.1:
+            log.info("model_load_waited", what=what, seconds=round(waited, 2))
+        yield
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
 

@@ -376,7 +376,7 @@ def load_target(target: str, spec: JobSpec, run_dir):
     """(model, tokenizer) of a transformers target. The merged model is evaluated in float32, as the GGUF's
     reference answers are computed: its bf16 weights are exact in float32, so it answers as a 16-bit
     runtime would without a second rounding of the activations."""
-    with modelsrc.LOADING:  # see modelsrc.LOADING
+    with modelsrc.loading_turn(target):
         return _load_target(target, spec, run_dir)
 
 

@@ -125,7 +125,7 @@ def merged_reference(spec, run_dir, tokenizer, prompts, evaluate) -> list[dict]:
     from job.backends import device
 
     # On the GPU when there is one: unsloth, once imported, patches Llama's forward for CUDA only.
-    with modelsrc.LOADING:
+    with modelsrc.loading_turn("merged reference"):
         model = AutoModelForCausalLM.from_pretrained(str(run_dir.merged_dir), dtype=torch.float32).to(device(spec))
     greedy = evaluate.model_copy(update={"do_sample": False})
     answers = generate.generate_hf(model, tokenizer, prompts, greedy, max_new_tokens=spec.export.verify_tokens)

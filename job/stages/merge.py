@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-
 from typing import Any
 
 from job import modelsrc
@@ -30,13 +30,19 @@ def merge_source(spec: JobSpec, run_dir: RunDir) -> tuple[str, str]:
     return location, "dequantized-4bit" if stored_4bit else "base-16bit"
 
 
-def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
-    """Returns the merged model in float32 on CPU (the caller casts and saves)."""
+def merge(spec: JobSpec, run_dir: RunDir, adapter_dir: str, timing: dict | None = None):
+    """Returns the merged model in float32 on CPU (the caller casts and saves); `timing` gets the seconds of
+    loading (`load_s`, the turn's wait included) and folding (`fold_s`)."""
     import torch
 
-    with modelsrc.LOADING:  # see modelsrc.LOADING
+    started = time.perf_counter()
+    with modelsrc.loading_turn("merge"):
         model = _merge_model(spec, run_dir, adapter_dir)
-    return model.merge_and_unload().to(torch.float32)
+    loaded = time.perf_counter()
+    merged = model.merge_and_unload().to(torch.float32)
+    if timing is not None:
+        timing.update(load_s=round(loaded - started, 2), fold_s=round(time.perf_counter() - loaded, 2))
+    return merged
 
 
 def _merge_model(spec: JobSpec, run_dir: RunDir, adapter_dir: str):
@@ -86,10 +92,12 @@ def run(ctx: RunContext) -> StageResult:
     spec, run_dir = ctx.spec, ctx.run_dir
     run_dir.own(run_dir.adapter_dir)  # read back, and handed to peft: all of it the train stage's own
     location, how = merge_source(spec, run_dir)
-    merged = merge(spec, run_dir, str(run_dir.adapter_dir))
+    timing: dict[str, float] = {}
+    merged = merge(spec, run_dir, str(run_dir.adapter_dir), timing)
     tokenizer, _ = modelsrc.load_tokenizer(str(run_dir.adapter_dir), spec.model_copy(
         update={"model": spec.model.model_copy(update={"chat_template": "tokenizer"})}))
     dtype = getattr(torch, spec.model.merged_dtype)
+    saving = time.perf_counter()
     with atomic_dir(run_dir.merged_dir) as out:
         merged.to(dtype).save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
@@ -97,10 +105,12 @@ def run(ctx: RunContext) -> StageResult:
         modelsrc.copy_tokenizer_files(location, out)
         # the base's own code references would make the converter (and any loader) run code the model names
         dropped = modelsrc.drop_custom_code(out)
-    log.info("merged", source=location, how=how, dtype=str(dtype).removeprefix("torch."), custom_code_dropped=dropped)
+    timing["save_s"] = round(time.perf_counter() - saving, 2)
+    log.info("merged", source=location, how=how, dtype=str(dtype).removeprefix("torch."), custom_code_dropped=dropped,
+             **timing)
     return StageResult(artifacts=("merged",), metrics={"merged_into": how, "source": location,
                                                        "dtype": str(dtype).removeprefix("torch."),
-                                                       "custom_code_dropped": dropped})
+                                                       "custom_code_dropped": dropped, "timing": timing})
 
 
 def reads(spec: JobSpec) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""`python3 bench/patched_run.py CHANGE -- ARGS`: `peftopt ARGS` with one change of the 2026-12-04 sessions taken back,
+to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
+    no-freeze   the cycle collector not held off while training (trainer.CollectorPauses)
+    old-copy    the checkpoint snapshot copied tensor by tensor, then the GPU synchronized (as before HostSnapshot)
+    none        nothing changed
+"""
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+
+
+class _OldCopy:
+    """The snapshot as checkpoints._to_cpu took it before HostSnapshot."""
+
+    def __init__(self, tree):
+        import torch
+
+        def to_cpu(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach().to("cpu", copy=True, non_blocking=value.is_cuda)
+            if isinstance(value, dict):
+                return {k: to_cpu(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_cpu(v) for v in value)
+            return value
+
+        self.tree = to_cpu(tree)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def take(self):
+        return self.tree
+
+
+def main() -> None:
+    change, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    if change == "no-freeze":
+        from job.backends import trainer
+
+        trainer.CollectorPauses.frozen = contextlib.contextmanager(lambda self: (yield self))
+    elif change == "old-copy":
+        from job import checkpoints
+
+        checkpoints.HostSnapshot = _OldCopy
+    elif change != "none":
+        sys.exit(f"unknown change {change}")
+    sys.argv = ["peftopt", *args]
+    from job.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
