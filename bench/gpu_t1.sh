@@ -66,6 +66,8 @@
 #                                       PROBE_STEPS (120) steps through every stage as the tree is, then without the
 #                                       collector held off, then with the old checkpoint copy (bench/patched_run.py),
 #                                       the machine's threads sampled during each
+#   bash bench/gpu_t1.sh OUT merge-profile  the same 120-step run from cold caches, every thread sampled by py-spy (idle
+#                                       included: where the adapter's loading waits), the kernel's compaction counters
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -336,6 +338,17 @@ EOF2
       ENTRY="bench/patched_run.py $change --" run "probe-$change" --set train.max_steps=${PROBE_STEPS:-120}
       kill $sampler
     done
+    ;;
+  merge-profile)
+    pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+    grep -E "compact|thp" /proc/vmstat > "$out/vmstat-before.txt"; free -m > "$out/free-before.txt"
+    python3 bench/thread_sampler.py "$out/threads-profile.jsonl" 1 & sampler=$!
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"
+    PROFILER="py-spy record --idle --threads --rate 40 --format speedscope -o $out/probe.speedscope.json --" \
+      run probe-profile --set train.max_steps=${PROBE_STEPS:-120}
+    kill $sampler
+    grep -E "compact|thp" /proc/vmstat > "$out/vmstat-after.txt"; free -m > "$out/free-after.txt"
+    gzip -f "$out/probe.speedscope.json"
     ;;
   compile-probe)
     # What the first training step compiles: 12 steps of t1's training with every compile cache empty, then with
