@@ -211,7 +211,7 @@ bench_table() {  # NAME [bench args...]
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
 }
 
-if [[ $mode == speed* || $mode == compile-probe ]]; then
+if [[ $mode == speed* || $mode == compile-probe || $mode == merge-* ]]; then
   # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
   # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
   # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
