@@ -68,6 +68,8 @@
 #                                       the machine's threads sampled during each
 #   bash bench/gpu_t1.sh OUT merge-profile  the same 120-step run from cold caches, every thread sampled by py-spy (idle
 #                                       included: where the adapter's loading waits), the kernel's compaction counters
+#   bash bench/gpu_t1.sh OUT speed-49   the whole run (auto: unsloth) with the batch worker ended when training ends, its
+#                                       first 50 losses against BEFORE_JSONL's, then the unsloth bench
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -329,6 +331,13 @@ EOF2
     compare50 "$out/t1-48.jsonl" "${BEFORE_JSONL:-$out/t1-48.jsonl}" | tee "$out/loss50.json"
     run t1-48-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
     compare50 "$out/t1-48-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-48-hf.jsonl}" | tee "$out/loss50-hf.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  speed-49)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-49
+    first_steps t1-49
+    compare50 "$out/t1-49.jsonl" "${BEFORE_JSONL:-$out/t1-49.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;

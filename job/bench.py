@@ -117,6 +117,8 @@ def worker(args: dict) -> dict:
         info.update(session.backend_figures)
         with shared.CollectorPauses().frozen():  # as the job trains
             trainer.train()
+        if session.batch_workers is not None:
+            session.batch_workers.end()
     progress = session.progress
     (t0, n0), (t1, n1) = progress.clock[WARMUP - 1], progress.clock[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)

@@ -412,6 +412,7 @@ class TrainingSession:
     sampling: Any = None  # rewards.Timing: seconds scoring sampled answers (a rewarded method)
     sampling_s: float = 0.0  # seconds sampling and scoring answers (a rewarded method)
     backend_figures: dict = field(default_factory=dict)  # what the backend did once trl wrapped the model
+    batch_workers: BatchWorkers | None = None  # the processes collating batches ahead, ended with training
 
 
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
@@ -467,7 +468,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
     else:
         count_tokens(trainer, session.progress)
     if workers:
-        keep_batch_workers_out_of_the_job_signals(trainer)
+        session.batch_workers = BatchWorkers(trainer)
     if hasattr(backend, "wrapped"):
         session.backend_figures = backend.wrapped(trainer, device, plan, settings or settings_module.get())
     return trainer, session
@@ -552,19 +553,43 @@ def time_sampling(trainer, session: "TrainingSession") -> None:
         trainer._generate = generate_unsharded
 
 
-def keep_batch_workers_out_of_the_job_signals(trainer) -> None:
-    """Each batch worker starts a process group of its own, so that a signal sent to the job's whole group (`kill --
+class BatchWorkers:
+    """The processes that collate training batches ahead of the step (settings.batch_workers_on), as the trainer's
+    DataLoader starts them, and ended by `end()` once training is over.
+
+    Each worker starts a process group of its own, so that a signal sent to the job's whole group (`kill --
     -PGID`, a terminal's Ctrl-C, tini -g) reaches the training process alone, which stops at a safe point and then
     ends its workers. The DataLoader's own ends (its shutdown, SIGTERM to a stuck worker, multiprocessing's at exit)
-    keep the default handlers; a worker whose parent is gone notices it (torch's watchdog) and ends."""
-    make = trainer.get_train_dataloader
+    keep the default handlers; a worker whose parent is gone notices it (torch's watchdog) and ends.
 
-    def get_train_dataloader():
-        loader = make()
-        loader.worker_init_fn = functools.partial(_own_process_group, loader.worker_init_fn)
-        return loader
+    `end()` runs torch's own shutdown of the loader's persistent iterator while everything it uses is alive. Left
+    to the garbage collector, the iterator (held in a cycle by the Trainer, accelerate and the loader) is freed by a
+    full collection, which runs the finalizer of the queue that tells the worker to leave (closing it) before the
+    iterator's `__del__` puts the word in it: the worker never hears, and the join waits out torch's 5 s timeout
+    before killing it, on whichever thread the collection happened to run (after t1, the next stage's model
+    load: docs/performance.md)."""
 
-    trainer.get_train_dataloader = get_train_dataloader
+    def __init__(self, trainer):
+        self.loaders: list = []
+        make = trainer.get_train_dataloader
+
+        def get_train_dataloader():
+            loader = make()
+            loader.worker_init_fn = functools.partial(_own_process_group, loader.worker_init_fn)
+            self.loaders.append(loader)
+            return loader
+
+        trainer.get_train_dataloader = get_train_dataloader
+
+    def end(self) -> None:
+        """Each loader's workers told to leave and joined (torch's `_shutdown_workers`, what its `__del__` calls;
+        a worker already gone, ended by a stop, is joined at once)."""
+        for loader in self.loaders:
+            iterator, loader._iterator = getattr(loader, "_iterator", None), None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self.loaders.clear()
 
 
 def _own_process_group(init, worker_id: int) -> None:
@@ -668,6 +693,8 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
                        f"{trainer.state.global_step} ({lost}); complete checkpoints are kept: rerun the same "
                        "command to resume") from exc
     finally:
+        if session.batch_workers is not None:
+            session.batch_workers.end()
         if session.writer is not None:
             checkpointing = session.writer.finish()  # the last checkpoint is complete (or its failure raised)
         if session.uploader is not None:
@@ -713,7 +740,7 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
 
 def batch_worker_ended_by_the_stop(exc: BaseException) -> bool:
     """A batch worker ended by the signal that asked the job to stop (one sent to each process by name, `pkill -f`;
-    a signal to the process group does not reach it: keep_batch_workers_out_of_the_job_signals). torch reports it
+    a signal to the process group does not reach it: BatchWorkers). torch reports it
     in the training loop as the worker's death, or as the connection it was handing a batch over lost. A stop like
     any other (exit 75), not a crash, nor a disk error."""
     if isinstance(exc, (ConnectionError, EOFError)):
