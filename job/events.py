@@ -40,8 +40,9 @@ EVENTS: dict[str, str] = {
     # training
     "backend_imported": "unsloth imported before any stage's work (`seconds`), beside prepare's child process",
     "backend_chosen": "the training backend and why",
-    "kernels_ahead_started": "a child process (`pid`) compiles unsloth's Triton kernels into the job's own cache "
-                             "while the job imports, prepares and loads (PEFTOPT_KERNELS_AHEAD)",
+    "kernels_ahead_started": "a child process (`pid`) compiles the training step's Triton kernels (unsloth's, or on hf "
+                             "Liger's and trl's loss head) into the job's own cache while the job imports, prepares "
+                             "and loads (PEFTOPT_KERNELS_AHEAD)",
     "kernels_compiled_ahead": "what that child did, logged when the job ends: `seconds` and made-up `steps`, or why "
                               "it did nothing (`skipped`: no room on the GPU) or stopped (`error`)",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",

@@ -311,11 +311,13 @@ def tokenizer_failure(exc: BaseException) -> bool:
 
 
 def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | None = None,
-               attn_implementation: str | None = None, shardable: bool = False, weightless: bool = False):
+               attn_implementation: str | None = None, shardable: bool = False, weightless: bool = False,
+               config=None):
     """Loads the base as a causal LM on `device`, in 4-bit when asked (bitsandbytes NF4). `shardable`: 4-bit
     weights packed into the compute dtype instead of bytes, so that FSDP shards them with everything else (it
     would leave uint8 weights whole on every rank). `weightless`: the model's structure on the meta device, no
-    weights read (a sharded rank other than 0, which receives its shard from rank 0)."""
+    weights read (a sharded rank other than 0, which receives its shard from rank 0). `config`: the model's own,
+    changed (kernels_ahead's model of fewer layers: the checkpoint's other layers are not loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -325,7 +327,9 @@ def load_model(location: str, spec: JobSpec, device: str, *, four_bit: bool | No
         kwargs["attn_implementation"] = attn_implementation
     if weightless:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), **kwargs)
+            return AutoModelForCausalLM.from_config(config or AutoConfig.from_pretrained(location), **kwargs)
+    if config is not None:
+        kwargs["config"] = config
     if spec.model.load_in_4bit if four_bit is None else four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

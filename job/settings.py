@@ -120,12 +120,12 @@ VARIABLES: tuple[Variable, ...] = (
              "processes that collate training batches ahead of the GPU (auto: 1 on CUDA, 0 on CPU; 0: in the "
              "training process)"),
     Variable("PEFTOPT_KERNELS_AHEAD", "kernels_ahead", "auto", _choice("auto", "0", "1"),
-             "auto: when unsloth trains on a GPU with room for a second copy of the model, a child process compiles "
-             "its Triton kernels into a cache made for the job while the job imports, prepares and loads (the first "
-             "step then finds them); 0: the first step compiles them"),
+             "auto: when unsloth, or hf for supervised fine-tuning, trains on one GPU with room for a second copy of "
+             "the model, a child process compiles the step's Triton kernels into a cache made for the job while the "
+             "job imports, prepares and loads (the first step then finds them); 0: the first step compiles them"),
     Variable("TRITON_CACHE_DIR", "triton_cache_dir", None, _text,
              "where Triton keeps the kernels it compiles (unset: a directory made for each job that compiles "
-             "unsloth's kernels ahead, removed when it ends; else Triton's own ~/.triton/cache)"),
+             "its kernels ahead, removed when it ends; else Triton's own ~/.triton/cache)"),
     Variable("PEFTOPT_PREPARE_AHEAD", "prepare_ahead", "auto", _choice("auto", "0", "1"),
              "1: the prepare stage runs in a child process of its own while the job imports its training backend "
              "(unsloth: 10-15 s); auto: on a GPU; 0: in the job's process, in turn"),

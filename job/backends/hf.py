@@ -50,11 +50,13 @@ def plan(spec: JobSpec, config, device: str, settings) -> batch_plan.Plan:
     return chosen
 
 
-def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings):
-    """(model, peft config, figures for the log): trl wraps the model with LoRA, in bf16 adapters for QLoRA."""
+def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, settings, config=None):
+    """(model, peft config, figures for the log): trl wraps the model with LoRA, in bf16 adapters for QLoRA.
+    `config`: the model's own, changed (kernels_ahead's model of fewer layers)."""
     from transformers import AutoConfig
 
-    path, why = attention.hf_path(device, modelsrc.dtype_for(spec, device), AutoConfig.from_pretrained(location))
+    path, why = attention.hf_path(device, modelsrc.dtype_for(spec, device),
+                                  config or AutoConfig.from_pretrained(location))
     if not spec.train.packing and path == "varlen":
         path, why = "sdpa", "packing is off: padded batches use sdpa"
     implementation = attention.register() if path == "varlen" else "sdpa"
@@ -62,7 +64,8 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
     # Sharded, only rank 0 reads the weights (the others' shards come from it: distributed.shard); a 4-bit base
     # is quantized as it loads, so every rank loads it.
     model = modelsrc.load_model(location, spec, device, attn_implementation=implementation, shardable=sharded,
-                                weightless=sharded and not spec.model.load_in_4bit and not distributed.world().is_main)
+                                weightless=sharded and not spec.model.load_in_4bit and not distributed.world().is_main,
+                                config=config)
     if chosen.dequantize_base:  # before trl wraps it: peft then gives the 16-bit layers plain LoRA layers
         dequantize.dequantize_base(model)
     # bitsandbytes repacks 4-bit weights for good on the first no-grad eval-mode forward on some CPUs,

@@ -1,9 +1,10 @@
-"""unsloth's Triton kernels compiled ahead, in a child process, while the job imports unsloth, prepares the data and
-loads the model. The first training step otherwise compiles them (RMSNorm, RoPE, SwiGLU and the fused linear
-cross-entropy: ten kernels, about 6 s of t1's first step on the H200, docs/performance.md). The child imports
-unsloth, builds the same model with the backend's own `setup` cut to a layer of each kind (the kernels are
+"""The training step's Triton kernels compiled ahead, in a child process, while the job imports its backend, prepares
+the data and loads the model. The first training step otherwise compiles them: on unsloth RMSNorm, RoPE, SwiGLU and
+the fused linear cross-entropy (ten kernels, about 6 s of t1's first step on the H200, docs/performance.md); on hf
+Liger's RMSNorm, RoPE and SwiGLU and trl's chunked log-prob head (t1's first step on hf: 4.7 s). The child imports
+the backend, builds the same model with the backend's own `setup` cut to a layer of each kind (the kernels are
 compiled per shape, and every decoder layer of a kind has the same shapes), and runs made-up packed steps of the
-spec's shape;
+spec's shape (on hf through the job's own trainer, whose loss is trl's);
 Triton writes what it compiles into a cache directory made for this job alone (`TRITON_CACHE_DIR`, 0700, removed
 when the job ends), where the training process finds it. Nothing in that directory comes from anywhere but the
 job's own two processes: never the image, never a shared volume.
@@ -42,18 +43,29 @@ STEPS = ((1.0, 0), (1.0, 10), (1.0, 3), (0.97, None))
 ROOM = 2.0  # the child starts only when the GPU has this many times the planner's estimate free (plus 4 GiB)
 
 
+def backend_of(spec) -> str | None:
+    """The backend whose kernels the child compiles: unsloth's when unsloth will train (auto picks it on a GPU for
+    its methods), hf's for supervised fine-tuning on hf; None for anything else (the preference methods' steps
+    need pairs the child does not make up)."""
+    from job import methods
+
+    if spec.train.backend != "hf" and "unsloth" in methods.get(spec.train.method).backends \
+            and not (spec.lora is not None and spec.lora.use_dora):
+        return "unsloth"
+    return "hf" if spec.train.method == "sft" else None
+
+
 def wanted(spec, settings, device: str) -> bool:
-    """Compile ahead for this job: PEFTOPT_KERNELS_AHEAD 1, or auto and unsloth will train on this CUDA GPU from a
-    base the child can load before prepare (a model directory, an earlier run's model, a Hub model)."""
-    from job import distributed, methods, modelsrc
+    """Compile ahead for this job: PEFTOPT_KERNELS_AHEAD 1, or auto, on one CUDA GPU, when `backend_of` names a
+    backend and the base is one the child can load before prepare (a model directory, an earlier run's model, a
+    Hub model)."""
+    from job import distributed, modelsrc
 
     setting = settings.kernels_ahead
     if setting == "0" or spec.train is None or distributed.active(settings):
         return False
-    unsloth_trains = spec.train.backend != "hf" and "unsloth" in methods.get(spec.train.method).backends \
-        and not (spec.lora is not None and spec.lora.use_dora)
     loadable = modelsrc.source_kind(spec.model.base) in ("dir", "run", "hub")  # a GGUF or package base: prepare
-    return unsloth_trains and loadable and device == "cuda"
+    return backend_of(spec) is not None and loadable and device == "cuda"
 
 
 @contextlib.contextmanager
@@ -63,7 +75,8 @@ def started(spec, run_dir, settings) -> Iterator[subprocess.Popen]:
     if not settings.triton_cache_dir:  # one the operator set is theirs to trust, and kept
         made = tempfile.mkdtemp(prefix="peftopt-triton-")  # 0700
         os.environ["TRITON_CACHE_DIR"] = made  # a write for Triton, here and in the child
-    request = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.root), "parent": os.getpid()}
+    request = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.root), "parent": os.getpid(),
+               "backend": backend_of(spec)}
     child = subprocess.Popen([sys.executable, "-m", "job.backends.kernels_ahead"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=settings.child_env(),
                              start_new_session=True)
@@ -148,10 +161,12 @@ def main() -> int:
 
     try:
         from job import settings as settings_module
-        from job.backends import unsloth
 
         settings = settings_module.init()
-        unsloth.import_library()
+        if request.get("backend", "unsloth") == "unsloth":
+            from job.backends import unsloth
+
+            unsloth.import_library()
         import torch
         from transformers import AutoConfig
 
@@ -162,26 +177,80 @@ def main() -> int:
         spec = JobSpec.model_validate(request["spec"])
         location = modelsrc.model_location(spec, RunDir(Path(request["run_dir"])))
         config = AutoConfig.from_pretrained(location)
-        plan = unsloth.plan(spec, config, "cuda", settings)
+        backend = _backend(request.get("backend", "unsloth"))
+        plan = backend.plan(spec, config, "cuda", settings)
         free, _ = torch.cuda.mem_get_info()
         if plan.estimated_gb and free < (ROOM * plan.estimated_gb + 4) * 1024**3:
             return answer(skipped=f"{free / 1024**3:.1f} GiB free on the GPU, not room for a second model")
-        model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings, config=few_layers(config))
-        model.train()
-        row = spec.model.max_seq_length
-        vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))
-        steps = 0
-        for fill, kept_mod_16 in STEPS:
-            tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
-            ids, positions, labels = _packed(tokens, row, vocab, kept_mod_16)
-            loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            steps += 1
+        if backend.NAME == "unsloth":
+            steps = _unsloth_steps(spec, location, config, plan, settings)
+        else:
+            steps = trainer_steps(spec, location, config, plan, settings, "cuda")
         torch.cuda.synchronize()
         return answer(steps=steps)
     except BaseException as exc:  # the training process compiles what this did not
         return answer(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+
+def _backend(name: str):
+    import importlib
+
+    return importlib.import_module(f"job.backends.{name}")
+
+
+def _unsloth_steps(spec, location: str, config, plan, settings) -> int:
+    """The made-up steps (STEPS) straight through unsloth's model: its loss is in the model's forward."""
+    from job.backends import unsloth
+
+    model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings, config=few_layers(config))
+    model.train()
+    row = spec.model.max_seq_length
+    vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))
+    steps = 0
+    for fill, kept_mod_16 in STEPS:
+        tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
+        ids, positions, labels = _packed(tokens, row, vocab, kept_mod_16)
+        loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        steps += 1
+    return steps
+
+
+TRAINER_STEPS = 3  # the trainer's packed micro-batches vary in length; their token count is padded to a multiple of 16
+
+
+def trainer_steps(spec, location: str, config, plan, settings, device: str) -> int:
+    """hf: made-up steps through the job's own trainer (`trainer.build_trainer`: trl's collator and loss head,
+    Liger's kernels, the fused LoRA layers, the 8-bit optimizer) on the model cut to a layer of each kind, rows
+    of random tokens of the spec's lengths, nothing saved and no batch worker."""
+    import dataclasses
+    import tempfile
+
+    import datasets
+    import torch
+
+    from job import modelsrc
+    from job.backends import hf
+    from job.backends import trainer as shared
+
+    settings = dataclasses.replace(settings, batch_workers="0")
+    shared.install_cpu_loss_head()  # on a CPU (the tests): trl's head is Triton's alone
+    model, peft_config, _ = hf.setup(spec, location, device, plan, settings, config=few_layers(config))
+    tokenizer, _ = modelsrc.load_tokenizer(location, spec)
+    row = spec.model.max_seq_length
+    vocab = min(int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size")), 32000)
+    generator = torch.Generator().manual_seed(0)
+    count = TRAINER_STEPS * plan.micro_batch * plan.accumulation * 2
+    lengths = torch.randint(max(row // 8, 2), max(row * 3 // 4, 3), (count,), generator=generator).tolist()
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": [torch.randint(100, vocab, (n,), generator=generator).tolist() for n in lengths]})
+    short = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": TRAINER_STEPS})})
+    with tempfile.TemporaryDirectory(prefix="peftopt-kernels-") as scratch:
+        trainer, _ = shared.build_trainer(short, model, tokenizer, dataset, device, plan, Path(scratch),
+                                                peft_config=peft_config, backend=hf, settings=settings)
+        trainer.train()
+    return trainer.state.global_step
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def check(spec: JobSpec, scope: CheckScope) -> list[str]:
 
 @contextlib.contextmanager
 def warm_up(ctx: RunContext):
-    """unsloth's Triton kernels compiled by a child process while the job imports, prepares and loads
-    (job/backends/kernels_ahead.py), when this job trains on unsloth on a GPU."""
+    """The training step's Triton kernels compiled by a child process while the job imports, prepares and loads
+    (job/backends/kernels_ahead.py), when this job trains on one GPU (unsloth, or hf for supervised fine-tuning)."""
     from job.backends import kernels_ahead
 
     if ctx.dry_run or not kernels_ahead.wanted(ctx.spec, ctx.settings, backends.device(ctx.spec)):

@@ -1,7 +1,7 @@
-"""Integration (CPU) and gpu: unsloth's Triton kernels compiled ahead by a child process
-(job/backends/kernels_ahead.py). On the CPU: when a job asks for it, and the child's plumbing (its own cache
-directory, its answer, the clean-up) with a child that cannot import unsloth here. On a GPU: a t1-shaped run's
-first step finds the kernels compiled."""
+"""Integration (CPU) and gpu: the training step's Triton kernels compiled ahead by a child process
+(job/backends/kernels_ahead.py). On the CPU: when a job asks for it, the child's plumbing (its own cache
+directory, its answer, the clean-up) with a child that cannot import unsloth here, and hf's made-up steps through
+the job's own trainer on a model of one layer. On a GPU: a t1-shaped run's first step finds the kernels compiled."""
 import json
 import os
 from pathlib import Path
@@ -24,7 +24,9 @@ def _spec(tiny_model, **train):
     ({}, "cuda", {}, True),
     ({"backend": "unsloth"}, "cuda", {}, True),
     ({}, "cpu", {}, False),
-    ({"backend": "hf"}, "cuda", {}, False),
+    ({"backend": "hf"}, "cuda", {}, True),
+    ({"backend": "hf", "method": "dpo"}, "cuda", {}, False),
+    ({"backend": "hf"}, "cpu", {}, False),
     ({}, "cuda", {"PEFTOPT_KERNELS_AHEAD": "0"}, False),
     ({}, "cuda", {"WORLD_SIZE": "2"}, False),
     ({"method": "dpo"}, "cuda", {}, False),
@@ -39,8 +41,11 @@ def test_a_gguf_base_is_made_by_prepare_and_not_compiled_ahead(tmp_path):
     assert not kernels_ahead.wanted(spec, load({}), "cuda")
 
 
-def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model, monkeypatch, capsys):
-    """Without a GPU the child cannot import unsloth and answers with the error (on a GPU it compiles); either way
+@pytest.mark.parametrize("train,steps", [({}, len(kernels_ahead.STEPS)),
+                                         ({"backend": "hf"}, kernels_ahead.TRAINER_STEPS)])
+def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model, monkeypatch, capsys, train, steps):
+    """Without a GPU the child cannot compile (unsloth does not import, hf finds no GPU) and answers with the error
+    (on a GPU it compiles: unsloth's made-up steps, or hf's through the job's trainer); either way
     the job's Triton cache directory was made for it (0700) and is gone afterwards, and TRITON_CACHE_DIR is as it
     was."""
     import torch
@@ -49,7 +54,7 @@ def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model,
     from job import log
 
     log.configure(json_output=True)
-    with kernels_ahead.started(_spec(tiny_model), RunDir(tmp_path / "run"), load(dict(os.environ))) as child:
+    with kernels_ahead.started(_spec(tiny_model, **train), RunDir(tmp_path / "run"), load(dict(os.environ))) as child:
         cache = Path(os.environ["TRITON_CACHE_DIR"])
         assert cache.is_dir() and (cache.stat().st_mode & 0o777) == 0o700
         child.wait(timeout=300)
@@ -58,9 +63,35 @@ def test_the_child_answers_and_its_cache_is_the_jobs_alone(tmp_path, tiny_model,
     outcome = [e for e in logged if e["event"] == "kernels_compiled_ahead"]
     assert len(outcome) == 1 and outcome[0]["seconds"] >= 0, logged
     if torch.cuda.is_available():
-        assert outcome[0].get("steps") == len(kernels_ahead.STEPS), outcome
+        assert outcome[0].get("steps") == steps, outcome
     else:
         assert outcome[0]["error"], outcome
+
+
+@pytest.mark.parametrize("train,backend", [
+    ({}, "unsloth"), ({"backend": "unsloth"}, "unsloth"), ({"backend": "hf"}, "hf"), ({"method": "dpo"}, None),
+])
+def test_which_backends_kernels_the_child_compiles(tiny_model, train, backend):
+    assert kernels_ahead.backend_of(_spec(tiny_model, **train)) == backend
+
+
+def test_hf_made_up_steps_run_through_the_jobs_trainer_on_one_layer(tiny_model):
+    """hf's steps are the job's own trainer's (trl's collator and loss head, the LoRA wrapping, the optimizer) on
+    the model cut to one layer: here on the CPU, where no kernel is compiled, the steps all run."""
+    from transformers import AutoConfig
+
+    from job.backends import hf
+
+    spec = validate_data({"name": "k", "model": {"base": str(tiny_model), "chat_template": "llama-3",
+                                                  "max_seq_length": 64},
+                          "data": {"source": "x.jsonl"}, "lora": {"r": 4},
+                          "train": {"backend": "hf", "max_steps": 600, "per_device_batch_size": 2,
+                                    "optim": "adamw_torch"}})
+    settings = load({})
+    config = AutoConfig.from_pretrained(tiny_model)
+    plan = hf.plan(spec, config, "cpu", settings)
+    steps = kernels_ahead.trainer_steps(spec, str(tiny_model), config, plan, settings, "cpu")
+    assert steps == kernels_ahead.TRAINER_STEPS
 
 
 def test_the_childs_model_has_a_layer_of_each_kind_and_loads_from_the_whole_checkpoint(tiny_model):
