@@ -70,6 +70,10 @@
 #                                       included: where the adapter's loading waits), the kernel's compaction counters
 #   bash bench/gpu_t1.sh OUT speed-49   the whole run (auto: unsloth) with the batch worker ended when training ends, its
 #                                       first 50 losses against BEFORE_JSONL's, then the unsloth bench
+#   bash bench/gpu_t1.sh OUT save-probe  what a checkpoint save costs the next step: t1's training on unsloth to step
+#                                       STOP_AT (200) as the tree is, with the writer thread writing nothing, and with a
+#                                       0.1 ms switch interval (bench/patched_run.py); the step after a save against
+#                                       the others (save-steps.json)
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -340,6 +344,25 @@ EOF2
     compare50 "$out/t1-49.jsonl" "${BEFORE_JSONL:-$out/t1-49.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  save-probe)
+    for change in none quiet-writer switch-interval; do
+      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-200} first50 "save-$change"
+    done
+    python3 - "$out" > "$out/save-steps.json" <<'EOF2'
+import datetime, json, statistics, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for change in ("none", "quiet-writer", "switch-interval"):
+    steps = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), open(f"{sys.argv[1]}/save-{change}.jsonl")))
+             if e.get("event") == "train_progress"]
+    gaps = {b["step"]: t(b) - t(a) for a, b in zip(steps, steps[1:]) if b["step"] > 5}
+    after = [g for s, g in gaps.items() if s % 10 == 1]
+    other = [g for s, g in gaps.items() if s % 10 != 1]
+    print(json.dumps({"change": change, "steps": len(gaps), "after_save_ms": round(statistics.median(after) * 1000, 1),
+                      "other_ms": round(statistics.median(other) * 1000, 1),
+                      "tokens_per_s": round((steps[-1]["tokens"] - steps[4]["tokens"]) / (t(steps[-1]) - t(steps[4])))}))
+EOF2
+    cat "$out/save-steps.json"
     ;;
   merge-probe)
     for change in none no-freeze old-copy; do

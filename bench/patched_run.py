@@ -2,6 +2,10 @@
 to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
     no-freeze   the cycle collector not held off while training (trainer.CollectorPauses)
     old-copy    the checkpoint snapshot copied tensor by tensor, then the GPU synchronized (as before HostSnapshot)
+    quiet-writer  the checkpoint writer thread takes the snapshot and writes nothing (what the writing costs the
+                loop: training only, the run keeps no checkpoint)
+    switch-interval  the interpreter's switch interval at 0.1 ms instead of 5 (how long the training thread waits
+                for the lock the writer thread holds)
     none        nothing changed
 """
 import contextlib
@@ -44,6 +48,18 @@ def main() -> None:
         from job import checkpoints
 
         checkpoints.HostSnapshot = _OldCopy
+    elif change == "quiet-writer":
+        import shutil
+
+        from job import checkpoints
+
+        def quiet(self, snapshot):
+            snapshot["tensors"].take()
+            shutil.rmtree(snapshot["partial"], ignore_errors=True)
+
+        checkpoints.AsyncCheckpointWriter._write = quiet
+    elif change == "switch-interval":
+        sys.setswitchinterval(0.0001)
     elif change != "none":
         sys.exit(f"unknown change {change}")
     sys.argv = ["peftopt", *args]
