@@ -335,6 +335,7 @@ EOF2
     compare50 "$out/t1-48.jsonl" "${BEFORE_JSONL:-$out/t1-48.jsonl}" | tee "$out/loss50.json"
     run t1-48-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
     compare50 "$out/t1-48-hf.jsonl" "${BEFORE_HF_JSONL:-$out/t1-48-hf.jsonl}" | tee "$out/loss50-hf.json"
+    first_steps t1-48 t1-48-hf
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
