@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import re
 import subprocess
@@ -48,6 +49,19 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900, cwd: Path = RO
 def events(stdout: str) -> list[dict]:
     """The JSON events of a run's stdout."""
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(autouse=True)
+def root_logging_as_it_was():
+    """A test that configures peftopt's logging in-process (job.log.configure) leaves the root logger a handler on
+    that test's captured stdout, which pytest closes after it: a later test's log line on the same worker then
+    printed "--- Logging error ---" with a traceback into its stderr. The root logger's handlers and level are put
+    back after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
