@@ -74,6 +74,9 @@
 #                                       STOP_AT (200) as the tree is, with the writer thread writing nothing, and with a
 #                                       0.1 ms switch interval (bench/patched_run.py); the step after a save against
 #                                       the others (save-steps.json)
+#   bash bench/gpu_t1.sh OUT step-probe  the direct 8-bit Adam step's GPU test, then t1's training on unsloth to step
+#                                       STOP_AT (120) as the tree is, without the direct step, without the FLOP count
+#                                       made once, and as the tree is again (bench/patched_run.py); step-probe.json
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -184,6 +187,23 @@ rel = [abs(a[s] - b[s]) / abs(b[s]) for s in sorted(set(a) & set(b))]
 print(json.dumps({"steps_compared": len(rel), "max_rel_diff": max(rel, default=None),
                   "mean_rel_diff": sum(rel) / len(rel) if rel else None}))
 EOF
+}
+
+step_table() {  # NAME...: each stopped run's step time after a checkpoint save and otherwise (median), and its
+  # tokens/s from step 5 to the last (saves included)
+  python3 - "$out" "$@" <<'EOF2'
+import datetime, json, statistics, sys
+t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+for name in sys.argv[2:]:
+    steps = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), open(f"{sys.argv[1]}/{name}.jsonl")))
+             if e.get("event") == "train_progress"]
+    gaps = {b["step"]: t(b) - t(a) for a, b in zip(steps, steps[1:]) if b["step"] > 5}
+    after = [g for s, g in gaps.items() if s % 10 == 1]
+    other = [g for s, g in gaps.items() if s % 10 != 1]
+    print(json.dumps({"run": name, "steps": len(gaps), "after_save_ms": round(statistics.median(after) * 1000, 1),
+                      "other_ms": round(statistics.median(other) * 1000, 1),
+                      "tokens_per_s": round((steps[-1]["tokens"] - steps[4]["tokens"]) / (t(steps[-1]) - t(steps[4])))}))
+EOF2
 }
 
 triton_listing() {  # DIR NAME: the kernels in Triton's cache DIR by when they were written, against run NAME's steps
@@ -350,20 +370,17 @@ EOF2
     for change in none quiet-writer switch-interval; do
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-200} first50 "save-$change"
     done
-    python3 - "$out" > "$out/save-steps.json" <<'EOF2'
-import datetime, json, statistics, sys
-t = lambda e: datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-for change in ("none", "quiet-writer", "switch-interval"):
-    steps = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), open(f"{sys.argv[1]}/save-{change}.jsonl")))
-             if e.get("event") == "train_progress"]
-    gaps = {b["step"]: t(b) - t(a) for a, b in zip(steps, steps[1:]) if b["step"] > 5}
-    after = [g for s, g in gaps.items() if s % 10 == 1]
-    other = [g for s, g in gaps.items() if s % 10 != 1]
-    print(json.dumps({"change": change, "steps": len(gaps), "after_save_ms": round(statistics.median(after) * 1000, 1),
-                      "other_ms": round(statistics.median(other) * 1000, 1),
-                      "tokens_per_s": round((steps[-1]["tokens"] - steps[4]["tokens"]) / (t(steps[-1]) - t(steps[4])))}))
-EOF2
-    cat "$out/save-steps.json"
+    step_table save-none save-quiet-writer save-switch-interval > "$out/save-steps.json"; cat "$out/save-steps.json"
+    ;;
+  step-probe)
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py -k direct_8bit > "$out/gpu-test.txt" 2>&1
+    tail -3 "$out/gpu-test.txt"
+    names=()
+    for change in none no-direct-step no-flops-once none; do
+      names+=("step-$change-${#names[@]}")
+      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-120} first50 "${names[-1]}"
+    done
+    step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
     ;;
   merge-probe)
     for change in none no-freeze old-copy; do

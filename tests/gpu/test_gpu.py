@@ -321,3 +321,50 @@ def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tin
     for name, grad in grads.items():
         cos = torch.nn.functional.cosine_similarity(grad.flatten(), fused_grads[name].flatten(), dim=0)
         assert cos > 0.99, (name, cos.item())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_direct_8bit_adam_step_updates_as_bitsandbytes_does(dtype):
+    """adam8bit.DirectStep against bitsandbytes' own AdamW8bit step (its per-parameter syncs included) on CUDA,
+    with t1's LoRA shapes, a parameter below min_8bit_size (32-bit state: bitsandbytes' update), one whose size is
+    not a multiple of the 256-element block, a parameter without a gradient, two groups and a learning rate that
+    changes every step: the same weights and optimizer state, bit for bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    from job.backends import adam8bit
+
+    shapes = [(16, 2048), (2048, 16), (512, 16), (16, 8192), (8192, 16), (1000,), (17, 300), (64,)]
+    torch.manual_seed(0)
+    start = [torch.randn(shape, device="cuda", dtype=getattr(torch, dtype)) for shape in shapes]
+
+    def optimizer(params):
+        return bnb.optim.AdamW8bit([{"params": params[:5], "weight_decay": 0.01},
+                                    {"params": params[5:], "weight_decay": 0.0, "lr": 3e-4}], lr=1e-3)
+
+    own = [torch.nn.Parameter(t.clone()) for t in start]
+    mine = [torch.nn.Parameter(t.clone()) for t in start]
+    own_opt, my_opt = optimizer(own), optimizer(mine)
+    direct = adam8bit.install(my_opt)
+    assert direct is not None and adam8bit.eligible(my_opt)
+    for step in range(6):
+        grads = [torch.randn(shape, device="cuda", dtype=getattr(torch, dtype)) for shape in shapes]
+        for index, (a, b, g) in enumerate(zip(own, mine, grads)):
+            a.grad = b.grad = None if index == 6 and step == 2 else g  # a step without this parameter's gradient
+            if b.grad is not None:
+                b.grad = g.clone()
+        for opt in (own_opt, my_opt):
+            for group in opt.param_groups:
+                group["lr"] *= 0.9
+        own_opt.step()
+        my_opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(own, mine))
+    for a, b in zip(own, mine):
+        mine_state, own_state = my_opt.state[b], own_opt.state[a]
+        assert mine_state["step"] == own_state["step"]
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            if key in own_state:
+                assert torch.equal(own_state[key], mine_state[key]), key
+    # the first step was bitsandbytes' own (it sets its state up); 32-bit states go through its update_step
+    assert direct.direct == 6 * 5 - 1 and direct.own == 2 * 5
