@@ -77,6 +77,7 @@
 #   bash bench/gpu_t1.sh OUT step-probe  the direct 8-bit Adam step's GPU test, then t1's training on unsloth to step
 #                                       STOP_AT (120) as the tree is, without the direct step, without the FLOP count
 #                                       made once, and as the tree is again (bench/patched_run.py); step-probe.json
+#   bash bench/gpu_t1.sh OUT hf-step-probe  the same on the hf backend, as the tree is and without the direct step
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -379,6 +380,14 @@ EOF2
     for change in none no-direct-step no-flops-once none; do
       names+=("step-$change-${#names[@]}")
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-120} first50 "${names[-1]}"
+    done
+    step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
+    ;;
+  hf-step-probe)
+    names=()
+    for change in none no-direct-step; do
+      names+=("hf-$change-${#names[@]}")
+      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}" --set train.backend=hf
     done
     step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
     ;;
