@@ -74,10 +74,9 @@
 #                                       STOP_AT (200) as the tree is, with the writer thread writing nothing, and with a
 #                                       0.1 ms switch interval (bench/patched_run.py); the step after a save against
 #                                       the others (save-steps.json)
-#   bash bench/gpu_t1.sh OUT step-probe  the direct 8-bit Adam step's GPU test, then t1's training on unsloth to step
-#                                       STOP_AT (120) as the tree is, without the direct step, without the FLOP count
-#                                       made once, and as the tree is again (bench/patched_run.py); step-probe.json
-#   bash bench/gpu_t1.sh OUT hf-step-probe  the same on the hf backend, as the tree is and without the direct step
+#   bash bench/gpu_t1.sh OUT step-probe  t1's training on unsloth to step STOP_AT (120) as the tree is, without the
+#                                       FLOP count made once, and as the tree is again (bench/patched_run.py); at
+#                                       7c3284d it also ran the direct 8-bit step's GPU test and a run without it
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -374,20 +373,10 @@ EOF2
     step_table save-none save-quiet-writer save-switch-interval > "$out/save-steps.json"; cat "$out/save-steps.json"
     ;;
   step-probe)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py -k direct_8bit > "$out/gpu-test.txt" 2>&1
-    tail -3 "$out/gpu-test.txt"
     names=()
-    for change in none no-direct-step no-flops-once none; do
+    for change in none no-flops-once none; do
       names+=("step-$change-${#names[@]}")
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-120} first50 "${names[-1]}"
-    done
-    step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
-    ;;
-  hf-step-probe)
-    names=()
-    for change in none no-direct-step; do
-      names+=("hf-$change-${#names[@]}")
-      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}" --set train.backend=hf
     done
     step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
     ;;

@@ -6,8 +6,6 @@ to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
                 loop: training only, the run keeps no checkpoint)
     switch-interval  the interpreter's switch interval at 0.1 ms instead of 5 (how long the training thread waits
                 for the lock the writer thread holds)
-    no-direct-step  bitsandbytes' own 8-bit Adam step (its Python around each parameter's kernel), not
-                adam8bit.DirectStep
     no-flops-once  the Trainer's FLOP count with the model's parameters counted after every micro-batch
     none        nothing changed
 """
@@ -63,10 +61,6 @@ def main() -> None:
         checkpoints.AsyncCheckpointWriter._write = quiet
     elif change == "switch-interval":
         sys.setswitchinterval(0.0001)
-    elif change == "no-direct-step":
-        from job.backends import adam8bit
-
-        adam8bit.install = lambda inner: None
     elif change == "no-flops-once":
         from job.backends import trainer
 

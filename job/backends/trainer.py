@@ -19,7 +19,6 @@ from typing import Any
 
 from job import distributed, interrupt, modelsrc, tracking
 from job import settings as settings_module
-from job.backends import adam8bit
 from job.backends.plan import Plan
 from job.checkpoints import (AsyncCheckpointWriter, Expected, adapter_shapes, checkpoint_step, complete_steps,
                              newest_complete_checkpoint, set_aside)
@@ -307,13 +306,9 @@ def _callbacks():
             return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
     class OptimizerSteps(TrainerCallback):
-        def __init__(self, session: "TrainingSession"):
-            self.session = session
-
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             if optimizer is not None:
                 without_per_parameter_syncs(optimizer)
-                self.session.direct_step = adam8bit.install(inner_optimizer(optimizer))
 
     class StopOnSignal(TrainerCallback):
         def __init__(self, progress, session: "TrainingSession"):
@@ -447,7 +442,6 @@ class TrainingSession:
     sampling_s: float = 0.0  # seconds sampling and scoring answers (a rewarded method)
     backend_figures: dict = field(default_factory=dict)  # what the backend did once trl wrapped the model
     batch_workers: BatchWorkers | None = None  # the processes collating batches ahead, ended with training
-    direct_step: Any = None  # adam8bit.DirectStep, when the optimizer is bitsandbytes' 8-bit Adam on the GPU
 
 
 def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: Plan, output_dir: Path, *,
@@ -466,7 +460,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
 
     Progress, StopOnSignal, OptimizerSteps = _callbacks()
     session = TrainingSession(progress=Progress())
-    callbacks = [StopOnSignal(session.progress, session), session.progress, OptimizerSteps(session), *extra_callbacks]
+    callbacks = [StopOnSignal(session.progress, session), session.progress, OptimizerSteps(), *extra_callbacks]
     saving = fingerprint is not None
     on_written = None
     if saving and spec.train.checkpoint_sync and distributed.world().is_main:
@@ -760,8 +754,6 @@ def run_trainer(trainer, spec: JobSpec, run_dir: RunDir, tokenizer, session: Tra
         "world_size": distributed.world().size,
         "collector": collector.figures(),
     }
-    if session.direct_step is not None:  # parameter updates by the direct kernel loop and by bitsandbytes' own
-        figures["optimizer_updates"] = {"direct": session.direct_step.direct, "bitsandbytes": session.direct_step.own}
     rewarded = [h for h in trainer.state.log_history if "reward" in h]
     if rewarded:
         figures["reward_curve"] = [{"step": h["step"], **reward_figures(h)} for h in rewarded]
