@@ -19,7 +19,7 @@ sys.path.insert(0, os.getcwd())
 class _OldCopy:
     """The snapshot as checkpoints._to_cpu took it before HostSnapshot."""
 
-    def __init__(self, tree):
+    def __init__(self, tree, own_storage=True):
         import torch
 
         def to_cpu(value):
@@ -55,7 +55,8 @@ def main() -> None:
         from job import checkpoints
 
         def quiet(self, snapshot):
-            snapshot["tensors"].take()
+            for taken in snapshot["tensors"].values():
+                taken.take()
             shutil.rmtree(snapshot["partial"], ignore_errors=True)
 
         checkpoints.AsyncCheckpointWriter._write = quiet

@@ -1,5 +1,9 @@
-"""job.checkpoints.HostSnapshot on the CPU: the structure comes back with copies taken when the snapshot was made
-(the CUDA path, packed copies and an event, is tests/gpu/test_gpu.py's)."""
+"""job.checkpoints.HostSnapshot on the CPU: the structure comes back with copies taken when the snapshot was made,
+each tensor with a storage of its own or as a view into its pack (the CUDA path, packed copies and an event, is
+tests/gpu/test_gpu.py's)."""
+import io
+import zipfile
+
 import torch
 
 from job.checkpoints import HostSnapshot
@@ -20,6 +24,42 @@ def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
     assert torch.equal(taken["optimizer"]["state"][0]["exp_avg"], torch.zeros(4))
     assert taken["optimizer"]["state"][0]["step"].item() == 5.0
     assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": (0,)}]
+    storages = {t.untyped_storage().data_ptr() for t in (taken["adapter"]["w"], taken["adapter"]["t"])}
+    assert len(storages) == 2  # each its own, as safetensors needs
+
+
+def test_views_into_the_packs_save_and_load_as_the_tensors_do_in_a_few_records():
+    """An 8-bit optimizer state's shape: per parameter two uint8 states, two float32 absmax vectors, a shared map
+    and a step; without storages of their own torch.save writes one record per pack, and torch.load gives back
+    the same values, shapes and dtypes (what the Trainer's resume reads)."""
+    generator = torch.Generator().manual_seed(0)
+    qmap = torch.rand(256, generator=generator)
+    state = {index: {"step": 7, "state1": torch.randint(0, 255, (16, 64), dtype=torch.uint8, generator=generator),
+                     "state2": torch.randint(0, 255, (64, 16), dtype=torch.uint8, generator=generator),
+                     "absmax1": torch.rand(4, generator=generator), "absmax2": torch.rand(4, generator=generator),
+                     "qmap1": qmap, "qmap2": qmap} for index in range(30)}
+    tree = {"state": state, "param_groups": [{"lr": 1e-4, "params": list(range(30))}]}
+    taken = HostSnapshot(tree, own_storage=False).take()
+    assert len({t.untyped_storage().data_ptr() for s in taken["state"].values() for t in s.values()
+                if isinstance(t, torch.Tensor)}) == 2  # a uint8 pack and a float32 pack
+
+    def saved(value) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue()
+
+    packed, own = saved(taken), saved(HostSnapshot(tree).take())
+    records = lambda data: [n for n in zipfile.ZipFile(io.BytesIO(data)).namelist() if "/data/" in n]
+    assert len(records(packed)) == 2 and len(records(own)) == 30 * 6
+    loaded = torch.load(io.BytesIO(packed), weights_only=True)
+    assert loaded["param_groups"] == tree["param_groups"]
+    for index, entry in state.items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                back = loaded["state"][index][key]
+                assert back.dtype == value.dtype and back.shape == value.shape and torch.equal(back, value)
+            else:
+                assert loaded["state"][index][key] == value
 
 
 def test_the_trainer_state_taken_at_a_save_is_written_as_the_trainer_writes_it_and_does_not_move_on():
