@@ -37,7 +37,7 @@ def t1_state() -> tuple[dict, dict]:
         for name, (fan_in, fan_out) in SHAPES.items():
             for suffix, shape in (("lora_A", (16, fan_in)), ("lora_B", (fan_out, 16))):
                 adapter[f"layers.{layer}.{name}.{suffix}.weight"] = torch.randn(shape)
-                n, blocks = shape[0] * shape[1], (shape[0] * shape[1] + 255) // 256
+                blocks = (shape[0] * shape[1] + 255) // 256
                 state[len(state)] = {"step": 10, "state1": torch.randint(0, 255, shape, dtype=torch.uint8),
                                      "state2": torch.randint(0, 255, shape, dtype=torch.uint8), "qmap1": qmap,
                                      "qmap2": qmap, "absmax1": torch.rand(blocks), "absmax2": torch.rand(blocks)}

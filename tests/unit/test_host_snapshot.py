@@ -49,7 +49,9 @@ def test_views_into_the_packs_save_and_load_as_the_tensors_do_in_a_few_records()
         return buffer.getvalue()
 
     packed, own = saved(taken), saved(HostSnapshot(tree).take())
-    records = lambda data: [n for n in zipfile.ZipFile(io.BytesIO(data)).namelist() if "/data/" in n]
+    def records(data: bytes) -> list[str]:
+        return [name for name in zipfile.ZipFile(io.BytesIO(data)).namelist() if "/data/" in name]
+
     assert len(records(packed)) == 2 and len(records(own)) == 30 * 6
     loaded = torch.load(io.BytesIO(packed), weights_only=True)
     assert loaded["param_groups"] == tree["param_groups"]
