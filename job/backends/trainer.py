@@ -153,21 +153,15 @@ def _no_sync(tensor) -> None:
     return None
 
 
-def inner_optimizer(optimizer):
-    """The optimizer itself, out of accelerate's AcceleratedOptimizer (and any wrapper holding it as `optimizer`)."""
-    inner = optimizer
-    while hasattr(inner, "optimizer") and inner is not inner.optimizer:
-        inner = inner.optimizer
-    return inner
-
-
 def without_per_parameter_syncs(optimizer) -> bool:
     """bitsandbytes (0.50) synchronizes the device after each parameter's update in its 8-bit optimizers' step
     (`sync_gpu`, 224 times in a t1 step): its paged state needs that, state kept on the device does not (each
     update is a kernel queued behind the gradients it reads, ahead of the forward that reads the weights). For a
     bitsandbytes optimizer that is not paged, its step runs without those syncs; the updates are the same.
     Returns True when the optimizer (or the one an accelerate wrapper holds) was one."""
-    inner = inner_optimizer(optimizer)
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner is not inner.optimizer:  # accelerate's AcceleratedOptimizer
+        inner = inner.optimizer
     try:
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except ImportError:

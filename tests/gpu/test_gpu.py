@@ -321,4 +321,3 @@ def test_fused_lora_layers_give_pefts_loss_and_gradients_under_bf16_autocast(tin
     for name, grad in grads.items():
         cos = torch.nn.functional.cosine_similarity(grad.flatten(), fused_grads[name].flatten(), dim=0)
         assert cos > 0.99, (name, cos.item())
-
