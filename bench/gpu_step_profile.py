@@ -63,10 +63,14 @@ def analyse(events: list[dict], marks: list[float]) -> tuple[dict, list]:
     for name, durs in by_name.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + sum(durs)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
-    runtime = {}  # the host's waits: syncs and copies that block
+    runtime, calls = {}, {}  # the host's waits: syncs and copies that block
     for e in events:
         if e.get("cat") == "cuda_runtime" and start <= e.get("ts", 0) < end:
             runtime[e["name"]] = runtime.get(e["name"], 0.0) + e.get("dur", 0)
+            calls[e["name"]] = calls.get(e["name"], 0) + 1
+    syncs = [e for e in events if e.get("cat") in ("cuda_runtime", "cpu_op") and start <= e.get("ts", 0) < end
+             and re.match(r"cudaStreamSynchronize|cudaDeviceSynchronize|cudaEventSynchronize|aten::_local_scalar_dense",
+                          e.get("name", ""))]
     ops = {}
     for e in events:
         if e.get("cat") == "cpu_op" and start <= e.get("ts", 0) < end and re.match(
@@ -84,6 +88,9 @@ def analyse(events: list[dict], marks: list[float]) -> tuple[dict, list]:
         "host_runtime_ms_per_step": {k: per_step(v) for k, v in sorted(runtime.items(), key=lambda kv: -kv[1])[:10]},
         "host_ops_ms_per_step": {k: per_step(v) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]},
         "host_step_s": [round(b - a, 4) for a, b in zip(marks, marks[1:])],
+        "sync_calls_per_step": {k: v / ACTIVE for k, v in calls.items() if "ynchronize" in k or "Memcpy" in k},
+        "syncs_at_ms": [(e["name"], round((e["ts"] - start) / 1000, 1), round(e.get("dur", 0) / 1000, 2))
+                        for e in sorted(syncs, key=lambda e: e["ts"])][:60],
     }
     return profile_json, top
 

@@ -77,6 +77,9 @@
 #   bash bench/gpu_t1.sh OUT step-probe  t1's training on unsloth to step STOP_AT (120) as the tree is, without the
 #                                       FLOP count made once, and as the tree is again (bench/patched_run.py); at
 #                                       7c3284d it also ran the direct 8-bit step's GPU test and a run without it
+#   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
+#                                       as the tree is, with each step's loss read as it ends and blocking batch copies
+#                                       (as before), with blocking copies alone; a torch profile of the tree's steps
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -237,7 +240,7 @@ bench_table() {  # NAME [bench args...]
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
 }
 
-if [[ $mode == speed* || $mode == compile-probe || $mode == merge-* ]]; then
+if [[ $mode == speed* || $mode == compile-probe || $mode == merge-* || $mode == sync-probe ]]; then
   # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
   # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
   # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
@@ -379,6 +382,21 @@ EOF2
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-120} first50 "${names[-1]}"
     done
     step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
+    ;;
+  sync-probe)  # issue 37: the per-step syncs: the GPU tests of the checkpoint snapshot and resume, t1's training on
+    # unsloth to step STOP_AT (100) as the tree is, with each step's loss read at its own end and blocking batch copies,
+    # with blocking copies alone; then a torch profile of the tree's steady steps (syncs listed)
+    timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "resume or snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    names=()
+    for change in none step-sync blocking-copy; do
+      names+=("sync-$change")
+      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}"
+    done
+    step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    timeout 130 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/sync-none/data/train.jsonl" \
+      model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile.txt" 2>&1; tail -1 "$out/profile.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   merge-probe)
     for change in none no-freeze old-copy; do

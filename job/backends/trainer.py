@@ -5,6 +5,7 @@ fallback. A backend only loads and wraps the model (`setup`) and plans the batch
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -118,6 +119,9 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
         dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=True,  # our own bar (job/log.py)
+        # A batch's copy to the GPU from page-locked memory without waiting: a blocking copy synchronizes the stream,
+        # so the loop could not queue the next step's work while the GPU finishes the last (LossReadAStepLate).
+        **({"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True} if device == "cuda" else {}),
         # The filter swaps a NaN or infinite loss for the mean of earlier ones in the log, hiding a diverged run,
         # and reads the loss back from the GPU after every micro-batch to do it, which stalls the queue.
         logging_nan_inf_filter=False,
@@ -207,7 +211,81 @@ def flops_counted_once(trainer) -> None:
     trainer.floating_point_ops = floating_point_ops
 
 
-# ------------------------------------------------------------------------------ the collector
+class LossReadAStepLate:
+    """The logged loss and gradient norm of step N read back from the device at the end of step N + 1.
+
+    With a loss logged at every step (the spec's `logging_steps`: 1 by default, as the seed logs), the Trainer reads
+    the loss and the gradient norm with `.item()` as each step ends: the host waits for the GPU to finish the step,
+    and the GPU then waits while the host logs, draws the next batch and starts launching its forward. Here the
+    step's values are copied aside on the device (the accumulated loss is zeroed in place right after) and read one
+    step later, when the GPU is past them; the log entry is made then, with the step, epoch and method metrics
+    (trl's `_metrics`) of its own step, so the log history, the events and the train loss are the same. A step that
+    saves, evaluates or ends training is logged at once, so a checkpoint's log history is whole. Installed over
+    the Trainer's `_maybe_log_save_evaluate`, which it then calls as it is."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.own = trainer._maybe_log_save_evaluate
+        self.pending: dict | None = None
+        trainer._maybe_log_save_evaluate = self
+
+    def __call__(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                 learning_rate=None):
+        import torch
+
+        trainer, control, state = self.trainer, self.trainer.control, self.trainer.state
+        logging = control.should_log
+        self.flush(start_time)
+        control = trainer.control
+        control.should_log = logging  # the flushed entry's on_log cleared it
+        if (control.should_log and state.global_step > trainer._globalstep_last_logged
+                and not (control.should_save or control.should_evaluate or control.should_training_stop)
+                and isinstance(tr_loss, torch.Tensor)):
+            metrics = getattr(trainer, "_metrics", None)
+            taken = None
+            if isinstance(metrics, dict) and "train" in metrics:  # trl's per-step method metrics, averaged at log
+                held = metrics["train"]
+                taken, metrics["train"] = held, (collections.defaultdict(held.default_factory)
+                                                 if isinstance(held, collections.defaultdict) else type(held)())
+            self.pending = {"loss": tr_loss.detach().clone(), "grad_norm": grad_norm,
+                            "steps": state.global_step - trainer._globalstep_last_logged,
+                            "step": state.global_step, "epoch": state.epoch, "learning_rate": learning_rate,
+                            "metrics": taken}
+            tr_loss -= tr_loss
+            trainer._globalstep_last_logged = state.global_step
+            trainer.store_flos()
+            control.should_log = False
+        return self.own(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                        learning_rate=learning_rate)
+
+    def flush(self, start_time: float | None = None) -> None:
+        """Logs the step held back, if any (its values are on the device already)."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        trainer, state = self.trainer, self.trainer.state
+        loss = nested_gather(pending["loss"], trainer.args.parallel_mode).mean().item()
+        logs = {"loss": loss / pending["steps"]}
+        norm = pending["grad_norm"]
+        if norm is not None:
+            logs["grad_norm"] = norm.item() if hasattr(norm, "item") else norm
+        logs["learning_rate"] = pending["learning_rate"] if pending["learning_rate"] is not None \
+            else trainer._get_learning_rate()
+        trainer._total_loss_scalar += loss
+        now = state.global_step, state.epoch
+        metrics = getattr(trainer, "_metrics", None)
+        later = None
+        if pending["metrics"] is not None:
+            later, metrics["train"] = metrics["train"], pending["metrics"]
+        state.global_step, state.epoch = pending["step"], pending["epoch"]
+        try:
+            trainer.log(logs, start_time)
+        finally:
+            state.global_step, state.epoch = now
+            if pending["metrics"] is not None:
+                metrics["train"] = later
 
 
 class CollectorPauses:
@@ -276,15 +354,17 @@ def _callbacks():
             logs = logs or {}
             if "loss" not in logs:
                 return
-            elapsed = max(time.perf_counter() - (self.t0 or time.perf_counter()), 1e-9)
+            # the logged step's own clock entry: its log can come a step late (LossReadAStepLate)
             done = max(state.global_step - self.first_step, 1)
+            at, tokens = self.clock[done - 1] if done <= len(self.clock) else (time.perf_counter(), self.all_tokens)
+            elapsed = max(at - (self.t0 or at), 1e-9)
             log.info("train_progress", step=state.global_step, max_steps=state.max_steps,
                      loss=round(logs["loss"], 6), learning_rate=logs.get("learning_rate"),
-                     tokens=int(self.all_tokens), tokens_per_s=round(self.all_tokens / elapsed, 1),
+                     tokens=int(tokens), tokens_per_s=round(tokens / elapsed, 1),
                      eta_s=round(self.recent_step_s(elapsed / done) * (state.max_steps - state.global_step), 1),
                      **reward_figures(logs))
             if getattr(self, "bar", None) is not None:
-                self.bar.update(state.global_step, logs["loss"], logs.get("learning_rate"), self.all_tokens / elapsed)
+                self.bar.update(state.global_step, logs["loss"], logs.get("learning_rate"), tokens / elapsed)
 
         def recent_step_s(self, fallback: float) -> float:
             """Seconds per step over the last 20 steps: the first steps (compiling, warming up) would make the time
@@ -491,6 +571,7 @@ def build_trainer(spec: JobSpec, model, tokenizer, dataset, device: str, plan: P
         time_sampling(trainer, session)
     else:
         count_tokens(trainer, session.progress)
+        LossReadAStepLate(trainer)
     if workers:
         session.batch_workers = BatchWorkers(trainer)
     if hasattr(backend, "wrapped"):
