@@ -77,6 +77,10 @@
 #   bash bench/gpu_t1.sh OUT step-probe  t1's training on unsloth to step STOP_AT (120) as the tree is, without the
 #                                       FLOP count made once, and as the tree is again (bench/patched_run.py); at
 #                                       7c3284d it also ran the direct 8-bit step's GPU test and a run without it
+#   bash bench/gpu_t1.sh OUT speed-50   the whole run (auto: unsloth; each step's loss read a step late), its first 50
+#                                       losses against BEFORE_JSONL's, then the unsloth bench
+#   bash bench/gpu_t1.sh OUT pair-50    t1's whole 600-step training on hf, then on unsloth (no evaluation or export),
+#                                       one host: hf against unsloth over the whole run
 #   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
 #                                       as the tree is, with each step's loss read as it ends and blocking batch copies
 #                                       (as before), with blocking copies alone; a torch profile of the tree's steps
@@ -240,7 +244,7 @@ bench_table() {  # NAME [bench args...]
   [ -n "${OUT:-}" ] && tar czf "$OUT/o.tgz" -C "$out" .
 }
 
-if [[ $mode == speed* || $mode == compile-probe || $mode == merge-* || $mode == sync-probe ]]; then
+if [[ $mode == speed* || $mode == compile-probe || $mode == merge-* || $mode == sync-probe || $mode == pair-50 ]]; then
   # The GPU machine's own site-packages carry no bytecode and cannot be written; the image's do (pip compiles
   # at install). Every module gets its bytecode once here, before anything is timed. (The converter runs
   # with -I, which ignores this prefix: it alone still compiles torch's sources at each conversion here.)
@@ -369,6 +373,21 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
+  speed-50)
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-50
+    first_steps t1-50
+    compare50 "$out/t1-50.jsonl" "${BEFORE_JSONL:-$out/t1-50.jsonl}" | tee "$out/loss50.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    ;;
+  pair-50)
+    run t1-50-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"
+    run t1-50-train --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
+    compare50 "$out/t1-50-train.jsonl" "${BEFORE_JSONL:-$out/t1-50-train.jsonl}" | tee "$out/loss50.json"
+    first_steps t1-50-hf t1-50-train
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
   save-probe)
     for change in none quiet-writer switch-interval; do
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-200} first50 "save-$change"
@@ -388,7 +407,7 @@ EOF2
     # with blocking copies alone; then a torch profile of the tree's steady steps (syncs listed)
     timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "resume or snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     names=()
-    for change in none step-sync blocking-copy; do
+    for change in none step-sync; do  # c9cf8a5 also ran `blocking-copy` (batches copied without blocking: no gain)
       names+=("sync-$change")
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}"
     done

@@ -7,9 +7,7 @@ to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
     switch-interval  the interpreter's switch interval at 0.1 ms instead of 5 (how long the training thread waits
                 for the lock the writer thread holds)
     no-flops-once  the Trainer's FLOP count with the model's parameters counted after every micro-batch
-    step-sync   each step's loss read back as the step ends, and each batch copied to the GPU with a blocking copy
-                (before trainer.LossReadAStepLate and the non-blocking batch copies)
-    blocking-copy  each batch copied to the GPU with a blocking copy (the loss still read a step late)
+    step-sync   each step's loss read back as the step ends (before trainer.LossReadAStepLate)
     none        nothing changed
 """
 import contextlib
@@ -69,19 +67,10 @@ def main() -> None:
         from job.backends import trainer
 
         trainer.flops_counted_once = lambda trainer: None
-    elif change in ("step-sync", "blocking-copy"):
+    elif change == "step-sync":
         from job.backends import trainer
 
-        if change == "step-sync":
-            trainer.LossReadAStepLate = lambda trainer: None
-        configured = trainer.trainer_config
-
-        def blocking(*args, **kwargs):
-            config = configured(*args, **kwargs)
-            config.accelerator_config.non_blocking = False
-            return config
-
-        trainer.trainer_config = blocking
+        trainer.LossReadAStepLate = lambda trainer: None
     elif change != "none":
         sys.exit(f"unknown change {change}")
     sys.argv = ["peftopt", *args]

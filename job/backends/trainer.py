@@ -119,9 +119,6 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
         dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=True,  # our own bar (job/log.py)
-        # A batch's copy to the GPU from page-locked memory without waiting: a blocking copy synchronizes the stream,
-        # so the loop could not queue the next step's work while the GPU finishes the last (LossReadAStepLate).
-        **({"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True} if device == "cuda" else {}),
         # The filter swaps a NaN or infinite loss for the mean of earlier ones in the log, hiding a diverged run,
         # and reads the loss back from the GPU after every micro-batch to do it, which stalls the queue.
         logging_nan_inf_filter=False,
