@@ -178,11 +178,10 @@ class HostSnapshot:
     the CUDA ones on the GPU, copied once into page-locked memory, with an event marking the copy's end (the training
     thread goes on: its next kernels queue behind the copy, so the weights it changes are copied first); the CPU ones
     at once. `take()`, on the writer thread, waits for the event and hands back the structure with its tensors on
-    the CPU. With `own_storage` each tensor is a copy of its own, as `.to("cpu")` makes them (safetensors refuses
-    tensors that share one); without, each is a view into its pack, as `torch.save` writes them: one storage per pack
-    instead of one per tensor, and no copies on the writer thread, whose every copy and pickled storage holds the
-    interpreter lock the training loop needs (the same file for `torch.load`, a few records instead of 1,344 for
-    t1's optimizer state)."""
+    the CPU. With `own_storage` each tensor is a copy of its own, as `.to("cpu")` makes them; without, each is a view
+    into its pack, as `torch.save` and `write_safetensors` write them: one storage per pack instead of one per tensor,
+    and no copies on the writer thread, whose every copy and pickled storage holds the interpreter lock the training
+    loop needs (the same file for `torch.load`, a few records instead of 1,344 for t1's optimizer state)."""
 
     def __init__(self, tree: Any, own_storage: bool = True):
         import torch
@@ -244,6 +243,41 @@ class HostSnapshot:
         if isinstance(value, (list, tuple)):
             return type(value)(self._fill(v) for v in value)
         return value
+
+
+# safetensors' names of the dtypes an adapter's tensors come in
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of CPU `tensors`, which may be views into one shared pack (HostSnapshot's): the header,
+    then each tensor's bytes in turn, written from the tensor's own memory. safetensors' `save_file` copies every
+    tensor into a bytes object and serializes the lot holding the interpreter lock, which the training loop needs
+    while a checkpoint is written beside it; a file write releases it. The same file for safetensors' readers
+    (tests/unit/test_host_snapshot.py)."""
+    import torch
+
+    if any(str(t.dtype).removeprefix("torch.") not in SAFETENSORS_DTYPES for t in tensors.values()):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                out.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,8 +393,8 @@ class AsyncCheckpointWriter:
                  else self._adapter_state(unwrapped),
                  "optimizer": gathered[1] if gathered else trainer.optimizer.state_dict()}
         mark = self._split("state_dicts", mark)
-        tensors = {"adapter": HostSnapshot(state["adapter"]), "optimizer": HostSnapshot(state["optimizer"],
-                                                                                         own_storage=False)}
+        tensors = {"adapter": HostSnapshot(state["adapter"], own_storage=False),
+                   "optimizer": HostSnapshot(state["optimizer"], own_storage=False)}
         mark = self._split("copy", mark)
         snapshot = {
             "step": trainer.state.global_step,
@@ -383,7 +417,6 @@ class AsyncCheckpointWriter:
 
     def _write(self, snapshot: dict) -> None:
         import torch
-        from safetensors.torch import save_file
 
         started = time.perf_counter()
         root: Path = snapshot["dir"]
@@ -391,8 +424,7 @@ class AsyncCheckpointWriter:
         partial: Path = snapshot["partial"]
         try:
             tensors = {part: taken.take() for part, taken in snapshot["tensors"].items()}
-            save_file({k: v.contiguous() for k, v in tensors["adapter"].items()},
-                      str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+            write_safetensors(tensors["adapter"], partial / "adapter_model.safetensors", metadata={"format": "pt"})
             for config in snapshot["adapter_config"].values():
                 config.save_pretrained(str(partial))
             torch.save(tensors["optimizer"], partial / "optimizer.pt")

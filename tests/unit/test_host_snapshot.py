@@ -5,8 +5,10 @@ import io
 import zipfile
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from job.checkpoints import HostSnapshot
+from job.checkpoints import HostSnapshot, write_safetensors
 
 
 def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
@@ -25,7 +27,7 @@ def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
     assert taken["optimizer"]["state"][0]["step"].item() == 5.0
     assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": (0,)}]
     storages = {t.untyped_storage().data_ptr() for t in (taken["adapter"]["w"], taken["adapter"]["t"])}
-    assert len(storages) == 2  # each its own, as safetensors needs
+    assert len(storages) == 2  # each its own
 
 
 def test_views_into_the_packs_save_and_load_as_the_tensors_do_in_a_few_records():
@@ -82,3 +84,27 @@ def test_the_trainer_state_taken_at_a_save_is_written_as_the_trainer_writes_it_a
     state.stateful_callbacks["TrainerControl"]["args"]["should_save"] = False
     state.global_step = 21
     assert json.dumps(taken, indent=2, sort_keys=True) == expected
+
+
+def test_an_adapter_of_views_into_its_packs_is_written_as_a_safetensors_file_its_readers_load(tmp_path):
+    """The adapter's tensors as views into HostSnapshot's packs (one per dtype), written without safetensors' own
+    writer: safetensors loads the same names, dtypes, shapes, values and metadata."""
+    generator = torch.Generator().manual_seed(1)
+    adapter = {f"base_model.model.layers.{i}.{name}.lora_{ab}.weight":
+               torch.randn(*(shape if ab == "A" else shape[::-1]), generator=generator).to(dtype)
+               for i in range(3) for name, shape, dtype in (("q_proj", (16, 64), torch.float32),
+                                                            ("down_proj", (16, 96), torch.bfloat16))
+               for ab in "AB"}
+    adapter["base_model.model.lm_head.modules_to_save.bias"] = torch.arange(5, dtype=torch.float16)
+    taken = HostSnapshot(adapter, own_storage=False).take()
+    assert len({t.untyped_storage().data_ptr() for t in taken.values()}) == 3  # the packs: views share them
+    path = tmp_path / "adapter_model.safetensors"
+    write_safetensors(taken, path, metadata={"format": "pt"})
+    loaded = load_file(str(path))
+    assert loaded.keys() == adapter.keys()
+    for name, tensor in adapter.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    with safe_open(str(path), framework="pt") as opened:
+        assert opened.metadata() == {"format": "pt"}
+    assert path.stat().st_size == 8 + int.from_bytes(path.read_bytes()[:8], "little") + sum(
+        t.numel() * t.element_size() for t in adapter.values())
