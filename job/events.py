@@ -55,7 +55,9 @@ EVENTS: dict[str, str] = {
     "train_started": "training starts (attention path, kernels, base weights)",
     "train_progress": "a logged step: `step`, `max_steps`, `loss`, `learning_rate`, `tokens`, `tokens_per_s`, `eta_s`; "
                       "under grpo also `reward` (the weighted mean), `reward_std`, `rewards` (each reward function's "
-                      "mean), `pass_rates` (each check type's), `completion_length` (tokens) and `kl` (with beta)",
+                      "mean), `pass_rates` (each check type's), `completion_length` (tokens) and `kl` (with beta). "
+                      "Outside grpo a step's event comes when the next step ends (its loss is read from the GPU then), "
+                      "at once for a step that saves a checkpoint or ends training",
     "train_finished": "the run's training figures (summed over resumed sessions)",
     "train_resumed": "resuming from a checkpoint",
     "checkpoint_saved": "a checkpoint was written",
