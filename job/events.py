@@ -44,7 +44,8 @@ EVENTS: dict[str, str] = {
                              "Liger's and trl's loss head) into the job's own cache while the job imports, prepares "
                              "and loads (PEFTOPT_KERNELS_AHEAD)",
     "kernels_compiled_ahead": "what that child did, logged when the job ends: `seconds` and made-up `steps`, or why "
-                              "it did nothing (`skipped`: no room on the GPU) or stopped (`error`)",
+                              "it did nothing (`skipped`: no room on the GPU) or stopped (`error`); `timeline`: the "
+                              "seconds from its start at which its import, its model and each step were done",
     "batch_plan": "micro-batch, accumulation, checkpointing and the memory estimate",
     "model_sharded": "train.parallel fsdp: the ranks that read the base's weights (rank 0 alone unless it is 4-bit), "
                      "the bytes of weights and of LoRA parameters each rank holds, and the local shape of one LoRA "

@@ -106,7 +106,7 @@ def _outcome(line: bytes) -> dict:
         answer = None
     if not isinstance(answer, dict):
         return {"error": "ended without an answer"}
-    return {k: answer[k] for k in ("seconds", "steps", "skipped", "error") if k in answer}
+    return {k: answer[k] for k in ("seconds", "steps", "skipped", "error", "timeline") if k in answer}
 
 
 def few_layers(config):
@@ -153,9 +153,14 @@ def main() -> int:
     started = time.perf_counter()
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # unsloth prints its banners: the answer alone goes to the pipe
+    timeline: dict[str, float] = {}  # seconds from the child's start to the end of each part of its work
+
+    def mark(part: str) -> None:
+        timeline[part] = round(time.perf_counter() - started, 3)
 
     def answer(**fields) -> int:
-        out.write(json.dumps({"seconds": round(time.perf_counter() - started, 3), **fields}) + "\n")
+        out.write(json.dumps({"seconds": round(time.perf_counter() - started, 3), **fields,
+                              **({"timeline": timeline} if timeline else {})}) + "\n")
         out.flush()
         return 0
 
@@ -170,6 +175,8 @@ def main() -> int:
         import torch
         from transformers import AutoConfig
 
+        mark("imported")
+
         from job import modelsrc
         from job.rundir import RunDir
         from job.spec import JobSpec
@@ -183,9 +190,9 @@ def main() -> int:
         if plan.estimated_gb and free < (ROOM * plan.estimated_gb + 4) * 1024**3:
             return answer(skipped=f"{free / 1024**3:.1f} GiB free on the GPU, not room for a second model")
         if backend.NAME == "unsloth":
-            steps = _unsloth_steps(spec, location, config, plan, settings)
+            steps = _unsloth_steps(spec, location, config, plan, settings, mark)
         else:
-            steps = trainer_steps(spec, location, config, plan, settings, "cuda")
+            steps = trainer_steps(spec, location, config, plan, settings, "cuda", mark)
         torch.cuda.synchronize()
         return answer(steps=steps)
     except BaseException as exc:  # the training process compiles what this did not
@@ -198,12 +205,16 @@ def _backend(name: str):
     return importlib.import_module(f"job.backends.{name}")
 
 
-def _unsloth_steps(spec, location: str, config, plan, settings) -> int:
-    """The made-up steps (STEPS) straight through unsloth's model: its loss is in the model's forward."""
+def _unsloth_steps(spec, location: str, config, plan, settings, mark=lambda part: None) -> int:
+    """The made-up steps (STEPS) straight through unsloth's model: its loss is in the model's forward. `mark(part)`
+    notes when each part ends (the model built, each step: `kernels_compiled_ahead`'s timeline)."""
+    import torch
+
     from job.backends import unsloth
 
     model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings, config=few_layers(config))
     model.train()
+    mark("model")
     row = spec.model.max_seq_length
     vocab = int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size"))
     steps = 0
@@ -214,13 +225,15 @@ def _unsloth_steps(spec, location: str, config, plan, settings) -> int:
         loss.backward()
         model.zero_grad(set_to_none=True)
         steps += 1
+        torch.cuda.synchronize()  # a step's kernels are compiled and have run: its end on the timeline
+        mark(f"step{steps}")
     return steps
 
 
 TRAINER_STEPS = 3  # the trainer's packed micro-batches vary in length; their token count is padded to a multiple of 16
 
 
-def trainer_steps(spec, location: str, config, plan, settings, device: str) -> int:
+def trainer_steps(spec, location: str, config, plan, settings, device: str, mark=lambda part: None) -> int:
     """hf: made-up steps through the job's own trainer (`trainer.build_trainer`: trl's collator and loss head,
     Liger's kernels, the fused LoRA layers, the 8-bit optimizer) on the model cut to a layer of each kind, rows
     of random tokens of the spec's lengths, nothing saved and no batch worker."""
@@ -237,6 +250,7 @@ def trainer_steps(spec, location: str, config, plan, settings, device: str) -> i
     settings = dataclasses.replace(settings, batch_workers="0")
     shared.install_cpu_loss_head()  # on a CPU (the tests): trl's head is Triton's alone
     model, peft_config, _ = hf.setup(spec, location, device, plan, settings, config=few_layers(config))
+    mark("model")
     tokenizer, _ = modelsrc.load_tokenizer(location, spec)
     row = spec.model.max_seq_length
     vocab = min(int(getattr(config, "vocab_size", 0) or getattr(config.get_text_config(), "vocab_size")), 32000)
@@ -250,6 +264,7 @@ def trainer_steps(spec, location: str, config, plan, settings, device: str) -> i
         trainer, _ = shared.build_trainer(short, model, tokenizer, dataset, device, plan, Path(scratch),
                                                 peft_config=peft_config, backend=hf, settings=settings)
         trainer.train()
+    mark(f"step{trainer.state.global_step}")
     return trainer.state.global_step
 
 

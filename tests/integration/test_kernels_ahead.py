@@ -133,6 +133,8 @@ def test_a_run_on_unsloth_with_kernels_ahead_does_not_wait_for_the_child(tmp_pat
 @pytest.mark.parametrize("line,outcome", [
     (b'{"seconds": 3.5, "steps": 2}\n', {"seconds": 3.5, "steps": 2}),
     (b'{"seconds": 1.0, "skipped": "no room", "other": 1}\n', {"seconds": 1.0, "skipped": "no room"}),
+    (b'{"seconds": 9.0, "steps": 1, "timeline": {"imported": 5.0, "model": 6.5, "step1": 9.0}}\n',
+     {"seconds": 9.0, "steps": 1, "timeline": {"imported": 5.0, "model": 6.5, "step1": 9.0}}),
     (b"", {"error": "ended without an answer"}),
     (b"Unsloth: banner\n", {"error": "ended without an answer"}),
 ])
