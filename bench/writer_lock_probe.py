@@ -5,8 +5,9 @@ ops, as the loop launches kernels; the loop's lost time is its ops' time beside 
 
     python3 bench/writer_lock_probe.py [SAVES]
 
-prints, for the optimizer's tensors handed to torch.save with storages of their own and as views into their packs
-(HostSnapshot's own_storage), the writer's seconds and the loop's lost seconds a save (medians), alternating the two.
+prints, for the adapter's and the optimizer's tensors handed to the writer with storages of their own and as views
+into their packs (HostSnapshot's own_storage; the job's), the writer's seconds and the loop's lost seconds a save
+(medians), alternating the two.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def ops(count: int) -> float:
 def one_save(writer, root: Path, step: int, adapter: dict, optimizer: dict, views: bool, alone: float) -> dict:
     partial = root / f".checkpoint-{step}.partial"
     partial.mkdir(parents=True)
-    snapshot = {"step": step, "tensors": {"adapter": HostSnapshot(adapter),
+    snapshot = {"step": step, "tensors": {"adapter": HostSnapshot(adapter, own_storage=not views),
                                           "optimizer": HostSnapshot(optimizer, own_storage=not views)},
                 "adapter_config": {"default": _Config()}, "scheduler": {"last_epoch": step}, "rng": None,
                 "trainer_state": {"global_step": step, "log_history": [{"loss": 1.0, "step": i} for i in range(step)]},

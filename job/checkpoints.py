@@ -201,7 +201,10 @@ class HostSnapshot:
                 tensor = self._tensors[index]
                 self._layout[index] = (key, offset, tuple(tensor.shape))
                 offset += tensor.numel()
-            packed = torch.cat([self._tensors[index].detach().reshape(-1) for index in members])
+            with torch.no_grad():  # one C++ call flattens and concatenates the lot (a Python view per tensor
+                # cost more host time than the copy); it hands back a view, not a copy, of a single tensor
+                packed = torch._utils._flatten_dense_tensors([self._tensors[index] for index in members]) \
+                    if len(members) > 1 else self._tensors[members[0]].reshape(-1).clone()
             if packed.is_cuda:
                 host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                 host.copy_(packed, non_blocking=True)

@@ -30,6 +30,18 @@ def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
     assert len(storages) == 2  # each its own
 
 
+def test_a_tensor_alone_in_its_dtype_is_copied_too():
+    """A pack of one tensor: flattening one tensor gives a view of it, which the snapshot must not keep."""
+    alone, pair = torch.randn(3, 2, requires_grad=True), [torch.randn(2, dtype=torch.bfloat16) for _ in range(2)]
+    before = alone.detach().clone()
+    snapshot = HostSnapshot({"alone": alone, "pair": pair}, own_storage=False)
+    with torch.no_grad():
+        alone.add_(1)
+    taken = snapshot.take()
+    assert torch.equal(taken["alone"], before) and not taken["alone"].requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(taken["pair"], pair))
+
+
 def test_views_into_the_packs_save_and_load_as_the_tensors_do_in_a_few_records():
     """An 8-bit optimizer state's shape: per parameter two uint8 states, two float32 absmax vectors, a shared map
     and a step; without storages of their own torch.save writes one record per pack, and torch.load gives back
