@@ -78,7 +78,8 @@
 #                                       FLOP count made once, and as the tree is again (bench/patched_run.py); at
 #                                       7c3284d it also ran the direct 8-bit step's GPU test and a run without it
 #   bash bench/gpu_t1.sh OUT speed-50   the whole run (auto: unsloth; each step's loss read a step late), its first 50
-#                                       losses against BEFORE_JSONL's, then the unsloth bench
+#                                       losses against BEFORE_JSONL's (bench/baselines/: the first 50 logged steps of
+#                                       c9cf8a5's unsloth run and 196d022's hf run), then the unsloth bench
 #   bash bench/gpu_t1.sh OUT pair-50    t1's whole 600-step training on hf, then on unsloth (no evaluation or export),
 #                                       one host: hf against unsloth over the whole run
 #   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
@@ -376,7 +377,7 @@ EOF2
   speed-50)
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-50
     first_steps t1-50
-    compare50 "$out/t1-50.jsonl" "${BEFORE_JSONL:-$out/t1-50.jsonl}" | tee "$out/loss50.json"
+    compare50 "$out/t1-50.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
@@ -384,7 +385,8 @@ EOF2
     run t1-50-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"
     run t1-50-train --set evaluate=null --set export.merge=false --set 'export.gguf=[]'
-    compare50 "$out/t1-50-train.jsonl" "${BEFORE_JSONL:-$out/t1-50-train.jsonl}" | tee "$out/loss50.json"
+    compare50 "$out/t1-50-train.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
+    compare50 "$out/t1-50-hf.jsonl" "${BEFORE_HF_JSONL:-bench/baselines/t1-hf-first50.jsonl}" | tee "$out/loss50-hf.json"
     first_steps t1-50-hf t1-50-train
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;
