@@ -367,17 +367,11 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
-  speed-49)
-    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-49
-    first_steps t1-49
-    compare50 "$out/t1-49.jsonl" "${BEFORE_JSONL:-$out/t1-49.jsonl}" | tee "$out/loss50.json"
-    tar czf "$OUT/o.tgz" -C "$out" .
-    BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
-    ;;
-  speed-50)
-    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run t1-50
-    first_steps t1-50
-    compare50 "$out/t1-50.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
+  speed-49|speed-50)  # the same run and bench, named for the session that measured with them
+    name=t1-${mode#speed-}
+    rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run "$name"
+    first_steps "$name"
+    compare50 "$out/$name.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
