@@ -175,11 +175,11 @@ def main() -> int:
         import torch
         from transformers import AutoConfig
 
-        mark("imported")
-
         from job import modelsrc
         from job.rundir import RunDir
         from job.spec import JobSpec
+
+        mark("imported")
 
         spec = JobSpec.model_validate(request["spec"])
         location = modelsrc.model_location(spec, RunDir(Path(request["run_dir"])))

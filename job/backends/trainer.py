@@ -285,6 +285,9 @@ class LossReadAStepLate:
                 metrics["train"] = later
 
 
+# ------------------------------------------------------------------------------ the collector
+
+
 class CollectorPauses:
     """Python's cycle collector held off the objects that exist when training starts, and its pauses timed.
 
