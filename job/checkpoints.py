@@ -178,12 +178,12 @@ class HostSnapshot:
     the CUDA ones on the GPU, copied once into page-locked memory, with an event marking the copy's end (the training
     thread goes on: its next kernels queue behind the copy, so the weights it changes are copied first); the CPU ones
     at once. `take()`, on the writer thread, waits for the event and hands back the structure with its tensors on
-    the CPU. With `own_storage` each tensor is a copy of its own, as `.to("cpu")` makes them; without, each is a view
-    into its pack, as `torch.save` and `write_safetensors` write them: one storage per pack instead of one per tensor,
+    the CPU. Each tensor is a view into its pack (with `own_storage`, for comparison, a copy of its own, as `.to("cpu")`
+    makes them), as `torch.save` and `write_safetensors` write them: one storage per pack instead of one per tensor,
     and no copies on the writer thread, whose every copy and pickled storage holds the interpreter lock the training
     loop needs (the same file for `torch.load`, a few records instead of 1,344 for t1's optimizer state)."""
 
-    def __init__(self, tree: Any, own_storage: bool = True):
+    def __init__(self, tree: Any, own_storage: bool = False):
         import torch
 
         self.own_storage = own_storage
@@ -396,8 +396,7 @@ class AsyncCheckpointWriter:
                  else self._adapter_state(unwrapped),
                  "optimizer": gathered[1] if gathered else trainer.optimizer.state_dict()}
         mark = self._split("state_dicts", mark)
-        tensors = {"adapter": HostSnapshot(state["adapter"], own_storage=False),
-                   "optimizer": HostSnapshot(state["optimizer"], own_storage=False)}
+        tensors = {"adapter": HostSnapshot(state["adapter"]), "optimizer": HostSnapshot(state["optimizer"])}
         mark = self._split("copy", mark)
         snapshot = {
             "step": trainer.state.global_step,

@@ -17,7 +17,7 @@ def test_a_snapshot_keeps_the_structure_and_the_values_it_was_taken_with():
                                                                                      "exp_avg": torch.zeros(4)}},
                                                                        "param_groups": [{"lr": 0.1, "params": (0,)}]}}
     before = weights.clone()
-    snapshot = HostSnapshot(tree)
+    snapshot = HostSnapshot(tree, own_storage=True)
     weights.add_(1)
     tree["optimizer"]["state"][0]["exp_avg"].add_(1)
     taken = snapshot.take()
@@ -62,7 +62,7 @@ def test_views_into_the_packs_save_and_load_as_the_tensors_do_in_a_few_records()
         torch.save(value, buffer)
         return buffer.getvalue()
 
-    packed, own = saved(taken), saved(HostSnapshot(tree).take())
+    packed, own = saved(taken), saved(HostSnapshot(tree, own_storage=True).take())
     def records(data: bytes) -> list[str]:
         return [name for name in zipfile.ZipFile(io.BytesIO(data)).namelist() if "/data/" in name]
 
