@@ -80,6 +80,7 @@
 #   bash bench/gpu_t1.sh OUT speed-50   the whole run (auto: unsloth; each step's loss read a step late), its first 50
 #                                       losses against BEFORE_JSONL's (bench/baselines/: the first 50 logged steps of
 #                                       c9cf8a5's unsloth run and 196d022's hf run), then the unsloth bench
+#   bash bench/gpu_t1.sh OUT speed-51   the GPU snapshot and resume tests, then speed-50's run and bench
 #   bash bench/gpu_t1.sh OUT pair-50    t1's whole 600-step training on hf, then on unsloth (no evaluation or export),
 #                                       one host: hf against unsloth over the whole run
 #   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
@@ -367,8 +368,11 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
-  speed-49|speed-50)  # the same run and bench, named for the session that measured with them
+  speed-49|speed-50|speed-51)  # the same run and bench, named for the session that measured with them
     name=t1-${mode#speed-}
+    if [ "$mode" = speed-51 ]; then
+      timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "resume or snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    fi
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run "$name"
     first_steps "$name"
     compare50 "$out/$name.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
