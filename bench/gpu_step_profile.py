@@ -6,7 +6,8 @@ plan `peftopt run` makes) with torch's profiler over a few steps after the warm-
 BACKEND: the training backend (unsloth, the default, or hf).
 
 OUT_DIR gets profile.json (the step's wall clock, the GPU's busy time in it, the gaps where it waits for the host,
-the kernels by total time, grouped), steps.trace.json.gz (chrome://tracing / Perfetto) and kernels.txt.
+the kernels by total time, grouped), steps.trace.json.gz (chrome://tracing / Perfetto), kernels.txt, and syncs.txt
+(each call that makes the host wait for the GPU in one later step, with its Python stack).
 """
 from __future__ import annotations
 
@@ -141,11 +142,41 @@ def main() -> int:
         def on_train_end(self, args, state, control, **kwargs):
             self.profiler.stop()
 
+    class SyncsListed(TrainerCallback):
+        """One steady step after the profile (from one step's end to the next's, the batch's drawing included) under
+        torch's sync debug mode: each synchronizing call's Python stack, to syncs.txt."""
+
+        def __init__(self):
+            self.seen: list[str] = []
+            self.shown = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+            import traceback
+            import warnings
+
+            if state.global_step == SKIP + WARMUP + ACTIVE + 1:
+                self.shown = warnings.showwarning
+                warnings.simplefilter("always")
+
+                def show(message, category, filename, lineno, file=None, line=None):
+                    frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-8:]
+                    self.seen.append(f"{message}\n" + "".join(traceback.format_list(frames)))
+
+                warnings.showwarning = show
+                torch.cuda.set_sync_debug_mode("warn")
+            elif self.shown is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning, self.shown = self.shown, None
+                (out / "syncs.txt").write_text(f"{len(self.seen)} synchronizing calls in one step\n\n"
+                                               + "\n".join(self.seen))
+
     built = shared.build_trainer
 
     def build_trainer(*args, **kwargs):
         trainer, session = built(*args, **kwargs)
         trainer.add_callback(Profiled())
+        trainer.add_callback(SyncsListed())
         return trainer, session
 
     shared.build_trainer = build_trainer

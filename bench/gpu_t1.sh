@@ -86,6 +86,10 @@
 #   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
 #                                       as the tree is, with each step's loss read as it ends and blocking batch copies
 #                                       (as before), with blocking copies alone; a torch profile of the tree's steps
+#   bash bench/gpu_t1.sh OUT sync-probe-2  the GPU tests of the snapshot and the host's segment lengths; t1's training
+#                                       on unsloth to step STOP_AT (100) as the tree is and with the loss kept on the
+#                                       device, the lengths found there and blocking copies (`device-reads`); a torch
+#                                       profile of the tree's steps with one step's syncs listed
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -401,6 +405,22 @@ EOF2
       ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-120} first50 "${names[-1]}"
     done
     step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
+    ;;
+  sync-probe-2)  # issue 37: the GPU tests of the snapshot and the host's segment lengths, t1's training on unsloth to
+    # step STOP_AT (100) as the tree is and with the session's three changes taken back (`device-reads`), then a torch
+    # profile of the tree's steady steps with one step's syncs listed (syncs.txt)
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "snapshot or from_the_host or varlen" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    names=()
+    for change in none device-reads; do
+      names+=("sync2-$change")
+      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}"
+    done
+    step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+    compare50 "$out/sync2-none.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
+    tar czf "$OUT/o.tgz" -C "$out" .
+    timeout 130 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/sync2-none/data/train.jsonl" \
+      model.base="$work/l1b" data.source="$work/long.jsonl" push=null > "$out/profile.txt" 2>&1; tail -1 "$out/profile.txt"
+    tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   sync-probe)  # issue 37: the per-step syncs: the GPU tests of the checkpoint snapshot and resume, t1's training on
     # unsloth to step STOP_AT (100) as the tree is, with each step's loss read at its own end and blocking batch copies,

@@ -8,6 +8,9 @@ to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
                 for the lock the writer thread holds)
     no-flops-once  the Trainer's FLOP count with the model's parameters counted after every micro-batch
     step-sync   each step's loss read back as the step ends (before trainer.LossReadAStepLate)
+    device-reads  the held-back loss kept on the device (read back with a sync of the whole queue), unsloth's segment
+                lengths found on the device (unsloth.lengths_from_host off) and batches copied with blocking copies:
+                the tree before the session of 2026-12-04 (seventh)
     none        nothing changed
 """
 import contextlib
@@ -71,6 +74,20 @@ def main() -> None:
         from job.backends import trainer
 
         trainer.LossReadAStepLate = lambda trainer: None
+    elif change == "device-reads":
+        from job.backends import trainer, unsloth
+
+        trainer.LossReadAStepLate.held = lambda self, name, value: value.detach().clone() \
+            if hasattr(value, "detach") else value
+        unsloth.lengths_from_host = lambda trainer: None
+        made = trainer.trainer_config
+
+        def blocking_copies(*args, **kwargs):
+            config = made(*args, **kwargs)
+            config.accelerator_config.non_blocking = False
+            return config
+
+        trainer.trainer_config = blocking_copies
     elif change != "none":
         sys.exit(f"unknown change {change}")
     sys.argv = ["peftopt", *args]

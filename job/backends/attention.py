@@ -73,6 +73,23 @@ def cumulative_lengths(position_ids) -> tuple[Any, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def segment_lengths(position_ids) -> tuple[int, ...] | None:
+    """The lengths of a packed row's segments, read on the host from its (CPU) `position_ids` [1, T], as unsloth
+    infers them on the device (`unsloth.utils.packing._varlen_from_position_ids`): a segment starts where the
+    position is 0 (each padding token is one of its own); None for anything else, or a row of one segment,
+    which unsloth does not treat as packed."""
+    import torch
+
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[0] != 1 \
+            or position_ids.device.type != "cpu":
+        return None
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+    if len(starts) <= 1 or starts[0] != 0:
+        return None
+    bounds = starts + [position_ids.shape[1]]
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
 def _lengths_once(position_ids) -> tuple[Any, int]:
     # Every layer of one forward pass gets the same position_ids object: compute (and sync) once. The cache
     # holds that tensor, so its memory cannot be reused by a later batch while the entry lives.

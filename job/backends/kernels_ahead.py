@@ -210,7 +210,7 @@ def _unsloth_steps(spec, location: str, config, plan, settings, mark=lambda part
     notes when each part ends (the model built, each step: `kernels_compiled_ahead`'s timeline)."""
     import torch
 
-    from job.backends import unsloth
+    from job.backends import attention, unsloth
 
     model, _, _ = unsloth.setup(spec, location, "cuda", plan, settings, config=few_layers(config))
     model.train()
@@ -221,7 +221,9 @@ def _unsloth_steps(spec, location: str, config, plan, settings, mark=lambda part
     for fill, kept_mod_16 in STEPS:
         tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
         ids, positions, labels = _packed(tokens, row, vocab, kept_mod_16)
-        loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+        lengths = attention.segment_lengths(positions.cpu())  # as the training loop gives them (lengths_from_host)
+        extra = {"packed_seq_lengths": unsloth.staged_lengths(lengths, ids.device)} if lengths else {}
+        loss = model(input_ids=ids, position_ids=positions, labels=labels, **extra).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         steps += 1

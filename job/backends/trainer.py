@@ -119,6 +119,10 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
         bf16=dtype == torch.bfloat16 and device == "cuda", fp16=dtype == torch.float16 and device == "cuda",
         dataloader_num_workers=batch_workers, dataloader_persistent_workers=batch_workers > 0,
         dataloader_prefetch_factor=4 if batch_workers else None, disable_tqdm=True,  # our own bar (job/log.py)
+        # A batch copied to the GPU from page-locked memory without waiting: a blocking copy synchronizes the stream,
+        # and the loop could not queue the next step's work while the GPU finishes the last (with the held-back loss
+        # copied without waiting and unsloth's segment lengths made on the host, nothing else stops it there).
+        **({"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True} if device == "cuda" else {}),
         # The filter swaps a NaN or infinite loss for the mean of earlier ones in the log, hiding a diverged run,
         # and reads the loss back from the GPU after every micro-batch to do it, which stalls the queue.
         logging_nan_inf_filter=False,
@@ -224,6 +228,7 @@ class LossReadAStepLate:
         self.trainer = trainer
         self.own = trainer._maybe_log_save_evaluate
         self.pending: dict | None = None
+        self.host: dict = {}  # page-locked copies of the held values, one per name, reused at every step
         trainer._maybe_log_save_evaluate = self
 
     def __call__(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
@@ -244,7 +249,7 @@ class LossReadAStepLate:
                 held = metrics["train"]
                 taken, metrics["train"] = held, (collections.defaultdict(held.default_factory)
                                                  if isinstance(held, collections.defaultdict) else type(held)())
-            self.pending = {"loss": tr_loss.detach().clone(), "grad_norm": grad_norm,
+            self.pending = {"loss": self.held("loss", tr_loss), "grad_norm": self.held("grad_norm", grad_norm),
                             "steps": state.global_step - trainer._globalstep_last_logged,
                             "step": state.global_step, "epoch": state.epoch, "learning_rate": learning_rate,
                             "metrics": taken}
@@ -255,17 +260,48 @@ class LossReadAStepLate:
         return self.own(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                         learning_rate=learning_rate)
 
+    def held(self, name: str, value):
+        """`value` kept for the next step's flush: a CUDA tensor copied into page-locked host memory without waiting
+        (reading it back with `.item()` would wait for every kernel queued after it, the next step's whole work,
+        not just for the copy), with an event recorded after the copy; anything else copied as it is."""
+        import torch
+
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.detach()
+        if not value.is_cuda or self.trainer.args.parallel_mode.value == "distributed":
+            return value.clone()  # several ranks: gathered on the device at flush, as the Trainer does
+        host = self.host.get(name)
+        if host is None or host.shape != value.shape or host.dtype != value.dtype:
+            host = self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    @staticmethod
+    def read(held):
+        """A held value as a tensor the host can read: after its copy's event, on the host."""
+        if isinstance(held, tuple):
+            host, copied = held
+            copied.synchronize()  # that step's kernels are done by now: no wait for the ones queued since
+            return host
+        return held
+
     def flush(self, start_time: float | None = None) -> None:
-        """Logs the step held back, if any (its values are on the device already)."""
+        """Logs the step held back, if any."""
         from transformers.trainer_pt_utils import nested_gather
 
         pending, self.pending = self.pending, None
         if pending is None:
             return
         trainer, state = self.trainer, self.trainer.state
-        loss = nested_gather(pending["loss"], trainer.args.parallel_mode).mean().item()
+        held_loss = self.read(pending["loss"])
+        if not isinstance(pending["loss"], tuple):  # kept as a tensor: gathered from the ranks, as the Trainer does
+            held_loss = nested_gather(held_loss, trainer.args.parallel_mode)
+        loss = held_loss.mean().item()
         logs = {"loss": loss / pending["steps"]}
-        norm = pending["grad_norm"]
+        norm = self.read(pending["grad_norm"])
         if norm is not None:
             logs["grad_norm"] = norm.item() if hasattr(norm, "item") else norm
         logs["learning_rate"] = pending["learning_rate"] if pending["learning_rate"] is not None \

@@ -116,6 +116,57 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
     return model, None, {"attention": path, "base_weights": dequantize.base_weights(spec, chosen.dequantize_base)}
 
 
+LENGTHS_KEY = "peftopt_segment_lengths"
+
+
+def wrapped(trainer, device: str, chosen: batch_plan.Plan, settings) -> dict:
+    """After trl has built the trainer: a packed row's segment lengths read where the batch is made, on the CPU
+    (`lengths_from_host`). Figures for the log (none)."""
+    if device == "cuda":
+        lengths_from_host(trainer)
+    return {}
+
+
+def lengths_from_host(trainer) -> None:
+    """unsloth finds a packed row's segments from its `position_ids` on the GPU and reads them back (a `nonzero`
+    and a `.tolist()`), which makes the host wait, early in every forward, for the GPU to finish everything queued
+    before. It takes them from `packed_seq_lengths` instead when they are given (as its own packing collator gives
+    them): the collator here reads them from the row's positions on the CPU (in the batch worker), the batch carries
+    them as plain numbers (not moved to the GPU with the rest), and unsloth's own staging
+    (`get_packed_info_from_kwargs`: one copy from page-locked memory, no wait, the host's lengths kept) makes the
+    device tensor the model is given. The same segments, so the same attention and loss."""
+    collate = trainer.data_collator
+
+    def with_lengths(features):
+        batch = collate(features)
+        if "attention_mask" not in batch:
+            lengths = attention.segment_lengths(batch.get("position_ids"))
+            if lengths is not None:
+                batch[LENGTHS_KEY] = lengths
+        return batch
+
+    prepare = trainer._prepare_inputs
+
+    def _prepare_inputs(inputs):
+        lengths = inputs.pop(LENGTHS_KEY, None)
+        prepared = prepare(inputs)
+        if lengths is not None:
+            prepared["packed_seq_lengths"] = staged_lengths(lengths, prepared["input_ids"].device)
+        return prepared
+
+    trainer.data_collator = with_lengths
+    trainer._prepare_inputs = _prepare_inputs
+
+
+def staged_lengths(lengths, device):
+    """The device tensor of a packed row's segment lengths, staged by unsloth, which keeps the host's copy beside it
+    (its attention then reads no lengths back)."""
+    import torch
+    from unsloth.utils.packing import get_packed_info_from_kwargs
+
+    return get_packed_info_from_kwargs({"packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32)}, device)[0]
+
+
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:
     import os
     import sys

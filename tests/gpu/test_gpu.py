@@ -197,6 +197,57 @@ def test_unsloth_takes_the_varlen_kernel_for_packed_rows():
     assert attention_dispatch._torch_varlen_takes(q, kv, kv, {}, True, None)
 
 
+def test_unsloth_takes_a_packed_rows_lengths_from_the_host_same_loss_and_gradients_without_a_sync(make_spec,
+                                                                                                 tiny_model):
+    """unsloth.lengths_from_host: the segment lengths read from the CPU positions and staged by unsloth give the loss
+    and gradients unsloth's own inference from the GPU positions gives, and the forward and loss read nothing back
+    (torch's sync debug mode as an error) but the fused loss's kept-label count."""
+    import torch
+
+    from job import settings as settings_module
+    from job.backends import attention, kernels_ahead, unsloth
+    from job.specfile import load_spec
+
+    settings = settings_module.init()
+    unsloth.import_library()
+    spec = load_spec(make_spec(train={"backend": "unsloth"}))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    chosen = unsloth.plan(spec, config, "cuda", settings)
+    model, _, _ = unsloth.setup(spec, str(tiny_model), "cuda", chosen, settings)
+    model.train()
+    torch.manual_seed(0)
+    ids, positions, labels = kernels_ahead._packed(96, 40, config.vocab_size, kept_mod_16=3)
+    lengths = attention.segment_lengths(positions.cpu())
+    assert lengths is not None and sum(lengths) == 96 and len(lengths) > 2
+
+    def loss_and_grads(**extra):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, position_ids=positions, labels=labels, **extra).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().float(), grads
+
+    inferred, inferred_grads = loss_and_grads()
+    staged, staged_grads = loss_and_grads(packed_seq_lengths=unsloth.staged_lengths(lengths, ids.device))
+    assert torch.allclose(inferred, staged, rtol=1e-3), (inferred, staged)
+    assert inferred_grads.keys() == staged_grads.keys() and inferred_grads
+    for name in inferred_grads:
+        assert torch.allclose(inferred_grads[name], staged_grads[name], rtol=2e-2, atol=1e-3), name
+    torch.cuda.synchronize()
+    from unsloth.utils import packing
+
+    with torch.no_grad():
+        packing._PACKED_INFO_CACHE.clear()
+        given = unsloth.staged_lengths(lengths, ids.device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.model.model(input_ids=ids, position_ids=positions, packed_seq_lengths=given)  # the decoder
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -270,9 +321,14 @@ def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_
     assert state["scalar"].shape == () and state["scalar"].item() == 3.0 and state["step"] == 7
     assert torch.equal(taken["optimizer"]["cpu"], torch.arange(4))
     assert taken["optimizer"]["param_groups"] == [{"lr": 1e-4, "params": [0]}]
-    # each tensor owns its storage, as `.to("cpu")` made them (safetensors refuses tensors sharing one)
-    assert taken["adapter"]["a.lora_A"].untyped_storage().data_ptr() != \
+    # the job's way: views into one pack per dtype (checkpoints.write_safetensors writes them; safetensors' own
+    # writer refuses tensors that share a storage); with own_storage each has its own, as `.to("cpu")` made them
+    assert taken["adapter"]["a.lora_A"].untyped_storage().data_ptr() == \
         taken["adapter"]["a.lora_B"].untyped_storage().data_ptr()
+    own = HostSnapshot(tree, own_storage=True).take()
+    assert torch.equal(own["adapter"]["a.lora_A"], tree["adapter"]["a.lora_A"].cpu())
+    assert own["adapter"]["a.lora_A"].untyped_storage().data_ptr() != \
+        own["adapter"]["a.lora_B"].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("dequantized", [False, True], ids=["linear", "dequantized-4bit-base"])

@@ -20,6 +20,23 @@ def test_cumulative_lengths_come_from_where_positions_restart():
     assert cu.tolist() == [0, 2, 4]
 
 
+def test_segment_lengths_of_trls_padding_free_row_padded_to_a_multiple_of_16():
+    """What unsloth.lengths_from_host gives unsloth: the segments trl's own padding-free collator makes (padding
+    tokens at position 0, each a segment of its own, as unsloth's inference from the positions counts them)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16,
+                                              return_tensors="pt")
+    batch = collate([{"input_ids": list(range(1, 6))}, {"input_ids": list(range(1, 4))}])
+    assert batch["position_ids"].shape == (1, 16)
+    assert attention.segment_lengths(batch["position_ids"]) == (5, 3) + (1,) * 8
+    cu, _ = attention.cumulative_lengths(batch["position_ids"])
+    assert cu.tolist() == [0, 5, 8, *range(9, 17)]  # the same segments the hf path finds on the device
+    assert attention.segment_lengths(torch.arange(7)[None]) is None  # one segment: not a packed row for unsloth
+    assert attention.segment_lengths(torch.tensor([[2, 3, 0, 1]])) is None  # starts mid-segment: unsloth declines it
+    assert attention.segment_lengths(torch.zeros(2, 4, dtype=torch.long)) is None  # not one row
+
+
 def test_cpu_runs_sdpa_and_says_why():
     from transformers import LlamaConfig
 
