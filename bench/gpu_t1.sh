@@ -81,6 +81,8 @@
 #                                       losses against BEFORE_JSONL's (bench/baselines/: the first 50 logged steps of
 #                                       c9cf8a5's unsloth run and 196d022's hf run), then the unsloth bench
 #   bash bench/gpu_t1.sh OUT speed-51   the GPU snapshot and resume tests, then speed-50's run and bench
+#   bash bench/gpu_t1.sh OUT speed-52   the GPU test of unsloth's segment lengths from the host, speed-50's run and
+#                                       bench, then t1's training to step STOP_AT (80) as the tree is and `device-reads`
 #   bash bench/gpu_t1.sh OUT pair-50    t1's whole 600-step training on hf, then on unsloth (no evaluation or export),
 #                                       one host: hf against unsloth over the whole run
 #   bash bench/gpu_t1.sh OUT sync-probe  the GPU snapshot and resume tests; t1's training on unsloth to step STOP_AT (100)
@@ -372,16 +374,27 @@ EOF2
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=160 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     ;;
-  speed-49|speed-50|speed-51)  # the same run and bench, named for the session that measured with them
+  speed-49|speed-50|speed-51|speed-52)  # the same run and bench, named for the session that measured with them
     name=t1-${mode#speed-}
     if [ "$mode" = speed-51 ]; then
       timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "resume or snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    elif [ "$mode" = speed-52 ]; then
+      timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "from_the_host" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
     fi
     rm -rf "$UNSLOTH_COMPILE_LOCATION" "$HOME/.triton/cache"; run "$name"
     first_steps "$name"
     compare50 "$out/$name.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
+    if [ "$mode" = speed-52 ]; then  # then the tree against its three syncs back (`device-reads`), one host
+      tar czf "$OUT/o.tgz" -C "$out" .
+      names=()
+      for change in none device-reads; do
+        names+=("sync3-$change")
+        ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-80} first50 "${names[-1]}"
+      done
+      step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+    fi
     ;;
   pair-50)
     run t1-50-hf --set train.backend=hf --set evaluate=null --set export.merge=false --set 'export.gguf=[]'

@@ -222,7 +222,7 @@ def _unsloth_steps(spec, location: str, config, plan, settings, mark=lambda part
         tokens = max(int(plan.micro_batch * row * fill) // 16 * 16 - (1 if fill < 1 else 0), 17)
         ids, positions, labels = _packed(tokens, row, vocab, kept_mod_16)
         lengths = attention.segment_lengths(positions.cpu())  # as the training loop gives them (lengths_from_host)
-        extra = {"packed_seq_lengths": unsloth.staged_lengths(lengths, ids.device)} if lengths else {}
+        extra = {"packed_seq_lengths": unsloth.host_lengths(lengths)} if lengths else {}
         loss = model(input_ids=ids, position_ids=positions, labels=labels, **extra).loss
         loss.backward()
         model.zero_grad(set_to_none=True)

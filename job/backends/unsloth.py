@@ -130,11 +130,12 @@ def wrapped(trainer, device: str, chosen: batch_plan.Plan, settings) -> dict:
 def lengths_from_host(trainer) -> None:
     """unsloth finds a packed row's segments from its `position_ids` on the GPU and reads them back (a `nonzero`
     and a `.tolist()`), which makes the host wait, early in every forward, for the GPU to finish everything queued
-    before. It takes them from `packed_seq_lengths` instead when they are given (as its own packing collator gives
-    them): the collator here reads them from the row's positions on the CPU (in the batch worker), the batch carries
-    them as plain numbers (not moved to the GPU with the rest), and unsloth's own staging
-    (`get_packed_info_from_kwargs`: one copy from page-locked memory, no wait, the host's lengths kept) makes the
-    device tensor the model is given. The same segments, so the same attention and loss."""
+    before. It takes them from `packed_seq_lengths` instead when they are given on the CPU (as its own packing
+    collator makes them): one copy from page-locked memory without a wait, the host's lengths kept for every layer
+    (`unsloth.utils.packing.get_packed_info_from_kwargs`). The collator here reads them from the row's positions on
+    the CPU (in the batch worker); the batch carries them as plain numbers, which the copy of the batch to the GPU
+    leaves alone, and they are handed to the model as a CPU tensor. The same segments, so the same attention and
+    loss."""
     collate = trainer.data_collator
 
     def with_lengths(features):
@@ -151,20 +152,19 @@ def lengths_from_host(trainer) -> None:
         lengths = inputs.pop(LENGTHS_KEY, None)
         prepared = prepare(inputs)
         if lengths is not None:
-            prepared["packed_seq_lengths"] = staged_lengths(lengths, prepared["input_ids"].device)
+            prepared["packed_seq_lengths"] = host_lengths(lengths)
         return prepared
 
     trainer.data_collator = with_lengths
     trainer._prepare_inputs = _prepare_inputs
 
 
-def staged_lengths(lengths, device):
-    """The device tensor of a packed row's segment lengths, staged by unsloth, which keeps the host's copy beside it
-    (its attention then reads no lengths back)."""
+def host_lengths(lengths):
+    """A packed row's segment lengths as unsloth takes them without reading anything back: int32, on the CPU (the
+    object itself is its cache's key, so every layer of the forward finds the one staged copy)."""
     import torch
-    from unsloth.utils.packing import get_packed_info_from_kwargs
 
-    return get_packed_info_from_kwargs({"packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32)}, device)[0]
+    return torch.tensor(lengths, dtype=torch.int32)
 
 
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:

@@ -199,9 +199,9 @@ def test_unsloth_takes_the_varlen_kernel_for_packed_rows():
 
 def test_unsloth_takes_a_packed_rows_lengths_from_the_host_same_loss_and_gradients_without_a_sync(make_spec,
                                                                                                  tiny_model):
-    """unsloth.lengths_from_host: the segment lengths read from the CPU positions and staged by unsloth give the loss
-    and gradients unsloth's own inference from the GPU positions gives, and the forward and loss read nothing back
-    (torch's sync debug mode as an error) but the fused loss's kept-label count."""
+    """unsloth.lengths_from_host: the segment lengths read from the CPU positions, given to unsloth on the CPU, give the
+    loss and gradients unsloth's own inference from the GPU positions gives, and the decoder's forward reads nothing
+    back (torch's sync debug mode as an error)."""
     import torch
 
     from job import settings as settings_module
@@ -230,7 +230,7 @@ def test_unsloth_takes_a_packed_rows_lengths_from_the_host_same_loss_and_gradien
         return loss.detach().float(), grads
 
     inferred, inferred_grads = loss_and_grads()
-    staged, staged_grads = loss_and_grads(packed_seq_lengths=unsloth.staged_lengths(lengths, ids.device))
+    staged, staged_grads = loss_and_grads(packed_seq_lengths=unsloth.host_lengths(lengths))
     assert torch.allclose(inferred, staged, rtol=1e-3), (inferred, staged)
     assert inferred_grads.keys() == staged_grads.keys() and inferred_grads
     for name in inferred_grads:
@@ -240,7 +240,7 @@ def test_unsloth_takes_a_packed_rows_lengths_from_the_host_same_loss_and_gradien
 
     with torch.no_grad():
         packing._PACKED_INFO_CACHE.clear()
-        given = unsloth.staged_lengths(lengths, ids.device)
+        given = unsloth.host_lengths(lengths)
         torch.cuda.set_sync_debug_mode("error")
         try:
             model.model.model(input_ids=ids, position_ids=positions, packed_seq_lengths=given)  # the decoder
