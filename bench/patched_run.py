@@ -10,7 +10,8 @@ to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
     step-sync   each step's loss read back as the step ends (before trainer.LossReadAStepLate)
     device-reads  the held-back loss kept on the device (read back with a sync of the whole queue), unsloth's segment
                 lengths found on the device (unsloth.lengths_from_host off) and batches copied with blocking copies:
-                the tree before the session of 2026-12-04 (seventh)
+                the tree before the session of 2026-12-04 (seventh) (and no kept-label count from the host)
+    gpu-count   the fused loss's kept labels counted on the GPU (unsloth.kept_labels_from_host off)
     none        nothing changed
 """
 import contextlib
@@ -80,6 +81,7 @@ def main() -> None:
         trainer.LossReadAStepLate.held = lambda self, name, value: value.detach().clone() \
             if hasattr(value, "detach") else value
         unsloth.lengths_from_host = lambda trainer: None
+        unsloth.kept_labels_from_host = lambda trainer: False
         made = trainer.trainer_config
 
         def blocking_copies(*args, **kwargs):
@@ -88,6 +90,10 @@ def main() -> None:
             return config
 
         trainer.trainer_config = blocking_copies
+    elif change == "gpu-count":
+        from job.backends import unsloth
+
+        unsloth.kept_labels_from_host = lambda trainer: False
     elif change != "none":
         sys.exit(f"unknown change {change}")
     sys.argv = ["peftopt", *args]

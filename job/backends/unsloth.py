@@ -119,12 +119,105 @@ def setup(spec: JobSpec, location: str, device: str, chosen: batch_plan.Plan, se
 LENGTHS_KEY = "peftopt_segment_lengths"
 
 
+KEPT_KEY = "peftopt_kept_labels"
+
+
 def wrapped(trainer, device: str, chosen: batch_plan.Plan, settings) -> dict:
-    """After trl has built the trainer: a packed row's segment lengths read where the batch is made, on the CPU
-    (`lengths_from_host`). Figures for the log (none)."""
-    if device == "cuda":
-        lengths_from_host(trainer)
-    return {}
+    """After trl has built the trainer: a packed row's segment lengths and its count of labels the loss keeps, read
+    where the batch is made, on the CPU (`lengths_from_host`, `kept_labels_from_host`). Figures for the log."""
+    if device != "cuda":
+        return {}
+    lengths_from_host(trainer)
+    return {"kept_labels": "counted on the host" if kept_labels_from_host(trainer) else "counted on the GPU"}
+
+
+class _KeptCount:
+    """The count of labels the fused loss keeps in the micro-batch the trainer prepared last, and the length of its
+    row, for the loss's index of them (one forward's loss takes it once)."""
+    count: int | None = None
+    length: int | None = None
+
+
+def kept_labels_from_host(trainer) -> bool:
+    """unsloth's fused cross-entropy gathers the rows whose label it keeps with `nonzero` on the GPU
+    (`unsloth_zoo.fused_losses.fused_linear._keep_index`), and reads their count back to size its chunks: the host
+    waits there, at the end of every forward, for the GPU to finish the forward, and the lead it had built is gone
+    when the backward starts, whose many short kernels (unsloth's LoRA autograd functions) then leave the GPU
+    waiting for the host. The collator here counts the labels the loss keeps on the CPU (the row's labels shifted
+    by one, none at a segment's start, as unsloth masks them), and the loss's index is then made with
+    `torch.nonzero_static` of that size, which reads nothing back; the device checks the count
+    (`torch._assert_async`: a count that is not the GPU's stops the job with a CUDA error, never a different loss).
+    False, and nothing changed, when this unsloth_zoo has no such function."""
+    if not index_from_host_count():
+        return False
+    collate = trainer.data_collator
+
+    def with_count(features):
+        batch = collate(features)
+        batch[KEPT_KEY] = kept_count(batch)
+        return batch
+
+    prepare = trainer._prepare_inputs
+
+    def _prepare_inputs(inputs):
+        kept = inputs.pop(KEPT_KEY, None)
+        _KeptCount.count, _KeptCount.length = kept if kept else (None, None)
+        return prepare(inputs)
+
+    trainer.data_collator = with_count
+    trainer._prepare_inputs = _prepare_inputs
+    return True
+
+
+def kept_count(batch) -> tuple[int, int] | None:
+    """(labels the fused loss keeps, the row's length) of a packed row [1, T] on the CPU: its labels shifted by one
+    (the last position has no next token) that are not -100 and are not a segment's start (unsloth's boundary mask);
+    None for anything else."""
+    import torch
+
+    labels, positions = batch.get("labels"), batch.get("position_ids")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[0] != 1 \
+            or labels.device.type != "cpu":
+        return None
+    keep = labels[0, 1:] != -100
+    if isinstance(positions, torch.Tensor) and positions.shape == labels.shape:
+        keep &= positions[0, 1:] != 0
+    return int(keep.sum()), labels.shape[1]
+
+
+def index_from_host_count() -> bool:
+    """Sets the loss's index of kept labels to come from the host's count (`_KeptCount`) when one is given; False when
+    this unsloth_zoo has no `_keep_index` of the shape this knows."""
+    import inspect
+
+    try:
+        from unsloth_zoo.fused_losses import fused_linear
+    except ImportError:
+        return False
+    own = getattr(fused_linear, "_keep_index", None)
+    if own is None or list(inspect.signature(own).parameters) != ["targets", "mask", "vocab_size", "ignore_index"]:
+        return False
+    if not getattr(own, "peftopt_host_count", False):
+        fused_linear._keep_index = _host_counted(own)
+    return True
+
+
+def _host_counted(own):
+    def _keep_index(targets, mask, vocab_size, ignore_index):
+        import torch
+
+        count, length = _KeptCount.count, _KeptCount.length
+        _KeptCount.count = _KeptCount.length = None
+        if count is None or mask is not None or ignore_index is None or not targets.is_cuda \
+                or targets.numel() != length:
+            return own(targets, mask, vocab_size, ignore_index)
+        keep = (targets >= 0) & (targets < vocab_size) & (targets != ignore_index)
+        index = torch.nonzero_static(keep, size=count).squeeze(-1)
+        torch._assert_async(keep.sum() == count, "peftopt: the host's count of kept labels is not the GPU's")
+        return index, count
+
+    _keep_index.peftopt_host_count = True
+    return _keep_index
 
 
 def lengths_from_host(trainer) -> None:
@@ -152,19 +245,46 @@ def lengths_from_host(trainer) -> None:
         lengths = inputs.pop(LENGTHS_KEY, None)
         prepared = prepare(inputs)
         if lengths is not None:
-            prepared["packed_seq_lengths"] = host_lengths(lengths)
+            prepared["packed_seq_lengths"] = host_lengths(lengths, prepared["input_ids"].device)
         return prepared
 
     trainer.data_collator = with_lengths
     trainer._prepare_inputs = _prepare_inputs
+    _boundary_mask_takes_staged_lengths()
 
 
-def host_lengths(lengths):
+def host_lengths(lengths, device=None):
     """A packed row's segment lengths as unsloth takes them without reading anything back: int32, on the CPU (the
-    object itself is its cache's key, so every layer of the forward finds the one staged copy)."""
+    object itself is its cache's key, so every layer of the forward finds the one staged copy). With a CUDA
+    `device`, an int64 copy there too, made from page-locked memory without a wait, for the loss's boundary mask
+    (`_boundary_mask_takes_staged_lengths`)."""
     import torch
 
-    return torch.tensor(lengths, dtype=torch.int32)
+    host = torch.tensor(lengths, dtype=torch.int32)
+    if device is not None and torch.device(device).type == "cuda":
+        host.peftopt_on_device = torch.tensor(lengths, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _boundary_mask_takes_staged_lengths() -> None:
+    """unsloth's fused-loss path masks the label after each segment (`mask_packed_boundary_labels`) with the lengths
+    moved to the GPU by a blocking copy (`_normalize_packed_lengths`), which makes the host wait there: the lengths
+    `host_lengths` gives carry their device copy already, and it is taken as it is (the same values: the same mask)."""
+    import torch
+    from unsloth.utils import packing
+
+    own = getattr(packing, "_normalize_packed_lengths", None)
+    if own is None or getattr(own, "peftopt_staged", False):
+        return
+
+    def _normalize_packed_lengths(seq_lengths, *, device):
+        staged = getattr(seq_lengths, "peftopt_on_device", None)
+        if staged is not None and staged.device == torch.device(device) and staged.numel():
+            return staged
+        return own(seq_lengths, device=device)
+
+    _normalize_packed_lengths.peftopt_staged = True
+    packing._normalize_packed_lengths = _normalize_packed_lengths
 
 
 def train(spec: JobSpec, run_dir, device: str, *, fingerprint: str, settings, restart: bool = False) -> dict:

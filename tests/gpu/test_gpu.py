@@ -248,6 +248,54 @@ def test_unsloth_takes_a_packed_rows_lengths_from_the_host_same_loss_and_gradien
             torch.cuda.set_sync_debug_mode("default")
 
 
+def test_unsloth_reads_nothing_back_in_a_step_given_the_hosts_lengths_and_kept_count(make_spec, tiny_model):
+    """unsloth.kept_labels_from_host: the fused loss's index of kept labels made from the host's count gives the loss
+    and gradients of unsloth's own `nonzero`; with it and the host's lengths (their device copy for the boundary
+    mask), a forward and backward make no synchronizing call (torch's sync debug mode as an error)."""
+    import torch
+    from transformers import AutoConfig
+
+    from job import settings as settings_module
+    from job.backends import attention, kernels_ahead, unsloth
+    from job.specfile import load_spec
+
+    settings = settings_module.init()
+    unsloth.import_library()
+    spec = load_spec(make_spec(train={"backend": "unsloth"}))
+    config = AutoConfig.from_pretrained(tiny_model)
+    model, _, _ = unsloth.setup(spec, str(tiny_model), "cuda", unsloth.plan(spec, config, "cuda", settings), settings)
+    model.train()
+    assert unsloth.index_from_host_count()
+    unsloth._boundary_mask_takes_staged_lengths()
+    torch.manual_seed(0)
+    ids, positions, labels = kernels_ahead._packed(96, 40, config.vocab_size, kept_mod_16=3)
+    lengths = attention.segment_lengths(positions.cpu())
+    kept = unsloth.kept_count({"labels": labels.cpu(), "position_ids": positions.cpu()})
+    assert kept == (int((labels[0, 1:] != -100).sum()), 96)
+
+    def step(count):
+        unsloth._KeptCount.count, unsloth._KeptCount.length = count if count else (None, None)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, position_ids=positions, labels=labels,
+                     packed_seq_lengths=unsloth.host_lengths(lengths, ids.device)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    counted_on_gpu, gpu_grads = step(None)
+    counted_on_host, host_grads = step(kept)
+    assert torch.allclose(counted_on_gpu.float(), counted_on_host.float(), rtol=1e-4), (counted_on_gpu, counted_on_host)
+    assert gpu_grads.keys() == host_grads.keys() and gpu_grads
+    for name in gpu_grads:  # the same rows gathered in the same order: only the backward's accumulation order differs
+        assert torch.allclose(gpu_grads[name].float(), host_grads[name].float(), rtol=1e-2, atol=1e-4), name
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(kept)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

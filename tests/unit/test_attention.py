@@ -37,6 +37,22 @@ def test_segment_lengths_of_trls_padding_free_row_padded_to_a_multiple_of_16():
     assert attention.segment_lengths(torch.zeros(2, 4, dtype=torch.long)) is None  # not one row
 
 
+def test_kept_count_is_the_labels_unsloths_fused_loss_keeps_of_trls_padding_free_row():
+    """unsloth.kept_count: of the row's labels shifted by one, those not -100 and not at a segment's start."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job.backends import unsloth
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16,
+                                              return_tensors="pt")
+    batch = collate([{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7, 8]}])
+    batch["labels"][0, 1] = -100  # a prompt's token
+    labels = batch["labels"][0]
+    shifted = torch.cat([labels[1:], torch.tensor([-100])])  # unsloth's targets: the next token's label
+    assert unsloth.kept_count(batch) == (int((shifted != -100).sum()), 16) == (5, 16)  # 3 + 2: no segment's start
+    assert unsloth.kept_count({"labels": torch.zeros(2, 4, dtype=torch.long)}) is None  # not one packed row
+
+
 def test_cpu_runs_sdpa_and_says_why():
     from transformers import LlamaConfig
 
