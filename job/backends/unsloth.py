@@ -271,8 +271,11 @@ def _boundary_mask_takes_staged_lengths() -> None:
     moved to the GPU by a blocking copy (`_normalize_packed_lengths`), which makes the host wait there: the lengths
     `host_lengths` gives carry their device copy already, and it is taken as it is (the same values: the same mask)."""
     import torch
-    from unsloth.utils import packing
 
+    try:
+        from unsloth.utils import packing
+    except ImportError:  # no unsloth here (a CPU machine): nothing to set
+        return
     own = getattr(packing, "_normalize_packed_lengths", None)
     if own is None or getattr(own, "peftopt_staged", False):
         return
