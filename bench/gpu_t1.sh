@@ -194,6 +194,16 @@ first50() {  # NAME [overrides...]: a training-only run on t1's 600-step schedul
   pkill -TERM -f "name=$name"; wait
 }
 
+patched_runs() {  # PREFIX STOP CHANGE...: t1's training on unsloth stopped at step STOP_AT (STOP) with each change of
+  # bench/patched_run.py (none: the tree as it is), one after the other on this host; their step table to sync-probe.json
+  local prefix=$1 stop=$2 names=() change; shift 2
+  for change in "$@"; do
+    names+=("$prefix-$change")
+    ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-$stop} first50 "${names[-1]}"
+  done
+  step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+}
+
 compare50() {  # FULL.jsonl OTHER.jsonl: the first 50 logged losses of two runs of the same schedule
   python3 - "$1" "$2" <<'EOF'
 import json, sys
@@ -391,12 +401,7 @@ EOF2
     BENCH_TIMEOUT=170 bench_table bench-unsloth --steps ${BENCH_STEPS:-10} --backend unsloth
     if [ "$mode" = speed-52 ]; then  # then the tree against its three syncs back (`device-reads`), one host
       tar czf "$OUT/o.tgz" -C "$out" .
-      names=()
-      for change in none device-reads; do
-        names+=("sync3-$change")
-        ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-80} first50 "${names[-1]}"
-      done
-      step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+      patched_runs sync3 80 none device-reads
     fi
     ;;
   pair-50)
@@ -442,12 +447,7 @@ EOF2
     # step STOP_AT (100) as the tree is and with the session's three changes taken back (`device-reads`), then a torch
     # profile of the tree's steady steps with one step's syncs listed (syncs.txt)
     timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "snapshot or from_the_host or varlen" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
-    names=()
-    for change in none device-reads; do
-      names+=("sync2-$change")
-      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}"
-    done
-    step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+    patched_runs sync2 100 none device-reads
     compare50 "$out/sync2-none.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     timeout 130 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/sync2-none/data/train.jsonl" \
