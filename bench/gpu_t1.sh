@@ -431,12 +431,7 @@ EOF2
     # STOP_AT (100) as the tree is, with the kept labels counted on the GPU (`gpu-count`) and with the seventh session's
     # changes all taken back (`device-reads`); a torch profile of the tree's steady steps with one step's syncs listed
     timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "from_the_host or reads_nothing_back" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
-    names=()
-    for change in none gpu-count device-reads; do
-      names+=("sync4-$change")
-      ENTRY="bench/patched_run.py $change --" STOP_AT=${STOP_AT:-100} first50 "${names[-1]}"
-    done
-    step_table "${names[@]}" > "$out/sync-probe.json"; cat "$out/sync-probe.json"
+    patched_runs sync4 100 none gpu-count device-reads
     compare50 "$out/sync4-none.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     timeout 130 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/sync4-none/data/train.jsonl" \
