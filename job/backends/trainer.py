@@ -265,11 +265,12 @@ class LossReadAStepLate:
         (reading it back with `.item()` would wait for every kernel queued after it, the next step's whole work,
         not just for the copy), with an event recorded after the copy; anything else copied as it is."""
         import torch
+        from transformers.training_args import ParallelMode
 
         if not isinstance(value, torch.Tensor):
             return value
         value = value.detach()
-        if not value.is_cuda or self.trainer.args.parallel_mode.value == "distributed":
+        if not value.is_cuda or self.trainer.args.parallel_mode == ParallelMode.DISTRIBUTED:
             return value.clone()  # several ranks: gathered on the device at flush, as the Trainer does
         host = self.host.get(name)
         if host is None or host.shape != value.shape or host.dtype != value.dtype:
