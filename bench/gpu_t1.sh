@@ -92,9 +92,10 @@
 #                                       on unsloth to step STOP_AT (100) as the tree is and with the loss kept on the
 #                                       device, the lengths found there and blocking copies (`device-reads`); a torch
 #                                       profile of the tree's steps with one step's syncs listed
-#   bash bench/gpu_t1.sh OUT sync-probe-3  the GPU tests of the host's lengths and kept-label count; t1's training on
-#                                       unsloth to step STOP_AT (100) as the tree is, `gpu-count` and `device-reads`;
-#                                       a torch profile of the tree's steps with one step's syncs listed
+#   bash bench/gpu_t1.sh OUT sync-probe-3  the GPU tests of the host's lengths and kept-label count and of the
+#                                       checkpoint's packed files; t1's training on unsloth to step STOP_AT (100) as
+#                                       the tree is, `gpu-count` and `tensor-writes`; a torch profile of the tree's
+#                                       steps with one step's syncs listed
 #   bash bench/gpu_t1.sh OUT compile-probe  what t1's first training step compiles: 12 steps with every compile cache
 #                                       empty, with inductor's or Triton's alone emptied, and warm; the kernels cached
 #   bash bench/gpu_t1.sh OUT speed-38   the whole run (auto), then the run's GGUF suite answered by each CPU variant of
@@ -427,11 +428,12 @@ EOF2
     done
     step_table "${names[@]}" > "$out/step-probe.json"; cat "$out/step-probe.json"
     ;;
-  sync-probe-3)  # issue 37: the GPU tests of the host's lengths and kept-label count, t1's training on unsloth to step
-    # STOP_AT (100) as the tree is, with the kept labels counted on the GPU (`gpu-count`) and with the seventh session's
-    # changes all taken back (`device-reads`); a torch profile of the tree's steady steps with one step's syncs listed
-    timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "from_the_host or reads_nothing_back" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
-    patched_runs sync4 100 none gpu-count device-reads
+  sync-probe-3)  # issue 37: the GPU tests of the host's lengths and kept-label count and of the checkpoint's packed
+    # files, t1's training on unsloth to step STOP_AT (100) as the tree is, with the kept labels counted on the GPU
+    # (`gpu-count`) and with the checkpoint's files written tensor by tensor (`tensor-writes`); a torch profile of the
+    # tree's steady steps with one step's syncs listed
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "from_the_host or reads_nothing_back or snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    patched_runs sync4 100 none gpu-count tensor-writes
     compare50 "$out/sync4-none.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     tar czf "$OUT/o.tgz" -C "$out" .
     timeout 130 python3 bench/gpu_step_profile.py jobspecs/t1.json "$out/profile" "$work/runs/sync4-none/data/train.jsonl" \

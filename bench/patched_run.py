@@ -12,6 +12,9 @@ to find which one a figure moved with (bench/gpu_t1.sh's merge-probe):
                 lengths found on the device (unsloth.lengths_from_host off) and batches copied with blocking copies:
                 the tree before the session of 2026-12-04 (seventh) (and no kept-label count from the host)
     gpu-count   the fused loss's kept labels counted on the GPU (unsloth.kept_labels_from_host off)
+    tensor-writes  the checkpoint's adapter and optimizer state written tensor by tensor: safetensors' header and
+                a write per tensor, torch.save pickling each of the optimizer's tensors (before checkpoints.save_state
+                and statefile's packed format)
     none        nothing changed
 """
 import contextlib
@@ -19,6 +22,37 @@ import os
 import sys
 
 sys.path.insert(0, os.getcwd())
+
+
+def tensor_by_tensor_writes() -> None:
+    """The writer's two files as it wrote them before the packs were written whole (bench/writer_lock_probe.py
+    compares the two ways too)."""
+    import json
+
+    import torch
+
+    from job import checkpoints
+
+    def write_safetensors(snapshot, path, metadata=None):
+        tensors = snapshot.take()
+        header = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": checkpoints.SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+                            "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(path, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            for tensor in tensors.values():
+                if tensor.numel():
+                    out.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    checkpoints.write_safetensors = write_safetensors
+    checkpoints.save_state = lambda snapshot, path: torch.save(snapshot.take(), path)
 
 
 class _OldCopy:
@@ -43,6 +77,14 @@ class _OldCopy:
     def take(self):
         return self.tree
 
+    skeleton = property(lambda self: self.tree)  # no packs: the writer writes what take() gives, tensor by tensor
+
+    def where(self, value):
+        return None
+
+    def packs(self):
+        return []
+
 
 def main() -> None:
     change, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
@@ -65,6 +107,8 @@ def main() -> None:
             shutil.rmtree(snapshot["partial"], ignore_errors=True)
 
         checkpoints.AsyncCheckpointWriter._write = quiet
+    elif change == "tensor-writes":
+        tensor_by_tensor_writes()
     elif change == "switch-interval":
         sys.setswitchinterval(0.0001)
     elif change == "no-flops-once":

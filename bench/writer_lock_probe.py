@@ -5,9 +5,10 @@ ops, as the loop launches kernels; the loop's lost time is its ops' time beside 
 
     python3 bench/writer_lock_probe.py [SAVES]
 
-prints, for the adapter's and the optimizer's tensors handed to the writer with storages of their own and as views
-into their packs (HostSnapshot's own_storage; the job's), the writer's seconds and the loop's lost seconds a save
-(medians), alternating the two.
+prints, for the checkpoint's two files written tensor by tensor (the adapter's tensors one write each, torch.save
+pickling each of the optimizer's: bench/patched_run.py's tensor-writes) and written from the packs whole (the job's:
+checkpoints.write_safetensors and save_state), the writer's seconds and the loop's lost seconds a save (medians),
+alternating the two.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.patched_run import tensor_by_tensor_writes  # noqa: E402
+from job import checkpoints  # noqa: E402
 from job.checkpoints import AsyncCheckpointWriter, HostSnapshot  # noqa: E402
 
 SHAPES = {"q": (2048, 2048), "k": (2048, 512), "v": (2048, 512), "o": (2048, 2048), "gate": (2048, 8192),
@@ -63,11 +66,10 @@ def ops(count: int) -> float:
     return time.perf_counter() - started
 
 
-def one_save(writer, root: Path, step: int, adapter: dict, optimizer: dict, views: bool, alone: float) -> dict:
+def one_save(writer, root: Path, step: int, adapter: dict, optimizer: dict, alone: float) -> dict:
     partial = root / f".checkpoint-{step}.partial"
     partial.mkdir(parents=True)
-    snapshot = {"step": step, "tensors": {"adapter": HostSnapshot(adapter, own_storage=not views),
-                                          "optimizer": HostSnapshot(optimizer, own_storage=not views)},
+    snapshot = {"step": step, "tensors": {"adapter": HostSnapshot(adapter), "optimizer": HostSnapshot(optimizer)},
                 "adapter_config": {"default": _Config()}, "scheduler": {"last_epoch": step}, "rng": None,
                 "trainer_state": {"global_step": step, "log_history": [{"loss": 1.0, "step": i} for i in range(step)]},
                 "dir": root, "partial": partial, "keep": 2}
@@ -93,12 +95,15 @@ def main() -> None:
     alone = min(ops(20000) for _ in range(5)) / 20000
     root = Path(tempfile.mkdtemp(prefix="peftopt-lock-probe-"))
     writer = _Writer()
-    figures: dict = {"own storages": [], "views": []}
+    packed = checkpoints.write_safetensors, checkpoints.save_state
+    tensor_by_tensor_writes()
+    by_tensor = checkpoints.write_safetensors, checkpoints.save_state
+    figures: dict = {"tensor by tensor": [], "packs whole": []}
     try:
         for step in range(1, 2 * saves + 1):
-            views = step % 2 == 0
-            figures["views" if views else "own storages"].append(
-                one_save(writer, root, step, adapter, optimizer, views, alone))
+            way = "packs whole" if step % 2 == 0 else "tensor by tensor"
+            checkpoints.write_safetensors, checkpoints.save_state = packed if step % 2 == 0 else by_tensor
+            figures[way].append(one_save(writer, root, step, adapter, optimizer, alone))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"cpu": os.cpu_count(), "saves_each": saves, **{

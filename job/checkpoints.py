@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from job import distributed
+from job import distributed, statefile
 from job.errors import ExternalError, disk_error
 from job.log import get_logger
 from job.rundir import atomic_write_json
@@ -109,7 +110,9 @@ def load_problem(path: Path, expected: Expected | None = None) -> str | None:
                 return f"its adapter is not this model's (first difference: {odd[0][0]} {odd[0][1]})"
             for key in shapes:
                 weights.get_tensor(key)
-        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+        if (path / "optimizer.pt").exists():
+            statefile.load(path / "optimizer.pt")
+        for name in ("scheduler.pt", "scaler.pt"):
             if (path / name).exists():
                 torch.load(path / name, map_location="cpu", weights_only=True)
         with safe_globals():
@@ -177,11 +180,10 @@ class HostSnapshot:
     launch and the loop waited for the lot. Here the tensors of each device and dtype are packed into one buffer:
     the CUDA ones on the GPU, copied once into page-locked memory, with an event marking the copy's end (the training
     thread goes on: its next kernels queue behind the copy, so the weights it changes are copied first); the CPU ones
-    at once. `take()`, on the writer thread, waits for the event and hands back the structure with its tensors on
-    the CPU. Each tensor is a view into its pack (with `own_storage`, for comparison, a copy of its own, as `.to("cpu")`
-    makes them), as `torch.save` and `write_safetensors` write them: one storage per pack instead of one per tensor,
-    and no copies on the writer thread, whose every copy and pickled storage holds the interpreter lock the training
-    loop needs (the same file for `torch.load`, a few records instead of 1,344 for t1's optimizer state)."""
+    at once. On the writer thread, `packs()` waits for the event and hands back the packs, which
+    `write_safetensors` and `save_state` write whole (a write releases the interpreter lock the training loop needs;
+    a Python call per tensor would hold it); `take()` gives the structure back with its tensors on the CPU, each a
+    view into its pack (with `own_storage`, for comparison, a copy of its own, as `.to("cpu")` makes them)."""
 
     def __init__(self, tree: Any, own_storage: bool = False):
         import torch
@@ -189,7 +191,7 @@ class HostSnapshot:
         self.own_storage = own_storage
         self._tensors: list = []
         self._skeleton = self._walk(tree)
-        self._buffers: dict = {}  # (device type, dtype) -> the pack on the CPU
+        self._buffers: dict = {}  # (device type, dtype) -> the pack on the CPU, in the order of the first tensors
         self._layout: list[tuple] = [None] * len(self._tensors)  # per tensor: (pack's key, offset, shape)
         self.event = None
         groups: dict = {}
@@ -227,10 +229,31 @@ class HostSnapshot:
             return type(value)(self._walk(v) for v in value)
         return value
 
-    def take(self) -> Any:
-        """The structure with every tensor on the CPU; waits for the copy."""
+    def wait(self) -> None:
+        """Waits for the copy to the CPU."""
         if self.event is not None:
             self.event.synchronize()
+
+    def packs(self) -> list:
+        """The packs, flat CPU tensors, once copied; a tensor's place in them is `where(slot)`'s."""
+        self.wait()
+        return list(self._buffers.values())
+
+    def where(self, value: Any) -> tuple[int, int, tuple[int, ...]] | None:
+        """A tensor's (pack, offset, shape) in `packs()` given its place in the structure, None for other values."""
+        if not isinstance(value, _Slot):
+            return None
+        key, offset, shape = self._layout[value.index]
+        return list(self._buffers).index(key), offset, shape
+
+    @property
+    def skeleton(self) -> Any:
+        """The structure, each tensor in it replaced by its place (`where` reads it)."""
+        return self._skeleton
+
+    def take(self) -> Any:
+        """The structure with every tensor on the CPU; waits for the copy."""
+        self.wait()
         return self._fill(self._skeleton)
 
     def _fill(self, value: Any) -> Any:
@@ -253,34 +276,56 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "f
                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file of CPU `tensors`, which may be views into one shared pack (HostSnapshot's): the header,
-    then each tensor's bytes in turn, written from the tensor's own memory. safetensors' `save_file` copies every
-    tensor into a bytes object and serializes the lot holding the interpreter lock, which the training loop needs
-    while a checkpoint is written beside it; a file write releases it. The same file for safetensors' readers
-    (tests/unit/test_host_snapshot.py)."""
+def write_safetensors(snapshot: HostSnapshot, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of the snapshot of a flat dict of tensors (an adapter's): the header, then each pack's
+    bytes with one write, the packs of the larger elements first so that every tensor stays aligned to its size.
+    safetensors' `save_file` copies every tensor into a bytes object and serializes the lot holding the
+    interpreter lock, which the training loop needs while a checkpoint is written beside it; a file write releases
+    it. The same file for safetensors' readers (tests/unit/test_host_snapshot.py); other dtypes go through
+    `save_file`."""
     import torch
 
-    if any(str(t.dtype).removeprefix("torch.") not in SAFETENSORS_DTYPES for t in tensors.values()):
+    skeleton = snapshot.skeleton
+    places = {name: snapshot.where(value) for name, value in skeleton.items()} if isinstance(skeleton, dict) else None
+    packs = snapshot.packs()
+    if places is None or any(place is None for place in places.values()) or \
+            any(str(pack.dtype).removeprefix("torch.") not in SAFETENSORS_DTYPES for pack in packs):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in snapshot.take().items()}, str(path), metadata=metadata)
         return
+    order = sorted(range(len(packs)), key=lambda index: -packs[index].element_size())
+    base, start = {}, 0
+    for index in order:
+        base[index] = start
+        start += packs[index].numel() * packs[index].element_size()
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
-                        "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    for name, (index, offset, shape) in places.items():
+        size = packs[index].element_size()
+        first = base[index] + offset * size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(packs[index].dtype).removeprefix("torch.")],
+                        "shape": list(shape), "data_offsets": [first, first + math.prod(shape) * size]}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
     with open(path, "wb") as out:
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
-                out.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        for index in order:
+            if packs[index].numel():
+                out.write(memoryview(packs[index].view(torch.uint8).numpy()))
+
+
+def save_state(snapshot: HostSnapshot, path: Path) -> None:
+    """The snapshot of an optimizer's state dict in `statefile`'s format (the plain state dict, pickled by
+    torch.save, when the JSON cannot carry something in it)."""
+    try:
+        tree = statefile.encode(snapshot.skeleton, snapshot.where)
+    except statefile.Unencodable:
+        import torch
+
+        torch.save(snapshot.take(), path)
+        return
+    statefile.save(path, tree, snapshot.packs())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +368,21 @@ class AsyncCheckpointWriter:
         self.blocking_split: dict[str, float] = {}  # where the loop's time on checkpoints went
         self._adapter: tuple[dict, list] | None = None  # the adapter's state dict, and its parameters' storage
         trainer._save_checkpoint = self.save
+        if not distributed.is_sharded(trainer.model):  # a sharded model's state loads through distributed.shard's
+            trainer._load_optimizer_and_scheduler = self.load_optimizer_and_scheduler
+
+    def load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's `_load_optimizer_and_scheduler` for the optimizer state `save_state` writes: loaded on the
+        CPU, as the Trainer loads it in one process (the optimizer moves its state to its parameters' devices)."""
+        import torch
+
+        if checkpoint is None:
+            return
+        path = Path(checkpoint)
+        if not ((path / "optimizer.pt").is_file() and (path / "scheduler.pt").is_file()):
+            return  # as the Trainer: the two together or neither
+        self.trainer.optimizer.load_state_dict(statefile.load(path / "optimizer.pt"))
+        self.trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
     def _adapter_state(self, model) -> dict:
         """peft's state dict of the adapter. Its tensors are the trainable parameters themselves (detached views),
@@ -425,11 +485,11 @@ class AsyncCheckpointWriter:
         final = root / f"checkpoint-{snapshot['step']}"
         partial: Path = snapshot["partial"]
         try:
-            tensors = {part: taken.take() for part, taken in snapshot["tensors"].items()}
-            write_safetensors(tensors["adapter"], partial / "adapter_model.safetensors", metadata={"format": "pt"})
+            write_safetensors(snapshot["tensors"]["adapter"], partial / "adapter_model.safetensors",
+                              metadata={"format": "pt"})
             for config in snapshot["adapter_config"].values():
                 config.save_pretrained(str(partial))
-            torch.save(tensors["optimizer"], partial / "optimizer.pt")
+            save_state(snapshot["tensors"]["optimizer"], partial / "optimizer.pt")
             torch.save(snapshot["scheduler"], partial / "scheduler.pt")
             if snapshot["rng"] is not None:
                 torch.save(snapshot["rng"], partial / "rng_state.pth")

@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from job import settings as settings_module
+from job import settings as settings_module, statefile
 from job.errors import EXIT_INTERRUPTED, SpecError
 
 _control = None  # the gloo group used for orders, stop votes and token sums
@@ -457,7 +457,7 @@ def _load_full_optimizer(trainer, checkpoint: Path) -> None:
 
     if not (checkpoint / "optimizer.pt").exists():
         return
-    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved = statefile.load(checkpoint / "optimizer.pt")
     state = _by_name(saved, _names_in_order(trainer.model, trainer.optimizer))
     set_optimizer_state_dict(trainer.model, trainer.optimizer, state, options=StateDictOptions(full_state_dict=True))
     trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu",

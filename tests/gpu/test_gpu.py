@@ -44,13 +44,12 @@ def test_pipeline_on_cuda(make_spec, tmp_path, backend, four_bit):
 def test_embedding_learning_rate_on_cuda(backend, tmp_path, tiny_model):
     """The text example (embeddings and LM head trained in full at their own rate) on each backend: the optimizer
     the Trainer saved holds them in a group of their own, at train.embedding_learning_rate."""
-    import torch
+    from job import statefile
 
     result = run(str(ROOT / "jobspecs" / "examples" / "text.json"), "--output-dir", str(tmp_path / "runs"),
                  "--set", f"model.base={tiny_model}", "--set", f"train.backend={backend}", "--set", "train.max_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    optimizer = torch.load(tmp_path / "runs" / "example_text" / "checkpoints" / "checkpoint-4" / "optimizer.pt",
-                           weights_only=True)
+    optimizer = statefile.load(tmp_path / "runs" / "example_text" / "checkpoints" / "checkpoint-4" / "optimizer.pt")
     rates = sorted((g["initial_lr"], len(g["params"])) for g in optimizer["param_groups"])
     assert rates[0] == (5e-5, 2) and {rate for rate, _ in rates[1:]} == {5e-4}
 
@@ -334,12 +333,15 @@ def test_liger_kernels_give_transformers_loss_and_gradients_and_undo_restores():
         assert error < 3e-2, (name, float(error))
 
 
-def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_on():
+def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_on(tmp_path):
     """HostSnapshot packs the CUDA tensors per dtype, copies each pack once and does not wait: the kernels queued
-    after it (here: in-place updates behind a long matmul) must not reach the copy."""
+    after it (here: in-place updates behind a long matmul) must not reach the copy. The writer's two files come from
+    its page-locked packs."""
     import torch
+    from safetensors.torch import load_file
 
-    from job.checkpoints import HostSnapshot
+    from job import statefile
+    from job.checkpoints import HostSnapshot, save_state, write_safetensors
 
     torch.manual_seed(0)
     tree = {"adapter": {"a.lora_A": torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16),
@@ -377,6 +379,16 @@ def test_a_checkpoint_snapshot_holds_the_values_of_its_step_while_training_goes_
     assert torch.equal(own["adapter"]["a.lora_A"], tree["adapter"]["a.lora_A"].cpu())
     assert own["adapter"]["a.lora_A"].untyped_storage().data_ptr() != \
         own["adapter"]["a.lora_B"].untyped_storage().data_ptr()
+    # the writer's files from the page-locked packs: the adapter's safetensors and the optimizer's packed state
+    adapter, optimizer = HostSnapshot(tree["adapter"]), HostSnapshot(tree["optimizer"])
+    write_safetensors(adapter, tmp_path / "adapter_model.safetensors")
+    save_state(optimizer, tmp_path / "optimizer.pt")
+    written = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert all(torch.equal(written[k], v.cpu()) for k, v in tree["adapter"].items())
+    state = statefile.load(tmp_path / "optimizer.pt")
+    assert torch.equal(state["state"][0]["state1"], tree["optimizer"]["state"][0]["state1"].cpu())
+    assert state["state"][0]["scalar"].item() == 3.0 and state["state"][0]["step"] == 7
+    assert torch.equal(state["cpu"], tree["optimizer"]["cpu"])
 
 
 @pytest.mark.parametrize("dequantized", [False, True], ids=["linear", "dequantized-4bit-base"])

@@ -264,3 +264,37 @@ def test_killed_after_the_last_checkpoint_ends_with_exactly_that_adapter(tmp_pat
     got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
     assert train["loss_curve"] and train["loss_curve"][-1]["step"] == 4
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_to_the_uninterrupted_adapter(tmp_path, make_spec):
+    """A run directory kept from before the optimizer state was packed (job/statefile.py): its checkpoint's
+    optimizer.pt is the plain state dict torch.save wrote. The rerun resumes from it (the Adam moments with it: the
+    adapter is the uninterrupted run's, bit for bit)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from job import statefile
+    from job.checkpoints import marker_fingerprint, write_marker
+
+    spec = make_spec("earlier", train={"max_steps": 6, "save_steps": 2, "save_total_limit": 3})
+    first = run_cli("run", spec, "--stages", "prepare,train")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "earlier"
+    want = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    packed = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert packed["format"] == statefile.FORMAT
+    torch.save(statefile.load(checkpoint / "optimizer.pt"), checkpoint / "optimizer.pt")
+    write_marker(checkpoint, 4, marker_fingerprint(checkpoint))
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run_dir / "adapter")
+    state = json.loads((run_dir / "state.json").read_text())
+    state["stages"]["train"]["status"] = "interrupted"
+    (run_dir / "state.json").write_text(json.dumps(state))
+
+    rerun = finish(spec)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = [json.loads(line) for line in rerun.stdout.splitlines() if '"train_resumed"' in line]
+    assert [e["step"] for e in resumed] == [4]
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)

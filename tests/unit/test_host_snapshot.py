@@ -99,8 +99,8 @@ def test_the_trainer_state_taken_at_a_save_is_written_as_the_trainer_writes_it_a
 
 
 def test_an_adapter_of_views_into_its_packs_is_written_as_a_safetensors_file_its_readers_load(tmp_path):
-    """The adapter's tensors as views into HostSnapshot's packs (one per dtype), written without safetensors' own
-    writer: safetensors loads the same names, dtypes, shapes, values and metadata."""
+    """The adapter's tensors in HostSnapshot's packs (one per dtype), each pack written whole, without
+    safetensors' own writer: safetensors loads the same names, dtypes, shapes, values and metadata."""
     generator = torch.Generator().manual_seed(1)
     adapter = {f"base_model.model.layers.{i}.{name}.lora_{ab}.weight":
                torch.randn(*(shape if ab == "A" else shape[::-1]), generator=generator).to(dtype)
@@ -108,10 +108,10 @@ def test_an_adapter_of_views_into_its_packs_is_written_as_a_safetensors_file_its
                                                             ("down_proj", (16, 96), torch.bfloat16))
                for ab in "AB"}
     adapter["base_model.model.lm_head.modules_to_save.bias"] = torch.arange(5, dtype=torch.float16)
-    taken = HostSnapshot(adapter, own_storage=False).take()
-    assert len({t.untyped_storage().data_ptr() for t in taken.values()}) == 3  # the packs: views share them
+    snapshot = HostSnapshot(adapter, own_storage=False)
+    assert len(snapshot.packs()) == 3  # float32, bfloat16, float16
     path = tmp_path / "adapter_model.safetensors"
-    write_safetensors(taken, path, metadata={"format": "pt"})
+    write_safetensors(snapshot, path, metadata={"format": "pt"})
     loaded = load_file(str(path))
     assert loaded.keys() == adapter.keys()
     for name, tensor in adapter.items():
@@ -120,3 +120,10 @@ def test_an_adapter_of_views_into_its_packs_is_written_as_a_safetensors_file_its
         assert opened.metadata() == {"format": "pt"}
     assert path.stat().st_size == 8 + int.from_bytes(path.read_bytes()[:8], "little") + sum(
         t.numel() * t.element_size() for t in adapter.values())
+
+
+def test_an_adapter_of_a_dtype_outside_the_packed_writers_table_is_written_by_safetensors_own_writer(tmp_path):
+    adapter = {"a.lora_A.weight": torch.randn(2, 3), "phase": torch.randn(2, dtype=torch.complex64)}
+    write_safetensors(HostSnapshot(adapter), tmp_path / "adapter_model.safetensors")
+    loaded = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert loaded.keys() == adapter.keys() and all(torch.equal(loaded[k], v) for k, v in adapter.items())

@@ -18,7 +18,7 @@ FLOORS = [  # top to bottom; a module not listed belongs to the floor of its pac
     {"job.spec", "job.rundir", "job.llamacpp", "job.templates", "job.fingerprint", "job.hub", "job.distributed",
      "job.interrupt", "job.convert_shim", "job.inputs", "job.shapes", "job.render", "job.render_worker", "job.display",
      "job.basecache", "job.nodes", "job.evaluation.checks", "job.evaluation.sandbox"},
-    {"job.log", "job.errors", "job.settings", "job.events", "job.methods", "job"},
+    {"job.log", "job.errors", "job.settings", "job.events", "job.methods", "job.statefile", "job"},
 ]
 
 
