@@ -225,7 +225,7 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
     import csv
 
     csv.field_size_limit(max_field_chars)
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: without the BOM spreadsheets write
         reader = csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
         try:
             header = next(reader)
@@ -248,7 +248,7 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
 
 
 def _jsonl_rows(path: Path, max_line_chars: int) -> Iterator:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: without the BOM some editors write
         for number, line in enumerate(fh):
             if line.strip():
                 yield _parse_line(line, number + 1, max_line_chars)
@@ -263,7 +263,7 @@ def _parquet_rows(path: Path) -> Iterator:
 
 def _json_rows(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except RecursionError:

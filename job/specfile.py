@@ -35,7 +35,7 @@ def _reject_duplicates(pairs):
 
 def parse_json_text(raw: bytes, origin: str) -> Any:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: without the BOM some editors write
     except UnicodeDecodeError as exc:
         raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
     try:
@@ -55,7 +55,7 @@ def parse_yaml_text(raw: bytes, origin: str) -> Any:
     import yaml
 
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
     loader = yaml.SafeLoader(text)

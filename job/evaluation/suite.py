@@ -30,7 +30,7 @@ def read_small_json(path: Path, what: str) -> Any:
 
     raw = read_regular_file(path, MAX_SUITE_BYTES, what)
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))  # -sig: without the BOM some editors write
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SpecError(f"{what}: cannot read {path}: {exc}") from None
 
@@ -48,7 +48,7 @@ def read_suite_file(path: Path) -> list:
         return raw
     text = read_regular_file(path, MAX_SUITE_BYTES, "evaluate.prompts")
     items = []
-    for number, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.decode("utf-8-sig", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
