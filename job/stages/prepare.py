@@ -89,7 +89,7 @@ def prepare(ctx: RunContext) -> StageResult:
     tokenizer, template_name = modelsrc.load_tokenizer(modelsrc.model_location(spec, run_dir), spec)
     data = spec.data
     line_cap = conversations_in.max_line_chars(spec)
-    rows_by_source = [conversations_in.iter_rows(s.source, s.split, line_cap) for s in data.all_sources()]
+    rows_by_source = [conversations_in.iter_rows(s.source, s.split, line_cap, s.config) for s in data.all_sources()]
     if data.source is not None and data.num_samples is not None:
         rows_by_source[0] = itertools.islice(rows_by_source[0], data.num_samples)
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
@@ -183,7 +183,7 @@ def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
     source = spec.data.all_sources()[0]
     held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"split": eval_split})})
     rows, _, _ = conversations_in.mixture(held_out, [conversations_in.iter_rows(
-        source.source, eval_split, conversations_in.max_line_chars(spec))])
+        source.source, eval_split, conversations_in.max_line_chars(spec), source.config)])
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
 
 
