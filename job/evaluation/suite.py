@@ -39,6 +39,9 @@ def read_suite_file(path: Path) -> list:
     """The items of a suite file: JSON (a list, or an object with a "prompts" list) or JSONL (an item a line)."""
     from job.inputs import read_regular_file
 
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise SpecError(f"evaluate.prompts: {path.name} is neither .json nor .jsonl: a suite is a JSON list of items "
+                        f"(or of prompts) or a .jsonl file, one item a line: {ITEM_SHAPE}")
     if path.suffix.lower() != ".jsonl":
         data = read_small_json(path, "evaluate.prompts")
         raw = data.get("prompts") if isinstance(data, dict) else data

@@ -106,7 +106,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     assert (spec.lora.r, spec.train.learning_rate, spec.model.base) == (64, 1e-4, "org/other")
     with pytest.raises(SpecError) as info:
         load_spec(path, ["lora.rank=64"])
-    assert "lora.rank: unknown key (did you mean 'r'?)" in info.value.details
+    assert "--set lora.rank: unknown key (did you mean 'r'?)" in info.value.details
     with pytest.raises(SpecError, match="expected key.path=value"):
         load_spec(path, ["lora.r"])
 
