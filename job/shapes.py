@@ -64,17 +64,50 @@ def unread(row: Any, shape: str) -> list[str]:
 
 
 def meant(name: str, fields: tuple[str, ...] = ALL_FIELDS) -> str | None:
-    """The field a misspelt column name most likely meant ('inptu' -> 'input'), or None."""
+    """The field a misspelt column name most likely meant ('inptu' -> 'input'), or None. Close spellings only:
+    'answer' is not a misspelt 'assert'."""
     import difflib
 
-    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.75)
     return close[0] if close else None
 
 
+# The names data sets give an alpaca row's fields (GSM8K's question/answer, Dolly's instruction/context/response,
+# MetaMathQA's query/response, prompt/response sets, input/output pairs), most telling first: what
+# `suggested_columns` reads a row that fits no shape as. An alpaca row is rendered with the model's chat template.
+ALPACA_NAMES = {"instruction": ("instruction", "question", "query", "problem", "prompt", "user", "human", "source",
+                                "input"),
+                "output": ("output", "answer", "response", "solution", "completion", "target", "assistant", "gpt"),
+                "input": ("input", "context")}
+
+
+def suggested_columns(row: Any) -> dict[str, str] | None:
+    """data.columns that read a row fitting no shape as an alpaca row, from its columns' common names (any case):
+    {"instruction": "question", "output": "answer"}; None when its names say nothing."""
+    if not isinstance(row, dict) or detect(row) is not None:
+        return None
+    names: dict[str, str] = {}
+    for name in row:
+        names.setdefault(str(name).strip().lower(), str(name))
+    columns: dict[str, str] = {}
+    for field in ("instruction", "output", "input"):
+        found = next((names[c] for c in ALPACA_NAMES[field] if c in names and names[c] not in columns.values()), None)
+        if found is not None:
+            columns[field] = found
+    if "instruction" not in columns or "output" not in columns:
+        return None
+    columns = {field: name for field, name in columns.items() if name != field}
+    return columns if detect(renamed(row, columns)) == "alpaca" else None
+
+
 def columns_hint(row: Any) -> str:
-    """For a row that fits no shape: which of its columns may be a field under another name, as data.columns."""
+    """For a row that fits no shape: the data.columns that would read it as a shape, or which of its columns may
+    be a field under another name."""
     if not isinstance(row, dict):
         return ""
+    suggested = suggested_columns(row)
+    if suggested:
+        return f"; its columns read as an alpaca row (chat-templated) with data.columns {json.dumps(suggested)}"
     guesses = {field: str(name) for name in row if str(name) not in ALL_FIELDS and (field := meant(str(name)))}
     if guesses:
         return f"; a column under another name is mapped with data.columns, e.g. {json.dumps(guesses)}"

@@ -123,8 +123,22 @@ def _columns(value: dict[str, str] | None) -> dict[str, str] | None:
 Columns = Annotated[dict[str, Annotated[str, Field(min_length=1, max_length=200)]] | None, AfterValidator(_columns)]
 
 
+def _config_field() -> Any:
+    # Left out of the spec's dump while unset, so that the stages' fingerprints of specs that name none (every spec
+    # written before the field) stay what they were.
+    return Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$", exclude_if=lambda value: value is None,
+                 description="The Hub data set's configuration (its subset), as datasets' load_dataset name: 'main' "
+                 "for openai/gsm8k. Default: the one its card marks as the default (or its only one).")
+
+
+def _config_of_a_hub_source(config: str | None, source: str | None) -> None:
+    if config is not None and source is not None and source.endswith(LOCAL_DATA_SUFFIXES):
+        raise ValueError(f"config names a Hub data set's configuration; {source!r} is a local file")
+
+
 class DataSourceSpec(Section):
     source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.tsv file.")
+    config: str | None = _config_field()
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
     format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content; "
                                "preference: pairs; unpaired: prompt/completion/label; auto: by each row's fields.")
@@ -139,12 +153,14 @@ class DataSourceSpec(Section):
     def _one_amount(self):
         if self.weight is not None and self.num_samples is not None:
             raise ValueError("give weight or num_samples, not both")
+        _config_of_a_hub_source(self.config, self.source)
         return self
 
 
 class DataSpec(Section):
     source: str | None = Field(None, min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/"
                                ".tsv file (or use sources).")
+    config: str | None = _config_field()
     sources: list[DataSourceSpec] | None = Field(
         None, min_length=1, max_length=32,
         description="Several sources mixed into one training set (instead of source): each gives all its rows, "
@@ -199,6 +215,9 @@ class DataSpec(Section):
     def _one_kind_of_source(self):
         if (self.source is None) == (self.sources is None):
             raise ValueError("give data.source (one data set) or data.sources (a mixture), exactly one of them")
+        if self.config is not None and self.sources:
+            raise ValueError("data.config is data.source's; each of data.sources names its own config")
+        _config_of_a_hub_source(self.config, self.source)
         if self.sources:
             if any(s.weight is not None for s in self.sources) and self.num_samples is None:
                 raise ValueError("weighted sources share data.num_samples: set it (the mixture's size)")
@@ -221,7 +240,8 @@ class DataSpec(Section):
         """The sources as a list: data.sources, or data.source as the one-source case."""
         if self.sources:
             return list(self.sources)
-        return [DataSourceSpec(source=self.source, split=self.split, format=self.format, columns=self.columns)]
+        return [DataSourceSpec(source=self.source, config=self.config, split=self.split, format=self.format,
+                               columns=self.columns)]
 
 
 class LoraSpec(Section):

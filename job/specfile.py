@@ -21,6 +21,7 @@ MAX_SPEC_BYTES = 4 * 1024 * 1024
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_YAML_NODES = 100_000  # after aliases are expanded: an anchor used a billion times is refused, not built
 _yaml_lines: dict[str, dict[str, int]] = {}  # a YAML spec's line of each field, for its error messages
+_set_paths: dict[str, set[str]] = {}  # the fields a spec's --set overrides gave, for its error messages
 
 
 
@@ -35,7 +36,7 @@ def _reject_duplicates(pairs):
 
 def parse_json_text(raw: bytes, origin: str) -> Any:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: without the BOM some editors write
     except UnicodeDecodeError as exc:
         raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
     try:
@@ -55,7 +56,7 @@ def parse_yaml_text(raw: bytes, origin: str) -> Any:
     import yaml
 
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SpecError(f"{origin}: not UTF-8 (bad byte at offset {exc.start})") from None
     loader = yaml.SafeLoader(text)
@@ -199,14 +200,17 @@ def validate_data(data: Any, origin: str = "jobspec") -> JobSpec:
         spec = None
     if problems:
         lines = _yaml_lines.get(origin.split(" [", 1)[0], {})
-        if lines:  # a YAML spec's problems name their lines
-            problems = [_with_line(problem, lines) for problem in problems]
+        given = _set_paths.get(origin.split(" [", 1)[0], set())
+        problems = [_with_line(problem, lines, given) for problem in problems]
         raise SpecError(f"{origin}: {len(problems)} problem(s)", details=problems)
     return spec  # type: ignore[return-value]
 
 
-def _with_line(problem: str, lines: dict[str, int]) -> str:
+def _with_line(problem: str, lines: dict[str, int], given: set[str] = frozenset()) -> str:
+    """The problem with where its field came from: the --set that gave it, or its line in a YAML spec."""
     path = problem.split(": ", 1)[0]
+    if any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in given):
+        return f"--set {problem}"
     while path and path not in lines:  # an unknown key's own line, else its section's
         path = path.rsplit(".", 1)[0] if "." in path else path.rsplit("[", 1)[0] if "[" in path else ""
     return f"line {lines[path]}: {problem}" if path else problem
@@ -250,6 +254,7 @@ def read_spec_data(path: Path, overrides) -> Any:
     register_secrets(data)
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
+        _set_paths[str(path)] = {override.split("=", 1)[0].strip() for override in overrides}
         register_secrets(data)
     return data
 

@@ -30,7 +30,7 @@ def read_small_json(path: Path, what: str) -> Any:
 
     raw = read_regular_file(path, MAX_SUITE_BYTES, what)
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))  # -sig: without the BOM some editors write
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SpecError(f"{what}: cannot read {path}: {exc}") from None
 
@@ -39,6 +39,9 @@ def read_suite_file(path: Path) -> list:
     """The items of a suite file: JSON (a list, or an object with a "prompts" list) or JSONL (an item a line)."""
     from job.inputs import read_regular_file
 
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise SpecError(f"evaluate.prompts: {path.name} is neither .json nor .jsonl: a suite is a JSON list of items "
+                        f"(or of prompts) or a .jsonl file, one item a line: {ITEM_SHAPE}")
     if path.suffix.lower() != ".jsonl":
         data = read_small_json(path, "evaluate.prompts")
         raw = data.get("prompts") if isinstance(data, dict) else data
@@ -48,7 +51,7 @@ def read_suite_file(path: Path) -> list:
         return raw
     text = read_regular_file(path, MAX_SUITE_BYTES, "evaluate.prompts")
     items = []
-    for number, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.decode("utf-8-sig", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:

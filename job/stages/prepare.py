@@ -86,10 +86,12 @@ def prepare(ctx: RunContext) -> StageResult:
         facts["base"] = modelsrc.materialize_gguf_base(spec, run_dir, ctx.settings)
     if spec.data is None:  # an evaluation-only run (T0) needs only the base model
         return StageResult(artifacts=("base",) if modelsrc.needs_local_copy(spec) else (), metrics=facts)
-    tokenizer, template_name = modelsrc.load_tokenizer(modelsrc.model_location(spec, run_dir), spec)
+    location = modelsrc.model_location(spec, run_dir)
+    tokenizer, template_name = modelsrc.load_tokenizer(location, spec)
+    gguf_refused(spec, location, tokenizer)
     data = spec.data
     line_cap = conversations_in.max_line_chars(spec)
-    rows_by_source = [conversations_in.iter_rows(s.source, s.split, line_cap) for s in data.all_sources()]
+    rows_by_source = [conversations_in.iter_rows(s.source, s.split, line_cap, s.config) for s in data.all_sources()]
     if data.source is not None and data.num_samples is not None:
         rows_by_source[0] = itertools.islice(rows_by_source[0], data.num_samples)
     chosen, origin, per_source = conversations_in.mixture(spec, rows_by_source)
@@ -183,8 +185,31 @@ def split_rows(chosen, origin, spec: JobSpec) -> dict[str, tuple[Any, Any]]:
     source = spec.data.all_sources()[0]
     held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"split": eval_split})})
     rows, _, _ = conversations_in.mixture(held_out, [conversations_in.iter_rows(
-        source.source, eval_split, conversations_in.max_line_chars(spec))])
+        source.source, eval_split, conversations_in.max_line_chars(spec), source.config)])
     return {"train": (chosen, origin), "eval": (rows, [0] * len(rows))}
+
+
+def gguf_refused(spec: JobSpec, location: str, tokenizer) -> None:
+    """A GGUF the pinned converter would refuse for the base's tokenizer (a BPE pre-tokenizer newer than the pin)
+    refused now, before training, instead of after it.
+
+    Raises:
+        SpecError: it would be refused (naming export.tokenizer_pre).
+    """
+    from pathlib import Path
+
+    from job import llamacpp
+    from job.errors import MachineError
+
+    if not (spec.export and spec.export.gguf) or spec.export.tokenizer_pre:
+        return
+    try:
+        tools = llamacpp.find()
+    except MachineError:  # a machine that prepares and trains only; the gguf stage's own check names the tools
+        return
+    problem = llamacpp.pre_tokenizer_problem(tools, Path(location), tokenizer)
+    if problem:
+        raise SpecError(problem)
 
 
 def held_out_tasks(rows, held: list[int], spec: JobSpec) -> tuple[list[dict], int]:

@@ -43,10 +43,40 @@ def test_init_writes_a_valid_commented_spec_for_each_shape(tmp_path):
 
 def test_init_names_the_columns_of_data_it_cannot_read(tmp_path):
     odd = tmp_path / "odd.jsonl"
-    odd.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    odd.write_text(json.dumps({"left": "2+2?", "right": "4"}) + "\n")
     made = run_cli("init", odd)
-    assert made.returncode == 2 and "question, answer" in made.stderr and "Traceback" not in made.stderr
+    assert made.returncode == 2 and "Traceback" not in made.stderr
+    assert made.stderr.splitlines()[-1].endswith(
+        "fit no shape peftopt trains on (its columns: left, right); a column under another name is mapped with "
+        'data.columns ({"<field>": "<your column>"})')
     assert not (tmp_path / "spec.yaml").exists()
+
+
+def test_question_answer_columns_are_read_as_alpaca_rows_by_init_validate_and_run(tmp_path, tiny_model):
+    """A CSV with GSM8K's columns (Question, Answer): validate names the data.columns that read it, init writes
+    them into the spec, and the spec trains and answers its held-out questions on the tiny model."""
+    data = tmp_path / "qa.csv"
+    data.write_text("Question,Answer\n" + "".join(f'"What is {i} plus {i}?","{2 * i}"\n' for i in range(40)))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"name": "bare", "model": {"base": str(tiny_model)}, "data": {"source": "qa.csv"},
+                                "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 2}}))
+    refused = run_cli("validate", bare)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert 'with data.columns {"instruction": "Question", "output": "Answer"}' in refused.stderr
+
+    made = run_cli("init", data, "--model", str(tiny_model))
+    assert made.returncode == 0, made.stderr
+    assert "40 rows of alpaca (data.columns: Question as instruction, Answer as output)" in made.stdout
+    text = (tmp_path / "spec.yaml").read_text()
+    assert 'columns: {"instruction": "Question", "output": "Answer"}' in text
+    ran = run_cli("run", tmp_path / "spec.yaml", "--output-dir", tmp_path / "runs", "--set", "train.max_steps=2",
+                  "--set", "train.backend=hf", "--set", "train.optim=adamw_torch", "--set", "export=null",
+                  "--set", "evaluate.targets=[\"adapter\"]", "--set", "evaluate.max_new_tokens=4",
+                  "--set", "model.chat_template=chatml")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "runs" / "qa" / "eval" / "adapter.jsonl").read_text()
+               .splitlines()]
+    assert len(answers) == 4 and all(a["prompt"].startswith("What is ") for a in answers)
 
 
 def test_chat_answers_with_the_adapter_and_the_gguf(tmp_path, make_spec):

@@ -262,3 +262,23 @@ def test_this_thread_on_pins_the_calling_thread_and_restores_it():
         thread.start()
         thread.join()
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.integration
+def test_a_bpe_pre_tokenizer_the_converter_does_not_know_is_refused_before_training(tmp_path, make_spec):
+    """The tiny model's tokenizer is a BPE one no real model has: the pinned converter would refuse it after
+    training (NotImplementedError in get_vocab_base_pre). The job refuses it in prepare instead, exit 2 naming
+    export.tokenizer_pre, before a training step; the converter's vocabulary pass decides, and the fast path
+    (the converter's own hashes, read from its sources) is there to skip it for the tokenizers it knows."""
+    from conftest import run_cli
+
+    text, known = llamacpp._hashed_text_and_known_hashes(llamacpp.find())
+    assert "🦙🦙" in text and len(known) > 50  # the pinned converter's check text and hashes, as this reads them
+    spec = make_spec("new-bpe", train={"max_steps": 2}, export={"merge": True, "gguf": ["q8_0"]},
+                     evaluate={"prompts": ["Say hi."], "targets": ["adapter"], "max_new_tokens": 2})
+    refused = run_cli("run", spec)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        "error: export.tokenizer_pre: llama.cpp's pinned converter does not know this model's BPE pre-tokenizer")
+    assert "among them llama-bpe" in refused.stderr and "train_progress" not in refused.stdout
+    assert not (tmp_path / "runs" / "new-bpe" / "checkpoints").exists()

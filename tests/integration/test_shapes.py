@@ -212,3 +212,53 @@ def test_inspect_shows_a_masked_row_without_torch(tiny_model):
     assert "«mice<|eot_id|>»" in result.stdout and "--- row 1:" in result.stdout
     counts = json.loads(result.stdout.split("--- counts: ", 1)[1])
     assert counts["rows"] == 2 and counts["trainable_tokens"] < counts["tokens"] and counts["chat_template"] == "llama-3"
+
+
+CONFIGS_CARD = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train.jsonl
+- config_name: socratic
+  data_files:
+  - split: train
+    path: socratic/train.jsonl
+---
+# two configs, neither the default (as openai/gsm8k)
+"""
+
+
+def test_a_hub_data_set_with_several_configs_is_read_by_the_one_data_config_names(tmp_path, tiny_model):
+    """openai/gsm8k's layout on the Hub stand-in (configs main and socratic, neither the default), read by the real
+    datasets client: without data.config the job names the configs (exit 2, before training); with it, the rows
+    are that config's; an unknown name is refused naming the ones there are."""
+    from hub_standin import HubStandIn
+
+    repo = tmp_path / "repo"
+    for config, count in (("main", 12), ("socratic", 7)):
+        (repo / config).mkdir(parents=True)
+        (repo / config / "train.jsonl").write_text("".join(
+            json.dumps({"question": f"{config} {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(count)))
+    (repo / "README.md").write_text(CONFIGS_CARD)
+    common = ["--stages", "prepare", "--set", f"model.base={tiny_model}", "--set", "data.source=someone/math",
+              "--set", 'data.columns={"instruction": "question", "output": "answer"}', "--set", "evaluate=null"]
+    with HubStandIn("hf_StandInToken0000000000000000000") as hub:
+        hub.add_dataset("someone/math", repo)
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+               "HF_DATASETS_OFFLINE": "0"}
+
+        def prepare(name, *more):
+            return run_cli("run", EXAMPLES / "alpaca.json", "--output-dir", tmp_path / name, *common, *more, env=env)
+
+        unnamed = prepare("unnamed")
+        chosen = prepare("chosen", "--set", "data.config=socratic")
+        unknown = prepare("unknown", "--set", "data.config=mian")
+    assert unnamed.returncode == 2 and "Traceback" not in unnamed.stderr
+    assert unnamed.stderr.splitlines()[0] == ("error: data.config: data set someone/math has several configs and none "
+                                              "is the default: name one with data.config (it has: main, socratic)")
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    [prepared] = [e for e in events(chosen.stdout) if e["event"] == "data_prepared"]
+    assert prepared["rows_read"] == 7  # socratic's (main has 12)
+    assert unknown.returncode == 2 and "data set someone/math has no config 'mian' (it has: main, socratic)" in \
+        unknown.stderr.splitlines()[0]

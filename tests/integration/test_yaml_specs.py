@@ -79,3 +79,16 @@ def test_a_yaml_spec_runs_the_tiny_job_end_to_end(tmp_path, tiny_model, tiny_dat
     assert result.returncode == 0, result.stderr[-2000:]
     assert [e["stage"] for e in events(result.stdout) if e["event"] == "stage_finished"] == ["prepare", "train"]
     assert (tmp_path / "runs" / "yamljob" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_problem_in_a_set_override_is_named_as_the_set_not_a_line_of_the_file(tmp_path):
+    """`--set train.max_step=3` was reported at the train section's line of the YAML file, which holds no such
+    key; it is the override's."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\nmodel:\n  base: org/model\ndata:\n  source: d.jsonl\nlora: {}\ntrain:\n  max_steps: 3\n"
+                    "  learning_rate: -1\n")
+    result = run_cli("validate", spec, "--set", "train.max_step=3", "--set", "lora.r=0")
+    assert result.returncode == 2
+    assert "  --set train.max_step: unknown key (did you mean 'max_steps'?)" in result.stderr.splitlines()
+    assert "  --set lora.r: Input should be greater than or equal to 1" in result.stderr.splitlines()
+    assert any(line.startswith("  line 9: train.learning_rate:") for line in result.stderr.splitlines())

@@ -106,7 +106,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     assert (spec.lora.r, spec.train.learning_rate, spec.model.base) == (64, 1e-4, "org/other")
     with pytest.raises(SpecError) as info:
         load_spec(path, ["lora.rank=64"])
-    assert "lora.rank: unknown key (did you mean 'r'?)" in info.value.details
+    assert "--set lora.rank: unknown key (did you mean 'r'?)" in info.value.details
     with pytest.raises(SpecError, match="expected key.path=value"):
         load_spec(path, ["lora.r"])
 
@@ -164,3 +164,17 @@ def test_data_sources_and_lora_variants_are_checked():
     assert any(p.startswith("train.embedding_learning_rate: applies to lora.modules_to_save") for p in problems(embeddings))
     embeddings["lora"] = {"modules_to_save": ["embed_tokens", "lm_head"]}
     assert validate_data(embeddings).train.embedding_learning_rate == 1e-5
+
+
+def test_data_config_names_a_hub_data_sets_configuration_and_leaves_other_specs_fingerprints_alone():
+    """data.config is left out of the spec's dump while unset: every stage's fingerprint of a spec that names none
+    is what it was before the field existed (a run directory of an earlier version is not stale for it)."""
+    from job.stages import fingerprints
+
+    plain = validate_data({**MINIMAL, "data": {"source": "org/set"}})
+    assert "config" not in plain.model_dump(mode="json")["data"]
+    named = validate_data({**MINIMAL, "data": {"source": "org/set", "config": "main"}})
+    assert named.data.all_sources()[0].config == "main"
+    assert fingerprints(named)["prepare"] != fingerprints(plain)["prepare"]
+    assert problems({**MINIMAL, "data": {"source": "d.jsonl", "config": "main"}}) == [
+        "data: config names a Hub data set's configuration; 'd.jsonl' is a local file"]
