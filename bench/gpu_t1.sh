@@ -70,6 +70,9 @@
 #                                       included: where the adapter's loading waits), the kernel's compaction counters
 #   bash bench/gpu_t1.sh OUT speed-49   the whole run (auto: unsloth) with the batch worker ended when training ends, its
 #                                       first 50 losses against BEFORE_JSONL's, then the unsloth bench
+#   bash bench/gpu_t1.sh OUT save-probe-2  the checkpoint's packs written whole against tensor by tensor: the GPU
+#                                       snapshot test, then t1's training on unsloth to step STOP_AT (100) as the tree
+#                                       is and with `tensor-writes`, on one host (sync-probe.json: the save-adjacent steps)
 #   bash bench/gpu_t1.sh OUT save-probe  what a checkpoint save costs the next step: t1's training on unsloth to step
 #                                       STOP_AT (200) as the tree is, with the writer thread writing nothing, and with a
 #                                       0.1 ms switch interval (bench/patched_run.py); the step after a save against
@@ -412,6 +415,11 @@ EOF2
     compare50 "$out/t1-50-train.jsonl" "${BEFORE_JSONL:-bench/baselines/t1-unsloth-first50.jsonl}" | tee "$out/loss50.json"
     compare50 "$out/t1-50-hf.jsonl" "${BEFORE_HF_JSONL:-bench/baselines/t1-hf-first50.jsonl}" | tee "$out/loss50-hf.json"
     first_steps t1-50-hf t1-50-train
+    tar czf "$OUT/o.tgz" -C "$out" .
+    ;;
+  save-probe-2)  # issue 37: the writer thread's hold on the interpreter lock, with and without the packs written whole
+    timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py -k "snapshot" > "$out/gpu-test.txt" 2>&1; tail -3 "$out/gpu-test.txt"
+    patched_runs save2 100 none tensor-writes
     tar czf "$OUT/o.tgz" -C "$out" .
     ;;
   save-probe)

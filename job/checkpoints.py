@@ -216,6 +216,7 @@ class HostSnapshot:
             self.event = torch.cuda.Event()
             self.event.record()
         self._tensors = []  # the tensors are not held past the copy
+        self._pack_index = {key: index for index, key in enumerate(self._buffers)}
 
     def _walk(self, value: Any) -> Any:
         import torch
@@ -244,7 +245,7 @@ class HostSnapshot:
         if not isinstance(value, _Slot):
             return None
         key, offset, shape = self._layout[value.index]
-        return list(self._buffers).index(key), offset, shape
+        return self._pack_index[key], offset, shape
 
     @property
     def skeleton(self) -> Any:

@@ -136,10 +136,13 @@ def hub_data_files(repo: str, split: str, config_name: str | None = None) -> dic
     if config is None:
         return None
     split_name = split.split("[", 1)[0]
+    prefix = config.get("data_dir") or ""
+    if _outside_repo(prefix):  # datasets reads a config's data_dir as given, with data_files or without
+        raise DataError(f"data.source: data set {repo}'s card names data_dir {_short(str(prefix))!r}, which is not a "
+                        "folder of the repo (absolute, a URL, another repo or '..'); only the repo's own files are read")
     patterns = _split_patterns(repo, config, split_name)
     if patterns is None:
         return None
-    prefix = config.get("data_dir") or ""
     chosen: list[str] = []
     for pattern in patterns:
         full = f"{prefix.rstrip('/')}/{pattern}" if prefix else pattern

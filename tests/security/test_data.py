@@ -208,3 +208,31 @@ def test_a_tasks_own_check_cannot_hold_the_training_process(attack):
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1]) == [0.0]
+
+
+@pytest.mark.parametrize("data_dir", ["../../victim/private", "/etc", "hf://datasets/victim/private"])
+def test_a_hub_data_set_cards_data_dir_cannot_lead_out_of_the_repo(data_dir, tmp_path, tiny_model):
+    """A config's data_dir, with no data_files, is read by datasets as given: refused (exit 3) before anything is
+    read, as a data file pattern out of the repo is."""
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret.jsonl").write_text(json.dumps(
+        {"conversations": [{"from": "human", "value": f"the key is {CANARY}"}, {"from": "gpt", "value": "ok"}]}) + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text(json.dumps(HONEST_ROW) + "\n")
+    (repo / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_dir: {json.dumps(data_dir)}\n---\n")
+    with HubStandIn(CANARY) as hub:
+        hub.add_dataset("someone/rows", repo)
+        hub.add_dataset("victim/private", private, private=True)
+        spec = write_tiny_spec(tmp_path, tiny_model, tmp_path / "unused.jsonl", "dir", data={"source": "someone/rows"},
+                               train={"max_steps": 1})
+        result = run_cli("run", spec, "--stages", "prepare", env={
+            **ENV, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0"})
+        requests = list(hub.requests)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[0].startswith(
+        f"error: data.source: data set someone/rows's card names data_dir {data_dir!r}, which is not a folder")
+    assert not any("victim/private" in r for r in requests), requests
+    assert_no_canary(result.stdout, result.stderr, dirs=[tmp_path / "runs", tmp_path / "hf-home"])
