@@ -118,6 +118,7 @@ def hub_data_files(repo: str, split: str, config_name: str | None = None) -> dic
     Raises:
         DataError: the card names a file outside the repo, or a pattern that matches none of its files (exit 3).
         ExternalError: the Hub cannot be reached.
+        SpecError: data.config names a config the card lacks, or none is named where the card has no default.
     """
     import fnmatch
 
@@ -126,13 +127,9 @@ def hub_data_files(repo: str, split: str, config_name: str | None = None) -> dic
     api = hub.api(None)
     files = hub.retrying(f"list the files of data set {repo}",
                          lambda: api.list_repo_files(repo, repo_type="dataset"))
-    if "README.md" not in files:
-        if config_name is not None:
-            raise SpecError(f"data.config: data set {repo} has no card to declare configs ({config_name!r} asked); "
-                            "leave data.config out")
-        return None
-    config = _card_config(repo, hub.retrying(f"read the card of data set {repo}",
-                                             lambda: _download_card(api, repo)), config_name)
+    card = hub.retrying(f"read the card of data set {repo}", lambda: _download_card(api, repo)) \
+        if "README.md" in files else ""
+    config = _card_config(repo, card, config_name)
     if config is None:
         return None
     split_name = split.split("[", 1)[0]
@@ -171,18 +168,14 @@ def _card_config(repo: str, card: str, name: str | None = None) -> dict | None:
     else 'default', else the only one."""
     import yaml
 
-    if not card.startswith("---"):
-        if name is not None:
-            raise SpecError(f"data.config: data set {repo}'s card declares no configs ({name!r} asked); leave "
-                            "data.config out")
-        return None
-    header = card[3:].split("\n---", 1)[0]
-    try:
-        meta = yaml.safe_load(header)
-    except yaml.YAMLError as exc:
-        raise DataError(f"data.source: data set {repo}'s card has an unreadable YAML header: "
-                        f"{_short(str(exc).splitlines()[0])}") from None
-    configs = meta.get("configs") if isinstance(meta, dict) else None
+    configs = None
+    if card.startswith("---"):
+        try:
+            meta = yaml.safe_load(card[3:].split("\n---", 1)[0])
+        except yaml.YAMLError as exc:
+            raise DataError(f"data.source: data set {repo}'s card has an unreadable YAML header: "
+                            f"{_short(str(exc).splitlines()[0])}") from None
+        configs = meta.get("configs") if isinstance(meta, dict) else None
     if not configs:
         if name is not None:
             raise SpecError(f"data.config: data set {repo}'s card declares no configs ({name!r} asked); leave "
