@@ -193,6 +193,8 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
         calls = tool_calls(turn.get("tool_calls"), f"{where} turn {number}") if role == "assistant" else None
         if calls and content is None:
             content = ""
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where} turn {number}")
         if not isinstance(content, str):
             raise BadRow(f"{where} turn {number} content is {type(content).__name__}, not text")
         reasoning = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), None)
@@ -202,6 +204,22 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
             raise BadRow(f"{where} turn {number} ({role}) is empty")
         messages.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
     return messages
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """A turn's content given as OpenAI's and transformers' content parts ([{"type": "text", "text": ...}]), as the
+    one text their chat templates render: the text parts joined as they stand. Any other part is refused, naming it:
+    peftopt trains language models on text."""
+    texts = []
+    for index, part in enumerate(parts):
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise BadRow(f"{where} content part {index} is a text part without a 'text' string")
+        if kind != "text":
+            described = f"of type {kind!r}" if isinstance(kind, str) else "that is not a text part"
+            raise BadRow(f"{where} content part {index} is one {described}; only text parts can train")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _embedded_json(text: str, what: str) -> Any:
@@ -270,9 +288,9 @@ def chat(row: dict, fmt: str, system_prompt: str | None):
     """One conversation as [{role, content}], system first; with a `tools` list (JSON schemas of the functions
     the assistant may call), {"messages": [...], "tools": [...]}."""
     if fmt in ("sharegpt", "auto") and "conversations" in row:
-        messages = turns(row["conversations"], "turn", "user", text_key=None)
+        messages = turns(row["conversations"], "conversations", "user", text_key=None)
     else:
-        messages = turns(row["messages"], "turn", "user", text_key=None)
+        messages = turns(row["messages"], "messages", "user", text_key=None)
     messages = with_system(messages, system_prompt)
     check_order(messages)
     tools = row.get("tools")
