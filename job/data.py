@@ -19,7 +19,7 @@ from job import shapes, templates
 from job.errors import DataError, ExternalError, SpecError
 from job.rundir import jsonl_line
 from job.shapes import BadRow
-from job.spec import LOCAL_DATA_SUFFIXES, DataSourceSpec, JobSpec
+from job.spec import DataSourceSpec, JobSpec, local_data_format
 
 
 class Unparsable:
@@ -87,7 +87,7 @@ def iter_rows(source: str, split: str, max_line_chars: int = 1 << 28, config: st
         ExternalError: a Hub data set cannot be had.
         SpecError: its card has no such config, or several and none named.
     """
-    if source.endswith(LOCAL_DATA_SUFFIXES):
+    if local_data_format(source):
         path = Path(source)
         rows = iter_local(path, max_line_chars)
         bounds = _bounds(split, sum(1 for _ in iter_local(path, max_line_chars)) if _needs_total(split) else None)
@@ -238,8 +238,8 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
     import csv
 
     csv.field_size_limit(max_field_chars)
-    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: without the BOM spreadsheets write
-        reader = csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
+    with _open_text(path, newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t" if local_data_format(path.name) == ".tsv" else ",")
         try:
             header = next(reader)
         except StopIteration:
@@ -260,8 +260,18 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
             yield dict(zip(header, fields))
 
 
+def _open_text(path: Path, newline: str | None = None):
+    """A data file opened as UTF-8 text, a .gz one decompressed as it is read; -sig: without the byte-order mark
+    that spreadsheets and some editors write."""
+    if path.name.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
+
+
 def _jsonl_rows(path: Path, max_line_chars: int) -> Iterator:
-    with open(path, encoding="utf-8-sig") as fh:  # -sig: without the BOM some editors write
+    with _open_text(path) as fh:
         for number, line in enumerate(fh):
             if line.strip():
                 yield _parse_line(line, number + 1, max_line_chars)
@@ -274,9 +284,16 @@ def _parquet_rows(path: Path) -> Iterator:
         yield from batch.to_pylist()
 
 
-def _json_rows(path: Path) -> list:
+def _json_rows(path: Path, max_chars: int) -> list:
+    """A .json file's list of rows (or the list under its "data"); a compressed one is read to `max_chars`
+    characters at most, as nothing on the disk bounds what it decompresses to."""
+    with _open_text(path) as fh:
+        text = fh.read(max_chars + 1) if path.name.lower().endswith(".gz") else fh.read()
+    if len(text) > max_chars and path.name.lower().endswith(".gz"):
+        raise DataError(f"data.source: {path} decompresses to more than {max_chars:,} characters, the most a .json "
+                        "list is read whole to; write it as .jsonl (a row a line, streamed)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"data.source: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except RecursionError:
@@ -301,10 +318,11 @@ def iter_local(path: Path, max_line_chars: int = 1 << 28) -> Iterator:
     problem = regular_file_problem(path)
     if problem:
         raise DataError(f"data.source: {path} {problem}")
-    if path.suffix == ".json":
-        return iter(list(_guarded(path, lambda: iter(_json_rows(path)))))  # a JSON list is read whole
+    form = local_data_format(path.name)
+    if form == ".json":  # a JSON list is read whole
+        return iter(list(_guarded(path, lambda: iter(_json_rows(path, max_line_chars)))))
     make = {".jsonl": lambda: _jsonl_rows(path, max_line_chars), ".csv": lambda: _table_rows(path, max_line_chars),
-            ".tsv": lambda: _table_rows(path, max_line_chars), ".parquet": lambda: _parquet_rows(path)}[path.suffix]
+            ".tsv": lambda: _table_rows(path, max_line_chars), ".parquet": lambda: _parquet_rows(path)}[form]
     return _guarded(path, make)
 
 

@@ -27,9 +27,50 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SPLIT_SLICE = re.compile(r"^[A-Za-z][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")  # and .ndjson; all but .parquet also .gz
+NOT_DATA_SUFFIXES = (".txt", ".xlsx", ".xls", ".ods", ".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst", ".7z",
+                     ".arrow", ".feather", ".avro", ".orc", ".xml", ".yaml", ".yml", ".md", ".pdf", ".html",
+                     ".pkl", ".pickle", ".pt", ".npy", ".npz", ".db", ".sqlite")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+HUB_ADDRESS = re.compile(r"^(?:(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/|hf://)(datasets/|spaces/)?"
+                         r"([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
 CANONICAL_COLUMNS = ("conversations", "messages", "prompt", "completion", "chosen", "rejected", "label", "instruction",
                      "input", "output", "system", "text", "tools", "assert", "reference")
+
+
+def local_data_format(name: str) -> str | None:
+    """The format a local data file's name says: .jsonl (.ndjson too), .json, .parquet, .csv or .tsv, any but
+    .parquet optionally gzip-compressed (.jsonl.gz); any case. None: the name is not a data file's (a Hub id)."""
+    lower = name.lower()
+    compressed = lower.endswith(".gz")
+    stem = lower.removesuffix(".gz")
+    if stem.endswith(".ndjson"):
+        return ".jsonl"
+    found = next((suffix for suffix in LOCAL_DATA_SUFFIXES if stem.endswith(suffix)), None)
+    return None if found == ".parquet" and compressed else found
+
+
+def hub_address_id(value: str) -> str | None:
+    """The repo id in an address of the Hub ('https://huggingface.co/datasets/openai/gsm8k' -> 'openai/gsm8k'),
+    or None when `value` is not one."""
+    match = HUB_ADDRESS.match(value)
+    return match.group(2) if match else None
+
+
+def _data_source(value: str) -> str:
+    address = hub_address_id(value) or (value.split("/", 1)[1] if value.startswith("datasets/") else None)
+    if address:
+        raise ValueError(f"{value!r} is an address on the Hub; name the data set by its id: {address!r}")
+    if "://" in value:
+        raise ValueError(f"{value!r} is a URL; download the file and name it, or name a Hub data set by its id "
+                         "('owner/name')")
+    if local_data_format(value):
+        return value
+    if value.startswith((".", "/", "~")) or "\\" in value or value.lower().endswith(NOT_DATA_SUFFIXES) \
+            or not HUB_NAME.match(value) or ".." in value or "--" in value:
+        raise ValueError(f"{value!r} is neither a data file peftopt reads ({', '.join(LOCAL_DATA_SUFFIXES)}, "
+                         ".ndjson; .gz-compressed too) nor a Hub data set id ('owner/name')")
+    return value
 
 
 def _repo_id(value: str) -> str:
@@ -45,6 +86,7 @@ def _env_name(value: str) -> str:
 
 
 RepoId = Annotated[str, AfterValidator(_repo_id)]
+DataSource = Annotated[str, AfterValidator(_data_source)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
@@ -84,9 +126,14 @@ class ModelSpec(Section):
 
     @field_validator("base")
     @classmethod
-    def _run_name(cls, value: str) -> str:
+    def _base_form(cls, value: str) -> str:
         if value.startswith("run:") and not re.match(SAFE_NAME, value.removeprefix("run:")):
             raise ValueError(f"{value!r}: 'run:' names an earlier run by its name (letters, digits, '.', '_', '-')")
+        if hub_address_id(value):
+            raise ValueError(f"{value!r} is an address on the Hub; name the model by its id: {hub_address_id(value)!r}")
+        if "://" in value:
+            raise ValueError(f"{value!r} is a URL; name a Hub model by its id ('owner/name'), or download it and "
+                             "name its directory or .gguf file")
         return value
 
     @field_validator("chat_template")
@@ -132,12 +179,13 @@ def _config_field() -> Any:
 
 
 def _config_of_a_hub_source(config: str | None, source: str | None) -> None:
-    if config is not None and source is not None and source.endswith(LOCAL_DATA_SUFFIXES):
+    if config is not None and source is not None and local_data_format(source):
         raise ValueError(f"config names a Hub data set's configuration; {source!r} is a local file")
 
 
 class DataSourceSpec(Section):
-    source: str = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.tsv file.")
+    source: DataSource = Field(min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.tsv "
+                               "file (.gz-compressed too, but .parquet).")
     config: str | None = _config_field()
     split: Split = Field("train", description="Split with optional slice, as in datasets: 'train[:10000]'.")
     format: DataFormat = Field("auto", description="sharegpt: from/value with human/gpt; openai: role/content; "
@@ -158,8 +206,8 @@ class DataSourceSpec(Section):
 
 
 class DataSpec(Section):
-    source: str | None = Field(None, min_length=1, description="Hub dataset id, or a local .json/.jsonl/.parquet/.csv/"
-                               ".tsv file (or use sources).")
+    source: DataSource | None = Field(None, min_length=1, description="Hub dataset id, or a local .json/.jsonl/"
+                                      ".parquet/.csv/.tsv file (.gz-compressed too, but .parquet), or use sources.")
     config: str | None = _config_field()
     sources: list[DataSourceSpec] | None = Field(
         None, min_length=1, max_length=32,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from job import settings
 from job.errors import SpecError
 from job.log import TOKEN_LIKE, add_secret
-from job.spec import LOCAL_DATA_SUFFIXES, JobSpec
+from job.spec import JobSpec, local_data_format
 from job.sweep import apply_overrides, expand, pick_index
 
 MAX_SPEC_BYTES = 4 * 1024 * 1024
@@ -290,7 +290,7 @@ def _resolve(value: str | None, base_dir: Path) -> str | None:
     if value is None:
         return None
     p = Path(value)
-    is_local = value.startswith((".", "/")) or value.endswith((*LOCAL_DATA_SUFFIXES, ".gguf", ".jinja"))
+    is_local = value.startswith((".", "/")) or bool(local_data_format(value)) or value.endswith((".gguf", ".jinja"))
     if is_local and not p.is_absolute():
         return str((base_dir / p).resolve())
     return value

@@ -22,7 +22,7 @@ from job.errors import DataError, SpecError
 from job.fingerprint import file_digest
 from job.log import counted, get_logger
 from job.rundir import atomic_dir, jsonl_line
-from job.spec import JobSpec
+from job.spec import JobSpec, local_data_format
 from job.stages.base import CheckScope, RunContext, Stage, StageResult
 
 log = get_logger("peftopt.prepare")
@@ -36,7 +36,7 @@ def reads(spec: JobSpec) -> dict[str, Any]:
     """The data files, the chat-template file and the base model's config and tokenizer, by content."""
     out: dict[str, Any] = {"base": modelsrc.source_digest(spec)}
     if spec.data:
-        out["data"] = [file_digest(s.source) if s.source.endswith(conversations_in.LOCAL_DATA_SUFFIXES) else None
+        out["data"] = [file_digest(s.source) if local_data_format(s.source) else None
                        for s in spec.data.all_sources()]
     if spec.model.chat_template.endswith(".jinja"):
         out["chat_template"] = file_digest(spec.model.chat_template)
