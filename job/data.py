@@ -239,7 +239,8 @@ def _table_rows(path: Path, max_field_chars: int) -> Iterator:
 
     csv.field_size_limit(max_field_chars)
     with _open_text(path, newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t" if local_data_format(path.name) == ".tsv" else ",")
+        delimiter = "\t" if local_data_format(path.name) == ".tsv" else ","
+        reader = csv.reader(_bounded_lines(fh, max_field_chars), delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
@@ -270,9 +271,19 @@ def _open_text(path: Path, newline: str | None = None):
     return open(path, encoding="utf-8-sig", newline=newline)
 
 
+def _bounded_lines(fh, limit: int) -> Iterator[str]:
+    """The file's lines, one longer than `limit` characters cut to limit + 1 and the rest of it read past in
+    pieces: no line is held whole beyond the limit, whatever a compressed file decompresses to."""
+    while line := fh.readline(limit + 1):
+        if len(line) > limit and not line.endswith("\n"):
+            while (rest := fh.readline(1 << 20)) and not rest.endswith("\n"):
+                pass
+        yield line
+
+
 def _jsonl_rows(path: Path, max_line_chars: int) -> Iterator:
     with _open_text(path) as fh:
-        for number, line in enumerate(fh):
+        for number, line in enumerate(_bounded_lines(fh, max_line_chars)):
             if line.strip():
                 yield _parse_line(line, number + 1, max_line_chars)
 

@@ -108,3 +108,26 @@ def test_a_compressed_json_list_is_read_to_the_line_limit_at_most(tmp_path):
     assert len(data.read_rows(str(path), "train")) == 100
     with pytest.raises(DataError, match="decompresses to more than 50,000 characters.*write it as .jsonl"):
         data.read_rows(str(path), "train", max_line_chars=50_000)
+
+
+@pytest.mark.parametrize("form", [".jsonl", ".csv"])
+def test_a_compressed_line_over_the_limit_is_a_bad_row_read_past_in_pieces(tmp_path, form):
+    """A few kilobytes that decompress to a line of 64 MiB: the line is refused by its number, never held whole
+    (the reader takes at most the limit and a 1 MiB piece at a time), and the rows after it still read."""
+    import tracemalloc
+
+    path = tmp_path / f"bomb{form}.gz"
+    header = "instruction,output\n" if form == ".csv" else ""
+    good = '"Say 1.",1\n' if form == ".csv" else json.dumps({"instruction": "Say 1.", "output": "1"}) + "\n"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write(header + good)
+        for _ in range(64):
+            fh.write("x" * (1 << 20))
+        fh.write("\n" + good)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    rows = data.read_rows(str(path), "train", max_line_chars=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20
+    assert [isinstance(row, data.Unparsable) for row in rows] == [False, True, False]
