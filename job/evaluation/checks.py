@@ -356,7 +356,12 @@ def assertion_problem(declared: Any, reference: str | None, each_row: bool = Fal
     kind = declared["type"]
     base = kind[4:] if kind.startswith("not-") and kind[4:] in NEGATABLE else kind
     if base not in ASSERTIONS:
-        return f"unknown type {kind!r} (known: {', '.join(ASSERTIONS)}; not-<type> for {', '.join(NEGATABLE)})"
+        import difflib
+
+        close = difflib.get_close_matches(kind, [*ASSERTIONS, *(f"not-{k}" for k in NEGATABLE)], n=1, cutoff=0.75)
+        meant = f"; did you mean {close[0]!r}?" if close else ""
+        return (f"unknown type {kind!r}{meant} (known: {', '.join(ASSERTIONS)}; not-<type> for "
+                f"{', '.join(NEGATABLE)})")
     signature = inspect.signature(ASSERTIONS[base])
     options = [k for k in signature.parameters if k not in ("answer", "value", "code_checks", "_")]
     unknown = [k for k in declared if k not in ("type", "value", *options)]

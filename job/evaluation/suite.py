@@ -105,9 +105,14 @@ def item_from(raw: Any, where: str, base: Path | None = None) -> dict[str, Any]:
         raw = {"prompt": raw}
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: an item is {ITEM_SHAPE}")
-    unknown = [k for k in raw if k not in ("id", "prompt", "messages", "assert", "reference", "checks", "description")]
+    keys = ("id", "prompt", "messages", "assert", "reference", "checks", "description")
+    unknown = [k for k in raw if k not in keys]
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; an item is {ITEM_SHAPE}")
+        import difflib
+
+        meant = {str(k): close[0] for k in unknown if (close := difflib.get_close_matches(str(k), keys, 1, 0.75))}
+        hint = "; did you mean " + ", ".join(f"{v!r} for {k!r}" for k, v in meant.items()) + "?" if meant else ""
+        raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{hint} An item is {ITEM_SHAPE}")
     messages = raw.get("messages")
     if messages is not None:
         problem = _messages_problem(messages)
@@ -143,34 +148,61 @@ def load(evaluate: EvaluateSpec, run_dir=None) -> list[dict[str, Any]]:
     Raises:
         SpecError: the suite (or a check file it names) is unreadable or malformed, naming it.
     """
-    items = []
-    if isinstance(evaluate.prompts, list):
-        items = [item_from(p, f"evaluate.prompts[{i}]") | {"id": f"p{i}"} if isinstance(p, str)
-                 else item_from(p, f"evaluate.prompts[{i}]") for i, p in enumerate(evaluate.prompts)]
-    elif evaluate.prompts is not None:
-        path = Path(evaluate.prompts)
-        raw = read_suite_file(path)
-        if len(raw) > MAX_PROMPTS:
-            raise SpecError(f"evaluate.prompts: {path} holds {len(raw)} prompts; at most {MAX_PROMPTS}")
-        items = [item_from(item, f"evaluate.prompts: {path.name} item {i}", path.parent) for i, item in enumerate(raw)]
-    for i, item in enumerate(items):
-        item["id"] = item["id"] or f"p{i}"
+    items, found = _spec_items(evaluate)
+    if found:
+        raise SpecError(found[0])
     items = items[: evaluate.num_prompts] if evaluate.num_prompts else items
     if run_dir is not None and evaluate.from_data is not None:
         from job.rundir import read_jsonl
 
         held = read_jsonl(run_dir.own(run_dir.data_dir / "suite.jsonl"))
-        items += [item_from(row, f"data/suite.jsonl row {i}") for i, row in enumerate(held)]
+        taken = {item["id"] for item in items}
+        for i, row in enumerate(held):
+            item = item_from(row, f"data/suite.jsonl row {i}")
+            if item["id"] in taken:  # a held-out row's id is its own; the suite's may be the same text
+                item["id"] = f"data:{item['id']}"
+            items.append(item)
     return items
+
+
+def _spec_items(evaluate: EvaluateSpec) -> tuple[list[dict[str, Any]], list[str]]:
+    """The items of the spec's prompts or suite file, and the problem of each that is not an item and of each
+    id that names two (an id names its item's answers in eval/ and the report).
+
+    Raises:
+        SpecError: the suite file is unreadable, or holds more than MAX_PROMPTS items.
+    """
+    if isinstance(evaluate.prompts, list):
+        raw, where, base = evaluate.prompts, "evaluate.prompts[{}]", None
+    elif evaluate.prompts is not None:
+        path = Path(evaluate.prompts)
+        raw, where, base = read_suite_file(path), f"evaluate.prompts: {path.name} item {{}}", path.parent
+        if len(raw) > MAX_PROMPTS:
+            raise SpecError(f"evaluate.prompts: {path} holds {len(raw)} prompts; at most {MAX_PROMPTS}")
+    else:
+        return [], []
+    items, found, seen = [], [], {}
+    for i, entry in enumerate(raw):
+        try:
+            item = item_from(entry, where.format(i), base)
+        except SpecError as exc:
+            found.append(exc.message)
+            continue
+        item["id"] = item["id"] or f"p{i}"
+        if item["id"] in seen:
+            found.append(f"{where.format(i)}: id {item['id']!r} is also item {seen[item['id']]}'s; each item's id "
+                         "names its answers in eval/ and the report")
+        seen.setdefault(item["id"], i)
+        items.append(item)
+    return items, found
 
 
 def problems(evaluate: EvaluateSpec) -> list[str]:
     """Preflight: the suite reads, and every check it names is known and takes the settings given."""
     try:
-        items = load(evaluate)
+        items, found = _spec_items(evaluate)
     except SpecError as exc:
         return [exc.message]
-    found = []
     for item in items:
         for name, settings in item["checks"].items():
             if name not in checks.CHECKS:
