@@ -286,11 +286,14 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ind
     return variants[chosen]
 
 
-def _resolve(value: str | None, base_dir: Path) -> str | None:
+def _resolve(value: str | None, base_dir: Path, present_is_local: bool = False) -> str | None:
+    """`value` made absolute against the spec's folder when it names a local file: by its form, or (a model, whose
+    directory has no suffix to tell it from a Hub id) by being there, as from_pretrained prefers a local folder."""
     if value is None:
         return None
     p = Path(value)
-    is_local = value.startswith((".", "/")) or bool(local_data_format(value)) or value.endswith((".gguf", ".jinja"))
+    is_local = value.startswith((".", "/")) or bool(local_data_format(value)) or value.endswith((".gguf", ".jinja")) \
+        or present_is_local and ":" not in value and (base_dir / p).exists()
     if is_local and not p.is_absolute():
         return str((base_dir / p).resolve())
     return value
@@ -299,8 +302,8 @@ def _resolve(value: str | None, base_dir: Path) -> str | None:
 def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     """Makes the jobspec's local paths absolute, relative to the folder of the file that named them."""
     updates: dict[str, Any] = {"model": spec.model.model_copy(update={
-        "base": _resolve(spec.model.base, base_dir),
-        "merge_base": _resolve(spec.model.merge_base, base_dir),
+        "base": _resolve(spec.model.base, base_dir, present_is_local=True),
+        "merge_base": _resolve(spec.model.merge_base, base_dir, present_is_local=True),
         "chat_template": _resolve(spec.model.chat_template, base_dir)
         if spec.model.chat_template.endswith(".jinja") else spec.model.chat_template,
     })}
