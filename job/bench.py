@@ -196,7 +196,7 @@ def run(spec: JobSpec, steps: int, extra: list[str], only: str | None = None) ->
         settings[f"extra {text}"] = (backend, plan.Plan(micro, accumulation, mode, 0.0, 0.0, "asked for"))
     if only:  # one backend's settings alone
         settings = {label: setting for label, setting in settings.items() if setting[0] == only}
-    timed = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps + WARMUP})})
+    timed = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps + WARMUP, "epochs": None})})
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         data = prepared_data(timed, steps, Path(scratch))

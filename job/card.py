@@ -74,7 +74,9 @@ def render(spec: JobSpec, run_dir: RunDir, repo: str) -> str:
     if spec.lora and spec.train:
         lines += [f"- LoRA: r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
                   f"targets={spec.lora.target_modules}",
-                  f"- Steps: {spec.train.max_steps}, {spec.train.per_device_batch_size} x "
+                  f"- Steps: {train.get('global_step') or spec.train.max_steps}"
+                  f"{f' ({spec.train.epochs:g} epochs)' if spec.train.epochs else ''}, "
+                  f"{spec.train.per_device_batch_size} x "
                   f"{spec.train.gradient_accumulation_steps} sequences per step, lr {spec.train.learning_rate}"]
     for key, label in (("final_loss", "Final loss"), ("runtime_s", "Training time (s)"),
                        ("tokens_per_s", "Tokens/s"), ("peak_gpu_gb", "Peak GPU memory (GB)"),

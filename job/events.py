@@ -53,7 +53,8 @@ EVENTS: dict[str, str] = {
     "base_dequantized": "the batch plan dequantizes a 4-bit base once to 16-bit: layers replaced, GiB before and after",
     "optimizer_substituted": "an 8-bit optimizer asked for on CPU: adamw_torch is used",
     "embedding_learning_rate": "`train.embedding_learning_rate`: the fully trained modules and the rate they train at",
-    "train_started": "training starts (attention path, kernels, base weights)",
+    "train_started": "training starts: `max_steps` (counted from `epochs` when the spec gives those), the attention "
+                     "path, kernels, base weights",
     "train_progress": "a logged step: `step`, `max_steps`, `loss`, `learning_rate`, `tokens`, `tokens_per_s`, `eta_s`; "
                       "under grpo also `reward` (the weighted mean), `reward_std`, `rewards` (each reward function's "
                       "mean), `pass_rates` (each check type's), `completion_length` (tokens) and `kl` (with beta). "

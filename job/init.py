@@ -76,7 +76,8 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int,
         "train:",
         f"  method: {method}",
         f"  max_steps: {steps}                  # about one pass over the data at {per_step} "
-        f"{'row' if per_step == 1 else 'rows'} per step",
+        f"{'row' if per_step == 1 else 'rows'} per step" + ("" if method == "grpo" else
+                                                             "; or give epochs: 2 (passes) instead"),
         "  per_device_batch_size: 4",
         "  gradient_accumulation_steps: 2",
         *(["  num_generations: 8              # answers sampled per prompt; per step: 4 x 2 answers, one prompt",

@@ -342,7 +342,12 @@ class _TrainSettings(Section):
         "answer passes), rewarded by those checks on answers it samples. All train LoRA on trl's trainer for the "
         "method; the reference of dpo and kto (and grpo's KL, with beta) is the base with the adapter off (no second "
         "model).")
-    max_steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps.")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps (or give epochs).")
+    epochs: float | None = Field(
+        None, gt=0, le=1000, exclude_if=lambda value: value is None,  # unset: the dump (fingerprints) as before
+        description="Passes over the training data instead of max_steps: the steps are epochs x the training "
+        "sequences (after packing; pairs for preference methods) / (per_device_batch_size x "
+        "gradient_accumulation_steps), rounded up, counted once the data is prepared (train_started's max_steps).")
     per_device_batch_size: int = Field(2, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
     micro_batch_size: int | Literal["auto"] = Field(
@@ -385,6 +390,17 @@ class _TrainSettings(Section):
             if total % self.micro_batch_size:
                 raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide "
                                  f"per_device_batch_size x gradient_accumulation_steps = {total}")
+        return self
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give train.max_steps (optimizer steps) or train.epochs (passes over the data), "
+                             "not both" if self.max_steps else "give train.max_steps (optimizer steps) or "
+                             "train.epochs (passes over the data)")
+        if self.epochs is not None and methods.get(self.method).family == "task":
+            raise ValueError(f"train.epochs: method {self.method!r} samples its answers each step; give "
+                             "train.max_steps")
         return self
 
     @model_validator(mode="after")

@@ -261,7 +261,7 @@ def trainer_steps(spec, location: str, config, plan, settings, device: str, mark
     lengths = torch.randint(max(row // 8, 2), max(row * 3 // 4, 3), (count,), generator=generator).tolist()
     dataset = datasets.Dataset.from_dict(
         {"input_ids": [torch.randint(100, vocab, (n,), generator=generator).tolist() for n in lengths]})
-    short = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": TRAINER_STEPS})})
+    short = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": TRAINER_STEPS, "epochs": None})})
     with tempfile.TemporaryDirectory(prefix="peftopt-kernels-") as scratch:
         trainer, _ = shared.build_trainer(short, model, tokenizer, dataset, device, plan, Path(scratch),
                                                 peft_config=peft_config, backend=hf, settings=settings)

@@ -107,7 +107,7 @@ def physical_cores() -> int:
 def cpu_training_hours(spec) -> float | None:
     """Hours the spec's training would take on this machine's CPU cores (an estimate from the base's size and the
     tokens of max_steps full rows), or None without a train section or a readable config."""
-    if spec.train is None:
+    if spec.train is None or spec.train.max_steps is None:  # train.epochs: the steps are counted once prepared
         return None
     config = base_config(spec)
     if config is None:

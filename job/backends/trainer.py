@@ -108,7 +108,8 @@ def trainer_config(spec: JobSpec, output_dir: Path, device: str, plan: Plan, dty
     lengths = {method.length_field: spec.model.max_seq_length} if method.length_field else {}
     multiple = token_multiple(method, device)
     return config_class(
-        output_dir=str(output_dir), max_steps=train.max_steps,
+        # with train.epochs, counted once the trainer has prepared (packed) its data: `with_steps_of_epochs`
+        output_dir=str(output_dir), max_steps=train.max_steps or -1,
         per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation,
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
@@ -740,6 +741,16 @@ def _own_process_group(init, worker_id: int) -> None:
         init(worker_id)
 
 
+def with_steps_of_epochs(spec: JobSpec, sequences: int) -> JobSpec:
+    """The spec with train.max_steps for its train.epochs over `sequences` training sequences (the trainer's
+    dataset, packed where packing is on): every rank counts the same, as the spec's sequences a step are shared."""
+    import math
+
+    per_step = spec.train.per_device_batch_size * spec.train.gradient_accumulation_steps
+    steps = max(1, math.ceil(spec.train.epochs * sequences / per_step))
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": steps})})
+
+
 def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: str, settings,
           restart: bool = False) -> dict:
     """The train stage's work for either backend (see job/backends/__init__.py)."""
@@ -760,7 +771,11 @@ def train(backend, spec: JobSpec, run_dir: RunDir, device: str, *, fingerprint: 
                                      run_dir.checkpoints_dir, peft_config=peft_config, fingerprint=fingerprint,
                                      backend=backend, run_dir=run_dir, settings=settings)
     info.update(session.backend_figures)
+    if spec.train.epochs is not None:
+        spec = with_steps_of_epochs(spec, len(trainer.train_dataset))
+        trainer.args.max_steps = spec.train.max_steps
     log.info("train_started", backend=backend.NAME, device=device, ranks=distributed.world().size,
+             max_steps=spec.train.max_steps, epochs=spec.train.epochs,
              micro_batch=chosen.micro_batch, accumulation=chosen.accumulation,
              gradient_checkpointing=chosen.gradient_checkpointing, loss_head_fallback=loss_head_fallback,
              batch_workers=trainer.args.dataloader_num_workers,

@@ -86,6 +86,8 @@ class Stage:
     enabled: Callable[[JobSpec], bool]
     run: Callable[[RunContext], StageResult]
     fields: tuple[str, ...] = ()  # dotted spec fields its result depends on
+    # Fields added later: counted only when set, so that the results of specs written before them stay finished.
+    fields_when_set: tuple[str, ...] = ()
     reads: Callable[[JobSpec], dict[str, Any]] = _reads_nothing  # the files it reads, by content digest
     needs: Callable[[JobSpec], tuple[str, ...]] = _no_needs  # stages whose results it uses
     artifacts: tuple[str, ...] = ()  # run-directory entries it owns: removed when it is redone
@@ -109,4 +111,6 @@ class Stage:
         from job.fingerprint import dotted
 
         data = spec.model_dump(mode="json")
-        return {"fields": {key: dotted(data, key) for key in self.fields}, "files": self.reads(spec)}
+        fields = {key: dotted(data, key) for key in self.fields}
+        fields.update({key: value for key in self.fields_when_set if (value := dotted(data, key)) is not None})
+        return {"fields": fields, "files": self.reads(spec)}
