@@ -194,7 +194,7 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
         if calls and content is None:
             content = ""
         if isinstance(content, list):
-            content = _text_parts(content, f"{where} turn {number}")
+            content = text_of_parts(content, f"{where} turn {number}")
         if not isinstance(content, str):
             raise BadRow(f"{where} turn {number} content is {type(content).__name__}, not text")
         reasoning = next((turn[k] for k in REASONING_KEYS if isinstance(turn.get(k), str) and turn[k].strip()), None)
@@ -206,7 +206,7 @@ def turns(value: Any, where: str, default_role: str, text_key: str | None = None
     return messages
 
 
-def _text_parts(parts: list, where: str) -> str:
+def text_of_parts(parts: list, where: str) -> str:
     """A turn's content given as OpenAI's and transformers' content parts ([{"type": "text", "text": ...}]), as the
     one text their chat templates render: the text parts joined as they stand. Any other part is refused, naming it:
     peftopt trains language models on text."""
@@ -217,7 +217,7 @@ def _text_parts(parts: list, where: str) -> str:
             raise BadRow(f"{where} content part {index} is a text part without a 'text' string")
         if kind != "text":
             described = f"of type {kind!r}" if isinstance(kind, str) else "that is not a text part"
-            raise BadRow(f"{where} content part {index} is one {described}; only text parts can train")
+            raise BadRow(f"{where} content part {index} is one {described}; peftopt reads text parts only")
         texts.append(part["text"])
     return "".join(texts)
 

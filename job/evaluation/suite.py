@@ -114,6 +114,16 @@ def item_from(raw: Any, where: str, base: Path | None = None) -> dict[str, Any]:
         hint = "; did you mean " + ", ".join(f"{v!r} for {k!r}" for k, v in meant.items()) + "?" if meant else ""
         raise SpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{hint} An item is {ITEM_SHAPE}")
     messages = raw.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                                          for m in messages):
+        from job.shapes import BadRow, text_of_parts
+
+        try:  # content parts, as in the training data: their text joined
+            messages = [{**m, "content": text_of_parts(m["content"], f"message {i}")}
+                        if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                        for i, m in enumerate(messages)]
+        except BadRow as exc:
+            raise SpecError(f"{where}: {exc}") from None
     if messages is not None:
         problem = _messages_problem(messages)
         if problem:

@@ -28,8 +28,8 @@ def test_parts_and_strings_mix_in_one_conversation_and_in_sharegpt_rows():
 
 @pytest.mark.parametrize("content, message", [
     ([{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "http://x/a.png"}}],
-     "messages turn 0 content part 1 is one of type 'image_url'; only text parts can train"),
-    ([{"type": "image"}], "messages turn 0 content part 0 is one of type 'image'; only text parts can train"),
+     "messages turn 0 content part 1 is one of type 'image_url'; peftopt reads text parts only"),
+    ([{"type": "image"}], "messages turn 0 content part 0 is one of type 'image'; peftopt reads text parts only"),
     (["plain string"], "messages turn 0 content part 0 is one that is not a text part"),
     ([{"type": "text", "text": 3}], "messages turn 0 content part 0 is a text part without a 'text' string"),
     ([], "messages turn 0 (user) is empty"),

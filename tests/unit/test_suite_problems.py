@@ -57,3 +57,14 @@ def test_a_held_out_row_whose_id_a_suite_item_has_is_renamed(tmp_path):
     mine = suite_file(tmp_path, [{"id": "row3", "prompt": "mine"}])
     evaluate = EvaluateSpec(prompts=mine.prompts, from_data={"rows": 1})
     assert [item["id"] for item in suite.load(evaluate, RunDir())] == ["row3", "data:row3"]
+
+
+def test_a_suite_conversation_may_give_its_content_as_text_parts(tmp_path):
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    evaluate = suite_file(tmp_path, [{"id": "a", "messages": [{"role": "user", "content": parts}]},
+                                     {"id": "b", "messages": [{"role": "user", "content": [{"type": "image"}]}]}])
+    assert suite.problems(evaluate) == ["evaluate.prompts: suite.jsonl item 1: message 0 content part 0 is one of "
+                                        "type 'image'; peftopt reads text parts only"]
+    items, _ = suite._spec_items(evaluate)
+    assert items[0]["prompt"] == "What is 2+2?" and items[0]["messages"] == [{"role": "user",
+                                                                             "content": "What is 2+2?"}]
