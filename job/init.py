@@ -50,7 +50,15 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int,
     method = METHOD[shape]
     held_out = max(1, min(50, rows // 10))
     per_step = 1 if method == "grpo" else 8  # grpo: 8 answers to one prompt
-    steps = max(30, min(1000, (rows - held_out) // per_step))  # about one pass over the data
+    training = rows - held_out
+    steps = max(30, min(1000, training // per_step))  # about one pass over the data, within 30 and 1,000 steps
+    passes = steps * per_step / max(training, 1)
+    unit = "prompt" if method == "grpo" else "row"
+    share = "one pass" if 0.8 <= passes <= 1.25 else f"{passes:.0f} passes" if passes > 1.25 else \
+        f"{passes:.0%} of one pass"
+    length = f"{share} over the {training} training {unit}s" if method == "grpo" else \
+        f"at least {share} over the {training} training rows ({per_step} a step, more where short rows pack " \
+        "together); or give epochs: N"
     template = "gemma" if base == DEMO_BASE else "auto"
     seq = 256 if base == DEMO_BASE else 2048
     lines = [
@@ -75,9 +83,7 @@ def spec_text(name: str, data_file: str, base: str, shape: str, rows: int,
         "  alpha: 32",
         "train:",
         f"  method: {method}",
-        f"  max_steps: {steps}                  # about one pass over the data at {per_step} "
-        f"{'row' if per_step == 1 else 'rows'} per step" + ("" if method == "grpo" else
-                                                             "; or give epochs: 2 (passes) instead"),
+        f"  max_steps: {steps}                  # {length}",
         "  per_device_batch_size: 4",
         "  gradient_accumulation_steps: 2",
         *(["  num_generations: 8              # answers sampled per prompt; per step: 4 x 2 answers, one prompt",
