@@ -298,9 +298,10 @@ def _parquet_rows(path: Path) -> Iterator:
 def _json_rows(path: Path, max_chars: int) -> list:
     """A .json file's list of rows (or the list under its "data"); a compressed one is read to `max_chars`
     characters at most, as nothing on the disk bounds what it decompresses to."""
+    compressed = path.name.lower().endswith(".gz")
     with _open_text(path) as fh:
-        text = fh.read(max_chars + 1) if path.name.lower().endswith(".gz") else fh.read()
-    if len(text) > max_chars and path.name.lower().endswith(".gz"):
+        text = fh.read(max_chars + 1) if compressed else fh.read()
+    if compressed and len(text) > max_chars:
         raise DataError(f"data.source: {path} decompresses to more than {max_chars:,} characters, the most a .json "
                         "list is read whole to; write it as .jsonl (a row a line, streamed)")
     try:

@@ -129,8 +129,8 @@ class ModelSpec(Section):
     def _base_form(cls, value: str) -> str:
         if value.startswith("run:") and not re.match(SAFE_NAME, value.removeprefix("run:")):
             raise ValueError(f"{value!r}: 'run:' names an earlier run by its name (letters, digits, '.', '_', '-')")
-        if hub_address_id(value):
-            raise ValueError(f"{value!r} is an address on the Hub; name the model by its id: {hub_address_id(value)!r}")
+        if repo := hub_address_id(value):
+            raise ValueError(f"{value!r} is an address on the Hub; name the model by its id: {repo!r}")
         if "://" in value:
             raise ValueError(f"{value!r} is a URL; name a Hub model by its id ('owner/name'), or download it and "
                              "name its directory or .gguf file")
@@ -395,9 +395,8 @@ class _TrainSettings(Section):
     @model_validator(mode="after")
     def _length(self):
         if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("give train.max_steps (optimizer steps) or train.epochs (passes over the data), "
-                             "not both" if self.max_steps else "give train.max_steps (optimizer steps) or "
-                             "train.epochs (passes over the data)")
+            both = ", not both" if self.max_steps is not None else ""
+            raise ValueError(f"give train.max_steps (optimizer steps) or train.epochs (passes over the data){both}")
         if self.epochs is not None and methods.get(self.method).family == "task":
             raise ValueError(f"train.epochs: method {self.method!r} samples its answers each step; give "
                              "train.max_steps")
